@@ -1,0 +1,683 @@
+//! Typed configuration: built-in defaults, then the TOML file, then `COURIER_*` environment
+//! variables, then `${VAR}` expansion, then validation that names the offending key.
+//!
+//! Everything a user can get wrong is caught here, before courier connects to anything, so a bad
+//! deployment fails fast with exit code 2 instead of half-starting.
+
+use std::collections::{BTreeMap, HashSet};
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use reqwest::header::{HeaderName, HeaderValue};
+use serde::Deserialize;
+
+use crate::router;
+
+/// A configuration problem, always phrased as `key.path: what is wrong`.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read or is not valid TOML.
+    #[error("{path}: {message}")]
+    File { path: String, message: String },
+    /// A key has the wrong type, is unknown, or is missing.
+    #[error("{0}")]
+    Shape(String),
+    /// A value is well-formed but not acceptable.
+    #[error("{key}: {message}")]
+    Invalid { key: String, message: String },
+}
+
+impl ConfigError {
+    fn invalid(key: impl Into<String>, message: impl Into<String>) -> Self {
+        ConfigError::Invalid {
+            key: key.into(),
+            message: message.into(),
+        }
+    }
+}
+
+/// A string that must never be printed: passwords, API keys, signing secrets.
+///
+/// `Debug` and `Display` print `***`, so a config struct can be logged whole without leaking.
+#[derive(Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    /// Wraps a value read from somewhere other than the config file.
+    pub fn new(value: impl Into<String>) -> Self {
+        Secret(value.into())
+    }
+
+    /// The secret itself; call only where it goes onto the wire.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("\"***\"")
+    }
+}
+
+impl fmt::Display for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("***")
+    }
+}
+
+/// The whole configuration. Sections that are absent take their defaults; a source section that
+/// is absent turns that source off.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Limits that apply to the whole worker.
+    #[serde(default)]
+    pub service: ServiceConfig,
+    /// Who is sending, for the `Metadata` block of seed 000.
+    #[serde(default)]
+    pub organization: OrganizationConfig,
+    /// The local sled store (dedup and dead letters).
+    #[serde(default)]
+    pub store: StoreConfig,
+    /// The RabbitMQ source; absent means RabbitMQ is not consumed.
+    #[serde(default)]
+    pub rabbitmq: Option<RabbitMqConfig>,
+    /// The partner endpoints events are POSTed to.
+    #[serde(default)]
+    pub destinations: Vec<DestinationConfig>,
+}
+
+/// Limits for the whole worker.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServiceConfig {
+    /// Events in delivery at once, over all sources. Bounds memory and open requests.
+    pub max_in_flight: usize,
+    /// How long a graceful shutdown waits for in-flight deliveries before leaving them unacked.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_timeout: Duration,
+    /// Bodies larger than this are dead-lettered unparsed, so one huge message cannot exhaust memory.
+    pub max_payload_bytes: usize,
+}
+
+impl Default for ServiceConfig {
+    fn default() -> Self {
+        ServiceConfig {
+            max_in_flight: 256,
+            shutdown_timeout: Duration::from_secs(30),
+            max_payload_bytes: 1024 * 1024,
+        }
+    }
+}
+
+/// The sender's identity, copied into the `Metadata` block when a destination asks for it.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OrganizationConfig {
+    /// `Metadata.OrganizationID`.
+    pub id: String,
+    /// `Metadata.OrganizationName`.
+    pub name: String,
+    /// `Metadata.OrganizationURL`.
+    pub url: String,
+    /// `Metadata.SourceEnvironment`.
+    pub environment: String,
+}
+
+/// The local store.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StoreConfig {
+    /// Directory of the sled database. One courier process per directory.
+    pub path: PathBuf,
+    /// How long a successful delivery is remembered to suppress a second POST of the same event.
+    #[serde(with = "humantime_serde")]
+    pub dedup_ttl: Duration,
+    /// sled's page cache in bytes; sled's own default (1 GiB) is far too much for a sidecar.
+    pub cache_capacity: u64,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        StoreConfig {
+            path: PathBuf::from("data/courier"),
+            dedup_ttl: Duration::from_secs(7 * 24 * 3600),
+            cache_capacity: 16 * 1024 * 1024,
+        }
+    }
+}
+
+/// How a message body is read.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Format {
+    /// Envelope when the object has `data` and one of `id`, `topic`, `tenant_id`; raw otherwise.
+    #[default]
+    Auto,
+    /// The seed 002 envelope; `data` is what gets POSTed.
+    Envelope,
+    /// Any JSON object, POSTed as it is (seed 000).
+    Raw,
+}
+
+/// The RabbitMQ source.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RabbitMqConfig {
+    /// `amqp://user:pass@host:port/vhost` (or `amqps://`). Treated as a secret: logs show it without the password.
+    pub url: Secret,
+    /// The queue to consume.
+    pub queue: String,
+    /// Unacked messages the broker may push at once; capped at `service.max_in_flight`.
+    #[serde(default = "default_prefetch")]
+    pub prefetch: u16,
+    /// Declare the durable queue, the exchanges and the bindings at every (re)connect.
+    #[serde(default = "default_true")]
+    pub declare: bool,
+    /// How bodies are read.
+    #[serde(default)]
+    pub format: Format,
+    /// Durable topic exchanges to bind the queue to; producers may also publish straight to the queue.
+    #[serde(default)]
+    pub bindings: Vec<BindingConfig>,
+    /// The connection name shown by `rabbitmqctl list_connections` and the management UI.
+    #[serde(default = "default_connection_name")]
+    pub connection_name: String,
+}
+
+fn default_prefetch() -> u16 {
+    256
+}
+fn default_true() -> bool {
+    true
+}
+fn default_connection_name() -> String {
+    "courier".to_string()
+}
+
+/// One exchange → queue binding.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BindingConfig {
+    /// A durable topic exchange, declared when `declare = true`.
+    pub exchange: String,
+    /// The binding key; `#` takes everything published to the exchange.
+    #[serde(default = "default_routing_key")]
+    pub routing_key: String,
+}
+
+fn default_routing_key() -> String {
+    "#".to_string()
+}
+
+/// One partner endpoint.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DestinationConfig {
+    /// Unique name; the dedup key, `Metadata.Subscriber`, and what `destination_id` refers to.
+    pub name: String,
+    /// Absolute `http://` or `https://` URL every matching event is POSTed to.
+    pub url: String,
+    /// Topic patterns (`*`/`+` one segment, `#` any number, lone `*` everything).
+    #[serde(default = "default_topics")]
+    pub topics: Vec<String>,
+    /// When set, only events whose `tenant_id` equals it are sent here.
+    #[serde(default)]
+    pub tenant: Option<String>,
+    /// Add the seed 000 `Metadata` block to the body.
+    #[serde(default)]
+    pub metadata_in_payload: bool,
+    /// Whole-request timeout, redirects included.
+    #[serde(default = "default_timeout", with = "humantime_serde")]
+    pub timeout: Duration,
+    /// Verify the server's TLS certificate. `false` is for test partners only and is logged loudly.
+    #[serde(default = "default_true")]
+    pub tls_verify: bool,
+    /// Static headers; event metadata overrides them, the contract headers override both.
+    #[serde(default)]
+    pub headers: BTreeMap<String, String>,
+    /// How courier authenticates to the endpoint.
+    #[serde(default)]
+    pub auth: Option<AuthConfig>,
+}
+
+fn default_topics() -> Vec<String> {
+    vec!["*".to_string()]
+}
+fn default_timeout() -> Duration {
+    Duration::from_secs(60)
+}
+
+/// The two auth schemes of seed 000.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum AuthConfig {
+    /// `Authorization: Basic base64(username:password)`.
+    Basic { username: String, password: Secret },
+    /// One custom header (`header`) carrying the key.
+    ApiKey { header: String, key: Secret },
+}
+
+/// Headers that belong to the contract and can be set by neither static headers nor metadata.
+pub const RESERVED_HEADERS: &[&str] = &[
+    "content-type",
+    "content-length",
+    "transfer-encoding",
+    "connection",
+    "host",
+    "x-request-id",
+    "x-correlation-id",
+    "authorization",
+];
+
+impl Config {
+    /// Loads `path`, applies `COURIER_*` variables of the process environment, expands `${VAR}`
+    /// and validates.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError::File {
+            path: path.display().to_string(),
+            message: e.to_string(),
+        })?;
+        let env: Vec<(String, String)> = std::env::vars().collect();
+        Self::from_parts(&text, &path.display().to_string(), &env)
+    }
+
+    /// Parses a TOML document with no environment overrides; `${VAR}` still reads the process
+    /// environment. Meant for tests and embedding.
+    pub fn from_toml(text: &str) -> Result<Config, ConfigError> {
+        Self::from_parts(text, "config", &[])
+    }
+
+    /// The common path of [`Config::load`] and [`Config::from_toml`]; `env` is the environment to
+    /// take `COURIER_*` overrides from.
+    pub fn from_parts(
+        text: &str,
+        origin: &str,
+        env: &[(String, String)],
+    ) -> Result<Config, ConfigError> {
+        // Only COURIER_<SECTION>__<KEY> names are overrides; COURIER_LOG_FORMAT and the like are not.
+        let overrides: config::Map<String, String> = env
+            .iter()
+            .filter_map(|(k, v)| {
+                let rest = k.strip_prefix("COURIER_")?;
+                rest.contains("__").then(|| (k.clone(), v.clone()))
+            })
+            .collect();
+        let built = config::Config::builder()
+            .add_source(config::File::from_str(text, config::FileFormat::Toml))
+            .add_source(
+                config::Environment::with_prefix("COURIER")
+                    .prefix_separator("_")
+                    .separator("__")
+                    .try_parsing(true)
+                    .source(Some(overrides)),
+            )
+            .build()
+            .map_err(|e| ConfigError::File {
+                path: origin.to_string(),
+                message: e.to_string(),
+            })?;
+        let mut root: config::Value = built
+            .try_deserialize()
+            .map_err(|e| ConfigError::Shape(e.to_string()))?;
+        expand_env(&mut root, &mut String::new())?;
+        let config: Config = root
+            .try_deserialize()
+            .map_err(|e| ConfigError::Shape(shape_message(e)))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks what serde cannot: URLs, patterns, header names, uniqueness, ranges.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.service.max_in_flight == 0 {
+            return Err(ConfigError::invalid(
+                "service.max_in_flight",
+                "must be at least 1",
+            ));
+        }
+        if self.service.max_payload_bytes == 0 {
+            return Err(ConfigError::invalid(
+                "service.max_payload_bytes",
+                "must be at least 1",
+            ));
+        }
+        if self.store.dedup_ttl.is_zero() {
+            return Err(ConfigError::invalid(
+                "store.dedup_ttl",
+                "must be longer than 0s",
+            ));
+        }
+        if self.store.path.as_os_str().is_empty() {
+            return Err(ConfigError::invalid("store.path", "must not be empty"));
+        }
+        match &self.rabbitmq {
+            Some(rabbit) => rabbit.validate()?,
+            None => {
+                return Err(ConfigError::invalid(
+                    "rabbitmq",
+                    "no source is configured: add a [rabbitmq] section",
+                ))
+            }
+        }
+        if self.destinations.is_empty() {
+            return Err(ConfigError::invalid(
+                "destinations",
+                "at least one [[destinations]] entry is required",
+            ));
+        }
+        let mut names = HashSet::new();
+        for (i, dest) in self.destinations.iter().enumerate() {
+            let key = format!("destinations[{i}]");
+            dest.validate(&key)?;
+            if !names.insert(dest.name.as_str()) {
+                return Err(ConfigError::invalid(
+                    format!("{key}.name"),
+                    format!("duplicate destination name {:?}", dest.name),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl RabbitMqConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        let url = self.url.expose();
+        if !(url.starts_with("amqp://") || url.starts_with("amqps://")) {
+            return Err(ConfigError::invalid(
+                "rabbitmq.url",
+                format!("{:?} is not an amqp:// or amqps:// URL", redact_url(url)),
+            ));
+        }
+        url.parse::<lapin::uri::AMQPUri>()
+            .map_err(|e| ConfigError::invalid("rabbitmq.url", e))?;
+        if self.queue.trim().is_empty() {
+            return Err(ConfigError::invalid("rabbitmq.queue", "must not be empty"));
+        }
+        if self.prefetch == 0 {
+            return Err(ConfigError::invalid(
+                "rabbitmq.prefetch",
+                "must be at least 1",
+            ));
+        }
+        for (i, b) in self.bindings.iter().enumerate() {
+            if b.exchange.trim().is_empty() {
+                return Err(ConfigError::invalid(
+                    format!("rabbitmq.bindings[{i}].exchange"),
+                    "must not be empty (the default exchange cannot be bound)",
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl DestinationConfig {
+    fn validate(&self, key: &str) -> Result<(), ConfigError> {
+        if self.name.trim().is_empty() {
+            return Err(ConfigError::invalid(
+                format!("{key}.name"),
+                "must not be empty",
+            ));
+        }
+        if self.name.contains('\0') {
+            return Err(ConfigError::invalid(
+                format!("{key}.name"),
+                "must not contain a NUL character",
+            ));
+        }
+        let url = reqwest::Url::parse(&self.url).map_err(|e| {
+            ConfigError::invalid(format!("{key}.url"), format!("{e}: {:?}", self.url))
+        })?;
+        if url.scheme() != "http" && url.scheme() != "https" {
+            return Err(ConfigError::invalid(
+                format!("{key}.url"),
+                format!("scheme {:?} is not http or https", url.scheme()),
+            ));
+        }
+        if url.host_str().is_none_or(str::is_empty) {
+            return Err(ConfigError::invalid(format!("{key}.url"), "has no host"));
+        }
+        if self.topics.is_empty() {
+            return Err(ConfigError::invalid(
+                format!("{key}.topics"),
+                "is empty, so nothing would ever be sent; use [\"*\"] for every topic",
+            ));
+        }
+        for (j, pattern) in self.topics.iter().enumerate() {
+            router::check_pattern(pattern)
+                .map_err(|e| ConfigError::invalid(format!("{key}.topics[{j}]"), e))?;
+        }
+        if let Some(tenant) = &self.tenant {
+            if tenant.is_empty() {
+                return Err(ConfigError::invalid(
+                    format!("{key}.tenant"),
+                    "must not be empty; remove the key to accept every tenant",
+                ));
+            }
+        }
+        if self.timeout.is_zero() {
+            return Err(ConfigError::invalid(
+                format!("{key}.timeout"),
+                "must be longer than 0s",
+            ));
+        }
+        let auth_header = match &self.auth {
+            Some(AuthConfig::ApiKey {
+                header,
+                key: secret,
+            }) => {
+                let name = check_header_name(header)
+                    .map_err(|e| ConfigError::invalid(format!("{key}.auth.header"), e))?;
+                if RESERVED_HEADERS.contains(&name.as_str()) {
+                    return Err(ConfigError::invalid(
+                        format!("{key}.auth.header"),
+                        format!("{header:?} is a contract header and cannot carry the API key"),
+                    ));
+                }
+                HeaderValue::from_str(secret.expose()).map_err(|_| {
+                    ConfigError::invalid(
+                        format!("{key}.auth.key"),
+                        "contains characters that are not allowed in an HTTP header",
+                    )
+                })?;
+                Some(name)
+            }
+            Some(AuthConfig::Basic { username, .. }) => {
+                if username.contains(':') {
+                    return Err(ConfigError::invalid(
+                        format!("{key}.auth.username"),
+                        "must not contain ':' (Basic auth joins username:password)",
+                    ));
+                }
+                None
+            }
+            None => None,
+        };
+        for (name, value) in &self.headers {
+            let hkey = format!("{key}.headers.{name}");
+            let parsed = check_header_name(name).map_err(|e| ConfigError::invalid(&hkey, e))?;
+            if RESERVED_HEADERS.contains(&parsed.as_str()) || Some(&parsed) == auth_header.as_ref()
+            {
+                return Err(ConfigError::invalid(
+                    hkey,
+                    "is set by courier itself (contract or auth header) and cannot be overridden",
+                ));
+            }
+            HeaderValue::from_str(value).map_err(|_| {
+                ConfigError::invalid(
+                    hkey,
+                    "value contains characters that are not allowed in an HTTP header",
+                )
+            })?;
+        }
+        Ok(())
+    }
+}
+
+fn check_header_name(name: &str) -> Result<HeaderName, String> {
+    HeaderName::from_bytes(name.as_bytes())
+        .map_err(|_| format!("{name:?} is not a valid HTTP header name"))
+}
+
+/// `amqp://user:secret@host/` → `amqp://user:***@host/`, for logs and error messages.
+pub fn redact_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_string();
+    };
+    let authority_end = rest.find('/').unwrap_or(rest.len());
+    let (authority, path) = rest.split_at(authority_end);
+    match authority.rsplit_once('@') {
+        Some((userinfo, host)) => {
+            let user = userinfo.split(':').next().unwrap_or("");
+            format!("{scheme}://{user}:***@{host}{path}")
+        }
+        None => url.to_string(),
+    }
+}
+
+/// The `config` crate reports unknown fields and type errors with the key in a trailing clause;
+/// keep its text, it already names the key.
+fn shape_message(e: config::ConfigError) -> String {
+    e.to_string()
+}
+
+/// Replaces `${VAR}` and `${VAR:-default}` in every string value, naming the key when a variable
+/// is missing so the operator knows which secret to provide.
+fn expand_env(value: &mut config::Value, path: &mut String) -> Result<(), ConfigError> {
+    match &mut value.kind {
+        config::ValueKind::String(s) if s.contains("${") => {
+            *s = expand_str(s).map_err(|m| ConfigError::invalid(path.clone(), m))?;
+        }
+        config::ValueKind::Table(table) => {
+            for (k, v) in table.iter_mut() {
+                let len = path.len();
+                if !path.is_empty() {
+                    path.push('.');
+                }
+                path.push_str(k);
+                expand_env(v, path)?;
+                path.truncate(len);
+            }
+        }
+        config::ValueKind::Array(items) => {
+            for (i, v) in items.iter_mut().enumerate() {
+                let len = path.len();
+                path.push_str(&format!("[{i}]"));
+                expand_env(v, path)?;
+                path.truncate(len);
+            }
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
+fn expand_str(s: &str) -> Result<String, String> {
+    let mut out = String::with_capacity(s.len());
+    let mut rest = s;
+    while let Some(start) = rest.find("${") {
+        out.push_str(&rest[..start]);
+        let after = &rest[start + 2..];
+        let end = after
+            .find('}')
+            .ok_or_else(|| "unterminated ${...} reference".to_string())?;
+        let inner = &after[..end];
+        let (name, default) = match inner.split_once(":-") {
+            Some((n, d)) => (n, Some(d)),
+            None => (inner, None),
+        };
+        if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+            return Err(format!("${{{inner}}} is not a valid variable reference"));
+        }
+        match (std::env::var(name), default) {
+            (Ok(v), _) => out.push_str(&v),
+            (Err(_), Some(d)) => out.push_str(d),
+            (Err(_), None) => {
+                return Err(format!("environment variable {name} is not set"));
+            }
+        }
+        rest = &after[end + 1..];
+    }
+    out.push_str(rest);
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"
+        [rabbitmq]
+        url = "amqp://guest:guest@127.0.0.1:5672/%2f"
+        queue = "q"
+        [[destinations]]
+        name = "a"
+        url = "http://127.0.0.1:1/x"
+    "#;
+
+    #[test]
+    fn defaults_are_documented_values() {
+        let c = Config::from_toml(MINIMAL).expect("valid");
+        assert_eq!(c.service.max_in_flight, 256);
+        assert_eq!(c.service.shutdown_timeout, Duration::from_secs(30));
+        assert_eq!(c.store.dedup_ttl, Duration::from_secs(7 * 86400));
+        let r = c.rabbitmq.as_ref().expect("rabbitmq");
+        assert_eq!(r.prefetch, 256);
+        assert!(r.declare);
+        assert_eq!(r.format, Format::Auto);
+        let d = &c.destinations[0];
+        assert_eq!(d.topics, vec!["*"]);
+        assert_eq!(d.timeout, Duration::from_secs(60));
+        assert!(d.tls_verify);
+        assert!(!d.metadata_in_payload);
+    }
+
+    #[test]
+    fn env_overrides_use_double_underscore() {
+        let env = vec![
+            (
+                "COURIER_SERVICE__MAX_IN_FLIGHT".to_string(),
+                "7".to_string(),
+            ),
+            ("COURIER_LOG_FORMAT".to_string(), "json".to_string()),
+        ];
+        let c = Config::from_parts(MINIMAL, "t", &env).expect("valid");
+        assert_eq!(c.service.max_in_flight, 7);
+    }
+
+    #[test]
+    fn secrets_do_not_debug_print() {
+        let text = format!(
+            "{MINIMAL}\nauth = {{ type = \"basic\", username = \"u\", password = \"hunter2\" }}"
+        );
+        let c = Config::from_toml(&text).expect("valid");
+        let dbg = format!("{c:?}");
+        assert!(!dbg.contains("hunter2"), "{dbg}");
+        assert!(!dbg.contains("guest:guest"), "{dbg}");
+    }
+
+    #[test]
+    fn expansion_and_defaults() {
+        std::env::set_var("COURIER_TEST_EXPAND_X", "v1");
+        assert_eq!(expand_str("a${COURIER_TEST_EXPAND_X}b").unwrap(), "av1b");
+        assert_eq!(expand_str("${COURIER_TEST_NOPE:-d}").unwrap(), "d");
+        assert!(expand_str("${COURIER_TEST_NOPE}")
+            .unwrap_err()
+            .contains("COURIER_TEST_NOPE is not set"));
+        assert!(expand_str("${oops").is_err());
+    }
+
+    #[test]
+    fn redacts_password() {
+        assert_eq!(
+            redact_url("amqp://guest:secret@host:5672/%2f"),
+            "amqp://guest:***@host:5672/%2f"
+        );
+        assert_eq!(redact_url("amqp://host/"), "amqp://host/");
+    }
+}

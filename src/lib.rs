@@ -1,0 +1,127 @@
+//! courier: consumes events from RabbitMQ, routes each by topic to the partner endpoints that
+//! subscribed to it, POSTs it with the exact REST contract, and acks only after the POST was
+//! attempted and its outcome stored.
+//!
+//! Data flows one way: [`sources`] → [`event`] → [`router`] → [`sender`] → [`store`] → ack, glued
+//! by [`pipeline`]. [`run`] wires it all so tests and the binary start courier the same way.
+
+pub mod config;
+pub mod event;
+pub mod pipeline;
+pub mod router;
+pub mod sender;
+pub mod sources;
+pub mod store;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+pub use config::{Config, ConfigError};
+pub use pipeline::Stats;
+
+/// Why courier could not start or stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The configuration is invalid (exit code 2).
+    #[error("config error: {0}")]
+    Config(#[from] ConfigError),
+    /// The store could not be opened or flushed.
+    #[error(transparent)]
+    Store(#[from] store::StoreError),
+    /// The HTTP client could not be built.
+    #[error(transparent)]
+    Sender(#[from] sender::SenderError),
+}
+
+/// Makes ring the process-wide rustls provider (lapin, reqwest and later MQTT all use rustls);
+/// calling it again is harmless.
+pub fn install_crypto_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
+/// Runs courier until `shutdown` is cancelled, then drains in-flight deliveries (up to
+/// `service.shutdown_timeout`), flushes the store and returns.
+pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Error> {
+    run_with_stats(config, shutdown, Arc::new(Stats::default())).await
+}
+
+/// [`run`], counting into `stats` so the caller can watch progress.
+pub async fn run_with_stats(
+    config: Config,
+    shutdown: CancellationToken,
+    stats: Arc<Stats>,
+) -> Result<(), Error> {
+    install_crypto_provider();
+    let store = Arc::new(store::Store::open(&config.store)?);
+    let sender = sender::Sender::new(&config)?;
+    let router = router::Router::new(&config.destinations);
+    let max_in_flight = config.service.max_in_flight;
+    let pipeline = Arc::new(pipeline::Pipeline::new(
+        router,
+        sender,
+        store.clone(),
+        config.service.max_payload_bytes,
+        stats.clone(),
+    ));
+
+    let (tx, rx) = mpsc::channel(max_in_flight.clamp(1, 1024));
+    let release = CancellationToken::new();
+    let mut sources = JoinSet::new();
+    if let Some(rabbitmq) = config.rabbitmq.clone() {
+        let source = sources::amqp::AmqpSource::new(rabbitmq, max_in_flight);
+        sources.spawn(source.run(tx.clone(), shutdown.clone(), release.clone()));
+    }
+    drop(tx);
+    let sweeper = tokio::spawn(sweep_dedup(store.clone(), config.store.dedup_ttl));
+    tracing::info!(
+        destinations = config.destinations.len(),
+        max_in_flight,
+        "courier started"
+    );
+
+    pipeline
+        .run(rx, shutdown, max_in_flight, config.service.shutdown_timeout)
+        .await;
+    // Every message is now acked or abandoned: the sources may close their connections.
+    release.cancel();
+    let closed = tokio::time::timeout(Duration::from_secs(10), async {
+        while sources.join_next().await.is_some() {}
+    })
+    .await;
+    if closed.is_err() {
+        tracing::warn!("a source did not close within 10s; exiting anyway");
+    }
+    sweeper.abort();
+    store.flush().await?;
+    let s = &stats;
+    let get = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
+    tracing::info!(
+        received = get(&s.received),
+        delivered = get(&s.delivered),
+        failed = get(&s.failed),
+        duplicates = get(&s.duplicates),
+        unrouted = get(&s.unrouted),
+        dead_lettered = get(&s.dead_lettered),
+        "courier stopped"
+    );
+    Ok(())
+}
+
+/// Drops expired dedup entries at start and then every tenth of the TTL (at most hourly).
+async fn sweep_dedup(store: Arc<store::Store>, ttl: Duration) {
+    let every = (ttl / 10).clamp(Duration::from_secs(1), Duration::from_secs(3600));
+    loop {
+        let s = store.clone();
+        match tokio::task::spawn_blocking(move || s.sweep_expired()).await {
+            Ok(Ok(0)) => {}
+            Ok(Ok(n)) => tracing::info!(removed = n, "expired dedup entries swept"),
+            Ok(Err(error)) => tracing::warn!(%error, "dedup sweep failed; will try again"),
+            Err(error) => tracing::warn!(%error, "dedup sweep task failed"),
+        }
+        tokio::time::sleep(every).await;
+    }
+}

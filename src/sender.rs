@@ -1,0 +1,403 @@
+//! The outbound REST contract of seed 000: one POST per event and destination, with the exact
+//! headers, auth and optional `Metadata` block, and a classification of what came back.
+//!
+//! The sender knows nothing of queues or the store: it turns `(destination, event)` into an
+//! [`Outcome`].
+
+use std::fmt::Write as _;
+use std::time::{Duration, SystemTime};
+
+use base64::Engine as _;
+use reqwest::header::{HeaderMap, HeaderName, HeaderValue, CONTENT_TYPE};
+use reqwest::{Client, Url};
+use serde_json::{Map, Value};
+
+use crate::config::{AuthConfig, Config, DestinationConfig, OrganizationConfig, RESERVED_HEADERS};
+use crate::event::Event;
+
+/// How many bytes of an error response are kept for the dead-letter reason.
+const ERROR_BODY_SNIPPET: usize = 512;
+/// Response bodies are drained up to this much so the connection can be reused; larger ones are dropped.
+const DRAIN_LIMIT: usize = 64 * 1024;
+
+/// What one POST attempt came to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// A 2xx answer.
+    Delivered { status: u16 },
+    /// Anything else. `retryable` marks connection errors, timeouts, 408, 429 and 5xx.
+    Failed {
+        status: Option<u16>,
+        reason: String,
+        retryable: bool,
+    },
+}
+
+/// Could not build an HTTP client (bad TLS setup); a start-up error.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot build the HTTP client: {0}")]
+pub struct SenderError(String);
+
+struct Target {
+    name: String,
+    url: Url,
+    timeout: Duration,
+    client: Client,
+    /// Static headers, lowest precedence.
+    static_headers: HeaderMap,
+    /// The auth header, never overridable.
+    auth: Option<(HeaderName, HeaderValue)>,
+    metadata_in_payload: bool,
+}
+
+/// Delivers events to the configured destinations.
+pub struct Sender {
+    targets: Vec<Target>,
+    organization: OrganizationConfig,
+}
+
+impl Sender {
+    /// Builds one HTTP client per TLS setting (connection pools are shared between destinations
+    /// that verify certificates) and precomputes every destination's fixed headers.
+    pub fn new(config: &Config) -> Result<Sender, SenderError> {
+        let verified = build_client(true)?;
+        let mut relaxed: Option<Client> = None;
+        let mut targets = Vec::with_capacity(config.destinations.len());
+        for dest in &config.destinations {
+            let client = if dest.tls_verify {
+                verified.clone()
+            } else {
+                tracing::warn!(
+                    destination = %dest.name,
+                    url = %dest.url,
+                    "TLS certificate verification is OFF for this destination (tls_verify = false): \
+                     anyone on the network path can read and alter its requests"
+                );
+                match &relaxed {
+                    Some(c) => c.clone(),
+                    None => relaxed.insert(build_client(false)?).clone(),
+                }
+            };
+            targets.push(Target::new(dest, client)?);
+        }
+        Ok(Sender {
+            targets,
+            organization: config.organization.clone(),
+        })
+    }
+
+    /// POSTs `event` to destination `index` once and classifies the answer. Never panics and never
+    /// returns an error: every failure is an [`Outcome::Failed`] with a reason an operator can act on.
+    pub async fn deliver(&self, index: usize, event: &Event) -> Outcome {
+        let target = &self.targets[index];
+        let headers = match target.headers(event) {
+            Ok(h) => h,
+            Err(reason) => {
+                return Outcome::Failed {
+                    status: None,
+                    reason,
+                    retryable: false,
+                }
+            }
+        };
+        let body = if target.metadata_in_payload {
+            with_metadata(event, &target.name, &self.organization)
+        } else {
+            event.body.clone()
+        };
+        let result = target
+            .client
+            .post(target.url.clone())
+            .headers(headers)
+            .timeout(target.timeout)
+            .body(body)
+            .send()
+            .await;
+        match result {
+            Ok(response) => classify(response).await,
+            Err(e) => Outcome::Failed {
+                status: None,
+                retryable: !e.is_redirect() && !e.is_builder(),
+                reason: error_chain(&e),
+            },
+        }
+    }
+
+    /// The name of destination `index`.
+    pub fn name(&self, index: usize) -> &str {
+        &self.targets[index].name
+    }
+}
+
+fn build_client(verify: bool) -> Result<Client, SenderError> {
+    Client::builder()
+        .tls_danger_accept_invalid_certs(!verify)
+        .tcp_nodelay(true)
+        .pool_idle_timeout(Duration::from_secs(90))
+        .user_agent(concat!("courier/", env!("CARGO_PKG_VERSION")))
+        .build()
+        .map_err(|e| SenderError(error_chain(&e)))
+}
+
+impl Target {
+    fn new(dest: &DestinationConfig, client: Client) -> Result<Target, SenderError> {
+        // The config was validated, so these conversions only fail on a programming error; report
+        // them as errors anyway rather than panic.
+        let url = Url::parse(&dest.url).map_err(|e| SenderError(format!("{}: {e}", dest.name)))?;
+        let mut static_headers = HeaderMap::new();
+        for (name, value) in &dest.headers {
+            let name = HeaderName::from_bytes(name.as_bytes())
+                .map_err(|e| SenderError(format!("{}.headers: {e}", dest.name)))?;
+            let value = HeaderValue::from_str(value)
+                .map_err(|e| SenderError(format!("{}.headers: {e}", dest.name)))?;
+            static_headers.insert(name, value);
+        }
+        let auth = match &dest.auth {
+            None => None,
+            Some(AuthConfig::Basic { username, password }) => {
+                let token = base64::engine::general_purpose::STANDARD
+                    .encode(format!("{username}:{}", password.expose()));
+                let mut value = HeaderValue::from_str(&format!("Basic {token}"))
+                    .map_err(|e| SenderError(format!("{}.auth: {e}", dest.name)))?;
+                value.set_sensitive(true);
+                Some((reqwest::header::AUTHORIZATION, value))
+            }
+            Some(AuthConfig::ApiKey { header, key }) => {
+                let name = HeaderName::from_bytes(header.as_bytes())
+                    .map_err(|e| SenderError(format!("{}.auth.header: {e}", dest.name)))?;
+                let mut value = HeaderValue::from_str(key.expose())
+                    .map_err(|e| SenderError(format!("{}.auth.key: {e}", dest.name)))?;
+                value.set_sensitive(true);
+                Some((name, value))
+            }
+        };
+        Ok(Target {
+            name: dest.name.clone(),
+            url,
+            timeout: dest.timeout,
+            client,
+            static_headers,
+            auth,
+            metadata_in_payload: dest.metadata_in_payload,
+        })
+    }
+
+    /// Static headers < event metadata < contract and auth headers.
+    fn headers(&self, event: &Event) -> Result<HeaderMap, String> {
+        let mut headers = self.static_headers.clone();
+        for (key, value) in &event.metadata {
+            let Ok(name) = HeaderName::from_bytes(key.as_bytes()) else {
+                tracing::warn!(event_id = %event.id, key = %key.escape_debug(), "metadata key is not a valid HTTP header name; dropped");
+                continue;
+            };
+            if RESERVED_HEADERS.contains(&name.as_str())
+                || self.auth.as_ref().is_some_and(|(n, _)| *n == name)
+            {
+                tracing::warn!(event_id = %event.id, header = %name, "metadata may not set a contract or auth header; dropped");
+                continue;
+            }
+            let Ok(value) = HeaderValue::from_str(value) else {
+                tracing::warn!(event_id = %event.id, header = %name, "metadata value is not a valid HTTP header value; dropped");
+                continue;
+            };
+            headers.insert(name, value);
+        }
+        let id = HeaderValue::from_str(&event.id)
+            .map_err(|_| format!("event id {:?} is not a valid header value", event.id))?;
+        headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        headers.insert(HeaderName::from_static("x-request-id"), id.clone());
+        headers.insert(HeaderName::from_static("x-correlation-id"), id);
+        if let Some((name, value)) = &self.auth {
+            headers.insert(name.clone(), value.clone());
+        }
+        Ok(headers)
+    }
+}
+
+async fn classify(mut response: reqwest::Response) -> Outcome {
+    let status = response.status();
+    let code = status.as_u16();
+    if status.is_success() {
+        drain(&mut response).await;
+        return Outcome::Delivered { status: code };
+    }
+    let retryable = code == 408 || code == 429 || status.is_server_error();
+    let mut reason = format!("HTTP {code}");
+    if status.is_redirection() {
+        let location = response
+            .headers()
+            .get(reqwest::header::LOCATION)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("(none)");
+        let _ = write!(reason, ": redirect to {location} was not followed");
+    } else {
+        let snippet = snippet(&mut response).await;
+        if !snippet.is_empty() {
+            let _ = write!(reason, ": {snippet}");
+        }
+    }
+    Outcome::Failed {
+        status: Some(code),
+        reason,
+        retryable,
+    }
+}
+
+/// Reads the response to its end (up to a limit) so the connection goes back to the pool.
+async fn drain(response: &mut reqwest::Response) {
+    let mut read = 0usize;
+    while let Ok(Some(chunk)) = response.chunk().await {
+        read += chunk.len();
+        if read > DRAIN_LIMIT {
+            break;
+        }
+    }
+}
+
+async fn snippet(response: &mut reqwest::Response) -> String {
+    let mut buf = Vec::new();
+    while let Ok(Some(chunk)) = response.chunk().await {
+        buf.extend_from_slice(&chunk);
+        if buf.len() > DRAIN_LIMIT {
+            break;
+        }
+    }
+    let text = String::from_utf8_lossy(&buf);
+    let text = text.trim();
+    let mut end = text.len().min(ERROR_BODY_SNIPPET);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    text[..end].escape_debug().to_string()
+}
+
+/// The error and its causes on one line: "error sending request: ... : invalid peer certificate: UnknownIssuer".
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        let part = cause.to_string();
+        if !text.contains(&part) {
+            text.push_str(": ");
+            text.push_str(&part);
+        }
+        source = cause.source();
+    }
+    text
+}
+
+/// The body with the seed 000 `Metadata` block. A body that is not a JSON object has nowhere to put
+/// it and is sent unchanged (documented in docs/delivery.md).
+fn with_metadata(event: &Event, subscriber: &str, org: &OrganizationConfig) -> bytes::Bytes {
+    let Ok(mut object) = serde_json::from_slice::<Map<String, Value>>(&event.body) else {
+        tracing::warn!(event_id = %event.id, "body is not a JSON object: sent without the Metadata block");
+        return event.body.clone();
+    };
+    let (derived_type, derived_trigger) = derive_type_and_trigger(&event.topic);
+    let meta = |key: &str| event.metadata.get(key).cloned();
+    let created = event
+        .time
+        .as_deref()
+        .and_then(|t| {
+            time::OffsetDateTime::parse(t, &time::format_description::well_known::Rfc3339).ok()
+        })
+        .map(|t| t.to_offset(time::UtcOffset::UTC))
+        .unwrap_or_else(|| time::OffsetDateTime::from(event.received_at));
+    let mut block = Map::new();
+    block.insert("OrganizationID".into(), org.id.clone().into());
+    block.insert("OrganizationName".into(), org.name.clone().into());
+    block.insert("OrganizationURL".into(), org.url.clone().into());
+    block.insert(
+        "EventType".into(),
+        meta("EventType").unwrap_or(derived_type).into(),
+    );
+    block.insert(
+        "EventTrigger".into(),
+        meta("EventTrigger").unwrap_or(derived_trigger).into(),
+    );
+    block.insert("Subscriber".into(), subscriber.into());
+    block.insert(
+        "CreatedBy".into(),
+        meta("CreatedBy")
+            .unwrap_or_else(|| "System Auto Execution".to_string())
+            .into(),
+    );
+    block.insert("SourceEnvironment".into(), org.environment.clone().into());
+    block.insert(
+        "CreationDateTime".into(),
+        creation_date_time(created).into(),
+    );
+    match object.get_mut("Metadata") {
+        Some(Value::Object(existing)) => existing.extend(block),
+        _ => {
+            object.insert("Metadata".into(), Value::Object(block));
+        }
+    }
+    match serde_json::to_vec(&object) {
+        Ok(v) => v.into(),
+        Err(_) => event.body.clone(),
+    }
+}
+
+/// `2026-06-18T00:00:00.000Z`: UTC, milliseconds, as in seed 000.
+fn creation_date_time(t: time::OffsetDateTime) -> String {
+    let t = t.to_offset(time::UtcOffset::UTC);
+    format!(
+        "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:03}Z",
+        t.year(),
+        u8::from(t.month()),
+        t.day(),
+        t.hour(),
+        t.minute(),
+        t.second(),
+        t.millisecond()
+    )
+}
+
+/// From the topic: the trigger is its last segment, the type the segment before it with an upper
+/// case first letter (`tempo.batch.batch_run_status` → `Batch`, `batch_run_status`). A one-segment
+/// topic gives both from that segment.
+pub fn derive_type_and_trigger(topic: &str) -> (String, String) {
+    let mut segments = topic.rsplit(['.', '/']).filter(|s| !s.is_empty());
+    let trigger = segments.next().unwrap_or("").to_string();
+    let kind = segments.next().unwrap_or(&trigger);
+    let mut chars = kind.chars();
+    let kind = match chars.next() {
+        Some(first) => first.to_uppercase().chain(chars).collect(),
+        None => String::new(),
+    };
+    (kind, trigger)
+}
+
+/// For tests and log lines: now in the `CreationDateTime` format.
+pub fn format_time(t: SystemTime) -> String {
+    creation_date_time(time::OffsetDateTime::from(t))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn type_and_trigger_from_topic() {
+        assert_eq!(
+            derive_type_and_trigger("tempo.batch.batch_run_status"),
+            ("Batch".into(), "batch_run_status".into())
+        );
+        assert_eq!(
+            derive_type_and_trigger("tempo/events/equipment/status"),
+            ("Equipment".into(), "status".into())
+        );
+        assert_eq!(
+            derive_type_and_trigger("ping"),
+            ("Ping".into(), "ping".into())
+        );
+        assert_eq!(derive_type_and_trigger(""), (String::new(), String::new()));
+    }
+
+    #[test]
+    fn creation_time_format() {
+        let t = SystemTime::UNIX_EPOCH + Duration::from_millis(1_781_740_800_123);
+        assert_eq!(format_time(t), "2026-06-18T00:00:00.123Z");
+    }
+}

@@ -1,0 +1,228 @@
+//! The RabbitMQ source (lapin): connect, declare, set the prefetch, consume with manual acks, and
+//! reconnect forever when the connection or channel goes away.
+
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use futures_util::StreamExt as _;
+use lapin::options::{
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicQosOptions,
+    ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
+};
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::{Connection, ConnectionProperties, ExchangeKind};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use super::{AckFuture, AckHandle, Acker, Delivery, ReconnectBackoff};
+use crate::config::{redact_url, RabbitMqConfig};
+use crate::event::{Inbound, SourceKind};
+
+/// Why a consuming session ended.
+#[derive(Debug, thiserror::Error)]
+enum SessionError {
+    #[error(transparent)]
+    Lapin(#[from] lapin::Error),
+    #[error("the broker cancelled the consumer (was the queue deleted?)")]
+    Cancelled,
+}
+
+/// Consumes one RabbitMQ queue.
+pub struct AmqpSource {
+    config: RabbitMqConfig,
+    prefetch: u16,
+}
+
+impl AmqpSource {
+    /// The prefetch is capped at `max_in_flight`: more unacked messages than courier will work on
+    /// at once would only sit in memory.
+    pub fn new(config: RabbitMqConfig, max_in_flight: usize) -> AmqpSource {
+        let cap = u16::try_from(max_in_flight).unwrap_or(u16::MAX);
+        let prefetch = config.prefetch.min(cap).max(1);
+        if prefetch < config.prefetch {
+            tracing::info!(
+                configured = config.prefetch,
+                used = prefetch,
+                "rabbitmq.prefetch capped at service.max_in_flight"
+            );
+        }
+        AmqpSource { config, prefetch }
+    }
+
+    /// Runs until `stop`: consumes into `tx`, reconnecting with capped exponential backoff. After
+    /// `stop` it cancels the consumer but keeps the connection open until `release`, so the
+    /// pipeline can still ack what it holds; then it closes the connection.
+    pub async fn run(
+        self,
+        tx: mpsc::Sender<Delivery>,
+        stop: CancellationToken,
+        release: CancellationToken,
+    ) {
+        let url = redact_url(self.config.url.expose());
+        let mut backoff =
+            ReconnectBackoff::new(Duration::from_millis(200), Duration::from_secs(30));
+        loop {
+            match self.session(&tx, &stop, &release, &mut backoff).await {
+                Ok(()) => return,
+                Err(error) => {
+                    if stop.is_cancelled() {
+                        return;
+                    }
+                    let delay = backoff.next_delay();
+                    tracing::warn!(%url, %error, retry_in = ?delay, "RabbitMQ connection failed or lost; reconnecting");
+                    tokio::select! {
+                        _ = tokio::time::sleep(delay) => {}
+                        _ = stop.cancelled() => return,
+                    }
+                }
+            }
+        }
+    }
+
+    async fn session(
+        &self,
+        tx: &mpsc::Sender<Delivery>,
+        stop: &CancellationToken,
+        release: &CancellationToken,
+        backoff: &mut ReconnectBackoff,
+    ) -> Result<(), SessionError> {
+        let cfg = &self.config;
+        let properties = ConnectionProperties::default()
+            .with_connection_name(cfg.connection_name.clone().into());
+        let conn = tokio::select! {
+            conn = Connection::connect(cfg.url.expose(), properties) => conn?,
+            _ = stop.cancelled() => return Ok(()),
+        };
+        let channel = conn.create_channel().await?;
+        if cfg.declare {
+            let durable = QueueDeclareOptions {
+                durable: true,
+                ..QueueDeclareOptions::default()
+            };
+            channel
+                .queue_declare(cfg.queue.as_str().into(), durable, FieldTable::default())
+                .await?;
+            for binding in &cfg.bindings {
+                let options = ExchangeDeclareOptions {
+                    durable: true,
+                    ..ExchangeDeclareOptions::default()
+                };
+                channel
+                    .exchange_declare(
+                        binding.exchange.as_str().into(),
+                        ExchangeKind::Topic,
+                        options,
+                        FieldTable::default(),
+                    )
+                    .await?;
+                channel
+                    .queue_bind(
+                        cfg.queue.as_str().into(),
+                        binding.exchange.as_str().into(),
+                        binding.routing_key.as_str().into(),
+                        QueueBindOptions::default(),
+                        FieldTable::default(),
+                    )
+                    .await?;
+            }
+        }
+        channel
+            .basic_qos(self.prefetch, BasicQosOptions::default())
+            .await?;
+        let mut consumer = channel
+            .basic_consume(
+                cfg.queue.as_str().into(),
+                "".into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        tracing::info!(queue = %cfg.queue, prefetch = self.prefetch, "consuming from RabbitMQ");
+        backoff.reset();
+        loop {
+            let next = tokio::select! {
+                _ = stop.cancelled() => break,
+                next = consumer.next() => next,
+            };
+            let delivery = match next {
+                Some(Ok(d)) => d,
+                Some(Err(e)) => return Err(e.into()),
+                None => return Err(SessionError::Cancelled),
+            };
+            let delivery = to_delivery(delivery, cfg.format);
+            tokio::select! {
+                sent = tx.send(delivery) => if sent.is_err() { break },
+                // Dropped unacked: the broker redelivers it.
+                _ = stop.cancelled() => break,
+            }
+        }
+        // Stop receiving, but keep the channel open: the pipeline acks in-flight messages on it.
+        if let Err(error) = channel
+            .basic_cancel(consumer.tag(), BasicCancelOptions::default())
+            .await
+        {
+            tracing::debug!(%error, "basic.cancel at shutdown failed");
+        }
+        release.cancelled().await;
+        if let Err(error) = conn.close(200, "courier shutting down".into()).await {
+            tracing::debug!(%error, "closing the RabbitMQ connection at shutdown failed");
+        }
+        Ok(())
+    }
+}
+
+fn to_delivery(delivery: lapin::message::Delivery, format: crate::config::Format) -> Delivery {
+    let properties = &delivery.properties;
+    let message_id = properties
+        .message_id()
+        .as_ref()
+        .map(|s| s.as_str().to_string());
+    let headers = properties
+        .headers()
+        .as_ref()
+        .map(|table| {
+            table
+                .inner()
+                .iter()
+                .filter_map(|(k, v)| {
+                    let value = match v {
+                        AMQPValue::LongString(s) => std::str::from_utf8(s.as_bytes()).ok()?,
+                        AMQPValue::ShortString(s) => s.as_str(),
+                        _ => return None,
+                    };
+                    Some((k.as_str().to_string(), value.to_string()))
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let inbound = Inbound {
+        source: SourceKind::Rabbitmq,
+        format,
+        topic: delivery.routing_key.as_str().to_string(),
+        message_id,
+        headers,
+        body: Bytes::from(delivery.data),
+        received_at: SystemTime::now(),
+    };
+    Delivery {
+        inbound,
+        acker: Acker::new(AmqpAck(delivery.acker)),
+    }
+}
+
+struct AmqpAck(lapin::Acker);
+
+impl AckHandle for AmqpAck {
+    fn ack(self: Box<Self>) -> AckFuture {
+        Box::pin(async move {
+            match self.0.ack(BasicAckOptions::default()).await {
+                Ok(true) => Ok(()),
+                Ok(false) => Err(
+                    "the channel closed before the ack; the broker will redeliver the message"
+                        .to_string(),
+                ),
+                Err(e) => Err(e.to_string()),
+            }
+        })
+    }
+}
