@@ -17,8 +17,8 @@ use crate::router;
 /// A configuration problem, always phrased as `key.path: what is wrong`.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    /// The file could not be read or is not valid TOML.
-    #[error("{path}: {message}")]
+    /// The file could not be read.
+    #[error("cannot read {path}: {message}")]
     File { path: String, message: String },
     /// A key has the wrong type, is unknown, or is missing.
     #[error("{0}")]
@@ -316,10 +316,7 @@ impl Config {
                     .source(Some(overrides)),
             )
             .build()
-            .map_err(|e| ConfigError::File {
-                path: origin.to_string(),
-                message: e.to_string(),
-            })?;
+            .map_err(|e| ConfigError::Shape(e.to_string().replace(&format!("{origin}: "), "")))?;
         let mut root: config::Value = built
             .try_deserialize()
             .map_err(|e| ConfigError::Shape(e.to_string()))?;
@@ -540,10 +537,35 @@ pub fn redact_url(url: &str) -> String {
     }
 }
 
-/// The `config` crate reports unknown fields and type errors with the key in a trailing clause;
-/// keep its text, it already names the key.
+/// The `config` crate puts the key last ("... for key `destinations[0]timeout`") and drops the dot
+/// after an index; turn that into the `destinations[0].timeout: ...` form every other error has.
 fn shape_message(e: config::ConfigError) -> String {
-    e.to_string()
+    let text = e.to_string();
+    if let Some(at) = text.rfind(" for key `") {
+        let key = text[at + " for key `".len()..].trim_end_matches('`');
+        return format!("{}: {}", dotted(key), &text[..at]);
+    }
+    if let Some(rest) = text.strip_prefix("missing configuration field ") {
+        return format!(
+            "{}: is required but missing",
+            dotted(rest.trim_matches('"'))
+        );
+    }
+    text
+}
+
+/// `a[0]b` → `a[0].b`.
+fn dotted(key: &str) -> String {
+    let mut out = String::with_capacity(key.len() + 4);
+    let mut after_index = false;
+    for c in key.chars() {
+        if after_index && c != '.' && c != '[' {
+            out.push('.');
+        }
+        after_index = c == ']';
+        out.push(c);
+    }
+    out
 }
 
 /// Replaces `${VAR}` and `${VAR:-default}` in every string value, naming the key when a variable
@@ -670,6 +692,18 @@ mod tests {
             .unwrap_err()
             .contains("COURIER_TEST_NOPE is not set"));
         assert!(expand_str("${oops").is_err());
+    }
+
+    #[test]
+    fn error_keys_are_dotted_and_first() {
+        assert_eq!(dotted("destinations[0]timeout"), "destinations[0].timeout");
+        assert_eq!(dotted("a[1][2]b.c"), "a[1][2].b.c");
+        let e = Config::from_toml(&format!("{MINIMAL}\ntimeout = \"soon\"")).unwrap_err();
+        assert!(
+            e.to_string()
+                .starts_with("destinations[0].timeout: invalid value"),
+            "{e}"
+        );
     }
 
     #[test]

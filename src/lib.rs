@@ -76,7 +76,11 @@ pub async fn run_with_stats(
         sources.spawn(source.run(tx.clone(), shutdown.clone(), release.clone()));
     }
     drop(tx);
-    let sweeper = tokio::spawn(sweep_dedup(store.clone(), config.store.dedup_ttl));
+    let sweeper = tokio::spawn(sweep_dedup(
+        store.clone(),
+        config.store.dedup_ttl,
+        release.clone(),
+    ));
     tracing::info!(
         destinations = config.destinations.len(),
         max_in_flight,
@@ -95,7 +99,9 @@ pub async fn run_with_stats(
     if closed.is_err() {
         tracing::warn!("a source did not close within 10s; exiting anyway");
     }
-    sweeper.abort();
+    // The sweeper holds the store, and sled releases its file lock only when the last handle is
+    // gone: wait for it, so a restart in the same process can open the store again.
+    let _ = sweeper.await;
     store.flush().await?;
     let s = &stats;
     let get = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
@@ -111,10 +117,11 @@ pub async fn run_with_stats(
     Ok(())
 }
 
-/// Drops expired dedup entries at start and then every tenth of the TTL (at most hourly).
-async fn sweep_dedup(store: Arc<store::Store>, ttl: Duration) {
+/// Drops expired dedup entries at start and then every tenth of the TTL (at most hourly), until
+/// `stop`.
+async fn sweep_dedup(store: Arc<store::Store>, ttl: Duration, stop: CancellationToken) {
     let every = (ttl / 10).clamp(Duration::from_secs(1), Duration::from_secs(3600));
-    loop {
+    while !stop.is_cancelled() {
         let s = store.clone();
         match tokio::task::spawn_blocking(move || s.sweep_expired()).await {
             Ok(Ok(0)) => {}
@@ -122,6 +129,9 @@ async fn sweep_dedup(store: Arc<store::Store>, ttl: Duration) {
             Ok(Err(error)) => tracing::warn!(%error, "dedup sweep failed; will try again"),
             Err(error) => tracing::warn!(%error, "dedup sweep task failed"),
         }
-        tokio::time::sleep(every).await;
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {}
+            _ = stop.cancelled() => {}
+        }
     }
 }

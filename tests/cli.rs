@@ -1,0 +1,136 @@
+//! The `courier` binary: exit codes, and a clean exit on SIGTERM.
+
+mod common;
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+fn courier() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_courier"))
+}
+
+#[test]
+fn validate_exit_codes() {
+    let dir = tempfile::tempdir().unwrap();
+    let good = dir.path().join("good.toml");
+    std::fs::write(
+        &good,
+        "[rabbitmq]\nurl = \"amqp://127.0.0.1\"\nqueue = \"q\"\n[[destinations]]\nname = \"a\"\nurl = \"http://127.0.0.1/\"\n",
+    )
+    .unwrap();
+    let out = courier()
+        .args(["validate", "--config"])
+        .arg(&good)
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(
+        &bad,
+        "[rabbitmq]\nurl = \"amqp://127.0.0.1\"\nqueue = \"q\"\n[[destinations]]\nname = \"a\"\nurl = \"not a url\"\n",
+    )
+    .unwrap();
+    for sub in ["validate", "run"] {
+        let out = courier()
+            .args([sub, "--config"])
+            .arg(&bad)
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2), "{sub}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains("destinations[0].url"), "{sub}: {stderr}");
+    }
+    let out = courier()
+        .args(["validate", "--config", "/nonexistent/courier.toml"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+
+    // Environment overrides reach the config (and are validated like the file).
+    let out = courier()
+        .args(["validate", "--config"])
+        .arg(&good)
+        .env("COURIER_SERVICE__MAX_IN_FLIGHT", "0")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("service.max_in_flight"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_and_exits_zero() {
+    let rx = Receiver::start().await;
+    rx.set_delay(Duration::from_millis(200));
+    let queue = unique("sigterm");
+    let dir = tempfile::tempdir().unwrap();
+    let cfg_path = dir.path().join("courier.toml");
+    std::fs::write(
+        &cfg_path,
+        format!(
+            "[service]\nshutdown_timeout = \"10s\"\n[store]\npath = \"{}\"\n[rabbitmq]\nurl = \"{AMQP_URL}\"\nqueue = \"{queue}\"\n[[destinations]]\nname = \"s\"\nurl = \"{}\"\nauth = {{ type = \"basic\", username = \"u\", password = \"${{COURIER_TEST_PW}}\" }}\n",
+            dir.path().join("store").display(),
+            rx.url("/s")
+        ),
+    )
+    .unwrap();
+    let pub_ = Publisher::connect().await;
+    pub_.declare_queue(&queue).await;
+    for i in 0..20 {
+        pub_.to_queue(
+            &queue,
+            format!(r#"{{"id":"s{i}","topic":"t","data":{{}}}}"#).as_bytes(),
+        )
+        .await;
+    }
+    let log = dir.path().join("courier.log");
+    let mut child = courier()
+        .args(["run", "--config"])
+        .arg(&cfg_path)
+        .env("COURIER_TEST_PW", "pw-should-not-be-logged")
+        .env("RUST_LOG", "debug")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    rx.wait_for(3, Duration::from_secs(20)).await;
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let exit = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "courier did not exit after SIGTERM"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let logs = std::fs::read_to_string(&log).unwrap();
+    assert_eq!(exit.code(), Some(0), "logs:\n{logs}");
+    assert!(logs.contains("shutdown requested"), "{logs}");
+    assert!(
+        !logs.contains("pw-should-not-be-logged"),
+        "secret in logs:\n{logs}"
+    );
+    // Whatever was not delivered is back in the queue, nothing is stuck unacked.
+    let delivered = rx.delivered_counts().len() as u64;
+    let (ready, unacked) = Publisher::counts(&queue);
+    assert_eq!(unacked, 0);
+    assert_eq!(
+        ready + delivered,
+        20,
+        "delivered {delivered}, ready {ready}"
+    );
+}

@@ -1,0 +1,529 @@
+//! Shared helpers for the integration tests: a recording HTTP receiver, unique broker names,
+//! RabbitMQ publishing and inspection, and courier started in-process.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::atomic::{AtomicU16, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{HeaderMap, Method, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions};
+use lapin::types::FieldTable;
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
+use tokio_util::sync::CancellationToken;
+
+use courier::{Config, Stats};
+
+pub const AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+
+/// Logs to the test output when RUST_LOG is set.
+pub fn init_tracing() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("off")),
+        )
+        .with_test_writer()
+        .try_init();
+}
+
+/// A name no other test (or earlier run) uses.
+pub fn unique(prefix: &str) -> String {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    format!(
+        "{prefix}-{}-{nanos}-{}",
+        std::process::id(),
+        COUNTER.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// One request as the receiver saw it.
+#[derive(Debug, Clone)]
+pub struct Recorded {
+    pub method: String,
+    pub path: String,
+    pub headers: HashMap<String, String>,
+    pub body: Vec<u8>,
+    /// The status the receiver answered with.
+    pub status: u16,
+}
+
+impl Recorded {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .get(&name.to_ascii_lowercase())
+            .map(String::as_str)
+    }
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body).expect("receiver got a JSON body")
+    }
+    pub fn id(&self) -> String {
+        self.header("x-request-id").unwrap_or_default().to_string()
+    }
+}
+
+#[derive(Default)]
+struct RecvState {
+    requests: Mutex<Vec<Recorded>>,
+    status: AtomicU16,
+    delay_ms: AtomicU64,
+    held: AtomicUsize,
+    in_flight: AtomicUsize,
+    max_in_flight: AtomicUsize,
+    hold: Mutex<Option<Arc<tokio::sync::Semaphore>>>,
+    arrived: tokio::sync::Notify,
+}
+
+/// A real HTTP server on 127.0.0.1 that records every request. It can answer slowly, with a chosen
+/// status, hold requests until released, and redirect (`/redirect/307/<path>` → `/<path>`).
+pub struct Receiver {
+    pub addr: SocketAddr,
+    state: Arc<RecvState>,
+    _shutdown: tokio::sync::oneshot::Sender<()>,
+}
+
+impl Receiver {
+    pub async fn start() -> Receiver {
+        let state = Arc::new(RecvState::default());
+        state.status.store(200, Ordering::SeqCst);
+        let app = axum::Router::new()
+            .fallback(handle)
+            .with_state(state.clone());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind receiver");
+        let addr = listener.local_addr().expect("receiver addr");
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        tokio::spawn(async move {
+            let _ = axum::serve(listener, app)
+                .with_graceful_shutdown(async {
+                    let _ = rx.await;
+                })
+                .await;
+        });
+        Receiver {
+            addr,
+            state,
+            _shutdown: tx,
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    pub fn set_status(&self, status: u16) {
+        self.state.status.store(status, Ordering::SeqCst);
+    }
+
+    pub fn set_delay(&self, delay: Duration) {
+        self.state
+            .delay_ms
+            .store(delay.as_millis() as u64, Ordering::SeqCst);
+    }
+
+    /// From now on, requests are recorded on arrival and then wait until [`Receiver::release`].
+    pub fn hold(&self) {
+        *self.state.hold.lock().unwrap() = Some(Arc::new(tokio::sync::Semaphore::new(0)));
+    }
+
+    /// Lets every held (and future) request finish.
+    pub fn release(&self) {
+        if let Some(sem) = self.state.hold.lock().unwrap().take() {
+            sem.add_permits(1 << 20);
+        }
+    }
+
+    /// Requests currently waiting in [`Receiver::hold`].
+    pub fn held(&self) -> usize {
+        self.state.held.load(Ordering::SeqCst)
+    }
+
+    /// The most requests that were being answered at the same moment.
+    pub fn max_concurrent(&self) -> usize {
+        self.state.max_in_flight.load(Ordering::SeqCst)
+    }
+
+    pub fn requests(&self) -> Vec<Recorded> {
+        self.state.requests.lock().unwrap().clone()
+    }
+
+    pub fn requests_to(&self, path: &str) -> Vec<Recorded> {
+        self.requests()
+            .into_iter()
+            .filter(|r| r.path == path)
+            .collect()
+    }
+
+    /// Waits until at least `n` requests arrived, or panics after `timeout` saying how many did.
+    pub async fn wait_for(&self, n: usize, timeout: Duration) -> Vec<Recorded> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let notified = self.state.arrived.notified();
+            let got = self.requests();
+            if got.len() >= n {
+                return got;
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                panic!(
+                    "receiver got {} of {n} requests within {timeout:?}: {:?}",
+                    got.len(),
+                    got.iter().map(|r| (&r.path, r.id())).collect::<Vec<_>>()
+                );
+            }
+            let _ = tokio::time::timeout(left.min(Duration::from_millis(200)), notified).await;
+        }
+    }
+
+    /// Waits until a request with this `X-Request-Id` arrived.
+    pub async fn wait_for_id(&self, id: &str, timeout: Duration) -> Recorded {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(r) = self.requests().into_iter().find(|r| r.id() == id) {
+                return r;
+            }
+            if Instant::now() > deadline {
+                panic!(
+                    "no request with id {id} within {timeout:?}; got {:?}",
+                    self.requests().iter().map(|r| r.id()).collect::<Vec<_>>()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// How many times each id was answered with 2xx.
+    pub fn delivered_counts(&self) -> HashMap<String, usize> {
+        let mut counts = HashMap::new();
+        for r in self.requests() {
+            if (200..300).contains(&r.status) {
+                *counts.entry(r.id()).or_insert(0) += 1;
+            }
+        }
+        counts
+    }
+}
+
+async fn handle(
+    State(state): State<Arc<RecvState>>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let path = uri.path().to_string();
+    if let Some(rest) = path.strip_prefix("/redirect/") {
+        if let Some((code, target)) = rest.split_once('/') {
+            let code: u16 = code.parse().unwrap_or(307);
+            return Response::builder()
+                .status(code)
+                .header("location", format!("/{target}"))
+                .body(axum::body::Body::empty())
+                .unwrap_or_default();
+        }
+    }
+    let now = state.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+    state.max_in_flight.fetch_max(now, Ordering::SeqCst);
+    let status = state.status.load(Ordering::SeqCst);
+    let mut recorded = Recorded {
+        method: method.to_string(),
+        path,
+        headers: headers
+            .iter()
+            .map(|(k, v)| {
+                (
+                    k.as_str().to_string(),
+                    String::from_utf8_lossy(v.as_bytes()).into_owned(),
+                )
+            })
+            .collect(),
+        body: body.to_vec(),
+        status,
+    };
+    let hold = state.hold.lock().unwrap().clone();
+    if let Some(sem) = hold {
+        // Recorded on arrival so a test can see the request while it is held.
+        recorded.status = status;
+        state.requests.lock().unwrap().push(recorded.clone());
+        state.arrived.notify_waiters();
+        state.held.fetch_add(1, Ordering::SeqCst);
+        let _ = sem.acquire().await;
+        state.held.fetch_sub(1, Ordering::SeqCst);
+    } else {
+        let delay = state.delay_ms.load(Ordering::SeqCst);
+        if delay > 0 {
+            tokio::time::sleep(Duration::from_millis(delay)).await;
+        }
+        state.requests.lock().unwrap().push(recorded);
+        state.arrived.notify_waiters();
+    }
+    state.in_flight.fetch_sub(1, Ordering::SeqCst);
+    let code = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    (code, "ok").into_response()
+}
+
+/// A RabbitMQ connection and a channel with publisher confirms on.
+pub struct Publisher {
+    pub conn: Connection,
+    pub channel: Channel,
+}
+
+impl Publisher {
+    pub async fn connect() -> Publisher {
+        Self::connect_to(AMQP_URL).await
+    }
+
+    pub async fn connect_to(url: &str) -> Publisher {
+        courier::install_crypto_provider();
+        let conn = Connection::connect(url, ConnectionProperties::default())
+            .await
+            .expect("test publisher connects to RabbitMQ");
+        let channel = conn.create_channel().await.expect("channel");
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await
+            .expect("confirm_select");
+        Publisher { conn, channel }
+    }
+
+    /// Declares the durable queue courier will consume, so messages published before courier
+    /// connects are kept.
+    pub async fn declare_queue(&self, queue: &str) {
+        self.channel
+            .queue_declare(
+                queue.into(),
+                QueueDeclareOptions {
+                    durable: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .expect("queue_declare");
+    }
+
+    /// Publishes to the default exchange straight into `queue` and waits for the broker's confirm.
+    pub async fn to_queue(&self, queue: &str, body: &[u8]) {
+        self.publish("", queue, body, BasicProperties::default())
+            .await;
+    }
+
+    pub async fn publish(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        body: &[u8],
+        props: BasicProperties,
+    ) {
+        self.channel
+            .basic_publish(
+                exchange.into(),
+                routing_key.into(),
+                BasicPublishOptions::default(),
+                body,
+                props.with_delivery_mode(2),
+            )
+            .await
+            .expect("basic_publish")
+            .await
+            .expect("publisher confirm");
+    }
+
+    /// Ready and unacked counts for `queue`, from `rabbitmqctl`.
+    pub fn counts(queue: &str) -> (u64, u64) {
+        Self::counts_in("/", queue)
+    }
+
+    pub fn counts_in(vhost: &str, queue: &str) -> (u64, u64) {
+        let out = rabbitmqctl(&[
+            "list_queues",
+            "-p",
+            vhost,
+            "-q",
+            "--no-table-headers",
+            "name",
+            "messages_ready",
+            "messages_unacknowledged",
+        ]);
+        for line in out.lines() {
+            let cols: Vec<&str> = line.split_whitespace().collect();
+            if cols.len() == 3 && cols[0] == queue {
+                return (
+                    cols[1].parse().unwrap_or(u64::MAX),
+                    cols[2].parse().unwrap_or(u64::MAX),
+                );
+            }
+        }
+        panic!("queue {queue} not found in rabbitmqctl output:\n{out}");
+    }
+
+    /// Waits until `queue` exists and has `n` consumers (i.e. courier declared and subscribed).
+    pub async fn wait_consumers(&self, queue: &str, n: u32) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            // A passive declare on a missing queue closes the channel, so use a throwaway one.
+            if let Ok(ch) = self.conn.create_channel().await {
+                if let Ok(q) = ch
+                    .queue_declare(
+                        queue.into(),
+                        QueueDeclareOptions {
+                            passive: true,
+                            ..Default::default()
+                        },
+                        FieldTable::default(),
+                    )
+                    .await
+                {
+                    if q.consumer_count() >= n {
+                        let _ = ch.close(200, "ok".into()).await;
+                        return;
+                    }
+                }
+                let _ = ch.close(200, "ok".into()).await;
+            }
+            if Instant::now() > deadline {
+                panic!("queue {queue} did not get {n} consumer(s) within 20s");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+/// Runs `rabbitmqctl` and returns its stdout, panicking with its stderr on failure.
+pub fn rabbitmqctl(args: &[&str]) -> String {
+    let out = std::process::Command::new("rabbitmqctl")
+        .args(args)
+        .output()
+        .expect("rabbitmqctl runs (is RabbitMQ installed? scripts/test.sh installs it)");
+    assert!(
+        out.status.success(),
+        "rabbitmqctl {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A config for one queue and the given `[[destinations]]` TOML, with the store in `store`.
+pub fn config(queue: &str, store: &Path, destinations: &str) -> Config {
+    config_with(queue, store, "", destinations)
+}
+
+/// Like [`config`], with extra keys for the `[rabbitmq]` section (`extra_rabbit`).
+pub fn config_with(queue: &str, store: &Path, extra_rabbit: &str, destinations: &str) -> Config {
+    let text = format!(
+        r#"
+[service]
+shutdown_timeout = "10s"
+
+[organization]
+id = "org-1"
+name = "Example Org"
+url = "https://example.org"
+environment = "test"
+
+[store]
+path = "{store}"
+cache_capacity = 1048576
+
+[rabbitmq]
+url = "{AMQP_URL}"
+queue = "{queue}"
+connection_name = "{queue}"
+{extra_rabbit}
+
+{destinations}
+"#,
+        store = store.display(),
+    );
+    Config::from_toml(&text).unwrap_or_else(|e| panic!("test config invalid: {e}\n{text}"))
+}
+
+/// courier running in this process.
+pub struct Courier {
+    token: CancellationToken,
+    handle: tokio::task::JoinHandle<Result<(), courier::Error>>,
+    pub stats: Arc<Stats>,
+}
+
+impl Courier {
+    pub fn start(config: Config) -> Courier {
+        init_tracing();
+        let token = CancellationToken::new();
+        let stats = Arc::new(Stats::default());
+        let handle = tokio::spawn(courier::run_with_stats(
+            config,
+            token.clone(),
+            stats.clone(),
+        ));
+        Courier {
+            token,
+            handle,
+            stats,
+        }
+    }
+
+    /// Graceful stop, as on SIGTERM; panics if courier does not stop within `within` or failed.
+    pub async fn stop_within(self, within: Duration) -> Arc<Stats> {
+        self.token.cancel();
+        match tokio::time::timeout(within, self.handle).await {
+            Ok(Ok(Ok(()))) => self.stats,
+            Ok(Ok(Err(e))) => panic!("courier stopped with an error: {e}"),
+            Ok(Err(e)) => panic!("courier task failed: {e}"),
+            Err(_) => panic!("courier did not stop within {within:?}"),
+        }
+    }
+
+    pub async fn stop(self) -> Arc<Stats> {
+        self.stop_within(Duration::from_secs(20)).await
+    }
+
+    pub fn count(&self, f: impl Fn(&Stats) -> &AtomicU64) -> u64 {
+        f(&self.stats).load(Ordering::SeqCst)
+    }
+
+    /// Waits until the counter picked by `f` reaches `n`.
+    pub async fn wait_count(&self, n: u64, timeout: Duration, f: impl Fn(&Stats) -> &AtomicU64) {
+        let deadline = Instant::now() + timeout;
+        while f(&self.stats).load(Ordering::SeqCst) < n {
+            if Instant::now() > deadline {
+                panic!(
+                    "counter reached {} of {n} within {timeout:?}",
+                    f(&self.stats).load(Ordering::SeqCst)
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+/// Opens the store read-only-ish after courier stopped, to inspect dead letters and dedup.
+pub fn open_store(path: &Path) -> courier::store::Store {
+    courier::store::Store::open(&courier::config::StoreConfig {
+        path: path.to_path_buf(),
+        dedup_ttl: Duration::from_secs(3600),
+        cache_capacity: 1 << 20,
+    })
+    .expect("open store after courier stopped")
+}
+
+/// Polls `cond` until it holds, or panics with `what`.
+pub async fn eventually(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !cond() {
+        if Instant::now() > deadline {
+            panic!("timed out after {timeout:?} waiting for: {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
