@@ -85,6 +85,9 @@ pub struct Config {
     /// The RabbitMQ source; absent means RabbitMQ is not consumed.
     #[serde(default)]
     pub rabbitmq: Option<RabbitMqConfig>,
+    /// The MQTT source; absent means MQTT is not consumed.
+    #[serde(default)]
+    pub mqtt: Option<MqttConfig>,
     /// The partner endpoints events are POSTed to.
     #[serde(default)]
     pub destinations: Vec<DestinationConfig>,
@@ -211,6 +214,170 @@ pub struct BindingConfig {
 
 fn default_routing_key() -> String {
     "#".to_string()
+}
+
+/// The MQTT source (MQTT 3.1.1).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MqttConfig {
+    /// `mqtt://host[:1883]` or `mqtts://host[:8883]` (TLS, verified against the system roots).
+    pub url: String,
+    /// The session's key at the broker. Required when `clean_session = false`, because a
+    /// persistent session is found again by its client id.
+    #[serde(default)]
+    pub client_id: Option<String>,
+    /// Topic filters to subscribe to (`+` one level, `#` the rest).
+    pub topics: Vec<String>,
+    /// Subscription QoS: 1 (at least once, acked after delivery) or 0 (no acks, no redelivery).
+    #[serde(default = "default_qos")]
+    pub qos: u8,
+    /// `false` keeps the session at the broker while courier is away, so nothing published in
+    /// the meantime, and nothing received but not yet acked, is lost.
+    #[serde(default)]
+    pub clean_session: bool,
+    /// Non-empty: subscribe as `$share/<group>/<filter>` so replicas split the traffic.
+    #[serde(default)]
+    pub shared_group: String,
+    /// How bodies are read.
+    #[serde(default)]
+    pub format: Format,
+    /// Broker user name.
+    #[serde(default)]
+    pub username: Option<String>,
+    /// Broker password; needs `username`.
+    #[serde(default)]
+    pub password: Option<Secret>,
+    /// Ping interval when idle; the broker drops the connection after 1.5 × this without traffic.
+    #[serde(default = "default_keep_alive", with = "humantime_serde")]
+    pub keep_alive: Duration,
+}
+
+fn default_qos() -> u8 {
+    1
+}
+fn default_keep_alive() -> Duration {
+    Duration::from_secs(30)
+}
+
+impl MqttConfig {
+    /// Host, port and whether TLS is on, from `url`.
+    pub fn endpoint(&self) -> Result<(String, u16, bool), String> {
+        let url = reqwest::Url::parse(&self.url).map_err(|e| format!("{e}: {:?}", self.url))?;
+        let tls = match url.scheme() {
+            "mqtt" | "tcp" => false,
+            "mqtts" | "ssl" => true,
+            other => return Err(format!("scheme {other:?} is not mqtt or mqtts")),
+        };
+        if !url.username().is_empty() || url.password().is_some() {
+            return Err(
+                "put credentials in mqtt.username and mqtt.password, not in the URL".into(),
+            );
+        }
+        let host = url
+            .host_str()
+            .filter(|h| !h.is_empty())
+            .ok_or_else(|| "has no host".to_string())?
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_string();
+        let port = url.port().unwrap_or(if tls { 8883 } else { 1883 });
+        Ok((host, port, tls))
+    }
+
+    /// The filters as subscribed: with the `$share/<group>/` prefix when a group is set.
+    pub fn subscriptions(&self) -> Vec<String> {
+        self.topics
+            .iter()
+            .map(|t| {
+                if self.shared_group.is_empty() {
+                    t.clone()
+                } else {
+                    format!("$share/{}/{t}", self.shared_group)
+                }
+            })
+            .collect()
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        self.endpoint()
+            .map_err(|e| ConfigError::invalid("mqtt.url", e))?;
+        match &self.client_id {
+            Some(id) if id.is_empty() => {
+                return Err(ConfigError::invalid("mqtt.client_id", "must not be empty"))
+            }
+            None if !self.clean_session => {
+                return Err(ConfigError::invalid(
+                    "mqtt.client_id",
+                    "is required when clean_session = false: the broker finds a persistent session by its client id",
+                ))
+            }
+            _ => {}
+        }
+        if self.topics.is_empty() {
+            return Err(ConfigError::invalid(
+                "mqtt.topics",
+                "needs at least one topic filter",
+            ));
+        }
+        for (i, filter) in self.topics.iter().enumerate() {
+            check_mqtt_filter(filter)
+                .map_err(|e| ConfigError::invalid(format!("mqtt.topics[{i}]"), e))?;
+            if !self.shared_group.is_empty() && filter.starts_with("$share/") {
+                return Err(ConfigError::invalid(
+                    format!("mqtt.topics[{i}]"),
+                    "is already a $share/ filter; set either shared_group or the prefix, not both",
+                ));
+            }
+        }
+        if self.qos > 1 {
+            return Err(ConfigError::invalid(
+                "mqtt.qos",
+                format!(
+                    "{} is not supported; use 1 (acked after delivery) or 0",
+                    self.qos
+                ),
+            ));
+        }
+        if self.shared_group.contains(['/', '+', '#']) {
+            return Err(ConfigError::invalid(
+                "mqtt.shared_group",
+                "must not contain '/', '+' or '#'",
+            ));
+        }
+        if self.password.is_some() && self.username.is_none() {
+            return Err(ConfigError::invalid(
+                "mqtt.password",
+                "is set but mqtt.username is not",
+            ));
+        }
+        if self.keep_alive < Duration::from_secs(1) && !self.keep_alive.is_zero() {
+            return Err(ConfigError::invalid(
+                "mqtt.keep_alive",
+                "must be at least 1s (or 0s to turn pings off)",
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// An MQTT topic filter: `#` only as the whole last level, `+` only as a whole level.
+fn check_mqtt_filter(filter: &str) -> Result<(), String> {
+    if filter.is_empty() {
+        return Err("empty topic filter".into());
+    }
+    if filter.contains('\0') {
+        return Err("contains a NUL character".into());
+    }
+    let levels: Vec<&str> = filter.split('/').collect();
+    for (i, level) in levels.iter().enumerate() {
+        if level.contains('#') && (*level != "#" || i + 1 != levels.len()) {
+            return Err(format!("{filter:?}: '#' must be the whole last level"));
+        }
+        if level.contains('+') && *level != "+" {
+            return Err(format!("{filter:?}: '+' must be a whole level"));
+        }
+    }
+    Ok(())
 }
 
 /// One partner endpoint.
@@ -351,14 +518,17 @@ impl Config {
         if self.store.path.as_os_str().is_empty() {
             return Err(ConfigError::invalid("store.path", "must not be empty"));
         }
-        match &self.rabbitmq {
-            Some(rabbit) => rabbit.validate()?,
-            None => {
-                return Err(ConfigError::invalid(
-                    "rabbitmq",
-                    "no source is configured: add a [rabbitmq] section",
-                ))
-            }
+        if let Some(rabbit) = &self.rabbitmq {
+            rabbit.validate()?;
+        }
+        if let Some(mqtt) = &self.mqtt {
+            mqtt.validate()?;
+        }
+        if self.rabbitmq.is_none() && self.mqtt.is_none() {
+            return Err(ConfigError::invalid(
+                "rabbitmq",
+                "no source is configured: add a [rabbitmq] or an [mqtt] section",
+            ));
         }
         if self.destinations.is_empty() {
             return Err(ConfigError::invalid(
@@ -704,6 +874,61 @@ mod tests {
                 .starts_with("destinations[0].timeout: invalid value"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn mqtt_section() {
+        let base = "[[destinations]]\nname = \"a\"\nurl = \"http://127.0.0.1:1/x\"\n[mqtt]\n";
+        let ok = format!("{base}url = \"mqtt://127.0.0.1\"\nclient_id = \"c\"\ntopics = [\"a/+/b\", \"x/#\"]\nshared_group = \"g\"");
+        let c = Config::from_toml(&ok).expect("valid");
+        let m = c.mqtt.expect("mqtt");
+        assert_eq!(
+            m.endpoint().unwrap(),
+            ("127.0.0.1".to_string(), 1883, false)
+        );
+        assert_eq!(m.subscriptions(), vec!["$share/g/a/+/b", "$share/g/x/#"]);
+        assert_eq!(m.qos, 1);
+        assert!(!m.clean_session);
+        let cases = [
+            (
+                "url = \"mqtt://h\"\ntopics = [\"t\"]",
+                "mqtt.client_id: is required",
+            ),
+            (
+                "url = \"http://h\"\nclient_id = \"c\"\ntopics = [\"t\"]",
+                "mqtt.url: scheme",
+            ),
+            (
+                "url = \"mqtt://u:p@h\"\nclient_id = \"c\"\ntopics = [\"t\"]",
+                "mqtt.url: put credentials",
+            ),
+            (
+                "url = \"mqtt://h\"\nclient_id = \"c\"\ntopics = [\"a/#/b\"]",
+                "mqtt.topics[0]",
+            ),
+            (
+                "url = \"mqtt://h\"\nclient_id = \"c\"\ntopics = [\"a+\"]",
+                "mqtt.topics[0]",
+            ),
+            (
+                "url = \"mqtt://h\"\nclient_id = \"c\"\ntopics = []",
+                "mqtt.topics",
+            ),
+            (
+                "url = \"mqtt://h\"\nclient_id = \"c\"\ntopics = [\"t\"]\nqos = 2",
+                "mqtt.qos",
+            ),
+            (
+                "url = \"mqtt://h\"\nclient_id = \"c\"\ntopics = [\"t\"]\npassword = \"p\"",
+                "mqtt.password",
+            ),
+        ];
+        for (body, want) in cases {
+            let e = Config::from_toml(&format!("{base}{body}"))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(want), "want {want:?} in {e}");
+        }
     }
 
     #[test]

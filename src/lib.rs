@@ -1,4 +1,4 @@
-//! courier: consumes events from RabbitMQ, routes each by topic to the partner endpoints that
+//! courier: consumes events from RabbitMQ and MQTT, routes each by topic to the partner endpoints that
 //! subscribed to it, POSTs it with the exact REST contract, and acks only after the POST was
 //! attempted and its outcome stored.
 //!
@@ -35,6 +35,9 @@ pub enum Error {
     /// The HTTP client could not be built.
     #[error(transparent)]
     Sender(#[from] sender::SenderError),
+    /// The MQTT source could not be set up.
+    #[error(transparent)]
+    Mqtt(#[from] sources::mqtt::MqttSetupError),
 }
 
 /// Makes ring the process-wide rustls provider (lapin, reqwest and later MQTT all use rustls);
@@ -73,6 +76,10 @@ pub async fn run_with_stats(
     let mut sources = JoinSet::new();
     if let Some(rabbitmq) = config.rabbitmq.clone() {
         let source = sources::amqp::AmqpSource::new(rabbitmq, max_in_flight);
+        sources.spawn(source.run(tx.clone(), shutdown.clone(), release.clone()));
+    }
+    if let Some(mqtt) = config.mqtt.clone() {
+        let source = sources::mqtt::MqttSource::new(mqtt)?;
         sources.spawn(source.run(tx.clone(), shutdown.clone(), release.clone()));
     }
     drop(tx);

@@ -75,6 +75,8 @@ impl Recorded {
 #[derive(Default)]
 struct RecvState {
     requests: Mutex<Vec<Recorded>>,
+    /// `X-Request-Id`s in the order requests arrived (before any delay or hold).
+    arrivals: Mutex<Vec<String>>,
     status: AtomicU16,
     delay_ms: AtomicU64,
     held: AtomicUsize,
@@ -84,8 +86,10 @@ struct RecvState {
     arrived: tokio::sync::Notify,
 }
 
-/// A real HTTP server on 127.0.0.1 that records every request. It can answer slowly, with a chosen
-/// status, hold requests until released, and redirect (`/redirect/307/<path>` → `/<path>`).
+/// A real HTTP server on 127.0.0.1 that records every request. It can answer slowly (all requests,
+/// or one whose JSON body has `"delay_ms": n`), with a chosen status, hold requests until released,
+/// and redirect (`/redirect/307/<path>` → `/<path>`). A request is recorded when its answer is
+/// ready (on arrival when held); a request whose client went away first is not recorded.
 pub struct Receiver {
     pub addr: SocketAddr,
     state: Arc<RecvState>,
@@ -203,6 +207,23 @@ impl Receiver {
         }
     }
 
+    /// Ids in arrival order, including requests still being answered.
+    pub fn arrivals(&self) -> Vec<String> {
+        self.state.arrivals.lock().unwrap().clone()
+    }
+
+    /// Waits until a request with this id has arrived (it may still be in progress).
+    pub async fn wait_arrival(&self, id: &str, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        while !self.arrivals().iter().any(|a| a == id) {
+            assert!(
+                Instant::now() < deadline,
+                "{id} did not arrive within {timeout:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// How many times each id was answered with 2xx.
     pub fn delivered_counts(&self) -> HashMap<String, usize> {
         let mut counts = HashMap::new();
@@ -251,13 +272,27 @@ async fn handle(
         body: body.to_vec(),
         status,
     };
+    state.arrivals.lock().unwrap().push(
+        recorded
+            .headers
+            .get("x-request-id")
+            .cloned()
+            .unwrap_or_default(),
+    );
+    let body_delay = serde_json::from_slice::<serde_json::Value>(&recorded.body)
+        .ok()
+        .and_then(|v| v.get("delay_ms").and_then(|d| d.as_u64()))
+        .unwrap_or(0);
+    if body_delay > 0 {
+        tokio::time::sleep(Duration::from_millis(body_delay)).await;
+    }
     let hold = state.hold.lock().unwrap().clone();
     if let Some(sem) = hold {
         // Recorded on arrival so a test can see the request while it is held.
+        state.held.fetch_add(1, Ordering::SeqCst);
         recorded.status = status;
         state.requests.lock().unwrap().push(recorded.clone());
         state.arrived.notify_waiters();
-        state.held.fetch_add(1, Ordering::SeqCst);
         let _ = sem.acquire().await;
         state.held.fetch_sub(1, Ordering::SeqCst);
     } else {
@@ -525,5 +560,182 @@ pub async fn eventually(what: &str, timeout: Duration, mut cond: impl FnMut() ->
             panic!("timed out after {timeout:?} waiting for: {what}");
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A test MQTT client publishing at QoS 1 to the real Mosquitto on 127.0.0.1:1883.
+pub struct MqttPublisher {
+    pub client: rumqttc::AsyncClient,
+    acked: Arc<AtomicUsize>,
+    sent: AtomicUsize,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl MqttPublisher {
+    pub async fn connect() -> MqttPublisher {
+        let mut options = rumqttc::MqttOptions::new(unique("test-pub"), "127.0.0.1", 1883);
+        options.set_keep_alive(Duration::from_secs(10));
+        options.set_inflight(1000);
+        let (client, mut eventloop) = rumqttc::AsyncClient::new(options, 1000);
+        let acked = Arc::new(AtomicUsize::new(0));
+        let counter = acked.clone();
+        let (ready_tx, ready) = tokio::sync::oneshot::channel();
+        let mut ready_tx = Some(ready_tx);
+        let task = tokio::spawn(async move {
+            loop {
+                match eventloop.poll().await {
+                    Ok(rumqttc::Event::Incoming(rumqttc::Packet::ConnAck(_))) => {
+                        if let Some(tx) = ready_tx.take() {
+                            let _ = tx.send(());
+                        }
+                    }
+                    Ok(rumqttc::Event::Incoming(rumqttc::Packet::PubAck(_))) => {
+                        counter.fetch_add(1, Ordering::SeqCst);
+                    }
+                    Ok(_) => {}
+                    Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+                }
+            }
+        });
+        tokio::time::timeout(Duration::from_secs(10), ready)
+            .await
+            .expect("test publisher connects to Mosquitto on 127.0.0.1:1883")
+            .ok();
+        MqttPublisher {
+            client,
+            acked,
+            sent: AtomicUsize::new(0),
+            task,
+        }
+    }
+
+    /// Publishes at QoS 1 (not retained).
+    pub async fn publish(&self, topic: &str, body: impl Into<Vec<u8>>) {
+        self.sent.fetch_add(1, Ordering::SeqCst);
+        self.client
+            .publish(topic, rumqttc::QoS::AtLeastOnce, false, body.into())
+            .await
+            .expect("queue MQTT publish");
+    }
+
+    /// Waits until the broker acknowledged everything published so far.
+    pub async fn wait_acked(&self) {
+        let want = self.sent.load(Ordering::SeqCst);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while self.acked.load(Ordering::SeqCst) < want {
+            assert!(
+                Instant::now() < deadline,
+                "broker acked {} of {want} publishes",
+                self.acked.load(Ordering::SeqCst)
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+}
+
+impl Drop for MqttPublisher {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// A config with only an MQTT source subscribed to `filter`.
+pub fn mqtt_config_text(
+    filter: &str,
+    client_id: &str,
+    store: &Path,
+    extra_mqtt: &str,
+    destinations: &str,
+) -> String {
+    format!(
+        r#"
+[service]
+shutdown_timeout = "10s"
+
+[store]
+path = "{store}"
+cache_capacity = 1048576
+
+[mqtt]
+url = "mqtt://127.0.0.1:1883"
+client_id = "{client_id}"
+topics = ["{filter}"]
+keep_alive = "5s"
+{extra_mqtt}
+
+{destinations}
+"#,
+        store = store.display(),
+    )
+}
+
+pub fn mqtt_config(
+    filter: &str,
+    client_id: &str,
+    store: &Path,
+    extra_mqtt: &str,
+    destinations: &str,
+) -> Config {
+    let text = mqtt_config_text(filter, client_id, store, extra_mqtt, destinations);
+    Config::from_toml(&text).unwrap_or_else(|e| panic!("test config invalid: {e}\n{text}"))
+}
+
+/// Publishes probe events to `topic` until one reaches the receiver, proving courier's
+/// subscription is in place (a persistent session only keeps messages once it exists).
+pub async fn wait_subscribed(publisher: &MqttPublisher, topic: &str, rx: &Receiver) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    for i in 0.. {
+        let id = format!("probe-{i}");
+        publisher
+            .publish(topic, format!(r#"{{"id":"{id}","data":{{}}}}"#))
+            .await;
+        let until = Instant::now() + Duration::from_millis(300);
+        while Instant::now() < until {
+            if rx.arrivals().iter().any(|a| a.starts_with("probe-")) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "courier never subscribed to {topic}"
+        );
+    }
+}
+
+/// The courier binary, for tests that must kill -9 it.
+pub struct CourierProcess {
+    pub child: std::process::Child,
+    pub log: std::path::PathBuf,
+}
+
+impl CourierProcess {
+    pub fn spawn(config_text: &str, dir: &Path) -> CourierProcess {
+        let config = dir.join(format!("{}.toml", unique("courier")));
+        std::fs::write(&config, config_text).expect("write config");
+        let log = dir.join(format!("{}.log", unique("courier")));
+        let child = std::process::Command::new(env!("CARGO_BIN_EXE_courier"))
+            .args(["run", "--config"])
+            .arg(&config)
+            .env("RUST_LOG", "info")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(&log).expect("log file"))
+            .spawn()
+            .expect("spawn courier");
+        CourierProcess { child, log }
+    }
+
+    /// SIGKILL: no drain, no flush, no PUBACK.
+    pub fn kill9(mut self) -> String {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for CourierProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }

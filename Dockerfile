@@ -1,0 +1,26 @@
+# syntax=docker/dockerfile:1
+# courier: build in the Rust image, run in a slim Debian image as a non-root user.
+
+FROM rust:1-bookworm AS builder
+WORKDIR /src
+COPY Cargo.toml Cargo.lock ./
+COPY src ./src
+# The cache mounts keep the crate registry and build artifacts between builds (BuildKit).
+RUN --mount=type=cache,target=/usr/local/cargo/registry \
+    --mount=type=cache,target=/src/target \
+    cargo build --release --locked \
+    && cp target/release/courier /usr/local/bin/courier
+
+FROM debian:bookworm-slim
+# TLS to partners and to amqps:// brokers is verified against the system CA store.
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends ca-certificates \
+    && rm -rf /var/lib/apt/lists/*
+RUN useradd --system --user-group --home-dir /var/lib/courier --create-home \
+        --shell /usr/sbin/nologin courier
+COPY --from=builder /usr/local/bin/courier /usr/local/bin/courier
+USER courier
+# The default store path (data/courier) is relative to this directory.
+WORKDIR /var/lib/courier
+ENTRYPOINT ["courier"]
+CMD ["run", "--config", "/etc/courier/config.toml"]

@@ -1,0 +1,146 @@
+#!/usr/bin/env bash
+# Runs courier's whole test suite on a Linux machine.
+#
+# 1. Makes sure RabbitMQ (127.0.0.1:5672, guest/guest) and Mosquitto (127.0.0.1:1883) answer.
+#    A service whose port does not answer is started; a missing binary is first installed from
+#    the Debian packages (rabbitmq-server, mosquitto). Root is needed only for that; without root
+#    the commands go through sudo.
+# 2. Runs `cargo test --all-targets`, passing on any arguments:
+#        scripts/test.sh                 # everything
+#        scripts/test.sh -- --nocapture  # extra arguments go to cargo test
+#
+# When both services already answer, it prints nothing of its own and only runs the tests.
+set -euo pipefail
+
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+# Debian puts rabbitmq-server, rabbitmqctl and mosquitto in /usr/sbin; rustup puts cargo in
+# ~/.cargo/bin. Neither is always on PATH (non-root shells, fresh logins).
+export PATH="$PATH:/usr/sbin:/sbin"
+if ! command -v cargo >/dev/null 2>&1 && [ -x "${HOME:-/nonexistent}/.cargo/bin/cargo" ]; then
+    export PATH="$HOME/.cargo/bin:$PATH"
+fi
+
+readonly WAIT_SECONDS=120
+readonly AMQP_PORT=5672
+readonly MQTT_PORT=1883
+readonly MOSQUITTO_CONF=/etc/mosquitto/mosquitto.conf
+
+log() { printf 'scripts/test.sh: %s\n' "$*" >&2; }
+die() {
+    log "error: $*"
+    exit 1
+}
+
+is_root() { [ "$(id -u)" -eq 0 ]; }
+
+# Runs a command as root: directly when we are root, else through sudo.
+as_root() {
+    if is_root; then
+        "$@"
+    elif command -v sudo >/dev/null 2>&1; then
+        sudo "$@"
+    else
+        die "need root to run '$*': run this script as root or install sudo"
+    fi
+}
+
+# True when something accepts TCP connections on 127.0.0.1:$1.
+port_open() {
+    timeout 3 bash -c "exec 3<>/dev/tcp/127.0.0.1/$1" >/dev/null 2>&1
+}
+
+# wait_for_port NAME PORT LOG_HINT: polls until the port answers, for at most WAIT_SECONDS.
+wait_for_port() {
+    local name=$1 port=$2 hint=$3
+    local deadline=$((SECONDS + WAIT_SECONDS))
+    until port_open "$port"; do
+        if [ "$SECONDS" -ge "$deadline" ]; then
+            die "$name does not answer on 127.0.0.1:$port after ${WAIT_SECONDS}s; see $hint"
+        fi
+        sleep 1
+    done
+}
+
+PACKAGES_INSTALLED=0
+# Installs both brokers from the Debian packages; runs apt-get update once.
+install_packages() {
+    if [ "$PACKAGES_INSTALLED" -eq 1 ]; then
+        return
+    fi
+    command -v apt-get >/dev/null 2>&1 ||
+        die "rabbitmq-server or mosquitto is missing and apt-get is not available: install RabbitMQ and Mosquitto, or start them on 127.0.0.1:$AMQP_PORT and 127.0.0.1:$MQTT_PORT"
+    log "installing rabbitmq-server and mosquitto from the Debian packages"
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get update -qq
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq rabbitmq-server mosquitto >/dev/null
+    PACKAGES_INSTALLED=1
+}
+
+ensure_rabbitmq() {
+    if port_open "$AMQP_PORT"; then
+        return
+    fi
+    if ! command -v rabbitmq-server >/dev/null 2>&1 || ! command -v rabbitmqctl >/dev/null 2>&1; then
+        install_packages
+    fi
+    # The package's post-install step may have started it already.
+    if ! port_open "$AMQP_PORT"; then
+        log "starting RabbitMQ"
+        # A node that is already booting makes this fail; the wait below sorts it out.
+        as_root rabbitmq-server -detached || log "rabbitmq-server -detached failed; waiting for a node anyway"
+    fi
+    log "waiting for RabbitMQ (at most ${WAIT_SECONDS}s)"
+    local deadline=$((SECONDS + WAIT_SECONDS))
+    # await_startup fails at once while the node is not reachable yet, so retry it.
+    until as_root rabbitmqctl -q -t 10 await_startup >/dev/null 2>&1; do
+        if [ "$SECONDS" -ge "$deadline" ]; then
+            die "RabbitMQ did not start within ${WAIT_SECONDS}s; see /var/log/rabbitmq/"
+        fi
+        sleep 2
+    done
+    wait_for_port RabbitMQ "$AMQP_PORT" /var/log/rabbitmq/
+    log "RabbitMQ is up on 127.0.0.1:$AMQP_PORT"
+}
+
+ensure_mosquitto() {
+    if port_open "$MQTT_PORT"; then
+        return
+    fi
+    if ! command -v mosquitto >/dev/null 2>&1; then
+        install_packages
+    fi
+    if ! port_open "$MQTT_PORT"; then
+        log "starting Mosquitto"
+        as_root mkdir -p /run/mosquitto
+        as_root chown mosquitto /run/mosquitto
+        as_root mosquitto -d -c "$MOSQUITTO_CONF"
+    fi
+    wait_for_port Mosquitto "$MQTT_PORT" /var/log/mosquitto/mosquitto.log
+    log "Mosquitto is up on 127.0.0.1:$MQTT_PORT"
+}
+
+# The integration tests call `rabbitmqctl`. Debian's wrapper refuses to run for users other
+# than root and rabbitmq, so a non-root user gets a shim on PATH that goes through sudo.
+provide_rabbitmqctl() {
+    command -v rabbitmqctl >/dev/null 2>&1 || die "rabbitmqctl is not on PATH; the tests need it"
+    if is_root || rabbitmqctl -q status >/dev/null 2>&1; then
+        return
+    fi
+    command -v sudo >/dev/null 2>&1 || die "rabbitmqctl only runs as root or rabbitmq here, and sudo is missing"
+    SHIM_DIR=$(mktemp -d)
+    trap 'rm -rf "$SHIM_DIR"' EXIT
+    printf '#!/bin/sh\nexec sudo %s "$@"\n' "$(command -v rabbitmqctl)" >"$SHIM_DIR/rabbitmqctl"
+    chmod +x "$SHIM_DIR/rabbitmqctl"
+    export PATH="$SHIM_DIR:$PATH"
+    # Ask for the password now rather than in the middle of a test.
+    sudo -v
+}
+
+command -v cargo >/dev/null 2>&1 ||
+    die "cargo not found: install Rust (https://rustup.rs), then run this script again"
+
+ensure_rabbitmq
+ensure_mosquitto
+provide_rabbitmqctl
+
+cargo test --all-targets "$@"

@@ -1,0 +1,412 @@
+//! The MQTT source against the real Mosquitto on 127.0.0.1:1883 (default limits: 20 messages in
+//! flight per client). Every test uses its own topics, client ids and store.
+
+mod common;
+
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use common::*;
+
+const WAIT: Duration = Duration::from_secs(30);
+
+fn dest(name: &str, url: &str, extra: &str) -> String {
+    format!("[[destinations]]\nname = \"{name}\"\nurl = \"{url}\"\n{extra}\n")
+}
+
+fn event(id: &str, data: &str) -> String {
+    format!(r#"{{"id":"{id}","data":{data}}}"#)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mqtt_publish_is_posted_with_the_full_contract() {
+    let rx = Receiver::start().await;
+    let base = unique("contract");
+    let store = tempfile::tempdir().unwrap();
+    let destinations = [
+        dest(
+            "partner",
+            &rx.url("/events"),
+            "topics = [\"tempo/events/batch/+\"]\nmetadata_in_payload = true\nauth = { type = \"api_key\", header = \"X-API-Key\", key = \"k\" }",
+        ),
+        dest("other", &rx.url("/other"), "topics = [\"tempo/events/equipment/#\"]"),
+    ]
+    .concat();
+    let courier = Courier::start(mqtt_config(
+        &format!("{base}/#"),
+        &unique("courier"),
+        store.path(),
+        "",
+        &destinations,
+    ));
+    let publisher = MqttPublisher::connect().await;
+    // Probes go to a topic no destination matches, so they are not POSTed.
+    wait_subscribed_via_stats(&publisher, &format!("{base}/probe"), &courier).await;
+
+    // The envelope's topic wins over the MQTT topic name; a raw body has only the MQTT topic name.
+    publisher
+        .publish(
+            &format!("{base}/x"),
+            r#"{"id":"m-env","topic":"tempo/events/batch/batch_run_status","data":{"batch":7}}"#,
+        )
+        .await;
+    publisher
+        .publish(
+            &format!("{base}/y"),
+            r#"{"EventID":"m-raw","state":"up","topic_hint":1}"#,
+        )
+        .await;
+    publisher
+        .publish(
+            &format!("{base}/z"),
+            r#"{"id":"m-eq","topic":"tempo/events/equipment/a/b","data":{"e":1}}"#,
+        )
+        .await;
+    let r = rx.wait_for_id("m-env", WAIT).await;
+    assert_eq!(r.method, "POST");
+    assert_eq!(r.path, "/events");
+    assert_eq!(r.header("content-type"), Some("application/json"));
+    assert_eq!(r.header("x-request-id"), Some("m-env"));
+    assert_eq!(r.header("x-correlation-id"), Some("m-env"));
+    assert_eq!(r.header("x-api-key"), Some("k"));
+    let body = r.json();
+    assert_eq!(body["batch"], 7);
+    assert_eq!(body["Metadata"]["EventType"], "Batch");
+    assert_eq!(body["Metadata"]["EventTrigger"], "batch_run_status");
+    assert_eq!(body["Metadata"]["Subscriber"], "partner");
+    let r = rx.wait_for_id("m-eq", WAIT).await;
+    assert_eq!(r.path, "/other");
+    assert_eq!(r.body, br#"{"e":1}"#);
+    // The raw event's topic is the MQTT topic name, which no destination pattern matches.
+    courier.wait_count(3, WAIT, |s| &s.acked).await;
+    let stats = courier.stop().await;
+    assert!(rx.requests().iter().all(|r| r.id() != "m-raw"));
+    assert!(
+        stats.unrouted.load(Ordering::SeqCst) >= 2,
+        "m-raw and the probes"
+    );
+}
+
+/// Like [`wait_subscribed`], for a courier whose destinations do not match the probe topic: waits
+/// for courier to count a received message.
+async fn wait_subscribed_via_stats(publisher: &MqttPublisher, topic: &str, courier: &Courier) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let mut i = 0;
+    while courier.count(|s| &s.received) == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "courier never subscribed"
+        );
+        publisher
+            .publish(topic, event(&format!("probe-{i}"), "{}"))
+            .await;
+        i += 1;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn puback_waits_for_the_post_and_goes_in_arrival_order() {
+    let rx = Receiver::start().await;
+    let topic = unique("order");
+    let client_id = unique("courier-order");
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("store");
+    let destinations = dest("d", &rx.url("/d"), "");
+    let text = mqtt_config_text(&topic, &client_id, &store, "", &destinations);
+    let process = CourierProcess::spawn(&text, dir.path());
+    let publisher = MqttPublisher::connect().await;
+    wait_subscribed(&publisher, &topic, &rx).await;
+
+    // m0 is slow; m1..m9 finish long before it. Their PUBACKs must wait for m0's.
+    publisher
+        .publish(&topic, event("m0", r#"{"delay_ms":60000}"#))
+        .await;
+    for i in 1..10 {
+        publisher
+            .publish(&topic, event(&format!("m{i}"), "{}"))
+            .await;
+    }
+    publisher.wait_acked().await;
+    rx.wait_arrival("m0", WAIT).await;
+    eventually("m1..m9 delivered", WAIT, || {
+        let done = rx.delivered_counts();
+        (1..10).all(|i| done.contains_key(&format!("m{i}")))
+    })
+    .await;
+    // Give an ack that should not be sent every chance to leave, then kill -9.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let logs = process.kill9();
+
+    // Same session, same store: the broker redelivers everything that was not PUBACKed.
+    let mut cfg = courier::Config::from_toml(&text).unwrap();
+    cfg.service.shutdown_timeout = Duration::from_secs(2);
+    let courier = Courier::start(cfg.clone());
+    // m0 is delayed 60 s by the receiver: only its arrival is awaited.
+    eventually("all 10 redelivered", WAIT, || {
+        courier.count(|s| &s.received) >= 10
+    })
+    .await;
+    courier.wait_count(9, WAIT, |s| &s.duplicates).await;
+    assert_eq!(
+        courier.count(|s| &s.received),
+        10,
+        "m0 was in delivery, so none of m1..m9 was PUBACKed: all came back\nfirst run logs:\n{logs}"
+    );
+    let counts = rx.delivered_counts();
+    for i in 1..10 {
+        assert_eq!(
+            counts[&format!("m{i}")],
+            1,
+            "dedup kept m{i} from a second POST"
+        );
+    }
+    let m0_arrivals = rx.arrivals().iter().filter(|a| *a == "m0").count();
+    assert_eq!(
+        m0_arrivals, 2,
+        "m0 is POSTed again: its PUBACK was never sent"
+    );
+    courier.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acks_are_sent_so_nothing_comes_back_after_a_clean_stop() {
+    let rx = Receiver::start().await;
+    let topic = unique("acked");
+    let client_id = unique("courier-acked");
+    let store = tempfile::tempdir().unwrap();
+    let cfg = mqtt_config(
+        &topic,
+        &client_id,
+        store.path(),
+        "",
+        &dest("d", &rx.url("/d"), ""),
+    );
+    let courier = Courier::start(cfg.clone());
+    let publisher = MqttPublisher::connect().await;
+    wait_subscribed(&publisher, &topic, &rx).await;
+    for i in 0..30 {
+        publisher
+            .publish(&topic, event(&format!("a{i}"), "{}"))
+            .await;
+    }
+    eventually("30 delivered", WAIT, || {
+        rx.delivered_counts()
+            .keys()
+            .filter(|k| k.starts_with('a'))
+            .count()
+            == 30
+    })
+    .await;
+    courier.wait_count(30, WAIT, |s| &s.delivered).await;
+    courier.stop().await;
+
+    let courier = Courier::start(cfg);
+    publisher.publish(&topic, event("sentinel", "{}")).await;
+    rx.wait_for_id("sentinel", WAIT).await;
+    courier.wait_count(1, WAIT, |s| &s.acked).await;
+    let stats = courier.stop().await;
+    assert_eq!(
+        stats.received.load(Ordering::SeqCst),
+        1,
+        "nothing redelivered: every PUBACK went out"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_published_while_courier_is_stopped_arrive_after_restart() {
+    let rx = Receiver::start().await;
+    let topic = unique("offline");
+    let client_id = unique("courier-offline");
+    let store = tempfile::tempdir().unwrap();
+    let cfg = mqtt_config(
+        &topic,
+        &client_id,
+        store.path(),
+        "",
+        &dest("d", &rx.url("/d"), ""),
+    );
+    let courier = Courier::start(cfg.clone());
+    let publisher = MqttPublisher::connect().await;
+    wait_subscribed(&publisher, &topic, &rx).await;
+    courier.stop().await;
+
+    for i in 0..100 {
+        publisher
+            .publish(&topic, event(&format!("o{i}"), "{}"))
+            .await;
+    }
+    publisher.wait_acked().await;
+    let courier = Courier::start(cfg);
+    eventually("100 queued messages delivered", WAIT, || {
+        rx.delivered_counts()
+            .keys()
+            .filter(|k| k.starts_with('o'))
+            .count()
+            == 100
+    })
+    .await;
+    courier.stop().await;
+    assert!(rx.delivered_counts().iter().all(|(_, &c)| c == 1));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_mid_stream_loses_nothing() {
+    let rx = Receiver::start().await;
+    rx.set_delay(Duration::from_millis(3));
+    let topic = unique("kill");
+    let client_id = unique("courier-kill");
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("store");
+    let text = mqtt_config_text(
+        &topic,
+        &client_id,
+        &store,
+        "",
+        &dest("d", &rx.url("/d"), ""),
+    )
+    .replace("[service]", "[service]\nmax_in_flight = 32");
+    let process = CourierProcess::spawn(&text, dir.path());
+    let publisher = MqttPublisher::connect().await;
+    wait_subscribed(&publisher, &topic, &rx).await;
+    const N: usize = 600;
+    // Under Mosquitto's default max_queued_messages (1,000), so the broker drops nothing.
+    for i in 0..N {
+        publisher
+            .publish(&topic, event(&format!("k{i}"), "{}"))
+            .await;
+    }
+    publisher.wait_acked().await;
+    eventually("some delivered", WAIT, || rx.delivered_counts().len() > 150).await;
+    let _ = process.kill9();
+    let delivered_before = rx.delivered_counts().len();
+
+    let courier = Courier::start(courier::Config::from_toml(&text).unwrap());
+    eventually(
+        "every event delivered after the restart",
+        Duration::from_secs(60),
+        || {
+            rx.delivered_counts()
+                .keys()
+                .filter(|k| k.starts_with('k'))
+                .count()
+                == N
+        },
+    )
+    .await;
+    let stats = courier.stop().await;
+    let counts = rx.delivered_counts();
+    let twice = counts
+        .iter()
+        .filter(|(k, &c)| k.starts_with('k') && c > 1)
+        .count();
+    println!(
+        "kill -9 after {delivered_before} delivered: {N} sent, {N} received, 0 lost, {twice} POSTed twice, \
+         {} redelivered and skipped by dedup",
+        stats.duplicates.load(Ordering::SeqCst)
+    );
+    // Everything whose outcome was committed before the kill and came back was skipped by dedup.
+    // A second 2xx can only come from a POST answered before its commit landed, and at most
+    // max_in_flight (32) deliveries are under way at once.
+    assert!(twice <= 32, "{twice} events POSTed twice");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shared_group_splits_the_traffic_between_replicas() {
+    let rx = Receiver::start().await;
+    let topic = unique("shared");
+    let group = unique("group");
+    let extra = format!("shared_group = \"{group}\"");
+    let stores = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
+    let a = Courier::start(mqtt_config(
+        &topic,
+        &unique("replica-a"),
+        stores[0].path(),
+        &extra,
+        &dest("d", &rx.url("/d"), ""),
+    ));
+    let b = Courier::start(mqtt_config(
+        &topic,
+        &unique("replica-b"),
+        stores[1].path(),
+        &extra,
+        &dest("d", &rx.url("/d"), ""),
+    ));
+    let publisher = MqttPublisher::connect().await;
+    // Both must be subscribed before the count starts: probe until each has received something.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let mut i = 0;
+    while a.count(|s| &s.received) == 0 || b.count(|s| &s.received) == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "both replicas never got a message"
+        );
+        publisher
+            .publish(&topic, event(&format!("probe-{i}"), "{}"))
+            .await;
+        i += 1;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (a0, b0) = (a.count(|s| &s.received), b.count(|s| &s.received));
+    const N: usize = 200;
+    for i in 0..N {
+        publisher
+            .publish(&topic, event(&format!("s{i}"), "{}"))
+            .await;
+    }
+    eventually("all delivered", WAIT, || {
+        rx.delivered_counts()
+            .keys()
+            .filter(|k| k.starts_with('s'))
+            .count()
+            == N
+    })
+    .await;
+    let (a_got, b_got) = (a.count(|s| &s.received) - a0, b.count(|s| &s.received) - b0);
+    a.stop().await;
+    b.stop().await;
+    assert_eq!(a_got + b_got, N as u64, "each message went to one replica");
+    assert!(a_got > 0 && b_got > 0, "split: {a_got} / {b_got}");
+    assert!(rx.delivered_counts().iter().all(|(_, &c)| c == 1));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn poison_mqtt_messages_are_dead_lettered() {
+    let rx = Receiver::start().await;
+    let topic = unique("poison");
+    let store = tempfile::tempdir().unwrap();
+    let cfg = mqtt_config(
+        &topic,
+        &unique("courier-poison"),
+        store.path(),
+        "",
+        &dest("d", &rx.url("/d"), ""),
+    );
+    let courier = Courier::start(cfg);
+    let publisher = MqttPublisher::connect().await;
+    wait_subscribed(&publisher, &topic, &rx).await;
+    publisher.publish(&topic, event("before", "{}")).await;
+    for bad in [
+        &b""[..],
+        b"\xff\xfe",
+        b"{oops",
+        b"[1]",
+        br#"{"id":"x","topic":"a/+/b","data":{}}"#,
+    ] {
+        publisher.publish(&topic, bad.to_vec()).await;
+    }
+    publisher.publish(&topic, event("after", "{}")).await;
+    rx.wait_for_id("after", WAIT).await;
+    rx.wait_for_id("before", WAIT).await;
+    courier.wait_count(5, WAIT, |s| &s.dead_lettered).await;
+    courier.stop().await;
+    let letters = open_store(store.path()).dead_letters().unwrap();
+    assert_eq!(letters.len(), 5, "{letters:#?}");
+    assert!(letters
+        .iter()
+        .all(|l| l.source == courier::event::SourceKind::Mqtt));
+    assert!(letters.iter().any(|l| l.reason.contains("wildcard")));
+    assert!(letters
+        .iter()
+        .all(|l| l.topic.as_deref() == Some(topic.as_str())));
+}
