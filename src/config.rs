@@ -154,8 +154,7 @@ impl Default for StoreConfig {
 }
 
 /// How a message body is read.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum Format {
     /// Envelope when the object has `data` and one of `id`, `topic`, `tenant_id`; raw otherwise.
     #[default]
@@ -164,6 +163,20 @@ pub enum Format {
     Envelope,
     /// Any JSON object, POSTed as it is (seed 000).
     Raw,
+}
+
+impl<'de> Deserialize<'de> for Format {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        match text.as_str() {
+            "auto" => Ok(Format::Auto),
+            "envelope" => Ok(Format::Envelope),
+            "raw" => Ok(Format::Raw),
+            other => Err(serde::de::Error::custom(format!(
+                "unknown format {other:?}, expected \"auto\", \"envelope\" or \"raw\""
+            ))),
+        }
+    }
 }
 
 /// The RabbitMQ source.
@@ -479,7 +492,7 @@ impl Config {
                 config::Environment::with_prefix("COURIER")
                     .prefix_separator("_")
                     .separator("__")
-                    .try_parsing(true)
+                    .try_parsing(false)
                     .source(Some(overrides)),
             )
             .build()
@@ -786,7 +799,9 @@ fn expand_str(s: &str) -> Result<String, String> {
         if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
             return Err(format!("${{{inner}}} is not a valid variable reference"));
         }
+        // As in the shell, `:-` also replaces a variable that is set but empty.
         match (std::env::var(name), default) {
+            (Ok(v), Some(d)) if v.is_empty() => out.push_str(d),
             (Ok(v), _) => out.push_str(&v),
             (Err(_), Some(d)) => out.push_str(d),
             (Err(_), None) => {
@@ -837,9 +852,21 @@ mod tests {
                 "7".to_string(),
             ),
             ("COURIER_LOG_FORMAT".to_string(), "json".to_string()),
+            ("COURIER_RABBITMQ__QUEUE".to_string(), "0123".to_string()),
+            ("COURIER_RABBITMQ__DECLARE".to_string(), "false".to_string()),
         ];
         let c = Config::from_parts(MINIMAL, "t", &env).expect("valid");
         assert_eq!(c.service.max_in_flight, 7);
+        let r = c.rabbitmq.expect("rabbitmq");
+        assert_eq!(r.queue, "0123", "strings stay strings");
+        assert!(!r.declare);
+        let bad_format =
+            MINIMAL.replace("queue = \"q\"", "queue = \"q\"\n        format = \"xml\"");
+        let e = Config::from_toml(&bad_format).unwrap_err().to_string();
+        assert!(
+            e.starts_with("rabbitmq.format: unknown format \"xml\", expected"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -858,6 +885,8 @@ mod tests {
         std::env::set_var("COURIER_TEST_EXPAND_X", "v1");
         assert_eq!(expand_str("a${COURIER_TEST_EXPAND_X}b").unwrap(), "av1b");
         assert_eq!(expand_str("${COURIER_TEST_NOPE:-d}").unwrap(), "d");
+        std::env::set_var("COURIER_TEST_EXPAND_EMPTY", "");
+        assert_eq!(expand_str("${COURIER_TEST_EXPAND_EMPTY:-d}").unwrap(), "d");
         assert!(expand_str("${COURIER_TEST_NOPE}")
             .unwrap_err()
             .contains("COURIER_TEST_NOPE is not set"));

@@ -153,8 +153,14 @@ struct RawKeys<'a> {
     topic: Option<&'a RawValue>,
     #[serde(borrow, default)]
     tenant_id: Option<&'a RawValue>,
-    #[serde(borrow, default)]
-    data: Option<&'a RawValue>,
+    /// Present at all, `null` included: `{"id":..,"data":null}` is still an envelope.
+    #[serde(default, deserialize_with = "present")]
+    data: bool,
+}
+
+fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<bool, D::Error> {
+    serde::de::IgnoredAny::deserialize(d)?;
+    Ok(true)
 }
 
 /// Parses a message body according to its source's format.
@@ -183,8 +189,7 @@ pub fn parse(inbound: &Inbound, max_payload_bytes: usize) -> Result<Event, BadIn
         Format::Envelope => true,
         Format::Raw => false,
         Format::Auto => {
-            keys.data.is_some()
-                && (keys.id.is_some() || keys.topic.is_some() || keys.tenant_id.is_some())
+            keys.data && (keys.id.is_some() || keys.topic.is_some() || keys.tenant_id.is_some())
         }
     };
     if envelope {
@@ -498,6 +503,12 @@ mod tests {
         assert_eq!(&e.body[..], br#"{"x":1}"#);
         let e = parse(&inbound(r#"{"data":{"x":1}}"#), 1 << 20).expect("valid");
         assert_eq!(&e.body[..], br#"{"data":{"x":1}}"#);
+        let e = parse(&inbound(r#"{"id":"n","data":null}"#), 1 << 20).expect("valid");
+        assert_eq!(
+            &e.body[..],
+            b"{}",
+            "null data is still an envelope; nothing to send but {{}}"
+        );
     }
 
     #[test]

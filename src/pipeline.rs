@@ -121,6 +121,9 @@ impl Pipeline {
         // Messages still queued between the source and here were never started: dropping them
         // leaves them unacked with the broker.
         drop(rx);
+        while let Some(result) = tasks.try_join_next() {
+            report_panic(result);
+        }
         if !tasks.is_empty() {
             tracing::info!(in_flight = tasks.len(), timeout = ?shutdown_timeout, "waiting for in-flight deliveries");
         }
@@ -268,7 +271,7 @@ impl Pipeline {
                 Ok(v) => return v,
                 Err(error) => {
                     let delay = backoff.next_delay();
-                    tracing::error!(%error, retry_in = ?delay, "STORE WRITE FAILED: not acking until the store works again");
+                    tracing::error!(%error, retry_in = ?delay, "STORE OPERATION FAILED: not acking until the store works again");
                     tokio::time::sleep(delay).await;
                 }
             }

@@ -16,7 +16,7 @@ pub enum Unroutable {
     #[error("destination_id {0:?} is not a configured destination")]
     UnknownDestination(String),
     /// The envelope named a destination that is scoped to another tenant.
-    #[error("destination_id {destination:?} only accepts tenant {expected:?}, event tenant is {actual:?}")]
+    #[error("destination_id {destination:?} only accepts tenant {expected:?}, event tenant is {}", actual.as_deref().map(|t| format!("{t:?}")).unwrap_or_else(|| "absent".into()))]
     WrongTenant {
         destination: String,
         expected: String,

@@ -129,8 +129,29 @@ impl Sender {
     }
 }
 
+/// Redirects are followed only when they keep the request a POST with its body (307, 308) and
+/// stay on the same origin: a 301/302/303 would turn it into a body-less GET that a 2xx would
+/// wrongly mark delivered, and another host must not receive the destination's API key. A redirect
+/// that is not followed comes back as the 3xx answer and counts as a failed attempt.
+fn redirect_policy() -> reqwest::redirect::Policy {
+    reqwest::redirect::Policy::custom(|attempt| {
+        let keeps_post = matches!(attempt.status().as_u16(), 307 | 308);
+        let same_origin = attempt
+            .previous()
+            .last()
+            .is_some_and(|prev| prev.origin() == attempt.url().origin());
+        if keeps_post && same_origin && attempt.previous().len() < 10 {
+            attempt.follow()
+        } else {
+            attempt.stop()
+        }
+    })
+}
+
 fn build_client(verify: bool) -> Result<Client, SenderError> {
     Client::builder()
+        .redirect(redirect_policy())
+        .referer(false)
         .tls_danger_accept_invalid_certs(!verify)
         .tcp_nodelay(true)
         .pool_idle_timeout(Duration::from_secs(90))
@@ -229,7 +250,10 @@ async fn classify(mut response: reqwest::Response) -> Outcome {
             .get(reqwest::header::LOCATION)
             .and_then(|v| v.to_str().ok())
             .unwrap_or("(none)");
-        let _ = write!(reason, ": redirect to {location} was not followed");
+        let _ = write!(
+            reason,
+            ": redirect to {location} not followed (only 307/308 to the same origin keep the POST and its credentials safe)"
+        );
     } else {
         let snippet = snippet(&mut response).await;
         if !snippet.is_empty() {
@@ -286,13 +310,52 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
     text
 }
 
-/// The body with the seed 000 `Metadata` block. A body that is not a JSON object has nowhere to put
-/// it and is sent unchanged (documented in docs/delivery.md).
+/// The body with the seed 000 `Metadata` block. The block is spliced into the JSON text, so the
+/// partner's fields keep their exact bytes (number precision, order, escapes). A body that is not
+/// a JSON object has nowhere to put it and is sent unchanged (documented in docs/delivery.md).
 fn with_metadata(event: &Event, subscriber: &str, org: &OrganizationConfig) -> bytes::Bytes {
-    let Ok(mut object) = serde_json::from_slice::<Map<String, Value>>(&event.body) else {
+    let Ok(keys) = serde_json::from_slice::<
+        std::collections::HashMap<std::borrow::Cow<str>, serde::de::IgnoredAny>,
+    >(&event.body) else {
         tracing::warn!(event_id = %event.id, "body is not a JSON object: sent without the Metadata block");
         return event.body.clone();
     };
+    let block = metadata_block(event, subscriber, org);
+    if keys.contains_key("Metadata") {
+        // Merge into the producer's own Metadata object: re-encode (arbitrary_precision keeps numbers exact).
+        let Ok(mut object) = serde_json::from_slice::<Map<String, Value>>(&event.body) else {
+            return event.body.clone();
+        };
+        match object.get_mut("Metadata") {
+            Some(Value::Object(existing)) => existing.extend(block),
+            _ => {
+                object.insert("Metadata".into(), Value::Object(block));
+            }
+        }
+        return serde_json::to_vec(&object)
+            .map(Into::into)
+            .unwrap_or_else(|_| event.body.clone());
+    }
+    let text = &event.body[..];
+    let end = text
+        .iter()
+        .rposition(|b| !b.is_ascii_whitespace())
+        .unwrap_or(0);
+    let Ok(block_json) = serde_json::to_vec(&block) else {
+        return event.body.clone();
+    };
+    let mut out = Vec::with_capacity(text.len() + block_json.len() + 16);
+    out.extend_from_slice(&text[..end]);
+    if !keys.is_empty() {
+        out.push(b',');
+    }
+    out.extend_from_slice(b"\"Metadata\":");
+    out.extend_from_slice(&block_json);
+    out.push(b'}');
+    out.into()
+}
+
+fn metadata_block(event: &Event, subscriber: &str, org: &OrganizationConfig) -> Map<String, Value> {
     let (derived_type, derived_trigger) = derive_type_and_trigger(&event.topic);
     let meta = |key: &str| event.metadata.get(key).cloned();
     let created = event
@@ -301,7 +364,6 @@ fn with_metadata(event: &Event, subscriber: &str, org: &OrganizationConfig) -> b
         .and_then(|t| {
             time::OffsetDateTime::parse(t, &time::format_description::well_known::Rfc3339).ok()
         })
-        .map(|t| t.to_offset(time::UtcOffset::UTC))
         .unwrap_or_else(|| time::OffsetDateTime::from(event.received_at));
     let mut block = Map::new();
     block.insert("OrganizationID".into(), org.id.clone().into());
@@ -327,16 +389,7 @@ fn with_metadata(event: &Event, subscriber: &str, org: &OrganizationConfig) -> b
         "CreationDateTime".into(),
         creation_date_time(created).into(),
     );
-    match object.get_mut("Metadata") {
-        Some(Value::Object(existing)) => existing.extend(block),
-        _ => {
-            object.insert("Metadata".into(), Value::Object(block));
-        }
-    }
-    match serde_json::to_vec(&object) {
-        Ok(v) => v.into(),
-        Err(_) => event.body.clone(),
-    }
+    block
 }
 
 /// `2026-06-18T00:00:00.000Z`: UTC, milliseconds, as in seed 000.
@@ -393,6 +446,53 @@ mod tests {
             ("Ping".into(), "ping".into())
         );
         assert_eq!(derive_type_and_trigger(""), (String::new(), String::new()));
+    }
+
+    fn event(body: &str) -> Event {
+        Event {
+            id: "e".into(),
+            topic: "a.batch.run".into(),
+            tenant_id: None,
+            destination_id: None,
+            eligible_for_retry: true,
+            time: Some("2026-06-18T00:00:00Z".into()),
+            metadata: Default::default(),
+            body: bytes::Bytes::copy_from_slice(body.as_bytes()),
+            received_at: SystemTime::UNIX_EPOCH,
+            source: crate::event::SourceKind::Rabbitmq,
+        }
+    }
+
+    #[test]
+    fn metadata_block_keeps_the_body_bytes() {
+        let org = OrganizationConfig::default();
+        let out = with_metadata(
+            &event(r#"{"z":1.50,"a":12345678901234567890123} "#),
+            "s",
+            &org,
+        );
+        let text = std::str::from_utf8(&out).unwrap();
+        assert!(
+            text.starts_with(r#"{"z":1.50,"a":12345678901234567890123,"Metadata":{"#),
+            "{text}"
+        );
+        let v: Value = serde_json::from_str(text).unwrap();
+        assert_eq!(v["Metadata"]["EventType"], "Batch");
+        assert_eq!(
+            v["Metadata"]["CreationDateTime"],
+            "2026-06-18T00:00:00.000Z"
+        );
+        let out = with_metadata(&event("{ }"), "s", &org);
+        let v: Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(v["Metadata"]["Subscriber"], "s");
+        let out = with_metadata(&event(r#"{"Metadata":{"Own":1.0},"n":2.50}"#), "s", &org);
+        let text = std::str::from_utf8(&out).unwrap();
+        assert!(
+            text.contains(r#""Own":1.0"#) && text.contains("2.50"),
+            "{text}"
+        );
+        let out = with_metadata(&event("[1]"), "s", &org);
+        assert_eq!(&out[..], b"[1]");
     }
 
     #[test]

@@ -560,6 +560,47 @@ async fn redirect_307_keeps_the_post_and_body() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redirects_that_would_drop_the_body_or_leave_the_origin_are_not_followed() {
+    let rx = Receiver::start().await;
+    let elsewhere = Receiver::start().await;
+    let queue = unique("redirect-refused");
+    let store = tempfile::tempdir().unwrap();
+    let pub_ = Publisher::connect().await;
+    pub_.declare_queue(&queue).await;
+    let destinations = [
+        dest("to-get", &rx.url("/redirect/302/final"), "topics = [\"a\"]"),
+        dest(
+            "cross-origin",
+            &rx.url(&format!("/redirect/307/{}", elsewhere.url("/stolen"))),
+            "topics = [\"b\"]\nauth = { type = \"api_key\", header = \"X-API-Key\", key = \"secret\" }",
+        ),
+    ]
+    .concat();
+    let courier = Courier::start(config(&queue, store.path(), &destinations));
+    pub_.to_queue(&queue, br#"{"id":"R302","topic":"a","data":{}}"#)
+        .await;
+    pub_.to_queue(&queue, br#"{"id":"RX","topic":"b","data":{}}"#)
+        .await;
+    courier.wait_count(2, WAIT, |s| &s.acked).await;
+    courier.stop().await;
+    assert!(
+        rx.requests().is_empty(),
+        "no GET to /final: {:?}",
+        rx.requests()
+    );
+    assert!(
+        elsewhere.requests().is_empty(),
+        "the API key never left the origin"
+    );
+    let letters = open_store(store.path()).dead_letters().unwrap();
+    assert_eq!(letters.len(), 2);
+    for l in &letters {
+        assert!(l.reason.contains("not followed"), "{}", l.reason);
+        assert!(matches!(l.last_status, Some(302) | Some(307)));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reconnects_after_rabbitmqctl_close_all_connections() {
     // A vhost of its own, so closing all its connections touches no other test.
     let vhost = unique("courier-vhost");

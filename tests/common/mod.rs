@@ -88,7 +88,7 @@ struct RecvState {
 
 /// A real HTTP server on 127.0.0.1 that records every request. It can answer slowly (all requests,
 /// or one whose JSON body has `"delay_ms": n`), with a chosen status, hold requests until released,
-/// and redirect (`/redirect/307/<path>` → `/<path>`). A request is recorded when its answer is
+/// and redirect (`/redirect/307/<path>` → `/<path>`, `/redirect/307/http://...` → that URL). A request is recorded when its answer is
 /// ready (on arrival when held); a request whose client went away first is not recorded.
 pub struct Receiver {
     pub addr: SocketAddr,
@@ -247,9 +247,14 @@ async fn handle(
     if let Some(rest) = path.strip_prefix("/redirect/") {
         if let Some((code, target)) = rest.split_once('/') {
             let code: u16 = code.parse().unwrap_or(307);
+            let location = if target.starts_with("http") {
+                target.to_string()
+            } else {
+                format!("/{target}")
+            };
             return Response::builder()
                 .status(code)
-                .header("location", format!("/{target}"))
+                .header("location", location)
                 .body(axum::body::Body::empty())
                 .unwrap_or_default();
         }
