@@ -410,3 +410,59 @@ async fn poison_mqtt_messages_are_dead_lettered() {
         .iter()
         .all(|l| l.topic.as_deref() == Some(topic.as_str())));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn graceful_stop_finishes_in_flight_sends_their_pubacks_and_loses_nothing() {
+    let rx = Receiver::start().await;
+    rx.set_delay(Duration::from_millis(20));
+    let topic = unique("graceful");
+    let client_id = unique("courier-graceful");
+    let store = tempfile::tempdir().unwrap();
+    let mut cfg = mqtt_config(
+        &topic,
+        &client_id,
+        store.path(),
+        "",
+        &dest("d", &rx.url("/d"), ""),
+    );
+    cfg.service.max_in_flight = 16;
+    let courier = Courier::start(cfg.clone());
+    let publisher = MqttPublisher::connect().await;
+    wait_subscribed(&publisher, &topic, &rx).await;
+    const N: usize = 200;
+    for i in 0..N {
+        publisher
+            .publish(&topic, event(&format!("g{i}"), "{}"))
+            .await;
+    }
+    publisher.wait_acked().await;
+    eventually("some delivered", WAIT, || rx.delivered_counts().len() > 40).await;
+    let first = courier.stop_within(Duration::from_secs(15)).await;
+    let acked = first.acked.load(Ordering::SeqCst) as usize;
+    let probes = rx
+        .delivered_counts()
+        .keys()
+        .filter(|k| k.starts_with("probe"))
+        .count();
+    assert!(acked - probes < N, "stopped mid-stream");
+
+    let courier = Courier::start(cfg);
+    eventually("every event delivered", WAIT, || {
+        rx.delivered_counts()
+            .keys()
+            .filter(|k| k.starts_with('g'))
+            .count()
+            == N
+    })
+    .await;
+    let second = courier.stop().await;
+    assert!(
+        rx.delivered_counts().iter().all(|(_, &c)| c == 1),
+        "nothing POSTed twice"
+    );
+    assert_eq!(
+        second.duplicates.load(Ordering::SeqCst),
+        0,
+        "every delivery finished before the stop was PUBACKed: none came back"
+    );
+}
