@@ -91,6 +91,18 @@ pub struct Config {
     /// The partner endpoints events are POSTed to.
     #[serde(default)]
     pub destinations: Vec<DestinationConfig>,
+    /// The admin HTTP port.
+    #[serde(default)]
+    pub admin: AdminConfig,
+}
+
+/// The admin HTTP port: health, and the dead-letter commands of a running worker.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminConfig {
+    /// `host:port` to listen on, e.g. `127.0.0.1:9464`; absent means no admin port. The
+    /// `courier dead-letters` commands use it to reach a worker that holds the store.
+    pub listen: Option<String>,
 }
 
 /// Limits for the whole worker.
@@ -422,6 +434,74 @@ pub struct DestinationConfig {
     /// How courier authenticates to the endpoint.
     #[serde(default)]
     pub auth: Option<AuthConfig>,
+    /// POSTs to this destination under way at once; what is over waits (see `circuit.max_wait`).
+    #[serde(default = "default_max_concurrency")]
+    pub max_concurrency: usize,
+    /// `whsec_<base64>`: sign every request the Standard Webhooks way.
+    #[serde(default)]
+    pub signing_secret: Option<Secret>,
+    /// How failed attempts are retried.
+    #[serde(default)]
+    pub retry: RetryConfig,
+    /// When to stop attempting a failing or saturated destination for a while.
+    #[serde(default)]
+    pub circuit: CircuitConfig,
+}
+
+fn default_max_concurrency() -> usize {
+    64
+}
+
+/// The retry schedule of one destination: exponential with jitter, capped.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RetryConfig {
+    /// Attempts in all, the first included; 1 means no retries.
+    pub max_attempts: u32,
+    /// Wait before the second attempt.
+    #[serde(with = "humantime_serde")]
+    pub initial_interval: Duration,
+    /// Each further wait is the previous one times this (before jitter).
+    pub multiplier: f64,
+    /// No wait is longer than this, `Retry-After` included.
+    #[serde(with = "humantime_serde")]
+    pub max_interval: Duration,
+}
+
+impl Default for RetryConfig {
+    fn default() -> Self {
+        RetryConfig {
+            max_attempts: 8,
+            initial_interval: Duration::from_secs(1),
+            multiplier: 2.0,
+            max_interval: Duration::from_secs(600),
+        }
+    }
+}
+
+/// The circuit of one destination.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CircuitConfig {
+    /// Consecutive retryable failures (timeouts, refused connections, 5xx, 408, 429) that open it.
+    pub failures: u32,
+    /// How long it stays open before one probe attempt is let through.
+    #[serde(with = "humantime_serde")]
+    pub open_for: Duration,
+    /// An event that waited this long for one of `max_concurrency` slots opens it too: the
+    /// destination is not keeping up, and waiting longer would hold queue messages hostage.
+    #[serde(with = "humantime_serde")]
+    pub max_wait: Duration,
+}
+
+impl Default for CircuitConfig {
+    fn default() -> Self {
+        CircuitConfig {
+            failures: 5,
+            open_for: Duration::from_secs(30),
+            max_wait: Duration::from_secs(1),
+        }
+    }
 }
 
 fn default_topics() -> Vec<String> {
@@ -451,6 +531,9 @@ pub const RESERVED_HEADERS: &[&str] = &[
     "x-request-id",
     "x-correlation-id",
     "authorization",
+    "webhook-id",
+    "webhook-timestamp",
+    "webhook-signature",
 ];
 
 impl Config {
@@ -548,6 +631,14 @@ impl Config {
                 "destinations",
                 "at least one [[destinations]] entry is required",
             ));
+        }
+        if let Some(listen) = &self.admin.listen {
+            listen.parse::<std::net::SocketAddr>().map_err(|_| {
+                ConfigError::invalid(
+                    "admin.listen",
+                    format!("{listen:?} is not a host:port address such as 127.0.0.1:9464"),
+                )
+            })?;
         }
         let mut names = HashSet::new();
         for (i, dest) in self.destinations.iter().enumerate() {
@@ -678,6 +769,41 @@ impl DestinationConfig {
             }
             None => None,
         };
+        if self.max_concurrency == 0 {
+            return Err(ConfigError::invalid(
+                format!("{key}.max_concurrency"),
+                "must be at least 1",
+            ));
+        }
+        if let Some(secret) = &self.signing_secret {
+            crate::sender::signing_key(secret.expose())
+                .map_err(|e| ConfigError::invalid(format!("{key}.signing_secret"), e))?;
+        }
+        let r = &self.retry;
+        if r.max_attempts == 0 {
+            return Err(ConfigError::invalid(
+                format!("{key}.retry.max_attempts"),
+                "must be at least 1 (1 = no retries)",
+            ));
+        }
+        if r.initial_interval.is_zero() || r.max_interval < r.initial_interval {
+            return Err(ConfigError::invalid(
+                format!("{key}.retry"),
+                "needs 0 < initial_interval <= max_interval",
+            ));
+        }
+        if !(r.multiplier.is_finite() && r.multiplier >= 1.0) {
+            return Err(ConfigError::invalid(
+                format!("{key}.retry.multiplier"),
+                "must be a number >= 1.0",
+            ));
+        }
+        if self.circuit.failures == 0 || self.circuit.open_for.is_zero() {
+            return Err(ConfigError::invalid(
+                format!("{key}.circuit"),
+                "failures must be at least 1 and open_for longer than 0s",
+            ));
+        }
         for (name, value) in &self.headers {
             let hkey = format!("{key}.headers.{name}");
             let parsed = check_header_name(name).map_err(|e| ConfigError::invalid(&hkey, e))?;

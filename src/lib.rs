@@ -5,12 +5,19 @@
 //! Data flows one way: [`sources`] → [`event`] → [`router`] → [`sender`] → [`store`] → ack, glued
 //! by [`pipeline`]. [`run`] wires it all so tests and the binary start courier the same way.
 
+pub mod admin;
+pub mod backoff;
+pub mod circuit;
 pub mod config;
+pub mod deadletters;
+pub mod delivery;
 pub mod event;
 pub mod pipeline;
+pub mod retry;
 pub mod router;
 pub mod sender;
 pub mod sources;
+pub mod stats;
 pub mod store;
 
 use std::sync::Arc;
@@ -21,7 +28,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 pub use config::{Config, ConfigError};
-pub use pipeline::Stats;
+pub use stats::Stats;
 
 /// Why courier could not start or stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -38,6 +45,13 @@ pub enum Error {
     /// The MQTT source could not be set up.
     #[error(transparent)]
     Mqtt(#[from] sources::mqtt::MqttSetupError),
+    /// The admin port could not be opened.
+    #[error("admin.listen {address}: {source}")]
+    Admin {
+        address: String,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// Makes ring the process-wide rustls provider (lapin, reqwest and later MQTT all use rustls);
@@ -61,14 +75,37 @@ pub async fn run_with_stats(
     install_crypto_provider();
     let store = Arc::new(store::Store::open(&config.store)?);
     let sender = sender::Sender::new(&config)?;
-    let router = router::Router::new(&config.destinations);
+    let router = Arc::new(router::Router::new(&config.destinations));
     let max_in_flight = config.service.max_in_flight;
-    let pipeline = Arc::new(pipeline::Pipeline::new(
-        router,
+    let deliverer = Arc::new(delivery::Deliverer::new(
+        &config,
         sender,
         store.clone(),
+        stats.clone(),
+    ));
+    let admin = match &config.admin.listen {
+        Some(address) => Some(
+            admin::start(address, deliverer.clone(), router.clone(), shutdown.clone())
+                .await
+                .map_err(|source| Error::Admin {
+                    address: address.clone(),
+                    source,
+                })?,
+        ),
+        None => None,
+    };
+    let pipeline = Arc::new(pipeline::Pipeline::new(
+        router,
+        deliverer.clone(),
         config.service.max_payload_bytes,
         stats.clone(),
+    ));
+    let scheduler = tokio::spawn(retry::run(
+        deliverer.clone(),
+        stats.clone(),
+        max_in_flight,
+        shutdown.clone(),
+        config.service.shutdown_timeout,
     ));
 
     let (tx, rx) = mpsc::channel(max_in_flight.clamp(1, 1024));
@@ -99,6 +136,10 @@ pub async fn run_with_stats(
         .await;
     // Every message is now acked or abandoned: the sources may close their connections.
     release.cancel();
+    let _ = scheduler.await;
+    if let Some(admin) = admin {
+        let _ = admin.await;
+    }
     let closed = tokio::time::timeout(Duration::from_secs(10), async {
         while sources.join_next().await.is_some() {}
     })
@@ -122,6 +163,21 @@ pub async fn run_with_stats(
         "courier stopped"
     );
     Ok(())
+}
+
+/// What the `dead-letters` commands need when no worker holds the store: the store opened by
+/// this process, a sender and the routing table of `config`.
+pub fn open_for_commands(
+    config: &Config,
+) -> Result<(Arc<delivery::Deliverer>, Arc<router::Router>), Error> {
+    install_crypto_provider();
+    let store = Arc::new(store::Store::open(&config.store)?);
+    let sender = sender::Sender::new(config)?;
+    let deliverer = delivery::Deliverer::new(config, sender, store, Arc::new(Stats::default()));
+    Ok((
+        Arc::new(deliverer),
+        Arc::new(router::Router::new(&config.destinations)),
+    ))
 }
 
 /// Drops expired dedup entries at start and then every tenth of the TTL (at most hourly), until

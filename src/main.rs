@@ -49,6 +49,48 @@ enum Command {
         #[arg(long, short, default_value = "config.toml")]
         config: PathBuf,
     },
+    /// Inspect, replay or purge dead letters. Works on the store directly when no worker runs,
+    /// and through the worker's admin port (`[admin] listen`) when one holds the store.
+    #[command(name = "dead-letters")]
+    DeadLetters {
+        /// The configuration file (for the store path, the destinations and the admin port).
+        #[arg(long, short, default_value = "config.toml", global = true)]
+        config: PathBuf,
+        #[command(subcommand)]
+        action: DeadLetterAction,
+    },
+}
+
+#[derive(Subcommand)]
+enum DeadLetterAction {
+    /// List dead letters, oldest first.
+    List {
+        /// Only this destination's letters.
+        #[arg(long)]
+        destination: Option<String>,
+        /// One JSON array instead of text lines (includes the events and raw bodies).
+        #[arg(long)]
+        json: bool,
+    },
+    /// Attempt matching letters again now; delivered ones leave the list. Exit 1 if any was
+    /// not delivered.
+    Replay {
+        /// Only this destination's letters.
+        #[arg(long)]
+        destination: Option<String>,
+        /// Only the letter with this key (as listed) or event id.
+        #[arg(long)]
+        id: Option<String>,
+    },
+    /// Delete matching letters (all by default).
+    Purge {
+        /// Only this destination's letters.
+        #[arg(long)]
+        destination: Option<String>,
+        /// Only the letter with this key (as listed) or event id.
+        #[arg(long)]
+        id: Option<String>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -74,6 +116,32 @@ fn main() -> ExitCode {
                 ExitCode::from(2)
             }
         },
+        Command::DeadLetters { config, action } => {
+            let config = match Config::load(&config) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("courier: {}: {e}", config.display());
+                    return ExitCode::from(2);
+                }
+            };
+            let runtime = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => {
+                    eprintln!("courier: cannot start the async runtime: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            match runtime.block_on(dead_letters(config, action)) {
+                Ok(code) => code,
+                Err(message) => {
+                    eprintln!("courier: {message}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::Run { config } => {
             let config = match Config::load(&config) {
                 Ok(c) => c,
@@ -121,6 +189,164 @@ async fn run(config: Config) -> Result<(), Error> {
         std::process::exit(130);
     });
     courier::run(config, shutdown).await
+}
+
+/// Runs a dead-letter command on the store, or through the running worker's admin port.
+async fn dead_letters(config: Config, action: DeadLetterAction) -> Result<ExitCode, String> {
+    use courier::deadletters::{self, Filter, ReplayResult};
+    use courier::store::{DeadLetter, StoreError};
+
+    let local = match courier::open_for_commands(&config) {
+        Ok(parts) => Some(parts),
+        Err(Error::Store(StoreError::Locked { path })) => {
+            if config.admin.listen.is_none() {
+                return Err(format!(
+                    "the store {path} is in use by a running courier; stop it first, or set \
+                     [admin] listen in the config so this command can ask the worker"
+                ));
+            }
+            None
+        }
+        Err(e) => return Err(e.to_string()),
+    };
+    let admin = |path: &str| -> Result<String, String> {
+        let listen = config.admin.listen.clone().unwrap_or_default();
+        let addr: std::net::SocketAddr = listen
+            .parse()
+            .map_err(|_| format!("admin.listen {listen:?}"))?;
+        let host = if addr.ip().is_unspecified() {
+            std::net::SocketAddr::new(std::net::Ipv4Addr::LOCALHOST.into(), addr.port())
+        } else {
+            addr
+        };
+        Ok(format!("http://{host}{path}"))
+    };
+    let query = |destination: &Option<String>, id: &Option<String>| {
+        let mut q = Vec::new();
+        if let Some(d) = destination {
+            q.push(("destination", d.clone()));
+        }
+        if let Some(i) = id {
+            q.push(("id", i.clone()));
+        }
+        q
+    };
+    let client = reqwest::Client::new();
+    match action {
+        DeadLetterAction::List { destination, json } => {
+            let filter = Filter {
+                destination: destination.clone(),
+                id: None,
+            };
+            let letters: Vec<DeadLetter> = match &local {
+                Some((deliverer, _)) => {
+                    deadletters::list(deliverer, &filter).map_err(|e| e.to_string())?
+                }
+                None => client
+                    .get(admin("/dead-letters")?)
+                    .query(&query(&destination, &None))
+                    .send()
+                    .await
+                    .and_then(|r| r.error_for_status())
+                    .map_err(|e| format!("asking the running worker: {e}"))?
+                    .json()
+                    .await
+                    .map_err(|e| format!("reading the worker's answer: {e}"))?,
+            };
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&letters).map_err(|e| e.to_string())?
+                );
+            } else {
+                for l in &letters {
+                    println!(
+                        "{}  {}  {:?}  destination={}  event={}  attempts={}  status={}  {}",
+                        l.key,
+                        courier::sender::format_time(
+                            std::time::UNIX_EPOCH + std::time::Duration::from_millis(l.at_ms)
+                        ),
+                        l.kind,
+                        l.destination.as_deref().unwrap_or("-"),
+                        l.event_id.as_deref().unwrap_or("-"),
+                        l.attempts,
+                        l.last_status
+                            .map(|s| s.to_string())
+                            .unwrap_or_else(|| "-".into()),
+                        l.reason
+                    );
+                }
+                println!("{} dead letter(s)", letters.len());
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        DeadLetterAction::Replay { destination, id } => {
+            let filter = Filter {
+                destination: destination.clone(),
+                id: id.clone(),
+            };
+            let results: Vec<ReplayResult> = match &local {
+                Some((deliverer, router)) => deadletters::replay(deliverer, router, &filter)
+                    .await
+                    .map_err(|e| e.to_string())?,
+                None => client
+                    .post(admin("/dead-letters/replay")?)
+                    .query(&query(&destination, &id))
+                    .send()
+                    .await
+                    .and_then(|r| r.error_for_status())
+                    .map_err(|e| format!("asking the running worker: {e}"))?
+                    .json()
+                    .await
+                    .map_err(|e| format!("reading the worker's answer: {e}"))?,
+            };
+            for r in &results {
+                println!(
+                    "{:9} event={} destination={}  {}",
+                    r.outcome,
+                    r.event_id.as_deref().unwrap_or("-"),
+                    r.destination.as_deref().unwrap_or("-"),
+                    r.detail
+                );
+            }
+            let delivered = results.iter().filter(|r| r.outcome == "delivered").count();
+            println!(
+                "{delivered} of {} replayed letter(s) delivered",
+                results.len()
+            );
+            Ok(if delivered == results.len() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
+        }
+        DeadLetterAction::Purge { destination, id } => {
+            let filter = Filter {
+                destination: destination.clone(),
+                id: id.clone(),
+            };
+            let purged = match &local {
+                Some((deliverer, _)) => deadletters::purge(deliverer, &filter)
+                    .await
+                    .map_err(|e| e.to_string())?,
+                None => {
+                    let answer: serde_json::Value = client
+                        .post(admin("/dead-letters/purge")?)
+                        .query(&query(&destination, &id))
+                        .send()
+                        .await
+                        .and_then(|r| r.error_for_status())
+                        .map_err(|e| format!("asking the running worker: {e}"))?
+                        .json()
+                        .await
+                        .map_err(|e| format!("reading the worker's answer: {e}"))?;
+                    answer["purged"].as_u64().unwrap_or(0) as usize
+                }
+            };
+            println!("{purged} dead letter(s) purged");
+            Ok(ExitCode::SUCCESS)
+        }
+    }
 }
 
 async fn wait_for_signal() {

@@ -4,7 +4,6 @@
 //! The rule this file exists to keep: a message is acked only after every POST it needed was
 //! attempted and the outcome is durable in the store. Until then the broker still owns it.
 
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -13,42 +12,17 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument as _;
 
-use crate::event::{self, Event};
+use crate::delivery::Deliverer;
+use crate::event;
 use crate::router::Router;
-use crate::sender::{Outcome, Sender};
-use crate::sources::{Acker, Delivery, ReconnectBackoff};
-use crate::store::{DeadLetter, DeadLetterKind, Store, StoreError};
-
-/// Running totals, for the log line at shutdown and for tests.
-#[derive(Debug, Default)]
-pub struct Stats {
-    /// Messages taken from a source.
-    pub received: AtomicU64,
-    /// POSTs answered with 2xx.
-    pub delivered: AtomicU64,
-    /// POSTs that failed (non-2xx or no answer).
-    pub failed: AtomicU64,
-    /// POSTs skipped because the store says that event already reached that destination.
-    pub duplicates: AtomicU64,
-    /// Events that matched no destination (acked, not stored).
-    pub unrouted: AtomicU64,
-    /// Dead letters written (bad input, unroutable, failed).
-    pub dead_lettered: AtomicU64,
-    /// Messages acked.
-    pub acked: AtomicU64,
-    /// Acks the broker did not take (the message will be redelivered).
-    pub ack_failures: AtomicU64,
-}
-
-fn inc(counter: &AtomicU64) {
-    counter.fetch_add(1, Ordering::Relaxed);
-}
+use crate::sources::{Acker, Delivery};
+use crate::stats::Stats;
+use crate::store::{DeadLetter, DeadLetterKind};
 
 /// Everything a message needs on its way from source to ack.
 pub struct Pipeline {
-    router: Router,
-    sender: Sender,
-    store: Arc<Store>,
+    router: Arc<Router>,
+    deliverer: Arc<Deliverer>,
     max_payload_bytes: usize,
     stats: Arc<Stats>,
 }
@@ -56,16 +30,14 @@ pub struct Pipeline {
 impl Pipeline {
     /// Wires the parts; `stats` is shared with whoever wants to read the totals.
     pub fn new(
-        router: Router,
-        sender: Sender,
-        store: Arc<Store>,
+        router: Arc<Router>,
+        deliverer: Arc<Deliverer>,
         max_payload_bytes: usize,
         stats: Arc<Stats>,
     ) -> Pipeline {
         Pipeline {
             router,
-            sender,
-            store,
+            deliverer,
             max_payload_bytes,
             stats,
         }
@@ -146,7 +118,7 @@ impl Pipeline {
     /// One message, start to ack.
     async fn handle(&self, delivery: Delivery) {
         let Delivery { inbound, acker } = delivery;
-        inc(&self.stats.received);
+        Stats::inc(&self.stats.received);
         let event = match event::parse(&inbound, self.max_payload_bytes) {
             Ok(event) => event,
             Err(bad) => {
@@ -182,109 +154,41 @@ impl Pipeline {
             }
         };
         if targets.is_empty() {
-            inc(&self.stats.unrouted);
+            Stats::inc(&self.stats.unrouted);
             tracing::debug!("no destination matches; acked");
             self.ack(acker).await;
             return;
         }
+        let d = &self.deliverer;
         let wrote = if let [only] = targets[..] {
-            self.deliver_one(only, &event).await
+            d.first_attempt(only, &event).await
         } else {
-            futures_util::future::join_all(targets.iter().map(|&i| self.deliver_one(i, &event)))
+            futures_util::future::join_all(targets.iter().map(|&i| d.first_attempt(i, &event)))
                 .await
                 .into_iter()
                 .any(|w| w)
         };
         if wrote {
-            self.commit().await;
+            d.commit().await;
         }
         self.ack(acker).await;
     }
 
-    /// Dedup check, POST, record. Returns whether it wrote to the store.
-    async fn deliver_one(&self, index: usize, event: &Event) -> bool {
-        let name = self.router.name(index);
-        if self
-            .until_stored(|| self.store.is_delivered(name, &event.id))
-            .await
-        {
-            inc(&self.stats.duplicates);
-            tracing::debug!(
-                destination = name,
-                "already delivered to this destination; skipped"
-            );
-            return false;
-        }
-        match self.sender.deliver(index, event).await {
-            Outcome::Delivered { status } => {
-                inc(&self.stats.delivered);
-                tracing::debug!(destination = name, status, "delivered");
-                self.until_stored(|| self.store.record_delivered(name, &event.id))
-                    .await;
-            }
-            Outcome::Failed {
-                status,
-                reason,
-                retryable,
-            } => {
-                inc(&self.stats.failed);
-                inc(&self.stats.dead_lettered);
-                tracing::warn!(destination = name, status, %reason, retryable, "delivery failed: dead-lettered");
-                let letter = DeadLetter::for_event(
-                    event,
-                    DeadLetterKind::Failed,
-                    Some(name),
-                    reason,
-                    1,
-                    status,
-                );
-                self.until_stored(|| self.store.dead_letter(&letter)).await;
-            }
-        }
-        true
-    }
-
     async fn dead_letter_and_ack(&self, letter: DeadLetter, acker: Acker) {
-        inc(&self.stats.dead_lettered);
-        self.until_stored(|| self.store.dead_letter(&letter)).await;
-        self.commit().await;
+        Stats::inc(&self.stats.dead_lettered);
+        let d = &self.deliverer;
+        d.until_stored(|| d.store().dead_letter(&letter)).await;
+        d.commit().await;
         self.ack(acker).await;
     }
 
     async fn ack(&self, acker: Acker) {
         match acker.ack().await {
-            Ok(()) => inc(&self.stats.acked),
+            Ok(()) => Stats::inc(&self.stats.acked),
             Err(error) => {
-                inc(&self.stats.ack_failures);
+                Stats::inc(&self.stats.ack_failures);
                 tracing::warn!(%error, "ack not taken; the broker will redeliver and dedup will skip what was delivered");
             }
-        }
-    }
-
-    /// Runs a store operation until it works. While the store fails, the message is not acked, so
-    /// nothing is lost; the task is aborted by the shutdown timeout if the store never recovers.
-    async fn until_stored<T>(&self, mut op: impl FnMut() -> Result<T, StoreError>) -> T {
-        let mut backoff =
-            ReconnectBackoff::new(Duration::from_millis(100), Duration::from_secs(10));
-        loop {
-            match op() {
-                Ok(v) => return v,
-                Err(error) => {
-                    let delay = backoff.next_delay();
-                    tracing::error!(%error, retry_in = ?delay, "STORE OPERATION FAILED: not acking until the store works again");
-                    tokio::time::sleep(delay).await;
-                }
-            }
-        }
-    }
-
-    async fn commit(&self) {
-        let mut backoff =
-            ReconnectBackoff::new(Duration::from_millis(100), Duration::from_secs(10));
-        while let Err(error) = self.store.commit().await {
-            let delay = backoff.next_delay();
-            tracing::error!(%error, retry_in = ?delay, "STORE FLUSH FAILED: not acking until the store works again");
-            tokio::time::sleep(delay).await;
         }
     }
 }

@@ -30,7 +30,56 @@ pub enum Outcome {
         status: Option<u16>,
         reason: String,
         retryable: bool,
+        /// The server's `Retry-After` on a 429 or 503.
+        retry_after: Option<Duration>,
     },
+}
+
+impl Outcome {
+    fn failed(status: Option<u16>, reason: String, retryable: bool) -> Outcome {
+        Outcome::Failed {
+            status,
+            reason,
+            retryable,
+            retry_after: None,
+        }
+    }
+}
+
+type HmacSha256 = hmac::Hmac<sha2::Sha256>;
+
+/// The HMAC key of a Standard Webhooks secret: base64 after an optional `whsec_` prefix.
+pub fn signing_key(secret: &str) -> Result<Vec<u8>, String> {
+    let encoded = secret.strip_prefix("whsec_").unwrap_or(secret);
+    let key = base64::engine::general_purpose::STANDARD
+        .decode(encoded)
+        .map_err(|_| {
+            "must be whsec_ followed by base64 (the Standard Webhooks secret format)".to_string()
+        })?;
+    if key.is_empty() {
+        return Err("is empty".into());
+    }
+    Ok(key)
+}
+
+/// `v1,<base64 HMAC-SHA256 of "{id}.{timestamp}.{body}">`, as Standard Webhooks receivers verify.
+pub fn sign(key: &[u8], id: &str, timestamp: u64, body: &[u8]) -> String {
+    use hmac::Mac as _;
+    // HMAC takes keys of any length; this cannot fail.
+    let mut mac = match HmacSha256::new_from_slice(key) {
+        Ok(m) => m,
+        Err(_) => return String::new(),
+    };
+    mac.update(id.as_bytes());
+    mac.update(b".");
+    mac.update(timestamp.to_string().as_bytes());
+    mac.update(b".");
+    mac.update(body);
+    let digest = mac.finalize().into_bytes();
+    format!(
+        "v1,{}",
+        base64::engine::general_purpose::STANDARD.encode(digest)
+    )
 }
 
 /// Could not build an HTTP client (bad TLS setup); a start-up error.
@@ -48,6 +97,8 @@ struct Target {
     /// The auth header, never overridable.
     auth: Option<(HeaderName, HeaderValue)>,
     metadata_in_payload: bool,
+    /// Standard Webhooks HMAC key.
+    signing_key: Option<Vec<u8>>,
 }
 
 /// Delivers events to the configured destinations.
@@ -90,21 +141,34 @@ impl Sender {
     /// returns an error: every failure is an [`Outcome::Failed`] with a reason an operator can act on.
     pub async fn deliver(&self, index: usize, event: &Event) -> Outcome {
         let target = &self.targets[index];
-        let headers = match target.headers(event) {
+        let mut headers = match target.headers(event) {
             Ok(h) => h,
-            Err(reason) => {
-                return Outcome::Failed {
-                    status: None,
-                    reason,
-                    retryable: false,
-                }
-            }
+            Err(reason) => return Outcome::failed(None, reason, false),
         };
         let body = if target.metadata_in_payload {
             with_metadata(event, &target.name, &self.organization)
         } else {
             event.body.clone()
         };
+        if let Some(key) = &target.signing_key {
+            let now = SystemTime::now()
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0);
+            let signature = sign(key, &event.id, now, &body);
+            // The id was checked to be a valid header value when the headers were built.
+            if let (Ok(id), Ok(sig)) = (
+                HeaderValue::from_str(&event.id),
+                HeaderValue::from_str(&signature),
+            ) {
+                headers.insert(HeaderName::from_static("webhook-id"), id);
+                headers.insert(
+                    HeaderName::from_static("webhook-timestamp"),
+                    HeaderValue::from(now),
+                );
+                headers.insert(HeaderName::from_static("webhook-signature"), sig);
+            }
+        }
         let result = target
             .client
             .post(target.url.clone())
@@ -115,11 +179,7 @@ impl Sender {
             .await;
         match result {
             Ok(response) => classify(response).await,
-            Err(e) => Outcome::Failed {
-                status: None,
-                retryable: !e.is_redirect() && !e.is_builder(),
-                reason: error_chain(&e),
-            },
+            Err(e) => Outcome::failed(None, error_chain(&e), !e.is_redirect() && !e.is_builder()),
         }
     }
 
@@ -200,6 +260,13 @@ impl Target {
             static_headers,
             auth,
             metadata_in_payload: dest.metadata_in_payload,
+            signing_key: match &dest.signing_secret {
+                Some(secret) => Some(
+                    signing_key(secret.expose())
+                        .map_err(|e| SenderError(format!("{}.signing_secret {e}", dest.name)))?,
+                ),
+                None => None,
+            },
         })
     }
 
@@ -243,6 +310,15 @@ async fn classify(mut response: reqwest::Response) -> Outcome {
         return Outcome::Delivered { status: code };
     }
     let retryable = code == 408 || code == 429 || status.is_server_error();
+    let retry_after = if code == 429 || code == 503 {
+        response
+            .headers()
+            .get(reqwest::header::RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(parse_retry_after)
+    } else {
+        None
+    };
     let mut reason = format!("HTTP {code}");
     if status.is_redirection() {
         let location = response
@@ -264,7 +340,21 @@ async fn classify(mut response: reqwest::Response) -> Outcome {
         status: Some(code),
         reason,
         retryable,
+        retry_after,
     }
+}
+
+/// `Retry-After`: delay-seconds or an HTTP-date.
+fn parse_retry_after(value: &str) -> Option<Duration> {
+    let value = value.trim();
+    if let Ok(secs) = value.parse::<u64>() {
+        return Some(Duration::from_secs(secs));
+    }
+    let at = httpdate::parse_http_date(value).ok()?;
+    Some(
+        at.duration_since(SystemTime::now())
+            .unwrap_or(Duration::ZERO),
+    )
 }
 
 /// Reads the response to its end (up to a limit) so the connection goes back to the pool.
@@ -493,6 +583,42 @@ mod tests {
         );
         let out = with_metadata(&event("[1]"), "s", &org);
         assert_eq!(&out[..], b"[1]");
+    }
+
+    #[test]
+    fn signature_matches_the_standard_webhooks_test_vector() {
+        // The vector of the Standard Webhooks / Svix reference libraries.
+        let key = signing_key("whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw").unwrap();
+        assert_eq!(
+            sign(
+                &key,
+                "msg_p5jXN8AQM9LWM0D4loKWxJek",
+                1614265330,
+                br#"{"test": 2432232314}"#
+            ),
+            "v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE="
+        );
+        assert_eq!(
+            signing_key("MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw").unwrap(),
+            key
+        );
+        assert!(signing_key("whsec_not base64!").is_err());
+    }
+
+    #[test]
+    fn retry_after_forms() {
+        assert_eq!(parse_retry_after("120"), Some(Duration::from_secs(120)));
+        assert_eq!(
+            parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT"),
+            Some(Duration::ZERO)
+        );
+        let later = httpdate::fmt_http_date(SystemTime::now() + Duration::from_secs(90));
+        let d = parse_retry_after(&later).unwrap();
+        assert!(
+            d > Duration::from_secs(80) && d <= Duration::from_secs(90),
+            "{d:?}"
+        );
+        assert_eq!(parse_retry_after("soon"), None);
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! What must survive a restart, and the only module that knows sled: the dedup tree (which event
-//! went to which destination) and the dead-letter tree (what could not be delivered, and why).
+//! went to which destination), the retry tree (what waits for another attempt, and when), and the
+//! dead-letter tree (what could not be delivered, and why).
 //!
 //! Writes are cheap in-memory inserts; durability comes from [`Store::commit`], a group commit: one
 //! fsync covers every write made before it started, so a burst of events costs one flush, not one
@@ -14,6 +15,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use base64::Engine as _;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
+use sled::Transactional as _;
 
 use crate::config::StoreConfig;
 use crate::event::{Event, SourceKind};
@@ -28,6 +30,9 @@ pub enum StoreError {
         #[source]
         source: sled::Error,
     },
+    /// Another process (a running `courier run`) holds the store.
+    #[error("store {path} is in use by another courier process")]
+    Locked { path: String },
     /// A stored record could not be decoded.
     #[error("store {path}: corrupt record: {message}")]
     Corrupt { path: String, message: String },
@@ -41,8 +46,34 @@ pub enum DeadLetterKind {
     BadInput,
     /// The envelope's `destination_id` names no (acceptable) destination.
     Unroutable,
-    /// The destination answered with a failure.
+    /// The destination answered with a failure that is not worth retrying.
     Failed,
+    /// Every attempt the retry policy allows failed.
+    Exhausted,
+}
+
+/// An attempt still to make: kept in the retry tree, ordered by `next_at_ms`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RetryRecord {
+    pub destination: String,
+    pub event: StoredEvent,
+    /// Attempts made so far (0 for an event parked by an open circuit before any attempt).
+    pub attempts: u32,
+    /// When to attempt next (Unix milliseconds).
+    pub next_at_ms: u64,
+    #[serde(default)]
+    pub last_status: Option<u16>,
+    #[serde(default)]
+    pub last_error: String,
+}
+
+impl RetryRecord {
+    fn key(&self) -> Vec<u8> {
+        let mut key = Vec::with_capacity(8 + self.destination.len() + 1 + self.event.id.len());
+        key.extend_from_slice(&self.next_at_ms.to_be_bytes());
+        key.extend_from_slice(&dedup_key(&self.destination, &self.event.id));
+        key
+    }
 }
 
 /// The parts of an [`Event`] needed to deliver it again.
@@ -194,6 +225,10 @@ pub struct Store {
     db: sled::Db,
     delivered: sled::Tree,
     dead: sled::Tree,
+    /// `next_at (u64 BE) ++ destination ++ 0 ++ event id` → [`RetryRecord`]: due entries are a prefix scan.
+    retries: sled::Tree,
+    /// `destination ++ 0 ++ event id` → its key in `retries`: one pending retry per pair.
+    retry_index: sled::Tree,
     dedup_ttl: Duration,
     path: String,
     /// Group commit: tickets handed out to writers, and the highest ticket known durable.
@@ -216,13 +251,23 @@ impl Store {
             .cache_capacity(config.cache_capacity)
             .flush_every_ms(None)
             .open()
-            .map_err(sled_err)?;
+            .map_err(|e| {
+                if e.to_string().contains("could not acquire lock") {
+                    StoreError::Locked { path: path.clone() }
+                } else {
+                    sled_err(e)
+                }
+            })?;
         let delivered = db.open_tree("delivered").map_err(sled_err)?;
         let dead = db.open_tree("dead").map_err(sled_err)?;
+        let retries = db.open_tree("retries").map_err(sled_err)?;
+        let retry_index = db.open_tree("retry_index").map_err(sled_err)?;
         Ok(Store {
             db,
             delivered,
             dead,
+            retries,
+            retry_index,
             dedup_ttl: config.dedup_ttl,
             path,
             requested: AtomicU64::new(0),
@@ -270,6 +315,113 @@ impl Store {
         })?;
         self.dead.insert(key, value).map_err(|e| self.err(e))?;
         Ok(())
+    }
+
+    /// Schedules (or re-schedules) the retry of one event at one destination; an earlier pending
+    /// retry of the same pair is replaced. Durable after the next [`Store::commit`].
+    pub fn schedule_retry(&self, record: &RetryRecord) -> Result<(), StoreError> {
+        let key = record.key();
+        let pair = dedup_key(&record.destination, &record.event.id);
+        let value = serde_json::to_vec(record).map_err(|e| self.corrupt(e.to_string()))?;
+        (&self.retries, &self.retry_index)
+            .transaction(|(retries, index)| {
+                if let Some(old) = index.insert(pair.as_slice(), key.as_slice())? {
+                    if old.as_ref() != key.as_slice() {
+                        retries.remove(old)?;
+                    }
+                }
+                retries.insert(key.as_slice(), value.as_slice())?;
+                Ok(())
+            })
+            .map_err(|e: sled::transaction::TransactionError<()>| match e {
+                sled::transaction::TransactionError::Storage(e) => self.err(e),
+                sled::transaction::TransactionError::Abort(()) => {
+                    self.corrupt("retry transaction aborted".into())
+                }
+            })
+    }
+
+    /// Drops the pending retry of `event_id` at `destination`, if any.
+    pub fn remove_retry(&self, destination: &str, event_id: &str) -> Result<(), StoreError> {
+        let pair = dedup_key(destination, event_id);
+        (&self.retries, &self.retry_index)
+            .transaction(|(retries, index)| {
+                if let Some(old) = index.remove(pair.as_slice())? {
+                    retries.remove(old)?;
+                }
+                Ok(())
+            })
+            .map_err(|e: sled::transaction::TransactionError<()>| match e {
+                sled::transaction::TransactionError::Storage(e) => self.err(e),
+                sled::transaction::TransactionError::Abort(()) => {
+                    self.corrupt("retry transaction aborted".into())
+                }
+            })
+    }
+
+    /// Up to `limit` retries due at `now_ms`, earliest first, skipping those `skip` says are taken.
+    pub fn due_retries(
+        &self,
+        now_ms: u64,
+        limit: usize,
+        skip: impl Fn(&str, &str) -> bool,
+    ) -> Result<Vec<RetryRecord>, StoreError> {
+        let mut out = Vec::new();
+        let end = (now_ms.saturating_add(1)).to_be_bytes();
+        for item in self.retries.range(..end.as_slice()) {
+            let (_, value) = item.map_err(|e| self.err(e))?;
+            let record: RetryRecord =
+                serde_json::from_slice(&value).map_err(|e| self.corrupt(format!("retry: {e}")))?;
+            if skip(&record.destination, &record.event.id) {
+                continue;
+            }
+            out.push(record);
+            if out.len() >= limit {
+                break;
+            }
+        }
+        Ok(out)
+    }
+
+    /// When the earliest pending retry is due (Unix milliseconds).
+    pub fn next_retry_at(&self) -> Result<Option<u64>, StoreError> {
+        Ok(self
+            .retries
+            .first()
+            .map_err(|e| self.err(e))?
+            .map(|(k, _)| decode_millis(&k[..8.min(k.len())])))
+    }
+
+    /// Pending retries.
+    pub fn pending_retries(&self) -> usize {
+        self.retry_index.len()
+    }
+
+    /// Every pending retry, earliest first.
+    pub fn retries(&self) -> Result<Vec<RetryRecord>, StoreError> {
+        self.due_retries(u64::MAX - 1, usize::MAX, |_, _| false)
+    }
+
+    /// Replaces the dead letter stored under `key` (its hex form, as listed).
+    pub fn update_dead_letter(&self, letter: &DeadLetter) -> Result<(), StoreError> {
+        let key = unhex(&letter.key)
+            .ok_or_else(|| self.corrupt(format!("bad dead-letter key {:?}", letter.key)))?;
+        let value = serde_json::to_vec(letter).map_err(|e| self.corrupt(e.to_string()))?;
+        self.dead.insert(key, value).map_err(|e| self.err(e))?;
+        Ok(())
+    }
+
+    /// Removes the dead letter stored under `key` (its hex form, as listed).
+    pub fn remove_dead_letter(&self, key: &str) -> Result<bool, StoreError> {
+        let raw = unhex(key).ok_or_else(|| self.corrupt(format!("bad dead-letter key {key:?}")))?;
+        Ok(self.dead.remove(raw).map_err(|e| self.err(e))?.is_some())
+    }
+
+    fn corrupt(&self, message: String) -> StoreError {
+        StoreError::Corrupt {
+            path: self.path.clone(),
+            message,
+        }
     }
 
     /// Every dead letter, oldest first.
@@ -357,6 +509,16 @@ fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
+fn unhex(text: &str) -> Option<Vec<u8>> {
+    if text.len() % 2 != 0 {
+        return None;
+    }
+    (0..text.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(text.get(i..i + 2)?, 16).ok())
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -410,6 +572,62 @@ mod tests {
         assert_eq!(store.delivered_count(), 64);
     }
 
+    fn stored(id: &str) -> StoredEvent {
+        StoredEvent {
+            id: id.into(),
+            topic: "t".into(),
+            tenant_id: None,
+            destination_id: None,
+            eligible_for_retry: true,
+            time: None,
+            metadata: Default::default(),
+            body: RawValue::from_string("{}".into()).unwrap(),
+            received_at_ms: 0,
+            source: SourceKind::Rabbitmq,
+        }
+    }
+
+    #[tokio::test]
+    async fn retries_are_ordered_unique_per_pair_and_survive_reopen() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        {
+            let store = Store::open(&config(dir.path(), Duration::from_secs(60))).expect("open");
+            let rec = |id: &str, at: u64, attempts: u32| RetryRecord {
+                destination: "d".into(),
+                event: stored(id),
+                attempts,
+                next_at_ms: at,
+                last_status: Some(503),
+                last_error: "HTTP 503".into(),
+            };
+            store.schedule_retry(&rec("b", 200, 1)).unwrap();
+            store.schedule_retry(&rec("a", 100, 1)).unwrap();
+            store.schedule_retry(&rec("c", 300, 1)).unwrap();
+            // Rescheduling a pair replaces its earlier entry.
+            store.schedule_retry(&rec("a", 250, 2)).unwrap();
+            assert_eq!(store.pending_retries(), 3);
+            assert_eq!(store.next_retry_at().unwrap(), Some(200));
+            let due = store.due_retries(260, 10, |_, _| false).unwrap();
+            let ids: Vec<_> = due
+                .iter()
+                .map(|r| (r.event.id.as_str(), r.attempts))
+                .collect();
+            assert_eq!(ids, vec![("b", 1), ("a", 2)]);
+            let due = store.due_retries(260, 10, |_, id| id == "b").unwrap();
+            assert_eq!(due.len(), 1);
+            store.remove_retry("d", "b").unwrap();
+            store.commit().await.unwrap();
+        }
+        let store = Store::open(&config(dir.path(), Duration::from_secs(60))).expect("reopen");
+        let all: Vec<_> = store
+            .retries()
+            .unwrap()
+            .into_iter()
+            .map(|r| r.event.id)
+            .collect();
+        assert_eq!(all, vec!["a", "c"]);
+    }
+
     #[tokio::test]
     async fn dead_letters_round_trip() {
         let dir = tempfile::tempdir().expect("tempdir");
@@ -421,5 +639,11 @@ mod tests {
         assert_eq!(all.len(), 1);
         assert_eq!(all[0].raw().unwrap(), b"\xff");
         assert_eq!(all[0].key.len(), 32);
+        let mut changed = all[0].clone();
+        changed.attempts = 3;
+        store.update_dead_letter(&changed).unwrap();
+        assert_eq!(store.dead_letters().unwrap()[0].attempts, 3);
+        assert!(store.remove_dead_letter(&changed.key).unwrap());
+        assert!(store.dead_letters().unwrap().is_empty());
     }
 }

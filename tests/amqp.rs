@@ -411,7 +411,7 @@ async fn message_stays_unacked_while_the_receiver_is_answering() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn non_2xx_does_not_block_the_ack_and_is_dead_lettered() {
     let rx = Receiver::start().await;
-    rx.set_status(500);
+    rx.set_status(400);
     let queue = unique("status");
     let store = tempfile::tempdir().unwrap();
     let pub_ = Publisher::connect().await;
@@ -428,10 +428,10 @@ async fn non_2xx_does_not_block_the_ack_and_is_dead_lettered() {
     courier.stop().await;
     let letters = open_store(store.path()).dead_letters().unwrap();
     assert_eq!(letters.len(), 1);
-    assert_eq!(letters[0].last_status, Some(500));
+    assert_eq!(letters[0].last_status, Some(400));
     assert_eq!(letters[0].destination.as_deref(), Some("err"));
     assert!(
-        letters[0].reason.starts_with("HTTP 500"),
+        letters[0].reason.starts_with("HTTP 400"),
         "{}",
         letters[0].reason
     );

@@ -188,8 +188,11 @@ impl MqttSource {
                         },
                         acker,
                     };
+                    // If the pipeline no longer takes messages (it is draining), the delivery is
+                    // dropped unacked. The loop itself runs on until `release`: the deliveries
+                    // still under way need their PUBACKs sent before the DISCONNECT.
                     tokio::select! {
-                        sent = tx.send(delivery) => if sent.is_err() { break },
+                        _ = tx.send(delivery) => {}
                         _ = stop.cancelled() => {}
                     }
                 }
@@ -319,6 +322,11 @@ async fn sequence(client: AsyncClient, mut commands: mpsc::UnboundedReceiver<Seq
                 }
             }
             SeqCmd::Flush(done) => {
+                tracing::debug!(
+                    next = order.next,
+                    waiting = order.waiting(),
+                    "PUBACKs flushed at shutdown"
+                );
                 let _ = done.send(());
             }
         }

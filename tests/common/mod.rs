@@ -75,8 +75,13 @@ impl Recorded {
 #[derive(Default)]
 struct RecvState {
     requests: Mutex<Vec<Recorded>>,
-    /// `X-Request-Id`s in the order requests arrived (before any delay or hold).
-    arrivals: Mutex<Vec<String>>,
+    /// `X-Request-Id`s in the order requests arrived (before any delay or hold), with the time.
+    arrivals: Mutex<Vec<(String, Instant)>>,
+    /// Requests still to fail with `fail_status` before the normal status applies again.
+    fail_left: AtomicUsize,
+    fail_status: AtomicU16,
+    /// Seconds for a `Retry-After` header on failures; 0 = none.
+    retry_after: AtomicU64,
     status: AtomicU16,
     delay_ms: AtomicU64,
     held: AtomicUsize,
@@ -92,20 +97,54 @@ struct RecvState {
 /// ready (on arrival when held); a request whose client went away first is not recorded.
 pub struct Receiver {
     pub addr: SocketAddr,
+    scheme: &'static str,
     state: Arc<RecvState>,
     _shutdown: tokio::sync::oneshot::Sender<()>,
 }
 
 impl Receiver {
     pub async fn start() -> Receiver {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind receiver");
+        Self::serve(listener, false)
+    }
+
+    /// The same receiver over HTTPS, with a freshly generated self-signed certificate for
+    /// 127.0.0.1 that no client trusts.
+    pub async fn start_tls() -> Receiver {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind receiver");
+        let key = rcgen::generate_simple_self_signed(vec![
+            "127.0.0.1".to_string(),
+            "localhost".to_string(),
+        ])
+        .expect("self-signed certificate");
+        let cert = key.cert.der().clone();
+        let private =
+            rustls::pki_types::PrivateKeyDer::Pkcs8(key.signing_key.serialize_der().into());
+        courier::install_crypto_provider();
+        let config = rustls::ServerConfig::builder()
+            .with_no_client_auth()
+            .with_single_cert(vec![cert], private)
+            .expect("server TLS config");
+        let tls = TlsListener {
+            tcp: listener,
+            acceptor: tokio_rustls::TlsAcceptor::from(Arc::new(config)),
+        };
+        Self::serve(tls, true)
+    }
+
+    fn serve<L>(listener: L, tls: bool) -> Receiver
+    where
+        L: axum::serve::Listener<Addr = SocketAddr>,
+    {
         let state = Arc::new(RecvState::default());
         state.status.store(200, Ordering::SeqCst);
         let app = axum::Router::new()
             .fallback(handle)
             .with_state(state.clone());
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind receiver");
         let addr = listener.local_addr().expect("receiver addr");
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         tokio::spawn(async move {
@@ -117,13 +156,14 @@ impl Receiver {
         });
         Receiver {
             addr,
+            scheme: if tls { "https" } else { "http" },
             state,
             _shutdown: tx,
         }
     }
 
     pub fn url(&self, path: &str) -> String {
-        format!("http://{}{}", self.addr, path)
+        format!("{}://{}{}", self.scheme, self.addr, path)
     }
 
     pub fn set_status(&self, status: u16) {
@@ -209,7 +249,36 @@ impl Receiver {
 
     /// Ids in arrival order, including requests still being answered.
     pub fn arrivals(&self) -> Vec<String> {
-        self.state.arrivals.lock().unwrap().clone()
+        self.state
+            .arrivals
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(id, _)| id.clone())
+            .collect()
+    }
+
+    /// When each request for `id` arrived.
+    pub fn arrival_times(&self, id: &str) -> Vec<Instant> {
+        self.state
+            .arrivals
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(i, _)| i == id)
+            .map(|(_, t)| *t)
+            .collect()
+    }
+
+    /// The next `n` requests are answered with `status` (and `Retry-After` if set).
+    pub fn fail_next(&self, n: usize, status: u16) {
+        self.state.fail_status.store(status, Ordering::SeqCst);
+        self.state.fail_left.store(n, Ordering::SeqCst);
+    }
+
+    /// Failures carry `Retry-After: <secs>`.
+    pub fn set_retry_after(&self, secs: u64) {
+        self.state.retry_after.store(secs, Ordering::SeqCst);
     }
 
     /// Waits until a request with this id has arrived (it may still be in progress).
@@ -233,6 +302,73 @@ impl Receiver {
             }
         }
         counts
+    }
+}
+
+/// TLS over a TCP listener for axum; failed handshakes (a client refusing our certificate) are
+/// skipped, not fatal.
+struct TlsListener {
+    tcp: tokio::net::TcpListener,
+    acceptor: tokio_rustls::TlsAcceptor,
+}
+
+impl axum::serve::Listener for TlsListener {
+    type Io = tokio_rustls::server::TlsStream<tokio::net::TcpStream>;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        loop {
+            let Ok((stream, addr)) = self.tcp.accept().await else {
+                continue;
+            };
+            if let Ok(tls) = self.acceptor.accept(stream).await {
+                return (tls, addr);
+            }
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<Self::Addr> {
+        self.tcp.local_addr()
+    }
+}
+
+/// An endpoint that accepts connections and never answers: the worst kind of partner.
+pub struct BlackHole {
+    pub addr: SocketAddr,
+    pub connections: Arc<AtomicUsize>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl BlackHole {
+    pub async fn start() -> BlackHole {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let connections = Arc::new(AtomicUsize::new(0));
+        let count = connections.clone();
+        let task = tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((stream, _)) = listener.accept().await {
+                count.fetch_add(1, Ordering::SeqCst);
+                held.push(stream);
+            }
+        });
+        BlackHole {
+            addr,
+            connections,
+            task,
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+}
+
+impl Drop for BlackHole {
+    fn drop(&mut self) {
+        self.task.abort();
     }
 }
 
@@ -261,7 +397,15 @@ async fn handle(
     }
     let now = state.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
     state.max_in_flight.fetch_max(now, Ordering::SeqCst);
-    let status = state.status.load(Ordering::SeqCst);
+    let failing = state
+        .fail_left
+        .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+        .is_ok();
+    let status = if failing {
+        state.fail_status.load(Ordering::SeqCst)
+    } else {
+        state.status.load(Ordering::SeqCst)
+    };
     let mut recorded = Recorded {
         method: method.to_string(),
         path,
@@ -277,13 +421,14 @@ async fn handle(
         body: body.to_vec(),
         status,
     };
-    state.arrivals.lock().unwrap().push(
+    state.arrivals.lock().unwrap().push((
         recorded
             .headers
             .get("x-request-id")
             .cloned()
             .unwrap_or_default(),
-    );
+        Instant::now(),
+    ));
     let body_delay = serde_json::from_slice::<serde_json::Value>(&recorded.body)
         .ok()
         .and_then(|v| v.get("delay_ms").and_then(|d| d.as_u64()))
@@ -310,6 +455,10 @@ async fn handle(
     }
     state.in_flight.fetch_sub(1, Ordering::SeqCst);
     let code = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let retry_after = state.retry_after.load(Ordering::SeqCst);
+    if !code.is_success() && retry_after > 0 {
+        return (code, [("retry-after", retry_after.to_string())], "later").into_response();
+    }
     (code, "ok").into_response()
 }
 

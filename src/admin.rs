@@ -1,0 +1,71 @@
+//! The admin HTTP port (`[admin] listen`): `/healthz`, and the dead-letter commands of a running
+//! worker (sled lets one process open a store, so `courier dead-letters` talks to the worker here).
+
+use std::sync::Arc;
+
+use axum::extract::{Query, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Json;
+use tokio_util::sync::CancellationToken;
+
+use crate::deadletters::{self, Filter};
+use crate::delivery::Deliverer;
+use crate::router::Router;
+
+#[derive(Clone)]
+struct AdminState {
+    deliverer: Arc<Deliverer>,
+    router: Arc<Router>,
+}
+
+/// Binds `listen` now (so a taken port fails start-up) and serves until `stop`.
+pub async fn start(
+    listen: &str,
+    deliverer: Arc<Deliverer>,
+    router: Arc<Router>,
+    stop: CancellationToken,
+) -> std::io::Result<tokio::task::JoinHandle<()>> {
+    let listener = tokio::net::TcpListener::bind(listen).await?;
+    tracing::info!(address = %listener.local_addr()?, "admin port listening");
+    let app = axum::Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/dead-letters", get(list))
+        .route("/dead-letters/replay", post(replay))
+        .route("/dead-letters/purge", post(purge))
+        .with_state(AdminState { deliverer, router });
+    Ok(tokio::spawn(async move {
+        let served = axum::serve(listener, app)
+            .with_graceful_shutdown(async move { stop.cancelled().await })
+            .await;
+        if let Err(error) = served {
+            tracing::error!(%error, "admin port stopped");
+        }
+    }))
+}
+
+fn store_error(e: crate::store::StoreError) -> Response {
+    (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response()
+}
+
+async fn list(State(s): State<AdminState>, Query(filter): Query<Filter>) -> Response {
+    match deadletters::list(&s.deliverer, &filter) {
+        Ok(letters) => Json(letters).into_response(),
+        Err(e) => store_error(e),
+    }
+}
+
+async fn replay(State(s): State<AdminState>, Query(filter): Query<Filter>) -> Response {
+    match deadletters::replay(&s.deliverer, &s.router, &filter).await {
+        Ok(results) => Json(results).into_response(),
+        Err(e) => store_error(e),
+    }
+}
+
+async fn purge(State(s): State<AdminState>, Query(filter): Query<Filter>) -> Response {
+    match deadletters::purge(&s.deliverer, &filter).await {
+        Ok(n) => Json(serde_json::json!({ "purged": n })).into_response(),
+        Err(e) => store_error(e),
+    }
+}

@@ -1,0 +1,178 @@
+//! One destination's circuit: closed (attempt), open (do not attempt; park for later), half-open
+//! (let exactly one probe through, and close or re-open on its result).
+//!
+//! It opens on `circuit.failures` consecutive retryable failures, or when an event waited
+//! `circuit.max_wait` for one of the destination's `max_concurrency` slots. The second rule is the
+//! one that matters for an endpoint that accepts connections and never answers: its failures only
+//! show after the request timeout (60 s by default), while the slots fill in milliseconds.
+
+use std::sync::Mutex;
+use std::time::{Duration, Instant, SystemTime};
+
+use crate::config::CircuitConfig;
+
+/// What to do with the next attempt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Gate {
+    /// Attempt normally.
+    Closed,
+    /// Attempt: this is the one probe of a half-open circuit; report its result.
+    Probe,
+    /// Do not attempt; try again at this time.
+    Open { retry_at: SystemTime },
+}
+
+#[derive(Debug, Default)]
+struct State {
+    consecutive_failures: u32,
+    open_until: Option<Instant>,
+    probing: bool,
+}
+
+/// The circuit of one destination.
+#[derive(Debug)]
+pub struct Circuit {
+    name: String,
+    config: CircuitConfig,
+    state: Mutex<State>,
+}
+
+impl Circuit {
+    /// A closed circuit for destination `name`.
+    pub fn new(name: &str, config: CircuitConfig) -> Circuit {
+        Circuit {
+            name: name.to_string(),
+            config,
+            state: Mutex::new(State::default()),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        // A panic while holding this lock cannot leave the state inconsistent (plain fields).
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Whether (and how) to attempt now.
+    pub fn gate(&self) -> Gate {
+        let mut s = self.lock();
+        let Some(until) = s.open_until else {
+            return Gate::Closed;
+        };
+        let now = Instant::now();
+        if now < until {
+            return Gate::Open {
+                retry_at: SystemTime::now() + (until - now),
+            };
+        }
+        if s.probing {
+            // A probe is out: look again soon rather than a whole open_for later.
+            return Gate::Open {
+                retry_at: SystemTime::now() + self.config.open_for.min(Duration::from_secs(1)),
+            };
+        }
+        s.probing = true;
+        Gate::Probe
+    }
+
+    /// Whether the circuit is open (or half-open) now.
+    pub fn is_open(&self) -> bool {
+        self.lock().open_until.is_some()
+    }
+
+    /// A 2xx, or an answer that proves the endpoint is up (a 4xx): close.
+    pub fn record_success(&self) {
+        let mut s = self.lock();
+        if s.open_until.is_some() {
+            tracing::info!(destination = %self.name, "circuit closed: the destination answers again");
+        }
+        *s = State::default();
+    }
+
+    /// A retryable failure (no answer, timeout, 5xx, 408, 429).
+    pub fn record_failure(&self, was_probe: bool) {
+        let mut s = self.lock();
+        s.consecutive_failures = s.consecutive_failures.saturating_add(1);
+        if was_probe {
+            s.probing = false;
+            s.open_until = Some(Instant::now() + self.config.open_for);
+            tracing::warn!(destination = %self.name, open_for = ?self.config.open_for, "circuit probe failed: staying open");
+        } else if s.open_until.is_none() && s.consecutive_failures >= self.config.failures {
+            s.open_until = Some(Instant::now() + self.config.open_for);
+            tracing::warn!(
+                destination = %self.name,
+                failures = s.consecutive_failures,
+                open_for = ?self.config.open_for,
+                "circuit opened: events for this destination are parked in the retry store until a probe succeeds"
+            );
+        }
+    }
+
+    /// An event waited `max_wait` for a concurrency slot: the destination is not keeping up.
+    pub fn record_saturated(&self) {
+        let mut s = self.lock();
+        if s.open_until.is_none() {
+            s.open_until = Some(Instant::now() + self.config.open_for);
+            tracing::warn!(
+                destination = %self.name,
+                max_wait = ?self.config.max_wait,
+                open_for = ?self.config.open_for,
+                "circuit opened: every concurrency slot is busy; events are parked until a probe succeeds"
+            );
+        }
+    }
+
+    /// The probe could not be made after all (e.g. the event was already delivered).
+    pub fn release_probe(&self) {
+        self.lock().probing = false;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn circuit(failures: u32, open_for_ms: u64) -> Circuit {
+        Circuit::new(
+            "d",
+            CircuitConfig {
+                failures,
+                open_for: Duration::from_millis(open_for_ms),
+                max_wait: Duration::from_millis(10),
+            },
+        )
+    }
+
+    #[test]
+    fn opens_after_consecutive_failures_and_probes_once() {
+        let c = circuit(3, 400);
+        c.record_failure(false);
+        c.record_failure(false);
+        c.record_success();
+        c.record_failure(false);
+        c.record_failure(false);
+        assert_eq!(c.gate(), Gate::Closed, "a success reset the count");
+        c.record_failure(false);
+        assert!(matches!(c.gate(), Gate::Open { .. }));
+        std::thread::sleep(Duration::from_millis(450));
+        assert_eq!(c.gate(), Gate::Probe);
+        assert!(matches!(c.gate(), Gate::Open { .. }), "one probe at a time");
+        c.record_failure(true);
+        assert!(
+            matches!(c.gate(), Gate::Open { .. }),
+            "failed probe re-opens"
+        );
+        std::thread::sleep(Duration::from_millis(450));
+        assert_eq!(c.gate(), Gate::Probe);
+        c.record_success();
+        assert_eq!(c.gate(), Gate::Closed);
+        assert!(!c.is_open());
+    }
+
+    #[test]
+    fn saturation_opens() {
+        let c = circuit(100, 1000);
+        c.record_saturated();
+        assert!(c.is_open());
+        assert!(matches!(c.gate(), Gate::Open { .. }));
+    }
+}

@@ -1,0 +1,281 @@
+//! One event at one destination: the dedup check, the destination's circuit and concurrency
+//! limit, the POST, and the outcome recorded in the store (delivered, retry scheduled, or dead
+//! letter). Shared by the pipeline (first attempts) and the retry scheduler (later ones), so both
+//! follow exactly the same rules.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use tokio::sync::Semaphore;
+
+use crate::backoff::{retry_delay, ReconnectBackoff};
+use crate::circuit::{Circuit, Gate};
+use crate::config::{Config, RetryConfig};
+use crate::event::Event;
+use crate::sender::{Outcome, Sender};
+use crate::stats::Stats;
+use crate::store::{
+    millis, DeadLetter, DeadLetterKind, RetryRecord, Store, StoreError, StoredEvent,
+};
+
+struct Target {
+    name: String,
+    limit: Semaphore,
+    max_wait: Duration,
+    circuit: Circuit,
+    retry: RetryConfig,
+}
+
+/// Attempts deliveries under each destination's limits and records what happened.
+pub struct Deliverer {
+    sender: Sender,
+    store: Arc<Store>,
+    stats: Arc<Stats>,
+    targets: Vec<Target>,
+}
+
+impl Deliverer {
+    /// One circuit and one concurrency limit per configured destination.
+    pub fn new(config: &Config, sender: Sender, store: Arc<Store>, stats: Arc<Stats>) -> Deliverer {
+        let targets = config
+            .destinations
+            .iter()
+            .map(|d| Target {
+                name: d.name.clone(),
+                limit: Semaphore::new(d.max_concurrency),
+                max_wait: d.circuit.max_wait,
+                circuit: Circuit::new(&d.name, d.circuit.clone()),
+                retry: d.retry.clone(),
+            })
+            .collect();
+        Deliverer {
+            sender,
+            store,
+            stats,
+            targets,
+        }
+    }
+
+    /// The index of the destination called `name`, if it is (still) configured.
+    pub fn index_of(&self, name: &str) -> Option<usize> {
+        self.targets.iter().position(|t| t.name == name)
+    }
+
+    /// Whether destination `index`'s circuit is open.
+    pub fn circuit_open(&self, index: usize) -> bool {
+        self.targets[index].circuit.is_open()
+    }
+
+    /// The first attempt of `event` at destination `index`, for a queue message. Never waits
+    /// longer than `circuit.max_wait` for a slot: past that, or while the circuit is open, the
+    /// event is parked in the retry store instead. Returns whether the store was written (so the
+    /// caller commits before acking).
+    pub async fn first_attempt(&self, index: usize, event: &Event) -> bool {
+        let t = &self.targets[index];
+        if self
+            .until_stored(|| self.store.is_delivered(&t.name, &event.id))
+            .await
+        {
+            Stats::inc(&self.stats.duplicates);
+            tracing::debug!(destination = %t.name, "already delivered to this destination; skipped");
+            return false;
+        }
+        let gate = t.circuit.gate();
+        if let Gate::Open { retry_at } = gate {
+            self.park(t, event, retry_at).await;
+            return true;
+        }
+        let permit = match tokio::time::timeout(t.max_wait, t.limit.acquire()).await {
+            Ok(Ok(p)) => p,
+            _ => {
+                if gate == Gate::Probe {
+                    t.circuit.release_probe();
+                }
+                t.circuit.record_saturated();
+                let retry_at = match t.circuit.gate() {
+                    Gate::Open { retry_at } => retry_at,
+                    _ => SystemTime::now() + t.max_wait,
+                };
+                self.park(t, event, retry_at).await;
+                return true;
+            }
+        };
+        let outcome = self.sender.deliver(index, event).await;
+        drop(permit);
+        self.settle(t, event, 0, outcome, gate == Gate::Probe, false)
+            .await;
+        true
+    }
+
+    /// A later attempt of a pending retry, for the scheduler. Waits for a slot (the queue message
+    /// was acked long ago, nothing is held hostage).
+    pub async fn retry(&self, index: usize, record: RetryRecord) {
+        let t = &self.targets[index];
+        let event = record.event.to_event();
+        if self
+            .until_stored(|| self.store.is_delivered(&t.name, &event.id))
+            .await
+        {
+            self.until_stored(|| self.store.remove_retry(&t.name, &event.id))
+                .await;
+            return;
+        }
+        let gate = t.circuit.gate();
+        if let Gate::Open { retry_at } = gate {
+            let mut again = record;
+            again.next_at_ms = millis(retry_at);
+            self.until_stored(|| self.store.schedule_retry(&again))
+                .await;
+            return;
+        }
+        let Ok(permit) = t.limit.acquire().await else {
+            return;
+        };
+        Stats::inc(&self.stats.retried);
+        let outcome = self.sender.deliver(index, &event).await;
+        drop(permit);
+        self.settle(
+            t,
+            &event,
+            record.attempts,
+            outcome,
+            gate == Gate::Probe,
+            true,
+        )
+        .await;
+    }
+
+    /// Records the outcome of attempt number `attempts_before + 1`; `pending` says it came from a
+    /// retry entry, which a final outcome removes (a parked event's entry has 0 attempts).
+    async fn settle(
+        &self,
+        t: &Target,
+        event: &Event,
+        attempts_before: u32,
+        outcome: Outcome,
+        was_probe: bool,
+        pending: bool,
+    ) {
+        let attempts = attempts_before + 1;
+        match outcome {
+            Outcome::Delivered { status } => {
+                t.circuit.record_success();
+                Stats::inc(&self.stats.delivered);
+                tracing::debug!(destination = %t.name, status, attempts, "delivered");
+                self.until_stored(|| self.store.record_delivered(&t.name, &event.id))
+                    .await;
+                if pending {
+                    self.until_stored(|| self.store.remove_retry(&t.name, &event.id))
+                        .await;
+                }
+            }
+            Outcome::Failed {
+                status,
+                reason,
+                retryable,
+                retry_after,
+            } => {
+                Stats::inc(&self.stats.failed);
+                if retryable {
+                    t.circuit.record_failure(was_probe);
+                } else {
+                    // The endpoint answered: it is up, just not accepting this event.
+                    t.circuit.record_success();
+                }
+                if retryable && event.eligible_for_retry && attempts < t.retry.max_attempts {
+                    let delay = retry_delay(&t.retry, attempts, retry_after);
+                    Stats::inc(&self.stats.retries_scheduled);
+                    tracing::info!(destination = %t.name, status, %reason, attempts, retry_in = ?delay, "delivery failed: retry scheduled");
+                    let record = RetryRecord {
+                        destination: t.name.clone(),
+                        event: StoredEvent::from_event(event),
+                        attempts,
+                        next_at_ms: millis(SystemTime::now() + delay),
+                        last_status: status,
+                        last_error: reason,
+                    };
+                    self.until_stored(|| self.store.schedule_retry(&record))
+                        .await;
+                    return;
+                }
+                let (kind, reason) = if !retryable {
+                    (DeadLetterKind::Failed, reason)
+                } else if !event.eligible_for_retry {
+                    (
+                        DeadLetterKind::Failed,
+                        format!("{reason} (eligible_for_retry is false: one attempt only)"),
+                    )
+                } else {
+                    (
+                        DeadLetterKind::Exhausted,
+                        format!("gave up after {attempts} attempts; last: {reason}"),
+                    )
+                };
+                Stats::inc(&self.stats.dead_lettered);
+                tracing::warn!(destination = %t.name, status, %reason, attempts, "delivery failed: dead-lettered");
+                let letter =
+                    DeadLetter::for_event(event, kind, Some(&t.name), reason, attempts, status);
+                self.until_stored(|| self.store.dead_letter(&letter)).await;
+                if pending {
+                    self.until_stored(|| self.store.remove_retry(&t.name, &event.id))
+                        .await;
+                }
+            }
+        }
+    }
+
+    /// Writes `event` to the retry store without an attempt: the destination's circuit is open.
+    /// This is the one case where the queue message is acked before its POST was attempted.
+    async fn park(&self, t: &Target, event: &Event, retry_at: SystemTime) {
+        Stats::inc(&self.stats.parked);
+        tracing::debug!(destination = %t.name, "circuit open: event parked for the retry scheduler");
+        let record = RetryRecord {
+            destination: t.name.clone(),
+            event: StoredEvent::from_event(event),
+            attempts: 0,
+            next_at_ms: millis(retry_at),
+            last_status: None,
+            last_error: "parked: circuit open".to_string(),
+        };
+        self.until_stored(|| self.store.schedule_retry(&record))
+            .await;
+    }
+
+    /// Runs a store operation until it works. While the store fails, nothing is acked, so nothing
+    /// is lost; the shutdown timeout aborts the task if the store never recovers.
+    pub async fn until_stored<T>(&self, mut op: impl FnMut() -> Result<T, StoreError>) -> T {
+        let mut backoff =
+            ReconnectBackoff::new(Duration::from_millis(100), Duration::from_secs(10));
+        loop {
+            match op() {
+                Ok(v) => return v,
+                Err(error) => {
+                    let delay = backoff.next_delay();
+                    tracing::error!(%error, retry_in = ?delay, "STORE OPERATION FAILED: not acking until the store works again");
+                    tokio::time::sleep(delay).await;
+                }
+            }
+        }
+    }
+
+    /// Group commit until it works (see [`Deliverer::until_stored`]).
+    pub async fn commit(&self) {
+        let mut backoff =
+            ReconnectBackoff::new(Duration::from_millis(100), Duration::from_secs(10));
+        while let Err(error) = self.store.commit().await {
+            let delay = backoff.next_delay();
+            tracing::error!(%error, retry_in = ?delay, "STORE FLUSH FAILED: not acking until the store works again");
+            tokio::time::sleep(delay).await;
+        }
+    }
+
+    /// The store, for dead letters written outside a delivery (bad input, unroutable).
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// The sender, for replays.
+    pub fn sender(&self) -> &Sender {
+        &self.sender
+    }
+}

@@ -1,0 +1,523 @@
+//! Retries from the store, dead letters, circuits, signatures and TLS, over the real RabbitMQ and
+//! real HTTP(S) servers.
+
+mod common;
+
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use common::*;
+use courier::store::DeadLetterKind;
+
+const WAIT: Duration = Duration::from_secs(30);
+
+fn dest(name: &str, url: &str, extra: &str) -> String {
+    format!("[[destinations]]\nname = \"{name}\"\nurl = \"{url}\"\n{extra}\n")
+}
+
+const FAST_RETRY: &str =
+    "retry = { max_attempts = 4, initial_interval = \"100ms\", multiplier = 2.0, max_interval = \"1s\" }";
+
+async fn setup(prefix: &str) -> (String, tempfile::TempDir, Publisher) {
+    let queue = unique(prefix);
+    let publisher = Publisher::connect().await;
+    publisher.declare_queue(&queue).await;
+    (queue, tempfile::tempdir().unwrap(), publisher)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retryable_failures_are_retried_from_the_store_after_the_ack() {
+    let rx = Receiver::start().await;
+    rx.fail_next(2, 503);
+    let (queue, store, pub_) = setup("retry").await;
+    let courier = Courier::start(config(
+        &queue,
+        store.path(),
+        &dest("r", &rx.url("/r"), FAST_RETRY),
+    ));
+    pub_.to_queue(&queue, br#"{"id":"R1","topic":"t","data":{"n":1}}"#)
+        .await;
+    // The message is acked once the first attempt is recorded, not held for the retries.
+    courier.wait_count(1, WAIT, |s| &s.acked).await;
+    eventually("queue drained", WAIT, || {
+        Publisher::counts(&queue) == (0, 0)
+    })
+    .await;
+    eventually("delivered on the third attempt", WAIT, || {
+        rx.delivered_counts().get("R1") == Some(&1)
+    })
+    .await;
+    let stats = courier.stop().await;
+    assert_eq!(rx.arrival_times("R1").len(), 3);
+    assert_eq!(stats.retries_scheduled.load(Ordering::SeqCst), 2);
+    let store = open_store(store.path());
+    assert_eq!(store.pending_retries(), 0);
+    assert!(store.dead_letters().unwrap().is_empty());
+    assert!(
+        store.is_delivered("r", "R1").unwrap(),
+        "a retry that succeeds lands in the dedup tree"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retry_after_is_honoured() {
+    let rx = Receiver::start().await;
+    rx.fail_next(1, 429);
+    rx.set_retry_after(2);
+    let (queue, store, pub_) = setup("retry-after").await;
+    let courier = Courier::start(config(
+        &queue,
+        store.path(),
+        &dest("r", &rx.url("/r"), FAST_RETRY),
+    ));
+    pub_.to_queue(&queue, br#"{"id":"RA","topic":"t","data":{}}"#)
+        .await;
+    eventually("delivered after Retry-After", WAIT, || {
+        rx.delivered_counts().get("RA") == Some(&1)
+    })
+    .await;
+    courier.stop().await;
+    let times = rx.arrival_times("RA");
+    assert_eq!(times.len(), 2);
+    let gap = times[1] - times[0];
+    // max_interval (1 s) bounds the server's wish of 2 s; without it the wait would be ~100 ms.
+    assert!(
+        gap >= Duration::from_millis(950) && gap < Duration::from_millis(1800),
+        "{gap:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn non_retryable_status_and_ineligible_events_get_one_attempt() {
+    let rx = Receiver::start().await;
+    let (queue, store, pub_) = setup("once").await;
+    let destinations = [
+        dest(
+            "bad-request",
+            &rx.url("/400"),
+            &format!("topics = [\"a\"]\n{FAST_RETRY}"),
+        ),
+        dest(
+            "unavailable",
+            &rx.url("/503"),
+            &format!("topics = [\"b\"]\n{FAST_RETRY}"),
+        ),
+    ]
+    .concat();
+    let courier = Courier::start(config(&queue, store.path(), &destinations));
+    rx.fail_next(1, 400);
+    pub_.to_queue(&queue, br#"{"id":"F400","topic":"a","data":{}}"#)
+        .await;
+    courier.wait_count(1, WAIT, |s| &s.acked).await;
+    rx.fail_next(1, 503);
+    pub_.to_queue(
+        &queue,
+        br#"{"id":"NR","topic":"b","eligible_for_retry":false,"data":{}}"#,
+    )
+    .await;
+    courier.wait_count(2, WAIT, |s| &s.acked).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    courier.stop().await;
+    assert_eq!(rx.arrival_times("F400").len(), 1);
+    assert_eq!(rx.arrival_times("NR").len(), 1);
+    let letters = open_store(store.path()).dead_letters().unwrap();
+    assert_eq!(letters.len(), 2);
+    let f400 = letters
+        .iter()
+        .find(|l| l.event_id.as_deref() == Some("F400"))
+        .unwrap();
+    assert_eq!(
+        (f400.kind, f400.last_status, f400.attempts),
+        (DeadLetterKind::Failed, Some(400), 1)
+    );
+    let nr = letters
+        .iter()
+        .find(|l| l.event_id.as_deref() == Some("NR"))
+        .unwrap();
+    assert_eq!(nr.last_status, Some(503));
+    assert!(
+        nr.reason.contains("eligible_for_retry is false"),
+        "{}",
+        nr.reason
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exhausted_retries_end_in_a_dead_letter() {
+    let rx = Receiver::start().await;
+    rx.set_status(500);
+    let (queue, store, pub_) = setup("exhaust").await;
+    let retry = "retry = { max_attempts = 3, initial_interval = \"50ms\", multiplier = 2.0, max_interval = \"200ms\" }\ncircuit = { failures = 100 }";
+    let courier = Courier::start(config(
+        &queue,
+        store.path(),
+        &dest("x", &rx.url("/x"), retry),
+    ));
+    pub_.to_queue(&queue, br#"{"id":"EX","topic":"t","data":{}}"#)
+        .await;
+    courier.wait_count(1, WAIT, |s| &s.dead_lettered).await;
+    courier.stop().await;
+    assert_eq!(rx.arrival_times("EX").len(), 3);
+    let store = open_store(store.path());
+    assert_eq!(store.pending_retries(), 0);
+    let letters = store.dead_letters().unwrap();
+    assert_eq!(letters.len(), 1);
+    let l = &letters[0];
+    assert_eq!(
+        (l.kind, l.attempts, l.last_status),
+        (DeadLetterKind::Exhausted, 3, Some(500))
+    );
+    assert!(
+        l.reason
+            .starts_with("gave up after 3 attempts; last: HTTP 500"),
+        "{}",
+        l.reason
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pending_retries_survive_a_restart() {
+    let rx = Receiver::start().await;
+    rx.set_status(503);
+    let (queue, store, pub_) = setup("restart-retry").await;
+    let slow_retry = "retry = { max_attempts = 5, initial_interval = \"1500ms\", multiplier = 1.0, max_interval = \"1500ms\" }";
+    let cfg = config(&queue, store.path(), &dest("p", &rx.url("/p"), slow_retry));
+    let courier = Courier::start(cfg.clone());
+    pub_.to_queue(&queue, br#"{"id":"P1","topic":"t","data":{}}"#)
+        .await;
+    courier.wait_count(1, WAIT, |s| &s.retries_scheduled).await;
+    courier.stop().await;
+    {
+        let s = open_store(store.path());
+        let pending = s.retries().unwrap();
+        assert_eq!(pending.len(), 1);
+        assert_eq!(
+            (pending[0].attempts, pending[0].last_status),
+            (1, Some(503))
+        );
+    }
+    assert_eq!(
+        Publisher::counts(&queue),
+        (0, 0),
+        "the queue no longer holds it: the store does"
+    );
+    rx.set_status(200);
+    let courier = Courier::start(cfg);
+    eventually("the pending retry is made after the restart", WAIT, || {
+        rx.delivered_counts().get("P1") == Some(&1)
+    })
+    .await;
+    courier.stop().await;
+    assert_eq!(open_store(store.path()).pending_retries(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_destination_that_never_answers_does_not_hold_back_the_others() {
+    let good = Receiver::start().await;
+    let hole = BlackHole::start().await;
+    let (queue, store, pub_) = setup("clog").await;
+    let destinations = [
+        dest("good", &good.url("/g"), ""),
+        dest(
+            "hole",
+            &hole.url("/h"),
+            "timeout = \"60s\"\nmax_concurrency = 4\ncircuit = { failures = 5, open_for = \"60s\", max_wait = \"200ms\" }",
+        ),
+    ]
+    .concat();
+    let mut cfg = config(&queue, store.path(), &destinations);
+    cfg.service.shutdown_timeout = Duration::from_secs(2);
+    let courier = Courier::start(cfg);
+    const N: usize = 300;
+    for i in 0..N {
+        pub_.to_queue(
+            &queue,
+            format!(r#"{{"id":"c{i}","topic":"t","data":{{}}}}"#).as_bytes(),
+        )
+        .await;
+    }
+    let started = Instant::now();
+    eventually("the good destination gets every event", WAIT, || {
+        good.delivered_counts().len() == N
+    })
+    .await;
+    let took = started.elapsed();
+    // 4 messages wait on the hole's 60 s timeout; everything else was acked (its hole part parked).
+    eventually("all but the in-flight ones acked", WAIT, || {
+        Publisher::counts(&queue).0 == 0
+    })
+    .await;
+    let parked = courier.count(|s| &s.parked);
+    assert!(
+        took < Duration::from_secs(15),
+        "good destination took {took:?}"
+    );
+    assert!(parked as usize >= N - 4 - 1, "parked {parked}");
+    assert!(
+        hole.connections.load(Ordering::SeqCst) <= 4,
+        "the hole never got more than max_concurrency"
+    );
+    courier.stop().await;
+    let s = open_store(store.path());
+    let parked_entries = s.retries().unwrap();
+    assert!(parked_entries
+        .iter()
+        .all(|r| r.destination == "hole" && r.attempts == 0));
+    assert!(
+        parked_entries.len() >= N - 5,
+        "parked events are durable: {}",
+        parked_entries.len()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn circuit_probe_closes_it_and_parked_events_are_delivered() {
+    let rx = Receiver::start().await;
+    rx.set_status(503);
+    let (queue, store, pub_) = setup("probe").await;
+    let extra = "retry = { max_attempts = 10, initial_interval = \"100ms\", multiplier = 1.0, max_interval = \"100ms\" }\ncircuit = { failures = 2, open_for = \"1s\" }";
+    let courier = Courier::start(config(
+        &queue,
+        store.path(),
+        &dest("p", &rx.url("/p"), extra),
+    ));
+    for i in 0..2 {
+        pub_.to_queue(
+            &queue,
+            format!(r#"{{"id":"o{i}","topic":"t","data":{{}}}}"#).as_bytes(),
+        )
+        .await;
+    }
+    courier.wait_count(2, WAIT, |s| &s.failed).await;
+    // Open now: these are parked without an attempt.
+    for i in 2..20 {
+        pub_.to_queue(
+            &queue,
+            format!(r#"{{"id":"o{i}","topic":"t","data":{{}}}}"#).as_bytes(),
+        )
+        .await;
+    }
+    courier.wait_count(20, WAIT, |s| &s.acked).await;
+    assert!(
+        courier.count(|s| &s.parked) >= 18,
+        "parked {}",
+        courier.count(|s| &s.parked)
+    );
+    let attempts_while_open = rx.arrivals().len();
+    rx.set_status(200);
+    eventually("all 20 delivered once the probe succeeded", WAIT, || {
+        rx.delivered_counts().len() == 20
+    })
+    .await;
+    courier.stop().await;
+    assert!(
+        attempts_while_open <= 3,
+        "{attempts_while_open} attempts reached a destination whose circuit was open"
+    );
+    assert_eq!(open_store(store.path()).pending_retries(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_are_signed_the_standard_webhooks_way() {
+    use hmac::Mac as _;
+    let rx = Receiver::start().await;
+    let (queue, store, pub_) = setup("signed").await;
+    let secret = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+    let courier = Courier::start(config(
+        &queue,
+        store.path(),
+        &dest(
+            "s",
+            &rx.url("/s"),
+            &format!("signing_secret = \"{secret}\"\nmetadata_in_payload = true"),
+        ),
+    ));
+    pub_.to_queue(
+        &queue,
+        br#"{"id":"SIG1","topic":"a.b","data":{"x":1.50},"metadata":{"webhook-id":"forged"}}"#,
+    )
+    .await;
+    let r = rx.wait_for_id("SIG1", WAIT).await;
+    courier.stop().await;
+    assert_eq!(
+        r.header("webhook-id"),
+        Some("SIG1"),
+        "metadata cannot override it"
+    );
+    let ts: u64 = r.header("webhook-timestamp").unwrap().parse().unwrap();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    assert!(now.abs_diff(ts) < 60);
+    // Verify as a receiver would: HMAC-SHA256 over "id.timestamp.body" with the decoded secret.
+    use base64::Engine as _;
+    let key = base64::engine::general_purpose::STANDARD
+        .decode(&secret[6..])
+        .unwrap();
+    let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(&key).unwrap();
+    mac.update(format!("SIG1.{ts}.").as_bytes());
+    mac.update(&r.body);
+    let expected = format!(
+        "v1,{}",
+        base64::engine::general_purpose::STANDARD.encode(mac.finalize().into_bytes())
+    );
+    assert_eq!(r.header("webhook-signature"), Some(expected.as_str()));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn self_signed_https_is_refused_by_default_and_accepted_when_relaxed() {
+    let tls = Receiver::start_tls().await;
+    let (queue, store, pub_) = setup("tls").await;
+    let destinations = [
+        dest(
+            "strict",
+            &tls.url("/strict"),
+            "topics = [\"a\"]\nretry = { max_attempts = 1 }",
+        ),
+        dest(
+            "relaxed",
+            &tls.url("/relaxed"),
+            "topics = [\"b\"]\ntls_verify = false",
+        ),
+    ]
+    .concat();
+    let courier = Courier::start(config(&queue, store.path(), &destinations));
+    pub_.to_queue(&queue, br#"{"id":"T1","topic":"a","data":{}}"#)
+        .await;
+    pub_.to_queue(
+        &queue,
+        br#"{"id":"T2","topic":"b","data":{"secure":"enough"}}"#,
+    )
+    .await;
+    let r = tls.wait_for_id("T2", WAIT).await;
+    assert_eq!(r.path, "/relaxed");
+    assert_eq!(r.body, br#"{"secure":"enough"}"#);
+    courier.wait_count(2, WAIT, |s| &s.acked).await;
+    courier.stop().await;
+    assert!(tls.requests_to("/strict").is_empty());
+    let letters = open_store(store.path()).dead_letters().unwrap();
+    assert_eq!(letters.len(), 1);
+    let reason = &letters[0].reason;
+    assert!(
+        reason.contains("certificate") || reason.contains("UnknownIssuer"),
+        "a clear TLS reason: {reason}"
+    );
+}
+
+fn run_cli(args: &[&str], config: &std::path::Path) -> (i32, String, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_courier"))
+        .args(args)
+        .arg("--config")
+        .arg(config)
+        .output()
+        .expect("run courier");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_letter_cli_lists_replays_and_purges_offline_and_through_a_running_worker() {
+    let rx = Receiver::start().await;
+    rx.set_status(400);
+    let (queue, dir, pub_) = setup("cli").await;
+    let admin_port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let text = format!(
+        "[store]\npath = \"{}\"\n[admin]\nlisten = \"127.0.0.1:{admin_port}\"\n[rabbitmq]\nurl = \"{AMQP_URL}\"\nqueue = \"{queue}\"\n{}",
+        dir.path().join("store").display(),
+        dest("cli-dest", &rx.url("/c"), "")
+    );
+    let cfg_path = dir.path().join("courier.toml");
+    std::fs::write(&cfg_path, &text).unwrap();
+
+    // A worker dead-letters three events (400) and a poison message.
+    let worker = CourierProcess::spawn(&text, dir.path());
+    for id in ["D1", "D2", "D3"] {
+        pub_.to_queue(
+            &queue,
+            format!(r#"{{"id":"{id}","topic":"t","data":{{}}}}"#).as_bytes(),
+        )
+        .await;
+    }
+    pub_.to_queue(&queue, b"not json").await;
+    eventually("all four settled", WAIT, || {
+        Publisher::counts(&queue) == (0, 0) && rx.arrivals().len() == 3
+    })
+    .await;
+
+    // While the worker holds the store, the CLI goes through its admin port.
+    let (code, out, err) = tokio::task::spawn_blocking({
+        let p = cfg_path.clone();
+        move || run_cli(&["dead-letters", "list", "--json"], &p)
+    })
+    .await
+    .unwrap();
+    assert_eq!(code, 0, "{err}");
+    let letters: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(letters.as_array().unwrap().len(), 4, "{out}");
+    rx.set_status(200);
+    let (code, out, _) = tokio::task::spawn_blocking({
+        let p = cfg_path.clone();
+        move || run_cli(&["dead-letters", "replay", "--id", "D1"], &p)
+    })
+    .await
+    .unwrap();
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("delivered") && out.contains("D1"), "{out}");
+    assert_eq!(rx.delivered_counts().get("D1"), Some(&1));
+    drop(worker);
+
+    // Stopped worker: the CLI opens the store itself.
+    let (code, out, err) = run_cli(&["dead-letters", "list"], &cfg_path);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("3 dead letter(s)"), "{out}");
+    assert!(
+        out.contains("BadInput") && out.contains("not valid JSON"),
+        "{out}"
+    );
+    let (code, out, _) = run_cli(
+        &["dead-letters", "replay", "--destination", "cli-dest"],
+        &cfg_path,
+    );
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("2 of 2 replayed letter(s) delivered"), "{out}");
+    let (code, out, _) = run_cli(&["dead-letters", "replay"], &cfg_path);
+    assert_eq!(code, 1, "the bad-input letter cannot be delivered");
+    assert!(
+        out.contains("cannot replay: the message could not be parsed"),
+        "{out}"
+    );
+    let (code, out, _) = run_cli(&["dead-letters", "purge"], &cfg_path);
+    assert_eq!(code, 0);
+    assert!(out.contains("1 dead letter(s) purged"), "{out}");
+    let counts = rx.delivered_counts();
+    assert_eq!((counts["D1"], counts["D2"], counts["D3"]), (1, 1, 1));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_says_what_to_do_when_the_store_is_busy_and_no_admin_port_is_set() {
+    let rx = Receiver::start().await;
+    let (queue, dir, _pub) = setup("busy").await;
+    let text = format!(
+        "[store]\npath = \"{}\"\n[rabbitmq]\nurl = \"{AMQP_URL}\"\nqueue = \"{queue}\"\n{}",
+        dir.path().join("store").display(),
+        dest("b", &rx.url("/b"), "")
+    );
+    let cfg_path = dir.path().join("courier.toml");
+    std::fs::write(&cfg_path, &text).unwrap();
+    let _worker = CourierProcess::spawn(&text, dir.path());
+    _pub.wait_consumers(&queue, 1).await;
+    let (code, _, err) = run_cli(&["dead-letters", "list"], &cfg_path);
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("in use by a running courier") && err.contains("[admin] listen"),
+        "{err}"
+    );
+}
