@@ -74,6 +74,22 @@ impl Circuit {
         Gate::Probe
     }
 
+    /// Whether no attempt may start now: open, or half-open with its probe still out. The retry
+    /// scheduler does not even read such a destination's entries.
+    pub fn blocked(&self) -> bool {
+        let s = self.lock();
+        match s.open_until {
+            None => false,
+            Some(until) => Instant::now() < until || s.probing,
+        }
+    }
+
+    /// Whether the open period is over and the probe has not been taken yet.
+    pub fn probe_ready(&self) -> bool {
+        let s = self.lock();
+        s.open_until.is_some_and(|until| Instant::now() >= until) && !s.probing
+    }
+
     /// Whether the circuit is open (or half-open) now.
     pub fn is_open(&self) -> bool {
         self.lock().open_until.is_some()

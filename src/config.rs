@@ -291,7 +291,11 @@ impl MqttConfig {
         let tls = match url.scheme() {
             "mqtt" | "tcp" => false,
             "mqtts" | "ssl" => true,
-            other => return Err(format!("scheme {other:?} is not mqtt or mqtts")),
+            other => {
+                return Err(format!(
+                    "scheme {other:?} is not mqtt (or tcp) or mqtts (or ssl)"
+                ))
+            }
         };
         if !url.username().is_empty() || url.password().is_some() {
             return Err(

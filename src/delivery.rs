@@ -66,6 +66,21 @@ impl Deliverer {
         self.targets[index].circuit.is_open()
     }
 
+    /// Whether destination `index` takes no attempt now (circuit open, or its probe still out).
+    pub fn blocked(&self, index: usize) -> bool {
+        self.targets[index].circuit.blocked()
+    }
+
+    /// Whether destination `index`'s circuit waits for exactly one probe.
+    pub fn probe_ready(&self, index: usize) -> bool {
+        self.targets[index].circuit.probe_ready()
+    }
+
+    /// The configured destination names, by index.
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.targets.iter().map(|t| t.name.as_str())
+    }
+
     /// The first attempt of `event` at destination `index`, for a queue message. Never waits
     /// longer than `circuit.max_wait` for a slot: past that, or while the circuit is open, the
     /// event is parked in the retry store instead. Returns whether the store was written (so the

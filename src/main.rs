@@ -99,15 +99,18 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Validate { config } => match Config::load(&config) {
             Ok(c) => {
+                let sources: Vec<&str> = [
+                    c.rabbitmq.as_ref().map(|_| "rabbitmq"),
+                    c.mqtt.as_ref().map(|_| "mqtt"),
+                ]
+                .into_iter()
+                .flatten()
+                .collect();
                 println!(
                     "{}: valid ({} destination(s); sources: {})",
                     config.display(),
                     c.destinations.len(),
-                    if c.rabbitmq.is_some() {
-                        "rabbitmq"
-                    } else {
-                        "none"
-                    }
+                    sources.join(", ")
                 );
                 ExitCode::SUCCESS
             }

@@ -1,6 +1,9 @@
-//! The retry scheduler: takes due entries from the store's retry tree, oldest first, and attempts
-//! them again through the same [`Deliverer`] as first attempts. Entries are durable, so retries
-//! pending at a shutdown or crash are made after the next start.
+//! The retry scheduler: takes due entries from the store's retry tree, destination by destination
+//! and oldest first, and attempts them again through the same [`Deliverer`] as first attempts.
+//! Entries are durable, so retries pending at a shutdown or crash are made after the next start.
+//!
+//! A destination whose circuit is open is not even read; when its open period ends, exactly one
+//! entry is taken as the probe, and the rest follow once the probe succeeded.
 
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
@@ -12,12 +15,14 @@ use tokio_util::sync::CancellationToken;
 
 use crate::delivery::Deliverer;
 use crate::stats::Stats;
-use crate::store::{millis, DeadLetter, DeadLetterKind};
+use crate::store::{millis, DeadLetter, DeadLetterKind, RetryRecord};
 
 /// How often the store is looked at when nothing is due sooner.
 const POLL: Duration = Duration::from_millis(250);
-/// Due entries read per look.
+/// Due entries read per destination per look.
 const BATCH: usize = 256;
+
+type Taken = Arc<Mutex<HashSet<(usize, String)>>>;
 
 /// Runs until `stop`, at most `max_in_flight` retries at once (each also within its destination's
 /// `max_concurrency`). At `stop` it starts nothing new and gives running attempts `grace` to end.
@@ -28,88 +33,76 @@ pub async fn run(
     stop: CancellationToken,
     grace: Duration,
 ) {
-    let taken: Arc<Mutex<HashSet<(String, String)>>> = Arc::default();
+    dead_letter_orphans(&deliverer, &stats).await;
+    let names: Vec<String> = deliverer.names().map(str::to_string).collect();
+    let taken: Taken = Arc::default();
     let limit = Arc::new(Semaphore::new(max_in_flight.max(1)));
     let mut tasks = JoinSet::new();
     'outer: while !stop.is_cancelled() {
         while tasks.try_join_next().is_some() {}
         let now = millis(SystemTime::now());
-        let due = {
-            let taken = taken.lock().unwrap_or_else(|p| p.into_inner());
-            deliverer.store().due_retries(now, BATCH, |dest, id| {
-                taken.contains(&(dest.to_string(), id.to_string()))
-            })
-        };
-        let due = match due {
-            Ok(d) => d,
-            Err(error) => {
-                tracing::error!(%error, "cannot read the retry store; trying again");
-                Vec::new()
+        let mut started = 0usize;
+        let mut wait = POLL;
+        for (index, name) in names.iter().enumerate() {
+            if deliverer.blocked(index) {
+                continue;
             }
-        };
-        if due.is_empty() {
-            let wait = match deliverer.store().next_retry_at() {
-                Ok(Some(at)) if at > now => Duration::from_millis(at - now).min(POLL),
-                _ => POLL,
+            let batch = if deliverer.probe_ready(index) {
+                1
+            } else {
+                BATCH
             };
+            let due = {
+                let taken = taken.lock().unwrap_or_else(|p| p.into_inner());
+                deliverer.store().due_retries(name, now, batch, |id| {
+                    taken.contains(&(index, id.to_string()))
+                })
+            };
+            let due = match due {
+                Ok(d) => d,
+                Err(error) => {
+                    tracing::error!(%error, destination = %name, "cannot read the retry store; trying again");
+                    continue;
+                }
+            };
+            if due.is_empty() {
+                if let Ok(Some(at)) = deliverer.store().next_retry_at(name) {
+                    if at > now {
+                        wait = wait.min(Duration::from_millis(at - now));
+                    }
+                }
+                continue;
+            }
+            for record in due {
+                let permit = tokio::select! {
+                    p = limit.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break 'outer },
+                    _ = stop.cancelled() => break 'outer,
+                };
+                started += 1;
+                let key = (index, record.event.id.clone());
+                taken
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(key.clone());
+                let deliverer = deliverer.clone();
+                let taken = taken.clone();
+                let span = tracing::info_span!("retry", event_id = %record.event.id, destination = %record.destination, attempts = record.attempts);
+                tasks.spawn(tracing::Instrument::instrument(
+                    async move {
+                        deliverer.retry(index, record).await;
+                        deliverer.commit().await;
+                        taken.lock().unwrap_or_else(|p| p.into_inner()).remove(&key);
+                        drop(permit);
+                    },
+                    span,
+                ));
+            }
+        }
+        if started == 0 {
             tokio::select! {
-                _ = tokio::time::sleep(wait) => {}
+                _ = tokio::time::sleep(wait.max(Duration::from_millis(10))) => {}
                 _ = stop.cancelled() => break,
             }
-            continue;
-        }
-        for record in due {
-            let permit = tokio::select! {
-                p = limit.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break 'outer },
-                _ = stop.cancelled() => break 'outer,
-            };
-            let pair = (record.destination.clone(), record.event.id.clone());
-            taken
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .insert(pair.clone());
-            let deliverer = deliverer.clone();
-            let taken = taken.clone();
-            let stats = stats.clone();
-            let span = tracing::info_span!("retry", event_id = %record.event.id, destination = %record.destination, attempts = record.attempts);
-            tasks.spawn(tracing::Instrument::instrument(
-                async move {
-                    match deliverer.index_of(&record.destination) {
-                        Some(index) => deliverer.retry(index, record).await,
-                        None => {
-                            // The destination left the configuration while a retry was pending.
-                            let event = record.event.to_event();
-                            let letter = DeadLetter::for_event(
-                                &event,
-                                DeadLetterKind::Unroutable,
-                                Some(&record.destination),
-                                format!(
-                                    "destination {:?} is no longer configured; {} attempt(s) made, last: {}",
-                                    record.destination, record.attempts, record.last_error
-                                ),
-                                record.attempts,
-                                record.last_status,
-                            );
-                            Stats::inc(&stats.dead_lettered);
-                            deliverer
-                                .until_stored(|| deliverer.store().dead_letter(&letter))
-                                .await;
-                            deliverer
-                                .until_stored(|| {
-                                    deliverer.store().remove_retry(&record.destination, &event.id)
-                                })
-                                .await;
-                        }
-                    }
-                    deliverer.commit().await;
-                    taken
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .remove(&pair);
-                    drop(permit);
-                },
-                span,
-            ));
         }
     }
     let drained =
@@ -119,4 +112,46 @@ pub async fn run(
         tasks.abort_all();
         while tasks.join_next().await.is_some() {}
     }
+}
+
+/// Retries of destinations that left the configuration become dead letters (replayable once the
+/// destination is back). Runs once at start.
+async fn dead_letter_orphans(deliverer: &Deliverer, stats: &Stats) {
+    let store = deliverer.store();
+    let orphans: Vec<String> = match store.retry_destinations() {
+        Ok(names) => names
+            .into_iter()
+            .filter(|n| deliverer.index_of(n).is_none())
+            .collect(),
+        Err(error) => {
+            tracing::error!(%error, "cannot read the retry store");
+            return;
+        }
+    };
+    for name in orphans {
+        let records: Vec<RetryRecord> = deliverer
+            .until_stored(|| store.due_retries(&name, u64::MAX - 1, usize::MAX, |_| false))
+            .await;
+        tracing::warn!(destination = %name, pending = records.len(), "retries of a destination that is no longer configured: dead-lettered");
+        for record in records {
+            let event = record.event.to_event();
+            let letter = DeadLetter::for_event(
+                &event,
+                DeadLetterKind::Unroutable,
+                Some(&name),
+                format!(
+                    "destination {name:?} is no longer configured; {} attempt(s) made, last: {}",
+                    record.attempts, record.last_error
+                ),
+                record.attempts,
+                record.last_status,
+            );
+            Stats::inc(&stats.dead_lettered);
+            deliverer.until_stored(|| store.dead_letter(&letter)).await;
+            deliverer
+                .until_stored(|| store.remove_retry(&name, &event.id))
+                .await;
+        }
+    }
+    deliverer.commit().await;
 }

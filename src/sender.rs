@@ -200,7 +200,8 @@ fn redirect_policy() -> reqwest::redirect::Policy {
             .previous()
             .last()
             .is_some_and(|prev| prev.origin() == attempt.url().origin());
-        if keeps_post && same_origin && attempt.previous().len() < 10 {
+        // `previous()` includes the original URL: this follows at most 10 redirects.
+        if keeps_post && same_origin && attempt.previous().len() <= 10 {
             attempt.follow()
         } else {
             attempt.stop()

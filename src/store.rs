@@ -69,11 +69,18 @@ pub struct RetryRecord {
 
 impl RetryRecord {
     fn key(&self) -> Vec<u8> {
-        let mut key = Vec::with_capacity(8 + self.destination.len() + 1 + self.event.id.len());
+        let mut key = retry_prefix(&self.destination);
         key.extend_from_slice(&self.next_at_ms.to_be_bytes());
-        key.extend_from_slice(&dedup_key(&self.destination, &self.event.id));
+        key.extend_from_slice(self.event.id.as_bytes());
         key
     }
+}
+
+fn retry_prefix(destination: &str) -> Vec<u8> {
+    let mut key = Vec::with_capacity(destination.len() + 1 + 8 + 40);
+    key.extend_from_slice(destination.as_bytes());
+    key.push(0);
+    key
 }
 
 /// The parts of an [`Event`] needed to deliver it again.
@@ -225,7 +232,8 @@ pub struct Store {
     db: sled::Db,
     delivered: sled::Tree,
     dead: sled::Tree,
-    /// `next_at (u64 BE) ++ destination ++ 0 ++ event id` → [`RetryRecord`]: due entries are a prefix scan.
+    /// `destination ++ 0 ++ next_at (u64 BE) ++ event id` → [`RetryRecord`]: a destination's due
+    /// entries are one range scan, and a destination whose circuit is open is simply not scanned.
     retries: sled::Tree,
     /// `destination ++ 0 ++ event id` → its key in `retries`: one pending retry per pair.
     retry_index: sled::Tree,
@@ -359,20 +367,24 @@ impl Store {
             })
     }
 
-    /// Up to `limit` retries due at `now_ms`, earliest first, skipping those `skip` says are taken.
+    /// Up to `limit` retries of `destination` due at `now_ms`, earliest first, skipping the event
+    /// ids `skip` says are taken.
     pub fn due_retries(
         &self,
+        destination: &str,
         now_ms: u64,
         limit: usize,
-        skip: impl Fn(&str, &str) -> bool,
+        skip: impl Fn(&str) -> bool,
     ) -> Result<Vec<RetryRecord>, StoreError> {
+        let start = retry_prefix(destination);
+        let mut end = start.clone();
+        end.extend_from_slice(&now_ms.saturating_add(1).to_be_bytes());
         let mut out = Vec::new();
-        let end = (now_ms.saturating_add(1)).to_be_bytes();
-        for item in self.retries.range(..end.as_slice()) {
+        for item in self.retries.range(start..end) {
             let (_, value) = item.map_err(|e| self.err(e))?;
             let record: RetryRecord =
                 serde_json::from_slice(&value).map_err(|e| self.corrupt(format!("retry: {e}")))?;
-            if skip(&record.destination, &record.event.id) {
+            if skip(&record.event.id) {
                 continue;
             }
             out.push(record);
@@ -383,13 +395,31 @@ impl Store {
         Ok(out)
     }
 
-    /// When the earliest pending retry is due (Unix milliseconds).
-    pub fn next_retry_at(&self) -> Result<Option<u64>, StoreError> {
-        Ok(self
-            .retries
-            .first()
-            .map_err(|e| self.err(e))?
-            .map(|(k, _)| decode_millis(&k[..8.min(k.len())])))
+    /// When `destination`'s earliest pending retry is due (Unix milliseconds).
+    pub fn next_retry_at(&self, destination: &str) -> Result<Option<u64>, StoreError> {
+        let prefix = retry_prefix(destination);
+        match self.retries.scan_prefix(&prefix).next() {
+            Some(item) => {
+                let (key, _) = item.map_err(|e| self.err(e))?;
+                Ok(key.get(prefix.len()..prefix.len() + 8).map(decode_millis))
+            }
+            None => Ok(None),
+        }
+    }
+
+    /// Destinations that have pending retries (one pass over the index).
+    pub fn retry_destinations(&self) -> Result<Vec<String>, StoreError> {
+        let mut out: Vec<String> = Vec::new();
+        for item in self.retry_index.iter() {
+            let (pair, _) = item.map_err(|e| self.err(e))?;
+            let name = pair.split(|b| *b == 0).next().unwrap_or(&[]);
+            let name = String::from_utf8_lossy(name).into_owned();
+            if out.last() != Some(&name) {
+                out.push(name);
+            }
+        }
+        out.dedup();
+        Ok(out)
     }
 
     /// Pending retries.
@@ -397,9 +427,16 @@ impl Store {
         self.retry_index.len()
     }
 
-    /// Every pending retry, earliest first.
+    /// Every pending retry, by destination and then time.
     pub fn retries(&self) -> Result<Vec<RetryRecord>, StoreError> {
-        self.due_retries(u64::MAX - 1, usize::MAX, |_, _| false)
+        let mut out = Vec::new();
+        for item in self.retries.iter() {
+            let (_, value) = item.map_err(|e| self.err(e))?;
+            out.push(
+                serde_json::from_slice(&value).map_err(|e| self.corrupt(format!("retry: {e}")))?,
+            );
+        }
+        Ok(out)
     }
 
     /// Replaces the dead letter stored under `key` (its hex form, as listed).
@@ -605,16 +642,23 @@ mod tests {
             store.schedule_retry(&rec("c", 300, 1)).unwrap();
             // Rescheduling a pair replaces its earlier entry.
             store.schedule_retry(&rec("a", 250, 2)).unwrap();
-            assert_eq!(store.pending_retries(), 3);
-            assert_eq!(store.next_retry_at().unwrap(), Some(200));
-            let due = store.due_retries(260, 10, |_, _| false).unwrap();
+            let mut other = rec("z", 50, 1);
+            other.destination = "e".into();
+            store.schedule_retry(&other).unwrap();
+            assert_eq!(store.pending_retries(), 4);
+            assert_eq!(store.next_retry_at("d").unwrap(), Some(200));
+            assert_eq!(store.next_retry_at("e").unwrap(), Some(50));
+            assert_eq!(store.next_retry_at("none").unwrap(), None);
+            assert_eq!(store.retry_destinations().unwrap(), vec!["d", "e"]);
+            let due = store.due_retries("d", 260, 10, |_| false).unwrap();
             let ids: Vec<_> = due
                 .iter()
                 .map(|r| (r.event.id.as_str(), r.attempts))
                 .collect();
             assert_eq!(ids, vec![("b", 1), ("a", 2)]);
-            let due = store.due_retries(260, 10, |_, id| id == "b").unwrap();
+            let due = store.due_retries("d", 260, 10, |id| id == "b").unwrap();
             assert_eq!(due.len(), 1);
+            store.remove_retry("e", "z").unwrap();
             store.remove_retry("d", "b").unwrap();
             store.commit().await.unwrap();
         }

@@ -31,6 +31,20 @@ fn validate_exit_codes() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("sources: rabbitmq"));
+    let both = dir.path().join("both.toml");
+    std::fs::write(
+        &both,
+        "[rabbitmq]\nurl = \"amqp://127.0.0.1\"\nqueue = \"q\"\n[mqtt]\nurl = \"mqtt://127.0.0.1\"\nclient_id = \"c\"\ntopics = [\"t/#\"]\n[[destinations]]\nname = \"a\"\nurl = \"http://127.0.0.1/\"\n",
+    )
+    .unwrap();
+    let out = courier()
+        .args(["validate", "--config"])
+        .arg(&both)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("sources: rabbitmq, mqtt"), "{stdout}");
 
     let bad = dir.path().join("bad.toml");
     std::fs::write(

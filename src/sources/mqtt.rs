@@ -132,16 +132,15 @@ impl MqttSource {
                         session_present,
                         "connected to the MQTT broker"
                     );
-                    // A resumed session keeps its subscriptions; subscribing again would make the
-                    // broker resend every retained message.
-                    if !session_present {
-                        let filters: Vec<SubscribeFilter> = subscriptions
-                            .iter()
-                            .map(|f| SubscribeFilter::new(f.clone(), self.qos))
-                            .collect();
-                        if let Err(error) = client.subscribe_many(filters).await {
-                            tracing::error!(%error, "could not queue the MQTT subscription");
-                        }
+                    // Subscribe on every connect, resumed session or not: a changed `topics`,
+                    // `qos` or `shared_group` takes effect, and a refused subscription is tried
+                    // again. The broker re-sends retained messages; dedup absorbs them.
+                    let filters: Vec<SubscribeFilter> = subscriptions
+                        .iter()
+                        .map(|f| SubscribeFilter::new(f.clone(), self.qos))
+                        .collect();
+                    if let Err(error) = client.subscribe_many(filters).await {
+                        tracing::error!(%error, "could not queue the MQTT subscription");
                     }
                 }
                 DriverEvent::SubAck(codes) => {
