@@ -117,7 +117,7 @@ impl Deliverer {
         };
         let outcome = self.sender.deliver(index, event).await;
         drop(permit);
-        self.settle(t, event, 0, outcome, gate == Gate::Probe, false)
+        self.settle(t, event, 0, outcome, gate == Gate::Probe, None)
             .await;
         true
     }
@@ -131,13 +131,13 @@ impl Deliverer {
             .until_stored(|| self.store.is_delivered(&t.name, &event.id))
             .await
         {
-            self.until_stored(|| self.store.remove_retry(&t.name, &event.id))
+            self.until_stored(|| self.store.remove_retry_record(&record))
                 .await;
             return;
         }
         let gate = t.circuit.gate();
         if let Gate::Open { retry_at } = gate {
-            let mut again = record;
+            let mut again = record.clone();
             again.next_at_ms = millis(retry_at);
             self.until_stored(|| self.store.schedule_retry(&again))
                 .await;
@@ -155,13 +155,13 @@ impl Deliverer {
             record.attempts,
             outcome,
             gate == Gate::Probe,
-            true,
+            Some(&record),
         )
         .await;
     }
 
-    /// Records the outcome of attempt number `attempts_before + 1`; `pending` says it came from a
-    /// retry entry, which a final outcome removes (a parked event's entry has 0 attempts).
+    /// Records the outcome of attempt number `attempts_before + 1`; `pending` is the retry entry
+    /// it came from, which a final outcome removes (a parked event's entry has 0 attempts).
     async fn settle(
         &self,
         t: &Target,
@@ -169,7 +169,7 @@ impl Deliverer {
         attempts_before: u32,
         outcome: Outcome,
         was_probe: bool,
-        pending: bool,
+        pending: Option<&RetryRecord>,
     ) {
         let attempts = attempts_before + 1;
         match outcome {
@@ -179,8 +179,8 @@ impl Deliverer {
                 tracing::debug!(destination = %t.name, status, attempts, "delivered");
                 self.until_stored(|| self.store.record_delivered(&t.name, &event.id))
                     .await;
-                if pending {
-                    self.until_stored(|| self.store.remove_retry(&t.name, &event.id))
+                if let Some(record) = pending {
+                    self.until_stored(|| self.store.remove_retry_record(record))
                         .await;
                 }
             }
@@ -231,8 +231,8 @@ impl Deliverer {
                 let letter =
                     DeadLetter::for_event(event, kind, Some(&t.name), reason, attempts, status);
                 self.until_stored(|| self.store.dead_letter(&letter)).await;
-                if pending {
-                    self.until_stored(|| self.store.remove_retry(&t.name, &event.id))
+                if let Some(record) = pending {
+                    self.until_stored(|| self.store.remove_retry_record(record))
                         .await;
                 }
             }

@@ -15,7 +15,6 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use base64::Engine as _;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
-use sled::Transactional as _;
 
 use crate::config::StoreConfig;
 use crate::event::{Event, SourceKind};
@@ -331,40 +330,45 @@ impl Store {
         let key = record.key();
         let pair = dedup_key(&record.destination, &record.event.id);
         let value = serde_json::to_vec(record).map_err(|e| self.corrupt(e.to_string()))?;
-        (&self.retries, &self.retry_index)
-            .transaction(|(retries, index)| {
-                if let Some(old) = index.insert(pair.as_slice(), key.as_slice())? {
-                    if old.as_ref() != key.as_slice() {
-                        retries.remove(old)?;
-                    }
-                }
-                retries.insert(key.as_slice(), value.as_slice())?;
-                Ok(())
-            })
-            .map_err(|e: sled::transaction::TransactionError<()>| match e {
-                sled::transaction::TransactionError::Storage(e) => self.err(e),
-                sled::transaction::TransactionError::Abort(()) => {
-                    self.corrupt("retry transaction aborted".into())
-                }
-            })
+        // Entry first, index second: a crash in between leaves an entry the index does not know,
+        // which the scheduler still attempts and then removes by its own key.
+        self.retries
+            .insert(key.as_slice(), value)
+            .map_err(|e| self.err(e))?;
+        if let Some(old) = self
+            .retry_index
+            .insert(pair.as_slice(), key.as_slice())
+            .map_err(|e| self.err(e))?
+        {
+            if old.as_ref() != key.as_slice() {
+                self.retries.remove(old).map_err(|e| self.err(e))?;
+            }
+        }
+        Ok(())
     }
 
     /// Drops the pending retry of `event_id` at `destination`, if any.
     pub fn remove_retry(&self, destination: &str, event_id: &str) -> Result<(), StoreError> {
         let pair = dedup_key(destination, event_id);
-        (&self.retries, &self.retry_index)
-            .transaction(|(retries, index)| {
-                if let Some(old) = index.remove(pair.as_slice())? {
-                    retries.remove(old)?;
-                }
-                Ok(())
-            })
-            .map_err(|e: sled::transaction::TransactionError<()>| match e {
-                sled::transaction::TransactionError::Storage(e) => self.err(e),
-                sled::transaction::TransactionError::Abort(()) => {
-                    self.corrupt("retry transaction aborted".into())
-                }
-            })
+        if let Some(key) = self.retry_index.remove(pair).map_err(|e| self.err(e))? {
+            self.retries.remove(key).map_err(|e| self.err(e))?;
+        }
+        Ok(())
+    }
+
+    /// Drops exactly this entry (found by its own key, so also one the index lost track of) and
+    /// the index entry if it points here.
+    pub fn remove_retry_record(&self, record: &RetryRecord) -> Result<(), StoreError> {
+        let key = record.key();
+        self.retries
+            .remove(key.as_slice())
+            .map_err(|e| self.err(e))?;
+        let pair = dedup_key(&record.destination, &record.event.id);
+        let _ = self
+            .retry_index
+            .compare_and_swap(pair, Some(key.as_slice()), None::<&[u8]>)
+            .map_err(|e| self.err(e))?;
+        Ok(())
     }
 
     /// Up to `limit` retries of `destination` due at `now_ms`, earliest first, skipping the event
