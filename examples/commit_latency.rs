@@ -14,6 +14,7 @@ async fn main() {
         path: dir.clone(),
         dedup_ttl: Duration::from_secs(3600),
         cache_capacity: 16 << 20,
+        ..Default::default()
     })
     .expect("open");
     let mut samples = Vec::new();

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Runs courier's whole test suite on a Linux machine.
 #
-# 1. Makes sure RabbitMQ (127.0.0.1:5672, guest/guest) and Mosquitto (127.0.0.1:1883) answer.
-#    A service whose port does not answer is started; a missing binary is first installed from
-#    the Debian packages (rabbitmq-server, mosquitto). Root is needed only for that; without root
+# 1. Makes sure RabbitMQ (127.0.0.1:5672, guest/guest), Mosquitto (127.0.0.1:1883) and Redis
+#    (127.0.0.1:6379) answer. A service whose port does not answer is started; a missing binary is
+#    first installed from the Debian packages (rabbitmq-server, mosquitto, redis-server). Root is needed only for that; without root
 #    the commands go through sudo.
 # 2. Runs `cargo test --all-targets`, passing on any arguments:
 #        scripts/test.sh                 # everything
@@ -24,6 +24,7 @@ fi
 readonly WAIT_SECONDS=120
 readonly AMQP_PORT=5672
 readonly MQTT_PORT=1883
+readonly REDIS_PORT=6379
 readonly MOSQUITTO_CONF=/etc/mosquitto/mosquitto.conf
 
 log() { printf 'scripts/test.sh: %s\n' "$*" >&2; }
@@ -70,9 +71,9 @@ install_packages() {
     fi
     command -v apt-get >/dev/null 2>&1 ||
         die "rabbitmq-server or mosquitto is missing and apt-get is not available: install RabbitMQ and Mosquitto, or start them on 127.0.0.1:$AMQP_PORT and 127.0.0.1:$MQTT_PORT"
-    log "installing rabbitmq-server and mosquitto from the Debian packages"
+    log "installing rabbitmq-server, mosquitto and redis-server from the Debian packages"
     as_root env DEBIAN_FRONTEND=noninteractive apt-get update -qq
-    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq rabbitmq-server mosquitto >/dev/null
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq rabbitmq-server mosquitto redis-server >/dev/null
     PACKAGES_INSTALLED=1
 }
 
@@ -119,6 +120,22 @@ ensure_mosquitto() {
     log "Mosquitto is up on 127.0.0.1:$MQTT_PORT"
 }
 
+ensure_redis() {
+    if port_open "$REDIS_PORT"; then
+        return
+    fi
+    if ! command -v redis-server >/dev/null 2>&1; then
+        install_packages
+    fi
+    if ! port_open "$REDIS_PORT"; then
+        log "starting Redis"
+        # Tests only need a scratch Redis: no snapshots, loopback only.
+        as_root redis-server --daemonize yes --bind 127.0.0.1 --port "$REDIS_PORT" --save "" --appendonly no
+    fi
+    wait_for_port Redis "$REDIS_PORT" "redis-server's log"
+    log "Redis is up on 127.0.0.1:$REDIS_PORT"
+}
+
 # The integration tests call `rabbitmqctl`. Debian's wrapper refuses to run for users other
 # than root and rabbitmq, so a non-root user gets a shim on PATH that goes through sudo.
 provide_rabbitmqctl() {
@@ -141,6 +158,7 @@ command -v cargo >/dev/null 2>&1 ||
 
 ensure_rabbitmq
 ensure_mosquitto
+ensure_redis
 provide_rabbitmqctl
 
 cargo test --all-targets "$@"

@@ -1,5 +1,7 @@
-//! The admin HTTP port (`[admin] listen`): `/healthz`, and the dead-letter commands of a running
-//! worker (sled lets one process open a store, so `courier dead-letters` talks to the worker here).
+//! The admin HTTP port (`[admin] listen`): `/healthz` (the process is alive), `/readyz` (every
+//! source connected and the store working), `/metrics` (Prometheus), and the dead-letter commands
+//! of a running worker (sled lets one process open a store, so `courier dead-letters` talks to the
+//! worker here).
 
 use std::sync::Arc;
 
@@ -31,6 +33,8 @@ pub async fn start(
     tracing::info!(address = %listener.local_addr()?, "admin port listening");
     let app = axum::Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(ready))
+        .route("/metrics", get(metrics))
         .route("/dead-letters", get(list))
         .route("/dead-letters/replay", post(replay))
         .route("/dead-letters/purge", post(purge))
@@ -43,6 +47,55 @@ pub async fn start(
             tracing::error!(%error, "admin port stopped");
         }
     }))
+}
+
+async fn ready(State(s): State<AdminState>) -> Response {
+    let reasons = s.deliverer.stats().not_ready_reasons();
+    if reasons.is_empty() {
+        Json(serde_json::json!({ "status": "ready" })).into_response()
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(serde_json::json!({ "status": "not ready", "reasons": reasons })),
+        )
+            .into_response()
+    }
+}
+
+async fn metrics(State(s): State<AdminState>) -> Response {
+    use prometheus_client::metrics::gauge::Gauge;
+    let mut registry = s.deliverer.stats().registry();
+    let store = s.deliverer.store();
+    // Counted at scrape time; sled counts by walking the tree, which is fine at scrape rates.
+    let pending: Gauge = Gauge::default();
+    pending.set(store.pending_retries() as i64);
+    registry.register(
+        "retries_pending",
+        "Attempts waiting in the retry store",
+        pending,
+    );
+    let dead: Gauge = Gauge::default();
+    dead.set(store.dead_letter_count() as i64);
+    registry.register("dead_letters", "Dead letters kept in the store", dead);
+    let open: Gauge = Gauge::default();
+    open.set(
+        (0..s.router.len())
+            .filter(|&i| s.deliverer.circuit_open(i))
+            .count() as i64,
+    );
+    registry.register("circuits_open", "Destinations whose circuit is open", open);
+    let mut body = String::new();
+    if let Err(e) = prometheus_client::encoding::text::encode(&mut body, &registry) {
+        return (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response();
+    }
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        body,
+    )
+        .into_response()
 }
 
 fn store_error(e: crate::store::StoreError) -> Response {

@@ -153,6 +153,23 @@ pub struct StoreConfig {
     pub dedup_ttl: Duration,
     /// sled's page cache in bytes; sled's own default (1 GiB) is far too much for a sidecar.
     pub cache_capacity: u64,
+    /// Where the dedup record lives: `sled` (this process's store) or `redis` (shared by replicas).
+    pub dedup: DedupBackend,
+    /// `redis://[:password@]host:6379[/db]`, for `dedup = "redis"`.
+    pub redis_url: Secret,
+    /// Prefix of the dedup keys in Redis, so several deployments can share one Redis.
+    pub redis_prefix: String,
+}
+
+/// Where the dedup record lives.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DedupBackend {
+    /// The local sled tree (one replica, or replicas that never share messages).
+    #[default]
+    Sled,
+    /// Redis, shared by every replica consuming the same queue or shared subscription.
+    Redis,
 }
 
 impl Default for StoreConfig {
@@ -161,6 +178,9 @@ impl Default for StoreConfig {
             path: PathBuf::from("data/courier"),
             dedup_ttl: Duration::from_secs(7 * 24 * 3600),
             cache_capacity: 16 * 1024 * 1024,
+            dedup: DedupBackend::Sled,
+            redis_url: Secret::new("redis://127.0.0.1:6379"),
+            redis_prefix: "courier:dedup:".to_string(),
         }
     }
 }
@@ -214,6 +234,23 @@ pub struct RabbitMqConfig {
     /// The connection name shown by `rabbitmqctl list_connections` and the management UI.
     #[serde(default = "default_connection_name")]
     pub connection_name: String,
+    /// Arguments of the queue declaration, e.g. `{ "x-queue-type" = "quorum" }` for a replicated
+    /// quorum queue. They must match the queue's existing arguments, or RabbitMQ refuses the
+    /// declaration (and courier keeps retrying, loudly).
+    #[serde(default)]
+    pub queue_arguments: BTreeMap<String, QueueArgument>,
+}
+
+/// One queue argument value.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(untagged)]
+pub enum QueueArgument {
+    /// `true` / `false`.
+    Bool(bool),
+    /// A whole number (`x-max-length`, `x-delivery-limit`, ...).
+    Int(i64),
+    /// A string (`x-queue-type`, `x-dead-letter-exchange`, ...).
+    Text(String),
 }
 
 fn default_prefetch() -> u16 {
@@ -617,6 +654,15 @@ impl Config {
         }
         if self.store.path.as_os_str().is_empty() {
             return Err(ConfigError::invalid("store.path", "must not be empty"));
+        }
+        if self.store.dedup == DedupBackend::Redis {
+            let url = self.store.redis_url.expose();
+            if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
+                return Err(ConfigError::invalid(
+                    "store.redis_url",
+                    format!("{:?} is not a redis:// or rediss:// URL", redact_url(url)),
+                ));
+            }
         }
         if let Some(rabbit) = &self.rabbitmq {
             rabbit.validate()?;

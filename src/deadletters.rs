@@ -122,7 +122,7 @@ pub async fn replay(
         };
         let name = router.name(index).to_string();
         result.destination = Some(name.clone());
-        if deliverer.store().is_delivered(&name, &event.id)? {
+        if deliverer.dedup().is_delivered(&name, &event.id).await? {
             deliverer.store().remove_dead_letter(&letter.key)?;
             result.outcome = "delivered".into();
             result.detail = "already delivered earlier; letter removed".into();
@@ -131,7 +131,7 @@ pub async fn replay(
         }
         match deliverer.sender().deliver(index, &event).await {
             Outcome::Delivered { status } => {
-                deliverer.store().record_delivered(&name, &event.id)?;
+                deliverer.dedup().record(&name, &event.id).await?;
                 deliverer.store().remove_dead_letter(&letter.key)?;
                 result.outcome = "delivered".into();
                 result.detail = format!("HTTP {status}");

@@ -11,6 +11,7 @@ use tokio::sync::Semaphore;
 use crate::backoff::{retry_delay, ReconnectBackoff};
 use crate::circuit::{Circuit, Gate};
 use crate::config::{Config, RetryConfig};
+use crate::dedup::Dedup;
 use crate::event::Event;
 use crate::sender::{Outcome, Sender};
 use crate::stats::Stats;
@@ -30,13 +31,20 @@ struct Target {
 pub struct Deliverer {
     sender: Sender,
     store: Arc<Store>,
+    dedup: Dedup,
     stats: Arc<Stats>,
     targets: Vec<Target>,
 }
 
 impl Deliverer {
     /// One circuit and one concurrency limit per configured destination.
-    pub fn new(config: &Config, sender: Sender, store: Arc<Store>, stats: Arc<Stats>) -> Deliverer {
+    pub fn new(
+        config: &Config,
+        sender: Sender,
+        store: Arc<Store>,
+        dedup: Dedup,
+        stats: Arc<Stats>,
+    ) -> Deliverer {
         let targets = config
             .destinations
             .iter()
@@ -51,6 +59,7 @@ impl Deliverer {
         Deliverer {
             sender,
             store,
+            dedup,
             stats,
             targets,
         }
@@ -88,10 +97,11 @@ impl Deliverer {
     pub async fn first_attempt(&self, index: usize, event: &Event) -> bool {
         let t = &self.targets[index];
         if self
-            .until_stored(|| self.store.is_delivered(&t.name, &event.id))
+            .until_done(|| self.dedup.is_delivered(&t.name, &event.id))
             .await
         {
             Stats::inc(&self.stats.duplicates);
+            self.stats.outcome(&t.name, "duplicate");
             tracing::debug!(destination = %t.name, "already delivered to this destination; skipped");
             return false;
         }
@@ -115,7 +125,9 @@ impl Deliverer {
                 return true;
             }
         };
+        let started = std::time::Instant::now();
         let outcome = self.sender.deliver(index, event).await;
+        self.stats.observe_latency(&t.name, started.elapsed());
         drop(permit);
         self.settle(t, event, 0, outcome, gate == Gate::Probe, None)
             .await;
@@ -128,7 +140,7 @@ impl Deliverer {
         let t = &self.targets[index];
         let event = record.event.to_event();
         if self
-            .until_stored(|| self.store.is_delivered(&t.name, &event.id))
+            .until_done(|| self.dedup.is_delivered(&t.name, &event.id))
             .await
         {
             self.until_stored(|| self.store.remove_retry_record(&record))
@@ -147,7 +159,9 @@ impl Deliverer {
             return;
         };
         Stats::inc(&self.stats.retried);
+        let started = std::time::Instant::now();
         let outcome = self.sender.deliver(index, &event).await;
+        self.stats.observe_latency(&t.name, started.elapsed());
         drop(permit);
         self.settle(
             t,
@@ -176,8 +190,9 @@ impl Deliverer {
             Outcome::Delivered { status } => {
                 t.circuit.record_success();
                 Stats::inc(&self.stats.delivered);
+                self.stats.outcome(&t.name, "delivered");
                 tracing::debug!(destination = %t.name, status, attempts, "delivered");
-                self.until_stored(|| self.store.record_delivered(&t.name, &event.id))
+                self.until_done(|| self.dedup.record(&t.name, &event.id))
                     .await;
                 if let Some(record) = pending {
                     self.until_stored(|| self.store.remove_retry_record(record))
@@ -200,6 +215,7 @@ impl Deliverer {
                 if retryable && event.eligible_for_retry && attempts < t.retry.max_attempts {
                     let delay = retry_delay(&t.retry, attempts, retry_after);
                     Stats::inc(&self.stats.retries_scheduled);
+                    self.stats.outcome(&t.name, "retry_scheduled");
                     tracing::info!(destination = %t.name, status, %reason, attempts, retry_in = ?delay, "delivery failed: retry scheduled");
                     let record = RetryRecord {
                         destination: t.name.clone(),
@@ -227,6 +243,7 @@ impl Deliverer {
                     )
                 };
                 Stats::inc(&self.stats.dead_lettered);
+                self.stats.outcome(&t.name, "dead_lettered");
                 tracing::warn!(destination = %t.name, status, %reason, attempts, "delivery failed: dead-lettered");
                 let letter =
                     DeadLetter::for_event(event, kind, Some(&t.name), reason, attempts, status);
@@ -243,6 +260,7 @@ impl Deliverer {
     /// This is the one case where the queue message is acked before its POST was attempted.
     async fn park(&self, t: &Target, event: &Event, retry_at: SystemTime) {
         Stats::inc(&self.stats.parked);
+        self.stats.outcome(&t.name, "parked");
         tracing::debug!(destination = %t.name, "circuit open: event parked for the retry scheduler");
         let record = RetryRecord {
             destination: t.name.clone(),
@@ -263,8 +281,12 @@ impl Deliverer {
             ReconnectBackoff::new(Duration::from_millis(100), Duration::from_secs(10));
         loop {
             match op() {
-                Ok(v) => return v,
+                Ok(v) => {
+                    self.stats.set_store_ok(true);
+                    return v;
+                }
                 Err(error) => {
+                    self.stats.set_store_ok(false);
                     let delay = backoff.next_delay();
                     tracing::error!(%error, retry_in = ?delay, "STORE OPERATION FAILED: not acking until the store works again");
                     tokio::time::sleep(delay).await;
@@ -273,15 +295,51 @@ impl Deliverer {
         }
     }
 
+    /// Like [`Deliverer::until_stored`], for an asynchronous operation (Redis dedup).
+    pub async fn until_done<T, F, Fut>(&self, mut op: F) -> T
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<T, StoreError>>,
+    {
+        let mut backoff =
+            ReconnectBackoff::new(Duration::from_millis(100), Duration::from_secs(10));
+        loop {
+            match op().await {
+                Ok(v) => {
+                    self.stats.set_store_ok(true);
+                    return v;
+                }
+                Err(error) => {
+                    self.stats.set_store_ok(false);
+                    let delay = backoff.next_delay();
+                    tracing::error!(%error, retry_in = ?delay, "DEDUP OPERATION FAILED: not acking until it works again");
+                    tokio::time::sleep(delay).await;
+                }
+            }
+        }
+    }
+
+    /// The dedup record (local or Redis).
+    pub fn dedup(&self) -> &Dedup {
+        &self.dedup
+    }
+
     /// Group commit until it works (see [`Deliverer::until_stored`]).
     pub async fn commit(&self) {
         let mut backoff =
             ReconnectBackoff::new(Duration::from_millis(100), Duration::from_secs(10));
         while let Err(error) = self.store.commit().await {
+            self.stats.set_store_ok(false);
             let delay = backoff.next_delay();
             tracing::error!(%error, retry_in = ?delay, "STORE FLUSH FAILED: not acking until the store works again");
             tokio::time::sleep(delay).await;
         }
+        self.stats.set_store_ok(true);
+    }
+
+    /// The shared totals.
+    pub fn stats(&self) -> &Stats {
+        &self.stats
     }
 
     /// The store, for dead letters written outside a delivery (bad input, unroutable).

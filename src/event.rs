@@ -33,13 +33,20 @@ pub enum SourceKind {
     Replay,
 }
 
-impl fmt::Display for SourceKind {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
+impl SourceKind {
+    /// The name used in logs, metrics labels and dead letters.
+    pub fn as_str(self) -> &'static str {
+        match self {
             SourceKind::Rabbitmq => "rabbitmq",
             SourceKind::Mqtt => "mqtt",
             SourceKind::Replay => "replay",
-        })
+        }
+    }
+}
+
+impl fmt::Display for SourceKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
     }
 }
 

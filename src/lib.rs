@@ -10,6 +10,7 @@ pub mod backoff;
 pub mod circuit;
 pub mod config;
 pub mod deadletters;
+pub mod dedup;
 pub mod delivery;
 pub mod event;
 pub mod pipeline;
@@ -77,10 +78,12 @@ pub async fn run_with_stats(
     let sender = sender::Sender::new(&config)?;
     let router = Arc::new(router::Router::new(&config.destinations));
     let max_in_flight = config.service.max_in_flight;
+    let dedup = dedup::Dedup::open(&config.store, store.clone(), &shutdown).await?;
     let deliverer = Arc::new(delivery::Deliverer::new(
         &config,
         sender,
         store.clone(),
+        dedup,
         stats.clone(),
     ));
     let admin = match &config.admin.listen {
@@ -112,11 +115,11 @@ pub async fn run_with_stats(
     let release = CancellationToken::new();
     let mut sources = JoinSet::new();
     if let Some(rabbitmq) = config.rabbitmq.clone() {
-        let source = sources::amqp::AmqpSource::new(rabbitmq, max_in_flight);
+        let source = sources::amqp::AmqpSource::new(rabbitmq, max_in_flight, stats.clone());
         sources.spawn(source.run(tx.clone(), shutdown.clone(), release.clone()));
     }
     if let Some(mqtt) = config.mqtt.clone() {
-        let source = sources::mqtt::MqttSource::new(mqtt)?;
+        let source = sources::mqtt::MqttSource::new(mqtt, stats.clone())?;
         sources.spawn(source.run(tx.clone(), shutdown.clone(), release.clone()));
     }
     drop(tx);
@@ -167,13 +170,15 @@ pub async fn run_with_stats(
 
 /// What the `dead-letters` commands need when no worker holds the store: the store opened by
 /// this process, a sender and the routing table of `config`.
-pub fn open_for_commands(
+pub async fn open_for_commands(
     config: &Config,
 ) -> Result<(Arc<delivery::Deliverer>, Arc<router::Router>), Error> {
     install_crypto_provider();
     let store = Arc::new(store::Store::open(&config.store)?);
     let sender = sender::Sender::new(config)?;
-    let deliverer = delivery::Deliverer::new(config, sender, store, Arc::new(Stats::default()));
+    let dedup = dedup::Dedup::open(&config.store, store.clone(), &CancellationToken::new()).await?;
+    let deliverer =
+        delivery::Deliverer::new(config, sender, store, dedup, Arc::new(Stats::default()));
     Ok((
         Arc::new(deliverer),
         Arc::new(router::Router::new(&config.destinations)),

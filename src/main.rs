@@ -199,7 +199,7 @@ async fn dead_letters(config: Config, action: DeadLetterAction) -> Result<ExitCo
     use courier::deadletters::{self, Filter, ReplayResult};
     use courier::store::{DeadLetter, StoreError};
 
-    let local = match courier::open_for_commands(&config) {
+    let local = match courier::open_for_commands(&config).await {
         Ok(parts) => Some(parts),
         Err(Error::Store(StoreError::Locked { path })) => {
             if config.admin.listen.is_none() {

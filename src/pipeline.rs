@@ -76,6 +76,7 @@ impl Pipeline {
                 },
             };
             let this = self.clone();
+            self.stats.in_flight.inc();
             let span = tracing::info_span!(
                 "event",
                 source = %delivery.inbound.source,
@@ -85,6 +86,7 @@ impl Pipeline {
             tasks.spawn(
                 async move {
                     this.handle(delivery).await;
+                    this.stats.in_flight.dec();
                     drop(permit);
                 }
                 .instrument(span),
@@ -118,7 +120,7 @@ impl Pipeline {
     /// One message, start to ack.
     async fn handle(&self, delivery: Delivery) {
         let Delivery { inbound, acker } = delivery;
-        Stats::inc(&self.stats.received);
+        self.stats.received_from(inbound.source.as_str());
         let event = match event::parse(&inbound, self.max_payload_bytes) {
             Ok(event) => event,
             Err(bad) => {

@@ -146,6 +146,16 @@ impl Router {
         out
     }
 
+    /// How many destinations there are.
+    pub fn len(&self) -> usize {
+        self.names.len()
+    }
+
+    /// Whether there are none (never, for a validated config).
+    pub fn is_empty(&self) -> bool {
+        self.names.is_empty()
+    }
+
     /// The configured name of destination `index`.
     pub fn name(&self, index: usize) -> &str {
         &self.names[index]

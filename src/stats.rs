@@ -1,10 +1,47 @@
-//! Running totals, shared by the pipeline, the retry scheduler and whoever reports them (the log
-//! line at shutdown, tests, the admin port).
+//! Running totals and health, shared by the pipeline, the sources, the retry scheduler and whoever
+//! reports them: the log line at shutdown, tests, and the admin port's `/metrics` and `/readyz`.
+//!
+//! The plain atomics are the cheap totals tests read; the labelled families are the Prometheus
+//! series (prometheus-client), registered by [`Stats::registry`].
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::Duration;
 
-/// Counters since start.
-#[derive(Debug, Default)]
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+/// `source="rabbitmq"|"mqtt"`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SourceLabel {
+    pub source: String,
+}
+
+/// `destination="..."`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DestinationLabel {
+    pub destination: String,
+}
+
+/// `destination="...", outcome="delivered"|"retry_scheduled"|"dead_lettered"|"parked"|"duplicate"`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DeliveryLabels {
+    pub destination: String,
+    pub outcome: String,
+}
+
+fn latency_histogram() -> Histogram {
+    // 1 ms .. ~65 s: a fast local receiver up to the 60 s default timeout.
+    Histogram::new(exponential_buckets(0.001, 2.0, 17))
+}
+
+/// Counters since start, and the health `/readyz` reports.
+#[derive(Debug)]
 pub struct Stats {
     /// Messages taken from a source.
     pub received: AtomicU64,
@@ -28,6 +65,45 @@ pub struct Stats {
     pub acked: AtomicU64,
     /// Acks the broker did not take (the message will be redelivered).
     pub ack_failures: AtomicU64,
+
+    /// Per source: messages received.
+    pub received_by_source: Family<SourceLabel, Counter>,
+    /// Per source: reconnect attempts after a failed or lost connection.
+    pub reconnects: Family<SourceLabel, Counter>,
+    /// Per destination and outcome.
+    pub deliveries: Family<DeliveryLabels, Counter>,
+    /// Per destination: seconds from the start of a POST to its answer (or failure).
+    pub latency: Family<DestinationLabel, Histogram, fn() -> Histogram>,
+    /// Events being worked on (taken from a source, not yet acked).
+    pub in_flight: Gauge,
+
+    sources: Mutex<BTreeMap<String, bool>>,
+    store_ok: AtomicBool,
+}
+
+impl Default for Stats {
+    fn default() -> Self {
+        Stats {
+            received: AtomicU64::default(),
+            delivered: AtomicU64::default(),
+            failed: AtomicU64::default(),
+            duplicates: AtomicU64::default(),
+            unrouted: AtomicU64::default(),
+            dead_lettered: AtomicU64::default(),
+            retries_scheduled: AtomicU64::default(),
+            retried: AtomicU64::default(),
+            parked: AtomicU64::default(),
+            acked: AtomicU64::default(),
+            ack_failures: AtomicU64::default(),
+            received_by_source: Family::default(),
+            reconnects: Family::default(),
+            deliveries: Family::default(),
+            latency: Family::new_with_constructor(latency_histogram),
+            in_flight: Gauge::default(),
+            sources: Mutex::new(BTreeMap::new()),
+            store_ok: AtomicBool::new(true),
+        }
+    }
 }
 
 impl Stats {
@@ -39,5 +115,104 @@ impl Stats {
     /// The current value of `counter`.
     pub fn get(counter: &AtomicU64) -> u64 {
         counter.load(Ordering::Relaxed)
+    }
+
+    /// Counts one delivery outcome for `destination`.
+    pub fn outcome(&self, destination: &str, outcome: &str) {
+        self.deliveries
+            .get_or_create(&DeliveryLabels {
+                destination: destination.to_string(),
+                outcome: outcome.to_string(),
+            })
+            .inc();
+    }
+
+    /// Records how long a POST to `destination` took.
+    pub fn observe_latency(&self, destination: &str, took: Duration) {
+        self.latency
+            .get_or_create(&DestinationLabel {
+                destination: destination.to_string(),
+            })
+            .observe(took.as_secs_f64());
+    }
+
+    /// Counts a message from `source`.
+    pub fn received_from(&self, source: &str) {
+        Self::inc(&self.received);
+        self.received_by_source
+            .get_or_create(&SourceLabel {
+                source: source.to_string(),
+            })
+            .inc();
+    }
+
+    /// Counts a reconnect attempt of `source` and marks it disconnected.
+    pub fn reconnecting(&self, source: &str) {
+        self.reconnects
+            .get_or_create(&SourceLabel {
+                source: source.to_string(),
+            })
+            .inc();
+        self.set_connected(source, false);
+    }
+
+    /// Registers a configured source (not connected yet) or reports its connection state.
+    pub fn set_connected(&self, source: &str, up: bool) {
+        self.sources
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(source.to_string(), up);
+    }
+
+    /// Whether the last store operation worked.
+    pub fn set_store_ok(&self, ok: bool) {
+        self.store_ok.store(ok, Ordering::Relaxed);
+    }
+
+    /// Why courier is not ready (empty when it is): a source not connected, or a failing store.
+    pub fn not_ready_reasons(&self) -> Vec<String> {
+        let mut reasons: Vec<String> = self
+            .sources
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .filter(|(_, up)| !**up)
+            .map(|(name, _)| format!("{name}: not connected"))
+            .collect();
+        if !self.store_ok.load(Ordering::Relaxed) {
+            reasons.push("store: the last write or flush failed".to_string());
+        }
+        reasons
+    }
+
+    /// A Prometheus registry over these series; `extra` adds gauges read at scrape time.
+    pub fn registry(&self) -> Registry {
+        let mut r = Registry::with_prefix("courier");
+        r.register(
+            "events_received",
+            "Messages taken from a source",
+            self.received_by_source.clone(),
+        );
+        r.register(
+            "source_reconnects",
+            "Reconnect attempts after a failed or lost broker connection",
+            self.reconnects.clone(),
+        );
+        r.register(
+            "deliveries",
+            "Delivery outcomes by destination (delivered, retry_scheduled, dead_lettered, parked, duplicate)",
+            self.deliveries.clone(),
+        );
+        r.register(
+            "delivery_duration_seconds",
+            "Time from the start of a POST to its answer or failure",
+            self.latency.clone(),
+        );
+        r.register(
+            "in_flight",
+            "Events taken from a source and not yet acked",
+            self.in_flight.clone(),
+        );
+        r
     }
 }

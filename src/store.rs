@@ -32,6 +32,9 @@ pub enum StoreError {
     /// Another process (a running `courier run`) holds the store.
     #[error("store {path} is in use by another courier process")]
     Locked { path: String },
+    /// The shared dedup in Redis failed.
+    #[error("redis dedup: {0}")]
+    Redis(String),
     /// A stored record could not be decoded.
     #[error("store {path}: corrupt record: {message}")]
     Corrupt { path: String, message: String },
@@ -426,6 +429,11 @@ impl Store {
         Ok(out)
     }
 
+    /// Dead letters kept.
+    pub fn dead_letter_count(&self) -> usize {
+        self.dead.len()
+    }
+
     /// Pending retries.
     pub fn pending_retries(&self) -> usize {
         self.retry_index.len()
@@ -569,6 +577,7 @@ mod tests {
             path: dir.to_path_buf(),
             dedup_ttl: ttl,
             cache_capacity: 1 << 20,
+            ..StoreConfig::default()
         }
     }
 

@@ -14,9 +14,12 @@ use lapin::{Connection, ConnectionProperties, ExchangeKind};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use std::sync::Arc;
+
 use super::{AckFuture, AckHandle, Acker, Delivery, ReconnectBackoff};
-use crate::config::{redact_url, RabbitMqConfig};
+use crate::config::{redact_url, QueueArgument, RabbitMqConfig};
 use crate::event::{Inbound, SourceKind};
+use crate::stats::Stats;
 
 /// Why a consuming session ended.
 #[derive(Debug, thiserror::Error)]
@@ -31,12 +34,13 @@ enum SessionError {
 pub struct AmqpSource {
     config: RabbitMqConfig,
     prefetch: u16,
+    stats: Arc<Stats>,
 }
 
 impl AmqpSource {
     /// The prefetch is capped at `max_in_flight`: more unacked messages than courier will work on
     /// at once would only sit in memory.
-    pub fn new(config: RabbitMqConfig, max_in_flight: usize) -> AmqpSource {
+    pub fn new(config: RabbitMqConfig, max_in_flight: usize, stats: Arc<Stats>) -> AmqpSource {
         let cap = u16::try_from(max_in_flight).unwrap_or(u16::MAX);
         let prefetch = config.prefetch.min(cap).max(1);
         if prefetch < config.prefetch {
@@ -46,7 +50,12 @@ impl AmqpSource {
                 "rabbitmq.prefetch capped at service.max_in_flight"
             );
         }
-        AmqpSource { config, prefetch }
+        stats.set_connected("rabbitmq", false);
+        AmqpSource {
+            config,
+            prefetch,
+            stats,
+        }
     }
 
     /// Runs until `stop`: consumes into `tx`, reconnecting with capped exponential backoff. After
@@ -69,6 +78,7 @@ impl AmqpSource {
                         return;
                     }
                     let delay = backoff.next_delay();
+                    self.stats.reconnecting("rabbitmq");
                     tracing::warn!(%url, %error, retry_in = ?delay, "RabbitMQ connection failed or lost; reconnecting");
                     tokio::select! {
                         _ = tokio::time::sleep(delay) => {}
@@ -100,7 +110,7 @@ impl AmqpSource {
                 ..QueueDeclareOptions::default()
             };
             channel
-                .queue_declare(cfg.queue.as_str().into(), durable, FieldTable::default())
+                .queue_declare(cfg.queue.as_str().into(), durable, queue_arguments(cfg))
                 .await?;
             for binding in &cfg.bindings {
                 let options = ExchangeDeclareOptions {
@@ -138,6 +148,7 @@ impl AmqpSource {
             )
             .await?;
         tracing::info!(queue = %cfg.queue, prefetch = self.prefetch, "consuming from RabbitMQ");
+        self.stats.set_connected("rabbitmq", true);
         backoff.reset();
         loop {
             let next = tokio::select! {
@@ -169,6 +180,19 @@ impl AmqpSource {
         }
         Ok(())
     }
+}
+
+fn queue_arguments(cfg: &RabbitMqConfig) -> FieldTable {
+    let mut table = FieldTable::default();
+    for (key, value) in &cfg.queue_arguments {
+        let value = match value {
+            QueueArgument::Bool(b) => AMQPValue::Boolean(*b),
+            QueueArgument::Int(i) => AMQPValue::LongLongInt(*i),
+            QueueArgument::Text(s) => AMQPValue::LongString(s.as_str().into()),
+        };
+        table.insert(key.as_str().into(), value);
+    }
+    table
 }
 
 fn to_delivery(delivery: lapin::message::Delivery, format: crate::config::Format) -> Delivery {

@@ -29,6 +29,7 @@ use tokio_util::sync::CancellationToken;
 use super::{AckFuture, AckHandle, Acker, Delivery, ReconnectBackoff};
 use crate::config::MqttConfig;
 use crate::event::{Inbound, SourceKind};
+use crate::stats::Stats;
 
 /// The largest packet MQTT allows. Accepting it means an oversized message is dead-lettered by
 /// `service.max_payload_bytes` instead of failing the connection, which the broker would answer by
@@ -48,11 +49,12 @@ pub struct MqttSource {
     config: MqttConfig,
     options: MqttOptions,
     qos: QoS,
+    stats: Arc<Stats>,
 }
 
 impl MqttSource {
     /// Builds the client options; fails only when TLS is asked for and cannot be set up.
-    pub fn new(config: MqttConfig) -> Result<MqttSource, MqttSetupError> {
+    pub fn new(config: MqttConfig, stats: Arc<Stats>) -> Result<MqttSource, MqttSetupError> {
         let (host, port, tls) = config.endpoint().map_err(MqttSetupError)?;
         let client_id = config.client_id.clone().unwrap_or_else(|| {
             let nanos = SystemTime::now()
@@ -84,10 +86,12 @@ impl MqttSource {
         } else {
             QoS::AtLeastOnce
         };
+        stats.set_connected("mqtt", false);
         Ok(MqttSource {
             config,
             options,
             qos,
+            stats,
         })
     }
 
@@ -109,6 +113,7 @@ impl MqttSource {
             backlog.clone(),
             finish.clone(),
             self.config.url.clone(),
+            self.stats.clone(),
         ));
         let (seq_tx, seq_rx) = mpsc::unbounded_channel();
         let sequencer = tokio::spawn(sequence(client.clone(), seq_rx));
@@ -124,6 +129,7 @@ impl MqttSource {
             let Some(event) = event else { break };
             match event {
                 DriverEvent::Connected { session_present } => {
+                    self.stats.set_connected("mqtt", true);
                     generation += 1;
                     next_seq = 0;
                     let _ = seq_tx.send(SeqCmd::NewSession(generation));
@@ -235,6 +241,7 @@ async fn drive(
     backlog: Arc<AtomicUsize>,
     finish: CancellationToken,
     url: String,
+    stats: Arc<Stats>,
 ) {
     let mut backoff = ReconnectBackoff::new(Duration::from_millis(200), Duration::from_secs(30));
     let mut dropped_qos0 = 0u64;
@@ -273,6 +280,7 @@ async fn drive(
             Ok(_) => Ok(()),
             Err(error) => {
                 let delay = backoff.next_delay();
+                stats.reconnecting("mqtt");
                 tracing::warn!(%url, %error, retry_in = ?delay, "MQTT connection failed or lost; reconnecting");
                 tokio::select! {
                     _ = tokio::time::sleep(delay) => {}

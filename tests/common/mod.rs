@@ -702,6 +702,7 @@ pub fn open_store(path: &Path) -> courier::store::Store {
         path: path.to_path_buf(),
         dedup_ttl: Duration::from_secs(3600),
         cache_capacity: 1 << 20,
+        ..Default::default()
     })
     .expect("open store after courier stopped")
 }
