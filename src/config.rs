@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use reqwest::header::{HeaderName, HeaderValue};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use crate::router;
 
@@ -44,6 +44,13 @@ impl ConfigError {
 #[serde(transparent)]
 pub struct Secret(String);
 
+impl Serialize for Secret {
+    /// Secrets serialise as `***`: a configuration can be dumped without leaking them.
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str("***")
+    }
+}
+
 impl Secret {
     /// Wraps a value read from somewhere other than the config file.
     pub fn new(value: impl Into<String>) -> Self {
@@ -70,7 +77,7 @@ impl fmt::Display for Secret {
 
 /// The whole configuration. Sections that are absent take their defaults; a source section that
 /// is absent turns that source off.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
     /// Limits that apply to the whole worker.
@@ -97,7 +104,7 @@ pub struct Config {
 }
 
 /// The admin HTTP port: health, and the dead-letter commands of a running worker.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AdminConfig {
     /// `host:port` to listen on, e.g. `127.0.0.1:9464`; absent means no admin port. The
@@ -106,7 +113,7 @@ pub struct AdminConfig {
 }
 
 /// Limits for the whole worker.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ServiceConfig {
     /// Events in delivery at once, over all sources. Bounds memory and open requests.
@@ -129,7 +136,7 @@ impl Default for ServiceConfig {
 }
 
 /// The sender's identity, copied into the `Metadata` block when a destination asks for it.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct OrganizationConfig {
     /// `Metadata.OrganizationID`.
@@ -143,7 +150,7 @@ pub struct OrganizationConfig {
 }
 
 /// The local store.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct StoreConfig {
     /// Directory of the sled database. One courier process per directory.
@@ -162,7 +169,7 @@ pub struct StoreConfig {
 }
 
 /// Where the dedup record lives.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum DedupBackend {
     /// The local sled tree (one replica, or replicas that never share messages).
@@ -186,7 +193,8 @@ impl Default for StoreConfig {
 }
 
 /// How a message body is read.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Format {
     /// Envelope when the object has `data` and one of `id`, `topic`, `tenant_id`; raw otherwise.
     #[default]
@@ -212,7 +220,7 @@ impl<'de> Deserialize<'de> for Format {
 }
 
 /// The RabbitMQ source.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RabbitMqConfig {
     /// `amqp://user:pass@host:port/vhost` (or `amqps://`). Treated as a secret: logs show it without the password.
@@ -242,7 +250,7 @@ pub struct RabbitMqConfig {
 }
 
 /// One queue argument value.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(untagged)]
 pub enum QueueArgument {
     /// `true` / `false`.
@@ -264,7 +272,7 @@ fn default_connection_name() -> String {
 }
 
 /// One exchange → queue binding.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct BindingConfig {
     /// A durable topic exchange, declared when `declare = true`.
@@ -279,7 +287,7 @@ fn default_routing_key() -> String {
 }
 
 /// The MQTT source (MQTT 3.1.1).
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct MqttConfig {
     /// `mqtt://host[:1883]` or `mqtts://host[:8883]` (TLS, verified against the system roots).
@@ -447,7 +455,7 @@ fn check_mqtt_filter(filter: &str) -> Result<(), String> {
 }
 
 /// One partner endpoint.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct DestinationConfig {
     /// Unique name; the dedup key, `Metadata.Subscriber`, and what `destination_id` refers to.
@@ -494,7 +502,7 @@ fn default_max_concurrency() -> usize {
 }
 
 /// The retry schedule of one destination: exponential with jitter, capped.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RetryConfig {
     /// Attempts in all, the first included; 1 means no retries.
@@ -521,7 +529,7 @@ impl Default for RetryConfig {
 }
 
 /// The circuit of one destination.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct CircuitConfig {
     /// Consecutive retryable failures (timeouts, refused connections, 5xx, 408, 429) that open it.
@@ -553,7 +561,7 @@ fn default_timeout() -> Duration {
 }
 
 /// The two auth schemes of seed 000.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
 pub enum AuthConfig {
     /// `Authorization: Basic base64(username:password)`.

@@ -1,0 +1,109 @@
+//! docs/config-reference.toml cannot drift from the code: it must load, and its keys must be
+//! exactly the keys the configuration structs know (checked by serialising what was loaded).
+
+use std::collections::BTreeSet;
+
+use courier::Config;
+
+/// Maps whose keys are user data (header names, queue argument names), not configuration keys.
+const USER_MAPS: &[&str] = &["destinations[].headers", "rabbitmq.queue_arguments"];
+
+fn reference_text() -> String {
+    std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/docs/config-reference.toml"
+    ))
+    .expect("docs/config-reference.toml exists")
+}
+
+fn walk_json(v: &serde_json::Value, path: String, out: &mut BTreeSet<String>) {
+    match v {
+        serde_json::Value::Object(map) if !USER_MAPS.contains(&path.as_str()) => {
+            for (k, v) in map {
+                let p = if path.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{path}.{k}")
+                };
+                out.insert(p.clone());
+                walk_json(v, p, out);
+            }
+        }
+        serde_json::Value::Array(items) => {
+            for item in items {
+                walk_json(item, format!("{path}[]"), out);
+            }
+        }
+        _ => {}
+    }
+}
+
+fn walk_toml(v: &config::Value, path: String, out: &mut BTreeSet<String>) {
+    match &v.kind {
+        config::ValueKind::Table(map) if !USER_MAPS.contains(&path.as_str()) => {
+            for (k, v) in map {
+                let p = if path.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{path}.{k}")
+                };
+                out.insert(p.clone());
+                walk_toml(v, p, out);
+            }
+        }
+        config::ValueKind::Array(items) => {
+            for item in items {
+                walk_toml(item, format!("{path}[]"), out);
+            }
+        }
+        _ => {}
+    }
+}
+
+#[test]
+fn the_reference_loads_and_names_exactly_the_keys_the_code_knows() {
+    let text = reference_text();
+    let config =
+        Config::from_toml(&text).unwrap_or_else(|e| panic!("docs/config-reference.toml: {e}"));
+
+    let mut code_keys = BTreeSet::new();
+    walk_json(
+        &serde_json::to_value(&config).expect("serialise"),
+        String::new(),
+        &mut code_keys,
+    );
+
+    let raw: config::Value = config::Config::builder()
+        .add_source(config::File::from_str(&text, config::FileFormat::Toml))
+        .build()
+        .and_then(|c| c.try_deserialize())
+        .expect("reference parses as TOML");
+    let mut doc_keys = BTreeSet::new();
+    walk_toml(&raw, String::new(), &mut doc_keys);
+
+    let undocumented: Vec<_> = code_keys.difference(&doc_keys).collect();
+    let unknown: Vec<_> = doc_keys.difference(&code_keys).collect();
+    assert!(
+        undocumented.is_empty(),
+        "keys the code knows but docs/config-reference.toml does not show: {undocumented:?}"
+    );
+    assert!(
+        unknown.is_empty(),
+        "keys in the reference the code does not know: {unknown:?}"
+    );
+    // Both auth schemes are shown.
+    assert!(
+        doc_keys.contains("destinations[].auth.key")
+            && doc_keys.contains("destinations[].auth.password")
+    );
+}
+
+#[test]
+fn serialised_config_hides_secrets() {
+    let config = Config::from_toml(&reference_text()).expect("loads");
+    let dumped = serde_json::to_string(&config).expect("serialise");
+    assert!(
+        !dumped.contains("change-me") && !dumped.contains("whsec_"),
+        "{dumped}"
+    );
+}
