@@ -137,6 +137,16 @@ impl Circuit {
         }
     }
 
+    /// When the circuit lets an attempt through again (for parking); never takes the probe.
+    pub fn reopens_at(&self) -> SystemTime {
+        let s = self.lock();
+        let now = Instant::now();
+        match s.open_until {
+            Some(until) if until > now => SystemTime::now() + (until - now),
+            _ => SystemTime::now() + self.config.max_wait,
+        }
+    }
+
     /// The probe could not be made after all (e.g. the event was already delivered).
     pub fn release_probe(&self) {
         self.lock().probing = false;

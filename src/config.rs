@@ -694,7 +694,7 @@ impl Config {
             listen.parse::<std::net::SocketAddr>().map_err(|_| {
                 ConfigError::invalid(
                     "admin.listen",
-                    format!("{listen:?} is not a host:port address such as 127.0.0.1:9464"),
+                    format!("{listen:?} is not an IP:port address such as 127.0.0.1:9464 (host names are not accepted)"),
                 )
             })?;
         }

@@ -117,11 +117,8 @@ impl Deliverer {
                     t.circuit.release_probe();
                 }
                 t.circuit.record_saturated();
-                let retry_at = match t.circuit.gate() {
-                    Gate::Open { retry_at } => retry_at,
-                    _ => SystemTime::now() + t.max_wait,
-                };
-                self.park(t, event, retry_at).await;
+                // Not gate(): on a half-open circuit that would take the probe and never give it back.
+                self.park(t, event, t.circuit.reopens_at()).await;
                 return true;
             }
         };
@@ -151,12 +148,19 @@ impl Deliverer {
         if let Gate::Open { retry_at } = gate {
             let mut again = record.clone();
             again.next_at_ms = millis(retry_at);
-            self.until_stored(|| self.store.schedule_retry(&again))
-                .await;
+            self.reschedule(&record, &again).await;
             return;
         }
-        let Ok(permit) = t.limit.acquire().await else {
-            return;
+        // Bounded wait: a destination that holds every slot must not hold the scheduler's whole
+        // pool; the entry stays due and is taken again on a later pass.
+        let permit = match tokio::time::timeout(t.max_wait, t.limit.acquire()).await {
+            Ok(Ok(p)) => p,
+            _ => {
+                if gate == Gate::Probe {
+                    t.circuit.release_probe();
+                }
+                return;
+            }
         };
         Stats::inc(&self.stats.retried);
         let started = std::time::Instant::now();
@@ -225,8 +229,13 @@ impl Deliverer {
                         last_status: status,
                         last_error: reason,
                     };
-                    self.until_stored(|| self.store.schedule_retry(&record))
-                        .await;
+                    match pending {
+                        Some(old) => self.reschedule(old, &record).await,
+                        None => {
+                            self.until_stored(|| self.store.schedule_retry(&record))
+                                .await
+                        }
+                    }
                     return;
                 }
                 let (kind, reason) = if !retryable {
@@ -254,6 +263,14 @@ impl Deliverer {
                 }
             }
         }
+    }
+
+    /// Replaces retry entry `old` by `new`: `old` is removed by its own key (it may be an entry the
+    /// index lost track of after a crash), then `new` is scheduled.
+    async fn reschedule(&self, old: &RetryRecord, new: &RetryRecord) {
+        self.until_stored(|| self.store.remove_retry_record(old))
+            .await;
+        self.until_stored(|| self.store.schedule_retry(new)).await;
     }
 
     /// Writes `event` to the retry store without an attempt: the destination's circuit is open.

@@ -1,6 +1,7 @@
 //! courier: consumes events from RabbitMQ and MQTT, routes each by topic to the partner endpoints that
 //! subscribed to it, POSTs it with the exact REST contract, and acks only after the POST was
-//! attempted and its outcome stored.
+//! attempted and its outcome stored. The one exception: an event for a destination whose circuit
+//! is open is written to the retry store (durably) and acked without an attempt.
 //!
 //! Data flows one way: [`sources`] → [`event`] → [`router`] → [`sender`] → [`store`] → ack, glued
 //! by [`pipeline`]. [`run`] wires it all so tests and the binary start courier the same way.
@@ -163,6 +164,9 @@ pub async fn run_with_stats(
         duplicates = get(&s.duplicates),
         unrouted = get(&s.unrouted),
         dead_lettered = get(&s.dead_lettered),
+        retries_scheduled = get(&s.retries_scheduled),
+        retried = get(&s.retried),
+        parked = get(&s.parked),
         "courier stopped"
     );
     Ok(())

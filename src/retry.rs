@@ -149,7 +149,7 @@ async fn dead_letter_orphans(deliverer: &Deliverer, stats: &Stats) {
             Stats::inc(&stats.dead_lettered);
             deliverer.until_stored(|| store.dead_letter(&letter)).await;
             deliverer
-                .until_stored(|| store.remove_retry(&name, &event.id))
+                .until_stored(|| store.remove_retry_record(&record))
                 .await;
         }
     }

@@ -521,3 +521,40 @@ async fn cli_says_what_to_do_when_the_store_is_busy_and_no_admin_port_is_set() {
         "{err}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_saturated_destination_recovers_once_it_answers_again() {
+    // Regression: a slot timeout on a half-open circuit used to take the probe and never give it
+    // back, so the destination stayed blocked (everything parked) until a restart.
+    let rx = Receiver::start().await;
+    rx.hold();
+    let (queue, store, pub_) = setup("saturated").await;
+    let extra = "max_concurrency = 1\ntimeout = \"1s\"\nretry = { initial_interval = \"200ms\", max_interval = \"500ms\" }\ncircuit = { failures = 5, open_for = \"300ms\", max_wait = \"100ms\" }";
+    let courier = Courier::start(config(
+        &queue,
+        store.path(),
+        &dest("s", &rx.url("/s"), extra),
+    ));
+    for i in 0..30 {
+        pub_.to_queue(
+            &queue,
+            format!(r#"{{"id":"s{i}","topic":"t","data":{{}}}}"#).as_bytes(),
+        )
+        .await;
+        // Spread over several open / half-open periods.
+        tokio::time::sleep(Duration::from_millis(60)).await;
+    }
+    courier.wait_count(25, WAIT, |s| &s.parked).await;
+    // The held request times out (a failure, which heals nothing) before the receiver recovers.
+    courier.wait_count(1, WAIT, |s| &s.failed).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    rx.release();
+    eventually(
+        "every parked event delivered after the destination recovered",
+        WAIT,
+        || rx.delivered_counts().len() == 30,
+    )
+    .await;
+    courier.stop().await;
+    assert_eq!(open_store(store.path()).pending_retries(), 0);
+}

@@ -6,7 +6,7 @@
 //!   unbounded channel; it never waits on the pipeline, so keep-alive pings and outgoing PUBACKs
 //!   keep flowing however slow the endpoints are;
 //! - the **session** task numbers each QoS 1 PUBLISH, hands it to the pipeline, and subscribes
-//!   when the broker has no session for us;
+//!   on every connect (so a changed filter list takes effect; retained re-sends hit dedup);
 //! - the **sequencer** receives "done" marks in any order and sends PUBACKs for the longest done
 //!   prefix ([`AckOrder`]), as MQTT requires (3.1.1, 4.6.0-2).
 //!

@@ -1,0 +1,876 @@
+//! courier-bench: end-to-end throughput, latency, fanout, routing and memory of courier, next to
+//! the raw limits of the same machine, all measured in one run.
+//!
+//!     scripts/bench.sh [--events N] [--latency-seconds S] [--rate R]
+//!     (= cargo build --release && target/release/courier-bench ...)
+//!
+//! Needs RabbitMQ (127.0.0.1:5672), Mosquitto (127.0.0.1:1883), the release `courier` binary next
+//! to this one, and python3 with aio-pika and aiohttp for the baseline. It starts its own HTTP
+//! receiver. It prints one line per case and a table, and exits non-zero if an event was lost or
+//! POSTed twice.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use futures_util::StreamExt as _;
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
+    ConfirmSelectOptions, QueueDeclareOptions, QueueDeleteOptions,
+};
+use lapin::types::FieldTable;
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
+
+const AMQP: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+
+struct Args {
+    events: usize,
+    latency_seconds: u64,
+    rate: u64,
+    prefetch: u16,
+}
+
+fn args() -> Args {
+    let mut a = Args {
+        events: 50_000,
+        latency_seconds: 30,
+        rate: 1_000,
+        prefetch: 256,
+    };
+    let argv: Vec<String> = std::env::args().skip(1).collect();
+    let mut i = 0;
+    while i + 1 < argv.len() {
+        let v = &argv[i + 1];
+        match argv[i].as_str() {
+            "--events" => a.events = v.parse().unwrap_or(a.events),
+            "--latency-seconds" => a.latency_seconds = v.parse().unwrap_or(a.latency_seconds),
+            "--rate" => a.rate = v.parse().unwrap_or(a.rate),
+            "--prefetch" => a.prefetch = v.parse().unwrap_or(a.prefetch),
+            _ => {}
+        }
+        i += 2;
+    }
+    a
+}
+
+fn now_ns() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0)
+}
+
+/// An event of about `size` bytes with id `id` and the publish time inside `data`.
+fn event(id: &str, size: usize) -> Vec<u8> {
+    let head = format!(
+        r#"{{"id":"{id}","topic":"bench.t","data":{{"sent_ns":{},"pad":""#,
+        now_ns()
+    );
+    let pad = size.saturating_sub(head.len() + 4);
+    let mut body = head.into_bytes();
+    body.extend(std::iter::repeat_n(b'x', pad));
+    body.extend_from_slice(b"\"}}");
+    body
+}
+
+// ---------------------------------------------------------------- receiver
+
+#[derive(Default)]
+struct Seen {
+    /// path -> id -> count
+    ids: HashMap<String, HashMap<String, u32>>,
+    latencies_ns: Vec<u64>,
+}
+
+#[derive(Clone, Default)]
+struct Receiver {
+    seen: Arc<Mutex<Seen>>,
+    total: Arc<AtomicU64>,
+    record_latency: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Receiver {
+    async fn start() -> (Receiver, String) {
+        let r = Receiver::default();
+        let state = r.clone();
+        let app = axum::Router::new().fallback(
+            move |uri: axum::http::Uri, headers: axum::http::HeaderMap, body: axum::body::Bytes| {
+                let state = state.clone();
+                async move {
+                    let arrived = now_ns();
+                    let id = headers
+                        .get("x-request-id")
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or("")
+                        .to_string();
+                    let sent = if state.record_latency.load(Ordering::Relaxed) {
+                        sent_ns(&body)
+                    } else {
+                        None
+                    };
+                    {
+                        let mut seen = state.seen.lock().unwrap_or_else(|p| p.into_inner());
+                        *seen
+                            .ids
+                            .entry(uri.path().to_string())
+                            .or_default()
+                            .entry(id)
+                            .or_insert(0) += 1;
+                        if let Some(s) = sent {
+                            seen.latencies_ns.push(arrived.saturating_sub(s));
+                        }
+                    }
+                    state.total.fetch_add(1, Ordering::Relaxed);
+                    "ok"
+                }
+            },
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind receiver");
+        let base = format!("http://{}", listener.local_addr().expect("addr"));
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        (r, base)
+    }
+
+    fn unique(&self, path: &str) -> usize {
+        let seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+        seen.ids.get(path).map(|m| m.len()).unwrap_or(0)
+    }
+
+    fn duplicates(&self, path: &str) -> usize {
+        let seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+        seen.ids
+            .get(path)
+            .map(|m| m.values().filter(|&&c| c > 1).count())
+            .unwrap_or(0)
+    }
+
+    async fn wait_unique(&self, path: &str, n: usize, timeout: Duration) -> Option<Instant> {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if self.unique(path) >= n {
+                return Some(Instant::now());
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        None
+    }
+}
+
+fn sent_ns(body: &[u8]) -> Option<u64> {
+    let key = b"\"sent_ns\":";
+    let at = body.windows(key.len()).position(|w| w == key)? + key.len();
+    let digits: Vec<u8> = body[at..]
+        .iter()
+        .take_while(|b| b.is_ascii_digit())
+        .copied()
+        .collect();
+    std::str::from_utf8(&digits).ok()?.parse().ok()
+}
+
+// ---------------------------------------------------------------- RabbitMQ helpers
+
+async fn channel(confirms: bool) -> (Connection, Channel) {
+    let conn = Connection::connect(AMQP, ConnectionProperties::default())
+        .await
+        .expect("RabbitMQ on 127.0.0.1:5672");
+    let ch = conn.create_channel().await.expect("channel");
+    if confirms {
+        ch.confirm_select(ConfirmSelectOptions::default())
+            .await
+            .expect("confirms");
+    }
+    (conn, ch)
+}
+
+async fn fresh_queue(name: &str) {
+    let (_c, ch) = channel(false).await;
+    let _ = ch
+        .queue_delete(name.into(), QueueDeleteOptions::default())
+        .await;
+    ch.queue_declare(
+        name.into(),
+        QueueDeclareOptions {
+            durable: true,
+            ..Default::default()
+        },
+        FieldTable::default(),
+    )
+    .await
+    .expect("declare");
+}
+
+async fn delete_queue(name: &str) {
+    let (_c, ch) = channel(false).await;
+    let _ = ch
+        .queue_delete(name.into(), QueueDeleteOptions::default())
+        .await;
+}
+
+/// Publishes `n` events (ids `{prefix}{i}`) with confirms, pipelined in batches.
+async fn fill(queue: &str, prefix: &str, n: usize, size: usize) {
+    let (_c, ch) = channel(true).await;
+    let mut i = 0;
+    while i < n {
+        let mut confirms = Vec::with_capacity(2000);
+        for _ in 0..2000.min(n - i) {
+            let body = event(&format!("{prefix}{i}"), size);
+            confirms.push(
+                ch.basic_publish(
+                    "".into(),
+                    queue.into(),
+                    BasicPublishOptions::default(),
+                    &body,
+                    BasicProperties::default().with_delivery_mode(2),
+                )
+                .await
+                .expect("publish"),
+            );
+            i += 1;
+        }
+        for c in confirms {
+            c.await.expect("confirm");
+        }
+    }
+}
+
+// ---------------------------------------------------------------- raw limits
+
+/// A minimal lapin consumer that only parses and acks.
+async fn raw_amqp_drain(queue: &str, n: usize, prefetch: u16) -> f64 {
+    let (_c, ch) = channel(false).await;
+    ch.basic_qos(prefetch, BasicQosOptions::default())
+        .await
+        .expect("qos");
+    let mut consumer = ch
+        .basic_consume(
+            queue.into(),
+            "".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .expect("consume");
+    let start = Instant::now();
+    let mut got = 0;
+    while got < n {
+        let Some(Ok(d)) = consumer.next().await else {
+            break;
+        };
+        let _: serde_json::Value = serde_json::from_slice(&d.data).unwrap_or_default();
+        let _ = d.acker.ack(BasicAckOptions::default()).await;
+        got += 1;
+    }
+    got as f64 / start.elapsed().as_secs_f64()
+}
+
+/// A bare reqwest client POSTing `n` bodies with `concurrency` workers.
+async fn raw_post(url: &str, n: usize, size: usize, concurrency: usize) -> f64 {
+    let client = reqwest::Client::builder()
+        .tcp_nodelay(true)
+        .build()
+        .expect("client");
+    let next = Arc::new(AtomicU64::new(0));
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..concurrency {
+        let client = client.clone();
+        let next = next.clone();
+        let url = url.to_string();
+        tasks.push(tokio::spawn(async move {
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed) as usize;
+                if i >= n {
+                    break;
+                }
+                let body = event(&format!("p{i}"), size);
+                if let Ok(r) = client
+                    .post(&url)
+                    .header("content-type", "application/json")
+                    .header("x-request-id", format!("p{i}"))
+                    .body(body)
+                    .send()
+                    .await
+                {
+                    let _ = r.bytes().await;
+                }
+            }
+        }));
+    }
+    for t in tasks {
+        let _ = t.await;
+    }
+    n as f64 / start.elapsed().as_secs_f64()
+}
+
+/// A QoS 1 subscriber with manual acks that only parses and acks, fed by a paced publisher.
+async fn raw_mqtt_drain(n: usize, size: usize) -> f64 {
+    let topic = format!("bench/raw/{}", std::process::id());
+    let mut o = rumqttc::MqttOptions::new(
+        format!("bench-sub-{}", std::process::id()),
+        "127.0.0.1",
+        1883,
+    );
+    o.set_manual_acks(true)
+        .set_max_packet_size(1 << 20, 1 << 20);
+    let (sub, mut sub_loop) = rumqttc::AsyncClient::new(o, 10_000);
+    sub.subscribe(&topic, rumqttc::QoS::AtLeastOnce)
+        .await
+        .expect("subscribe");
+    let received = Arc::new(AtomicU64::new(0));
+    let r = received.clone();
+    let (ready_tx, ready) = tokio::sync::oneshot::channel();
+    let mut ready_tx = Some(ready_tx);
+    let subscriber = tokio::spawn(async move {
+        loop {
+            match sub_loop.poll().await {
+                Ok(rumqttc::Event::Incoming(rumqttc::Packet::SubAck(_))) => {
+                    if let Some(t) = ready_tx.take() {
+                        let _ = t.send(());
+                    }
+                }
+                Ok(rumqttc::Event::Incoming(rumqttc::Packet::Publish(p))) => {
+                    let _: serde_json::Value =
+                        serde_json::from_slice(&p.payload).unwrap_or_default();
+                    let _ = sub.try_ack(&p);
+                    r.fetch_add(1, Ordering::Relaxed);
+                }
+                Ok(_) => {}
+                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+            }
+        }
+    });
+    let _ = ready.await;
+    let start = Instant::now();
+    publish_mqtt_paced(&topic, "r", n, size, || {
+        received.load(Ordering::Relaxed) as usize
+    })
+    .await;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while (received.load(Ordering::Relaxed) as usize) < n && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let rate = received.load(Ordering::Relaxed) as f64 / start.elapsed().as_secs_f64();
+    subscriber.abort();
+    rate
+}
+
+/// Publishes `n` QoS 1 events, keeping at most 800 ahead of `consumed()` so Mosquitto's
+/// max_queued_messages (1,000) never drops any.
+async fn publish_mqtt_paced(
+    topic: &str,
+    prefix: &str,
+    n: usize,
+    size: usize,
+    consumed: impl Fn() -> usize,
+) {
+    let mut o = rumqttc::MqttOptions::new(
+        format!("bench-pub-{}-{prefix}", std::process::id()),
+        "127.0.0.1",
+        1883,
+    );
+    o.set_inflight(500).set_max_packet_size(1 << 20, 1 << 20);
+    let (publisher, mut pub_loop) = rumqttc::AsyncClient::new(o, 10_000);
+    let driver = tokio::spawn(async move {
+        loop {
+            if pub_loop.poll().await.is_err() {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    });
+    for i in 0..n {
+        while i.saturating_sub(consumed()) >= 800 {
+            tokio::time::sleep(Duration::from_micros(200)).await;
+        }
+        let body = event(&format!("{prefix}{i}"), size);
+        publisher
+            .publish(topic, rumqttc::QoS::AtLeastOnce, false, body)
+            .await
+            .expect("publish");
+    }
+    // Let the last PUBACKs come back before the client goes.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    driver.abort();
+}
+
+// ---------------------------------------------------------------- courier as a process
+
+struct CourierProcess {
+    child: Child,
+    peak_rss_kib: Arc<AtomicU64>,
+    sampler: tokio::task::JoinHandle<()>,
+    dir: PathBuf,
+}
+
+fn rss_kib(pid: u32, field: &str) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find(|l| l.starts_with(field))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
+impl CourierProcess {
+    fn spawn(name: &str, config: &str) -> CourierProcess {
+        let dir = std::env::temp_dir().join(format!("courier-bench-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("bench dir");
+        let text = config.replace("@STORE@", &dir.join("store").display().to_string());
+        let path = dir.join("courier.toml");
+        std::fs::write(&path, text).expect("config");
+        let exe = std::env::current_exe()
+            .ok()
+            .and_then(|p| p.parent().map(|d| d.join("courier")))
+            .expect("courier binary next to courier-bench (cargo build --release)");
+        let child = Command::new(exe)
+            .args(["run", "--config"])
+            .arg(&path)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start courier");
+        let peak = Arc::new(AtomicU64::new(0));
+        let p = peak.clone();
+        let pid = child.id();
+        let sampler = tokio::spawn(async move {
+            loop {
+                if let Some(k) = rss_kib(pid, "VmRSS:") {
+                    p.fetch_max(k, Ordering::Relaxed);
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        });
+        CourierProcess {
+            child,
+            peak_rss_kib: peak,
+            sampler,
+            dir,
+        }
+    }
+
+    fn rss_now_kib(&self) -> u64 {
+        rss_kib(self.child.id(), "VmRSS:").unwrap_or(0)
+    }
+
+    fn peak_kib(&self) -> u64 {
+        self.peak_rss_kib
+            .load(Ordering::Relaxed)
+            .max(rss_kib(self.child.id(), "VmHWM:").unwrap_or(0))
+    }
+
+    fn stop(mut self) {
+        self.sampler.abort();
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn amqp_config(queue: &str, destinations: &str, prefetch: u16) -> String {
+    format!(
+        "[service]\nmax_in_flight = 256\nshutdown_timeout = \"5s\"\n[store]\npath = \"@STORE@\"\n\
+         [rabbitmq]\nurl = \"{AMQP}\"\nqueue = \"{queue}\"\nprefetch = {prefetch}\n{destinations}"
+    )
+}
+
+fn destination(name: &str, url: &str) -> String {
+    format!("[[destinations]]\nname = \"{name}\"\nurl = \"{url}\"\n")
+}
+
+// ---------------------------------------------------------------- main
+
+struct Row {
+    case: &'static str,
+    figure: String,
+    target: String,
+    met: Option<bool>,
+}
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    courier::install_crypto_provider();
+    let a = args();
+    let n = a.events;
+    let size = 512;
+    let pid = std::process::id();
+    let (rx, base) = Receiver::start().await;
+    let mut rows: Vec<Row> = Vec::new();
+    let mut failures: Vec<String> = Vec::new();
+    println!(
+        "courier-bench: {n} events of {size} bytes, prefetch {}, machine: {} cores",
+        a.prefetch,
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(0)
+    );
+
+    // 1a. raw RabbitMQ drain
+    let q_raw = format!("bench-raw-{pid}");
+    fresh_queue(&q_raw).await;
+    fill(&q_raw, "raw", n, size).await;
+    let drain = raw_amqp_drain(&q_raw, n, a.prefetch).await;
+    delete_queue(&q_raw).await;
+    println!("raw RabbitMQ drain (lapin, parse + ack): {drain:.0} events/s");
+    // 1b. raw POST rate
+    let post = raw_post(&format!("{base}/raw-post"), n, size, 64).await;
+    println!("raw HTTP POST (reqwest, 64 concurrent): {post:.0} requests/s");
+    // 1c. raw MQTT drain
+    let mqtt_drain = raw_mqtt_drain(n, size).await;
+    println!("raw MQTT QoS 1 drain (rumqttc, manual acks): {mqtt_drain:.0} events/s");
+    let limit = 1.0 / (1.0 / drain + 1.0 / post);
+    let mqtt_limit = 1.0 / (1.0 / mqtt_drain + 1.0 / post);
+
+    // idle memory
+    let q_idle = format!("bench-idle-{pid}");
+    fresh_queue(&q_idle).await;
+    let idle = CourierProcess::spawn(
+        "idle",
+        &amqp_config(
+            &q_idle,
+            &destination("d", &format!("{base}/idle")),
+            a.prefetch,
+        ),
+    );
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let idle_kib = idle.rss_now_kib();
+    idle.stop();
+    delete_queue(&q_idle).await;
+
+    // 2. courier over RabbitMQ
+    let q = format!("bench-courier-{pid}");
+    fresh_queue(&q).await;
+    fill(&q, "c", n, size).await;
+    let courier = CourierProcess::spawn(
+        "amqp",
+        &amqp_config(&q, &destination("d", &format!("{base}/amqp")), a.prefetch),
+    );
+    let start = Instant::now();
+    let done = rx.wait_unique("/amqp", n, Duration::from_secs(600)).await;
+    let courier_rate = n as f64
+        / done
+            .map(|d| d - start)
+            .unwrap_or(start.elapsed())
+            .as_secs_f64();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let peak_kib = courier.peak_kib();
+    courier.stop();
+    delete_queue(&q).await;
+    if done.is_none() {
+        failures.push(format!(
+            "RabbitMQ: only {} of {n} events arrived",
+            rx.unique("/amqp")
+        ));
+    }
+    let dups = rx.duplicates("/amqp");
+    if dups > 0 {
+        failures.push(format!("RabbitMQ: {dups} events POSTed twice"));
+    }
+    println!(
+        "courier RabbitMQ -> HTTP: {courier_rate:.0} events/s = {:.2} x L (L = {limit:.0}/s)",
+        courier_rate / limit
+    );
+
+    // Python baseline on the same kind of queue
+    let q_py = format!("bench-python-{pid}");
+    fresh_queue(&q_py).await;
+    fill(&q_py, "py", n, size).await;
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/bench/python_baseline.py");
+    let started = Instant::now();
+    let python = Command::new("python3")
+        .args([
+            script,
+            AMQP,
+            &q_py,
+            &format!("{base}/python"),
+            &a.prefetch.to_string(),
+            &n.to_string(),
+        ])
+        .stdout(Stdio::null())
+        .spawn();
+    let py_rate = match python {
+        Ok(mut child) => {
+            let done = rx.wait_unique("/python", n, Duration::from_secs(900)).await;
+            let _ = child.kill();
+            let _ = child.wait();
+            done.map(|d| n as f64 / (d - started).as_secs_f64())
+        }
+        Err(e) => {
+            println!("python baseline not run: {e}");
+            None
+        }
+    };
+    delete_queue(&q_py).await;
+    match py_rate {
+        Some(r) => println!("python aio-pika + aiohttp worker: {r:.0} events/s (courier is {:.1}x)", courier_rate / r),
+        None => println!("python aio-pika + aiohttp worker: did not finish (pip install -r bench/requirements.txt)"),
+    }
+
+    // 2b. courier over MQTT
+    let topic = format!("bench/courier/{pid}");
+    let mqtt_cfg = format!(
+        "[service]\nmax_in_flight = 256\nshutdown_timeout = \"5s\"\n[store]\npath = \"@STORE@\"\n\
+         [mqtt]\nurl = \"mqtt://127.0.0.1:1883\"\nclient_id = \"bench-courier-{pid}\"\ntopics = [\"{topic}\"]\n{}",
+        destination("d", &format!("{base}/mqtt"))
+    );
+    let courier = CourierProcess::spawn("mqtt", &mqtt_cfg);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let start = Instant::now();
+    let rx_m = rx.clone();
+    publish_mqtt_paced(&topic, "m", n, size, move || rx_m.unique("/mqtt")).await;
+    let done = rx.wait_unique("/mqtt", n, Duration::from_secs(600)).await;
+    let mqtt_rate = n as f64
+        / done
+            .map(|d| d - start)
+            .unwrap_or(start.elapsed())
+            .as_secs_f64();
+    let mqtt_peak = courier.peak_kib();
+    courier.stop();
+    if done.is_none() {
+        failures.push(format!(
+            "MQTT: only {} of {n} events arrived",
+            rx.unique("/mqtt")
+        ));
+    }
+    if rx.duplicates("/mqtt") > 0 {
+        failures.push(format!(
+            "MQTT: {} events POSTed twice",
+            rx.duplicates("/mqtt")
+        ));
+    }
+    println!(
+        "courier MQTT -> HTTP: {mqtt_rate:.0} events/s = {:.2} x L (L = {mqtt_limit:.0}/s)",
+        mqtt_rate / mqtt_limit
+    );
+
+    // 3. latency at a steady rate
+    let q_lat = format!("bench-latency-{pid}");
+    fresh_queue(&q_lat).await;
+    let courier = CourierProcess::spawn(
+        "latency",
+        &amqp_config(
+            &q_lat,
+            &destination("d", &format!("{base}/latency")),
+            a.prefetch,
+        ),
+    );
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    rx.record_latency.store(true, Ordering::Relaxed);
+    let total = (a.rate * a.latency_seconds) as usize;
+    {
+        let (_c, ch) = channel(true).await;
+        let interval = Duration::from_nanos(1_000_000_000 / a.rate.max(1));
+        let start = Instant::now();
+        let mut confirms = Vec::new();
+        for i in 0..total {
+            let due = start + interval * i as u32;
+            if let Some(wait) = due.checked_duration_since(Instant::now()) {
+                tokio::time::sleep(wait).await;
+            }
+            let body = event(&format!("l{i}"), size);
+            confirms.push(
+                ch.basic_publish(
+                    "".into(),
+                    q_lat.as_str().into(),
+                    BasicPublishOptions::default(),
+                    &body,
+                    BasicProperties::default().with_delivery_mode(2),
+                )
+                .await
+                .expect("publish"),
+            );
+            if confirms.len() >= 100 {
+                for c in confirms.drain(..) {
+                    let _ = c.await;
+                }
+            }
+        }
+        for c in confirms {
+            let _ = c.await;
+        }
+    }
+    let _ = rx
+        .wait_unique("/latency", total, Duration::from_secs(60))
+        .await;
+    rx.record_latency.store(false, Ordering::Relaxed);
+    courier.stop();
+    delete_queue(&q_lat).await;
+    let mut lat = std::mem::take(
+        &mut rx
+            .seen
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .latencies_ns,
+    );
+    lat.sort_unstable();
+    let pct = |p: f64| {
+        lat.get(((lat.len() as f64 * p) as usize).min(lat.len().saturating_sub(1)))
+            .copied()
+            .unwrap_or(0) as f64
+            / 1e6
+    };
+    let (p50, p99, max) = (
+        pct(0.50),
+        pct(0.99),
+        lat.last().copied().unwrap_or(0) as f64 / 1e6,
+    );
+    println!("latency at {} events/s for {} s: p50 {p50:.2} ms, p99 {p99:.2} ms, max {max:.2} ms ({} samples)", a.rate, a.latency_seconds, lat.len());
+
+    // 4a. fanout to 10 destinations
+    let fan_n = (n / 5).max(1000);
+    let q_fan = format!("bench-fanout-{pid}");
+    fresh_queue(&q_fan).await;
+    fill(&q_fan, "f", fan_n, size).await;
+    let dests: String = (0..10)
+        .map(|i| destination(&format!("f{i}"), &format!("{base}/fan{i}")))
+        .collect();
+    let courier = CourierProcess::spawn("fanout", &amqp_config(&q_fan, &dests, a.prefetch));
+    let start = Instant::now();
+    let mut fan_done = true;
+    for i in 0..10 {
+        if rx
+            .wait_unique(&format!("/fan{i}"), fan_n, Duration::from_secs(600))
+            .await
+            .is_none()
+        {
+            fan_done = false;
+        }
+    }
+    let fan_rate = (fan_n * 10) as f64 / start.elapsed().as_secs_f64();
+    courier.stop();
+    delete_queue(&q_fan).await;
+    if !fan_done {
+        failures.push("fanout: not every delivery arrived".into());
+    }
+    println!("fanout to 10 destinations: {fan_rate:.0} deliveries/s = {:.2} x (10 x single-destination rate)", fan_rate / (10.0 * courier_rate));
+
+    // 4b. routing with 10,000 patterns
+    let mut text = String::from("[rabbitmq]\nurl = \"amqp://127.0.0.1\"\nqueue = \"q\"\n");
+    for i in 0..10_000 {
+        let pattern = match i % 4 {
+            0 => format!("tempo.site{i}.batch.*"),
+            1 => format!("tempo/site{i}/#"),
+            2 => format!("tempo.site{i}.+.status"),
+            _ => format!("tempo.site{i}.equipment.run"),
+        };
+        text.push_str(&format!("[[destinations]]\nname = \"r{i}\"\nurl = \"http://127.0.0.1/\"\ntopics = [\"{pattern}\"]\n"));
+    }
+    let config = courier::Config::from_toml(&text).expect("routing config");
+    let router = courier::router::Router::new(&config.destinations);
+    let topics: Vec<String> = (0..1000)
+        .map(|i| format!("tempo.site{}.batch.batch_run_status", i * 7))
+        .collect();
+    let rounds = 1000;
+    let start = Instant::now();
+    let mut matched = 0usize;
+    for _ in 0..rounds {
+        for t in &topics {
+            matched += router.match_topic(t).len();
+        }
+    }
+    let per_event_ns = start.elapsed().as_nanos() as f64 / (rounds * topics.len()) as f64;
+    println!(
+        "routing with 10,000 patterns: {:.0} ns per event ({matched} matches)",
+        per_event_ns
+    );
+
+    // table
+    let met = |ok: bool| Some(ok);
+    rows.push(Row {
+        case: "RabbitMQ -> HTTP",
+        figure: format!("{courier_rate:.0}/s = {:.2} x L", courier_rate / limit),
+        target: ">= 0.85 x L".into(),
+        met: met(courier_rate >= 0.85 * limit),
+    });
+    if let Some(r) = py_rate {
+        rows.push(Row {
+            case: "vs Python aio-pika",
+            figure: format!("{:.1}x ({r:.0}/s)", courier_rate / r),
+            target: ">= 3x".into(),
+            met: met(courier_rate >= 3.0 * r),
+        });
+    }
+    rows.push(Row {
+        case: "MQTT -> HTTP",
+        figure: format!("{mqtt_rate:.0}/s = {:.2} x L", mqtt_rate / mqtt_limit),
+        target: ">= 0.85 x L".into(),
+        met: met(mqtt_rate >= 0.85 * mqtt_limit),
+    });
+    rows.push(Row {
+        case: "p99 latency",
+        figure: format!("{p99:.2} ms (p50 {p50:.2}, max {max:.2})"),
+        target: "< 10 ms".into(),
+        met: met(p99 < 10.0),
+    });
+    rows.push(Row {
+        case: "routing, 10k patterns",
+        figure: format!("{per_event_ns:.0} ns/event"),
+        target: "< 2000 ns".into(),
+        met: met(per_event_ns < 2000.0),
+    });
+    rows.push(Row {
+        case: "fanout x10",
+        figure: format!("{:.2} x", fan_rate / (10.0 * courier_rate)),
+        target: ">= 0.5 x".into(),
+        met: met(fan_rate >= 0.5 * 10.0 * courier_rate),
+    });
+    rows.push(Row {
+        case: "peak RSS under load",
+        figure: format!(
+            "{:.1} MiB (MQTT run {:.1} MiB)",
+            peak_kib as f64 / 1024.0,
+            mqtt_peak as f64 / 1024.0
+        ),
+        target: "< 64 MiB".into(),
+        met: met(peak_kib.max(mqtt_peak) < 64 * 1024),
+    });
+    rows.push(Row {
+        case: "idle RSS",
+        figure: format!("{:.1} MiB", idle_kib as f64 / 1024.0),
+        target: "< 20 MiB".into(),
+        met: met(idle_kib < 20 * 1024),
+    });
+    println!();
+    println!("| case | figure | target | met |");
+    println!("|---|---|---|---|");
+    for r in &rows {
+        println!(
+            "| {} | {} | {} | {} |",
+            r.case,
+            r.figure,
+            r.target,
+            match r.met {
+                Some(true) => "yes",
+                Some(false) => "NO",
+                None => "-",
+            }
+        );
+    }
+    println!("| raw limits | RabbitMQ drain {drain:.0}/s, POST {post:.0}/s, MQTT drain {mqtt_drain:.0}/s | | |");
+    if failures.is_empty() {
+        println!("\nno event lost, none POSTed twice");
+        std::process::ExitCode::SUCCESS
+    } else {
+        for f in &failures {
+            println!("FAILED: {f}");
+        }
+        std::process::ExitCode::FAILURE
+    }
+}
