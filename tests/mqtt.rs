@@ -466,3 +466,68 @@ async fn graceful_stop_finishes_in_flight_sends_their_pubacks_and_loses_nothing(
         "every delivery finished before the stop was PUBACKed: none came back"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fast_stream_arrives_complete() {
+    let rx = Receiver::start().await;
+    let topic = unique("stream");
+    let store = tempfile::tempdir().unwrap();
+    let courier = Courier::start(mqtt_config(
+        &topic,
+        &unique("courier-stream"),
+        store.path(),
+        "",
+        &dest("d", &rx.url("/d"), ""),
+    ));
+    let publisher = MqttPublisher::connect().await;
+    wait_subscribed(&publisher, &topic, &rx).await;
+    const N: usize = 3000;
+    let pad = "x".repeat(400);
+    for chunk in 0..N / 200 {
+        for i in chunk * 200..(chunk + 1) * 200 {
+            publisher
+                .publish(
+                    &topic,
+                    event(&format!("f{i}"), &format!(r#"{{"pad":"{pad}"}}"#)),
+                )
+                .await;
+        }
+        publisher.wait_acked().await;
+        // Stay far under Mosquitto's max_queued_messages (1,000): past it the broker drops
+        // QoS 1 messages for the subscriber (its log says "Outgoing messages are being dropped").
+        eventually("caught up", WAIT, || {
+            rx.delivered_counts()
+                .keys()
+                .filter(|k| k.starts_with('f'))
+                .count()
+                + 100
+                >= (chunk + 1) * 200
+        })
+        .await;
+    }
+    let done = tokio::time::timeout(WAIT, async {
+        while rx
+            .delivered_counts()
+            .keys()
+            .filter(|k| k.starts_with('f'))
+            .count()
+            < N
+        {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    let stats = courier.stop().await;
+    let got: std::collections::HashSet<String> = rx.delivered_counts().into_keys().collect();
+    let missing: Vec<usize> = (0..N).filter(|i| !got.contains(&format!("f{i}"))).collect();
+    assert!(
+        done.is_ok() && missing.is_empty(),
+        "missing {} events, e.g. {:?}; stats: received {}, delivered {}, unrouted {}, dead {}",
+        missing.len(),
+        &missing[..missing.len().min(10)],
+        stats.received.load(Ordering::SeqCst),
+        stats.delivered.load(Ordering::SeqCst),
+        stats.unrouted.load(Ordering::SeqCst),
+        stats.dead_lettered.load(Ordering::SeqCst)
+    );
+}
