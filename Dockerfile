@@ -13,8 +13,9 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry \
 
 FROM debian:bookworm-slim
 # TLS to partners and to amqps:// brokers is verified against the system CA store.
+# curl is for the container health check (GET /readyz on the admin port, docker-compose.yml).
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends ca-certificates \
+    && apt-get install -y --no-install-recommends ca-certificates curl \
     && rm -rf /var/lib/apt/lists/*
 RUN useradd --system --user-group --home-dir /var/lib/courier --create-home \
         --shell /usr/sbin/nologin courier
@@ -22,5 +23,7 @@ COPY --from=builder /usr/local/bin/courier /usr/local/bin/courier
 USER courier
 # The default store path (data/courier) is relative to this directory.
 WORKDIR /var/lib/courier
+# The admin port of docker/config.toml ([admin] listen = "0.0.0.0:9464"): /healthz, /readyz, /metrics.
+EXPOSE 9464
 ENTRYPOINT ["courier"]
 CMD ["run", "--config", "/etc/courier/config.toml"]
