@@ -294,25 +294,11 @@ impl Deliverer {
     /// Runs a store operation until it works. While the store fails, nothing is acked, so nothing
     /// is lost; the shutdown timeout aborts the task if the store never recovers.
     pub async fn until_stored<T>(&self, mut op: impl FnMut() -> Result<T, StoreError>) -> T {
-        let mut backoff =
-            ReconnectBackoff::new(Duration::from_millis(100), Duration::from_secs(10));
-        loop {
-            match op() {
-                Ok(v) => {
-                    self.stats.set_store_ok(true);
-                    return v;
-                }
-                Err(error) => {
-                    self.stats.set_store_ok(false);
-                    let delay = backoff.next_delay();
-                    tracing::error!(%error, retry_in = ?delay, "STORE OPERATION FAILED: not acking until the store works again");
-                    tokio::time::sleep(delay).await;
-                }
-            }
-        }
+        self.until_done(|| std::future::ready(op())).await
     }
 
-    /// Like [`Deliverer::until_stored`], for an asynchronous operation (Redis dedup).
+    /// [`Deliverer::until_stored`] for an asynchronous operation (Redis dedup), and the one loop
+    /// behind both.
     pub async fn until_done<T, F, Fut>(&self, mut op: F) -> T
     where
         F: FnMut() -> Fut,
@@ -329,7 +315,7 @@ impl Deliverer {
                 Err(error) => {
                     self.stats.set_store_ok(false);
                     let delay = backoff.next_delay();
-                    tracing::error!(%error, retry_in = ?delay, "DEDUP OPERATION FAILED: not acking until it works again");
+                    tracing::error!(%error, retry_in = ?delay, "STORE OPERATION FAILED: not acking until the store works again");
                     tokio::time::sleep(delay).await;
                 }
             }

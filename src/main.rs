@@ -120,22 +120,9 @@ fn main() -> ExitCode {
             }
         },
         Command::DeadLetters { config, action } => {
-            let config = match Config::load(&config) {
-                Ok(c) => c,
-                Err(e) => {
-                    eprintln!("courier: {}: {e}", config.display());
-                    return ExitCode::from(2);
-                }
-            };
-            let runtime = match tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            {
-                Ok(rt) => rt,
-                Err(e) => {
-                    eprintln!("courier: cannot start the async runtime: {e}");
-                    return ExitCode::FAILURE;
-                }
+            let (config, runtime) = match load_with_runtime(&config, false) {
+                Ok(parts) => parts,
+                Err(code) => return code,
             };
             match runtime.block_on(dead_letters(config, action)) {
                 Ok(code) => code,
@@ -146,22 +133,9 @@ fn main() -> ExitCode {
             }
         }
         Command::Run { config } => {
-            let config = match Config::load(&config) {
-                Ok(c) => c,
-                Err(e) => {
-                    eprintln!("courier: {}: {e}", config.display());
-                    return ExitCode::from(2);
-                }
-            };
-            let runtime = match tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .build()
-            {
-                Ok(rt) => rt,
-                Err(e) => {
-                    eprintln!("courier: cannot start the async runtime: {e}");
-                    return ExitCode::FAILURE;
-                }
+            let (config, runtime) = match load_with_runtime(&config, true) {
+                Ok(parts) => parts,
+                Err(code) => return code,
             };
             match runtime.block_on(run(config)) {
                 Ok(()) => ExitCode::SUCCESS,
@@ -176,6 +150,27 @@ fn main() -> ExitCode {
             }
         }
     }
+}
+
+/// Loads the configuration (exit code 2 when invalid) and builds the async runtime (exit 1).
+fn load_with_runtime(
+    path: &std::path::Path,
+    multi_thread: bool,
+) -> Result<(Config, tokio::runtime::Runtime), ExitCode> {
+    let config = Config::load(path).map_err(|e| {
+        eprintln!("courier: {}: {e}", path.display());
+        ExitCode::from(2)
+    })?;
+    let mut builder = if multi_thread {
+        tokio::runtime::Builder::new_multi_thread()
+    } else {
+        tokio::runtime::Builder::new_current_thread()
+    };
+    let runtime = builder.enable_all().build().map_err(|e| {
+        eprintln!("courier: cannot start the async runtime: {e}");
+        ExitCode::FAILURE
+    })?;
+    Ok((config, runtime))
 }
 
 async fn run(config: Config) -> Result<(), Error> {

@@ -73,11 +73,10 @@ fn wrong_types_name_the_key() {
 
 #[test]
 fn the_example_config_is_valid() {
-    let c = Config::load(std::path::Path::new(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/config.toml"
-    )))
-    .unwrap_or_else(|e| panic!("config.toml: {e}"));
-    assert!(c.rabbitmq.is_some());
-    assert!(!c.destinations.is_empty());
+    for file in ["config.toml", "docker/config.toml"] {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(file);
+        let c = Config::load(&path).unwrap_or_else(|e| panic!("{file}: {e}"));
+        assert!(c.rabbitmq.is_some(), "{file}");
+        assert!(!c.destinations.is_empty(), "{file}");
+    }
 }
