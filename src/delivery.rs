@@ -34,6 +34,28 @@ pub struct Deliverer {
     dedup: Dedup,
     stats: Arc<Stats>,
     targets: Vec<Target>,
+    /// (destination, event id) pairs with an attempt under way in this process. A broker that
+    /// redelivers a message while its first copy is still being POSTed (after a reconnect) must
+    /// not get a second POST: the second copy waits, then finds the dedup record.
+    in_progress: std::sync::Mutex<std::collections::HashSet<(usize, String)>>,
+    released: tokio::sync::Notify,
+}
+
+/// Holds one (destination, event id) pair; released on drop.
+struct Claim<'a> {
+    deliverer: &'a Deliverer,
+    key: (usize, String),
+}
+
+impl Drop for Claim<'_> {
+    fn drop(&mut self) {
+        self.deliverer
+            .in_progress
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&self.key);
+        self.deliverer.released.notify_waiters();
+    }
 }
 
 impl Deliverer {
@@ -62,6 +84,29 @@ impl Deliverer {
             dedup,
             stats,
             targets,
+            in_progress: std::sync::Mutex::default(),
+            released: tokio::sync::Notify::new(),
+        }
+    }
+
+    /// Waits until no other attempt of `event_id` at destination `index` is under way here.
+    async fn claim(&self, index: usize, event_id: &str) -> Claim<'_> {
+        let key = (index, event_id.to_string());
+        loop {
+            // Created before the check, so a release between the check and the wait is not missed.
+            let released = self.released.notified();
+            if self
+                .in_progress
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(key.clone())
+            {
+                return Claim {
+                    deliverer: self,
+                    key,
+                };
+            }
+            released.await;
         }
     }
 
@@ -96,6 +141,7 @@ impl Deliverer {
     /// caller commits before acking).
     pub async fn first_attempt(&self, index: usize, event: &Event) -> bool {
         let t = &self.targets[index];
+        let _claim = self.claim(index, &event.id).await;
         if self
             .until_done(|| self.dedup.is_delivered(&t.name, &event.id))
             .await
@@ -136,6 +182,7 @@ impl Deliverer {
     pub async fn retry(&self, index: usize, record: RetryRecord) {
         let t = &self.targets[index];
         let event = record.event.to_event();
+        let _claim = self.claim(index, &event.id).await;
         if self
             .until_done(|| self.dedup.is_delivered(&t.name, &event.id))
             .await
