@@ -9,12 +9,14 @@ use crate::sender::Outcome;
 use crate::store::{millis, DeadLetter, DeadLetterKind, StoreError};
 
 /// Which dead letters a command applies to; empty matches all.
-#[derive(Debug, Clone, Default, serde::Deserialize)]
+#[derive(Debug, Clone, Default, serde::Deserialize, Serialize)]
 #[serde(default)]
 pub struct Filter {
     /// Only letters of this destination.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub destination: Option<String>,
     /// Only the letter with this key (as listed) or these letters of this event id.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub id: Option<String>,
 }
 

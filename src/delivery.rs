@@ -18,9 +18,22 @@ use crate::stats::Stats;
 use crate::store::{
     millis, DeadLetter, DeadLetterKind, RetryRecord, Store, StoreError, StoredEvent,
 };
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::histogram::Histogram;
+
+/// One destination's Prometheus series, created once so delivering builds no labels.
+struct TargetMetrics {
+    delivered: Counter,
+    retry_scheduled: Counter,
+    dead_lettered: Counter,
+    parked: Counter,
+    duplicate: Counter,
+    latency: Histogram,
+}
 
 struct Target {
     name: String,
+    metrics: TargetMetrics,
     limit: Semaphore,
     max_wait: Duration,
     circuit: Circuit,
@@ -72,6 +85,14 @@ impl Deliverer {
             .iter()
             .map(|d| Target {
                 name: d.name.clone(),
+                metrics: TargetMetrics {
+                    delivered: stats.delivery_counter(&d.name, "delivered"),
+                    retry_scheduled: stats.delivery_counter(&d.name, "retry_scheduled"),
+                    dead_lettered: stats.delivery_counter(&d.name, "dead_lettered"),
+                    parked: stats.delivery_counter(&d.name, "parked"),
+                    duplicate: stats.delivery_counter(&d.name, "duplicate"),
+                    latency: stats.latency_histogram(&d.name),
+                },
                 limit: Semaphore::new(d.max_concurrency),
                 max_wait: d.circuit.max_wait,
                 circuit: Circuit::new(&d.name, d.circuit.clone()),
@@ -147,7 +168,7 @@ impl Deliverer {
             .await
         {
             Stats::inc(&self.stats.duplicates);
-            self.stats.outcome(&t.name, "duplicate");
+            t.metrics.duplicate.inc();
             tracing::debug!(destination = %t.name, "already delivered to this destination; skipped");
             return false;
         }
@@ -170,7 +191,7 @@ impl Deliverer {
         };
         let started = std::time::Instant::now();
         let outcome = self.sender.deliver(index, event).await;
-        self.stats.observe_latency(&t.name, started.elapsed());
+        t.metrics.latency.observe(started.elapsed().as_secs_f64());
         drop(permit);
         self.settle(t, event, 0, outcome, gate == Gate::Probe, None)
             .await;
@@ -212,7 +233,7 @@ impl Deliverer {
         Stats::inc(&self.stats.retried);
         let started = std::time::Instant::now();
         let outcome = self.sender.deliver(index, &event).await;
-        self.stats.observe_latency(&t.name, started.elapsed());
+        t.metrics.latency.observe(started.elapsed().as_secs_f64());
         drop(permit);
         self.settle(
             t,
@@ -241,7 +262,7 @@ impl Deliverer {
             Outcome::Delivered { status } => {
                 t.circuit.record_success();
                 Stats::inc(&self.stats.delivered);
-                self.stats.outcome(&t.name, "delivered");
+                t.metrics.delivered.inc();
                 tracing::debug!(destination = %t.name, status, attempts, "delivered");
                 self.until_done(|| self.dedup.record(&t.name, &event.id))
                     .await;
@@ -266,7 +287,7 @@ impl Deliverer {
                 if retryable && event.eligible_for_retry && attempts < t.retry.max_attempts {
                     let delay = retry_delay(&t.retry, attempts, retry_after);
                     Stats::inc(&self.stats.retries_scheduled);
-                    self.stats.outcome(&t.name, "retry_scheduled");
+                    t.metrics.retry_scheduled.inc();
                     tracing::info!(destination = %t.name, status, %reason, attempts, retry_in = ?delay, "delivery failed: retry scheduled");
                     let record = RetryRecord {
                         destination: t.name.clone(),
@@ -299,7 +320,7 @@ impl Deliverer {
                     )
                 };
                 Stats::inc(&self.stats.dead_lettered);
-                self.stats.outcome(&t.name, "dead_lettered");
+                t.metrics.dead_lettered.inc();
                 tracing::warn!(destination = %t.name, status, %reason, attempts, "delivery failed: dead-lettered");
                 let letter =
                     DeadLetter::for_event(event, kind, Some(&t.name), reason, attempts, status);
@@ -324,7 +345,7 @@ impl Deliverer {
     /// This is the one case where the queue message is acked before its POST was attempted.
     async fn park(&self, t: &Target, event: &Event, retry_at: SystemTime) {
         Stats::inc(&self.stats.parked);
-        self.stats.outcome(&t.name, "parked");
+        t.metrics.parked.inc();
         tracing::debug!(destination = %t.name, "circuit open: event parked for the retry scheduler");
         let record = RetryRecord {
             destination: t.name.clone(),

@@ -219,16 +219,6 @@ async fn dead_letters(config: Config, action: DeadLetterAction) -> Result<ExitCo
         };
         Ok(format!("http://{host}{path}"))
     };
-    let query = |destination: &Option<String>, id: &Option<String>| {
-        let mut q = Vec::new();
-        if let Some(d) = destination {
-            q.push(("destination", d.clone()));
-        }
-        if let Some(i) = id {
-            q.push(("id", i.clone()));
-        }
-        q
-    };
     let client = reqwest::Client::new();
     match action {
         DeadLetterAction::List { destination, json } => {
@@ -240,16 +230,7 @@ async fn dead_letters(config: Config, action: DeadLetterAction) -> Result<ExitCo
                 Some((deliverer, _)) => {
                     deadletters::list(deliverer, &filter).map_err(|e| e.to_string())?
                 }
-                None => client
-                    .get(admin("/dead-letters")?)
-                    .query(&query(&destination, &None))
-                    .send()
-                    .await
-                    .and_then(|r| r.error_for_status())
-                    .map_err(|e| format!("asking the running worker: {e}"))?
-                    .json()
-                    .await
-                    .map_err(|e| format!("reading the worker's answer: {e}"))?,
+                None => ask_worker(client.get(admin("/dead-letters")?).query(&filter)).await?,
             };
             if json {
                 println!(
@@ -287,16 +268,9 @@ async fn dead_letters(config: Config, action: DeadLetterAction) -> Result<ExitCo
                 Some((deliverer, router)) => deadletters::replay(deliverer, router, &filter)
                     .await
                     .map_err(|e| e.to_string())?,
-                None => client
-                    .post(admin("/dead-letters/replay")?)
-                    .query(&query(&destination, &id))
-                    .send()
-                    .await
-                    .and_then(|r| r.error_for_status())
-                    .map_err(|e| format!("asking the running worker: {e}"))?
-                    .json()
-                    .await
-                    .map_err(|e| format!("reading the worker's answer: {e}"))?,
+                None => {
+                    ask_worker(client.post(admin("/dead-letters/replay")?).query(&filter)).await?
+                }
             };
             for r in &results {
                 println!(
@@ -328,16 +302,9 @@ async fn dead_letters(config: Config, action: DeadLetterAction) -> Result<ExitCo
                     .await
                     .map_err(|e| e.to_string())?,
                 None => {
-                    let answer: serde_json::Value = client
-                        .post(admin("/dead-letters/purge")?)
-                        .query(&query(&destination, &id))
-                        .send()
-                        .await
-                        .and_then(|r| r.error_for_status())
-                        .map_err(|e| format!("asking the running worker: {e}"))?
-                        .json()
-                        .await
-                        .map_err(|e| format!("reading the worker's answer: {e}"))?;
+                    let answer: serde_json::Value =
+                        ask_worker(client.post(admin("/dead-letters/purge")?).query(&filter))
+                            .await?;
                     answer["purged"].as_u64().unwrap_or(0) as usize
                 }
             };
@@ -345,6 +312,20 @@ async fn dead_letters(config: Config, action: DeadLetterAction) -> Result<ExitCo
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// Sends a dead-letter request to the running worker's admin port and decodes its JSON answer.
+async fn ask_worker<T: serde::de::DeserializeOwned>(
+    request: reqwest::RequestBuilder,
+) -> Result<T, String> {
+    request
+        .send()
+        .await
+        .and_then(|r| r.error_for_status())
+        .map_err(|e| format!("asking the running worker: {e}"))?
+        .json()
+        .await
+        .map_err(|e| format!("reading the worker's answer: {e}"))
 }
 
 async fn wait_for_signal() {

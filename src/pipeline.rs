@@ -13,11 +13,12 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument as _;
 
 use crate::delivery::Deliverer;
-use crate::event;
+use crate::event::{self, SourceKind};
 use crate::router::Router;
 use crate::sources::{Acker, Delivery};
 use crate::stats::Stats;
 use crate::store::{DeadLetter, DeadLetterKind};
+use prometheus_client::metrics::counter::Counter;
 
 /// Everything a message needs on its way from source to ack.
 pub struct Pipeline {
@@ -25,6 +26,8 @@ pub struct Pipeline {
     deliverer: Arc<Deliverer>,
     max_payload_bytes: usize,
     stats: Arc<Stats>,
+    /// `courier_events_received_total` per source, by [`SourceKind`] order.
+    received_by_source: [Counter; 3],
 }
 
 impl Pipeline {
@@ -35,11 +38,14 @@ impl Pipeline {
         max_payload_bytes: usize,
         stats: Arc<Stats>,
     ) -> Pipeline {
+        let received_by_source = [SourceKind::Rabbitmq, SourceKind::Mqtt, SourceKind::Replay]
+            .map(|k| stats.received_counter(k.as_str()));
         Pipeline {
             router,
             deliverer,
             max_payload_bytes,
             stats,
+            received_by_source,
         }
     }
 
@@ -120,7 +126,8 @@ impl Pipeline {
     /// One message, start to ack.
     async fn handle(&self, delivery: Delivery) {
         let Delivery { inbound, acker } = delivery;
-        self.stats.received_from(inbound.source.as_str());
+        Stats::inc(&self.stats.received);
+        self.received_by_source[inbound.source as usize].inc();
         let event = match event::parse(&inbound, self.max_payload_bytes) {
             Ok(event) => event,
             Err(bad) => {

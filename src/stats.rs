@@ -7,7 +7,6 @@
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
-use std::time::Duration;
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -117,33 +116,33 @@ impl Stats {
         counter.load(Ordering::Relaxed)
     }
 
-    /// Counts one delivery outcome for `destination`.
-    pub fn outcome(&self, destination: &str, outcome: &str) {
+    /// The series counting `outcome` at `destination`. Callers keep the handle, so the hot path
+    /// increments it without building labels.
+    pub fn delivery_counter(&self, destination: &str, outcome: &str) -> Counter {
         self.deliveries
             .get_or_create(&DeliveryLabels {
                 destination: destination.to_string(),
                 outcome: outcome.to_string(),
             })
-            .inc();
+            .clone()
     }
 
-    /// Records how long a POST to `destination` took.
-    pub fn observe_latency(&self, destination: &str, took: Duration) {
+    /// The POST duration histogram of `destination` (a handle, as for counters).
+    pub fn latency_histogram(&self, destination: &str) -> Histogram {
         self.latency
             .get_or_create(&DestinationLabel {
                 destination: destination.to_string(),
             })
-            .observe(took.as_secs_f64());
+            .clone()
     }
 
-    /// Counts a message from `source`.
-    pub fn received_from(&self, source: &str) {
-        Self::inc(&self.received);
+    /// The series counting messages from `source` (a handle, as for counters).
+    pub fn received_counter(&self, source: &str) -> Counter {
         self.received_by_source
             .get_or_create(&SourceLabel {
                 source: source.to_string(),
             })
-            .inc();
+            .clone()
     }
 
     /// Counts a reconnect attempt of `source` and marks it disconnected.
