@@ -50,7 +50,10 @@ pub async fn start(
 }
 
 async fn ready(State(s): State<AdminState>) -> Response {
-    let reasons = s.deliverer.stats().not_ready_reasons();
+    let mut reasons = s.deliverer.stats().not_ready_reasons();
+    if let Some(why) = s.deliverer.store().closed_reason() {
+        reasons.push(format!("store: closed: {why}"));
+    }
     if reasons.is_empty() {
         Json(serde_json::json!({ "status": "ready" })).into_response()
     } else {

@@ -21,6 +21,10 @@ use crate::store::{
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::histogram::Histogram;
 
+/// The longest wait between two tries of a failing store: also the longest delay between a
+/// disk becoming writable again and acks resuming.
+const STORE_RETRY_MAX: Duration = Duration::from_secs(5);
+
 /// One destination's Prometheus series, created once so delivering builds no labels.
 struct TargetMetrics {
     delivered: Counter,
@@ -333,12 +337,15 @@ impl Deliverer {
         }
     }
 
-    /// Replaces retry entry `old` by `new`: `old` is removed by its own key (it may be an entry the
-    /// index lost track of after a crash), then `new` is scheduled.
+    /// Replaces retry entry `old` by `new`: `new` is scheduled first, so a crash or a store reopen
+    /// in between leaves two entries (one extra attempt, which dedup makes harmless) and never
+    /// none; then `old` is removed by its own key (it may be an entry the index lost track of).
     async fn reschedule(&self, old: &RetryRecord, new: &RetryRecord) {
-        self.until_stored(|| self.store.remove_retry_record(old))
-            .await;
         self.until_stored(|| self.store.schedule_retry(new)).await;
+        if old.next_at_ms != new.next_at_ms {
+            self.until_stored(|| self.store.remove_retry_record(old))
+                .await;
+        }
     }
 
     /// Writes `event` to the retry store without an attempt: the destination's circuit is open.
@@ -372,22 +379,34 @@ impl Deliverer {
         F: FnMut() -> Fut,
         Fut: std::future::Future<Output = Result<T, StoreError>>,
     {
-        let mut backoff =
-            ReconnectBackoff::new(Duration::from_millis(100), Duration::from_secs(10));
+        let mut backoff = ReconnectBackoff::new(Duration::from_millis(100), STORE_RETRY_MAX);
         loop {
+            let generation = self.store.generation();
             match op().await {
                 Ok(v) => {
                     self.stats.set_store_ok(true);
                     return v;
                 }
-                Err(error) => {
-                    self.stats.set_store_ok(false);
-                    let delay = backoff.next_delay();
-                    tracing::error!(%error, retry_in = ?delay, "STORE OPERATION FAILED: not acking until the store works again");
-                    tokio::time::sleep(delay).await;
-                }
+                Err(error) => self.store_failed(error, generation, &mut backoff).await,
             }
         }
+    }
+
+    /// After a failed store operation: says so loudly, marks the store down, reopens it when a
+    /// reopen can help, and waits before the next try.
+    async fn store_failed(
+        &self,
+        error: StoreError,
+        generation: u64,
+        backoff: &mut ReconnectBackoff,
+    ) {
+        self.stats.set_store_ok(false);
+        let delay = backoff.next_delay();
+        tracing::error!(%error, retry_in = ?delay, "STORE OPERATION FAILED: not acking until the store works again");
+        // A reopen can succeed on a disk that is still full; waiting even then keeps a failing
+        // disk from turning into a busy loop. The caller's generation check redoes lost writes.
+        self.store.recover(&error, generation).await;
+        tokio::time::sleep(delay).await;
     }
 
     /// The dedup record (local or Redis).
@@ -397,13 +416,13 @@ impl Deliverer {
 
     /// Group commit until it works (see [`Deliverer::until_stored`]).
     pub async fn commit(&self) {
-        let mut backoff =
-            ReconnectBackoff::new(Duration::from_millis(100), Duration::from_secs(10));
-        while let Err(error) = self.store.commit().await {
-            self.stats.set_store_ok(false);
-            let delay = backoff.next_delay();
-            tracing::error!(%error, retry_in = ?delay, "STORE FLUSH FAILED: not acking until the store works again");
-            tokio::time::sleep(delay).await;
+        let mut backoff = ReconnectBackoff::new(Duration::from_millis(100), STORE_RETRY_MAX);
+        loop {
+            let generation = self.store.generation();
+            match self.store.commit().await {
+                Ok(()) => break,
+                Err(error) => self.store_failed(error, generation, &mut backoff).await,
+            }
         }
         self.stats.set_store_ok(true);
     }

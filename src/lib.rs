@@ -75,7 +75,9 @@ pub async fn run_with_stats(
     stats: Arc<Stats>,
 ) -> Result<(), Error> {
     install_crypto_provider();
-    let store = Arc::new(store::Store::open(&config.store)?);
+    // An unwritable disk or a lock still held by a stopping predecessor is waited out like an
+    // unreachable broker: nothing is acked until the store opens (see `Store::recover`).
+    let store = Arc::new(store::Store::open_or_closed(&config.store));
     let sender = sender::Sender::new(&config)?;
     let router = Arc::new(router::Router::new(&config.destinations));
     let max_in_flight = config.service.max_in_flight;

@@ -169,16 +169,22 @@ impl Pipeline {
             return;
         }
         let d = &self.deliverer;
-        let wrote = if let [only] = targets[..] {
-            d.first_attempt(only, &event).await
-        } else {
-            futures_util::future::join_all(targets.iter().map(|&i| d.first_attempt(i, &event)))
-                .await
-                .into_iter()
-                .any(|w| w)
-        };
-        if wrote {
-            d.commit().await;
+        loop {
+            let generation = d.store().generation();
+            let wrote = if let [only] = targets[..] {
+                d.first_attempt(only, &event).await
+            } else {
+                futures_util::future::join_all(targets.iter().map(|&i| d.first_attempt(i, &event)))
+                    .await
+                    .into_iter()
+                    .any(|w| w)
+            };
+            if wrote {
+                d.commit().await;
+            }
+            if !self.store_reopened_since(generation) {
+                break;
+            }
         }
         self.ack(acker).await;
     }
@@ -186,9 +192,26 @@ impl Pipeline {
     async fn dead_letter_and_ack(&self, letter: DeadLetter, acker: Acker) {
         Stats::inc(&self.stats.dead_lettered);
         let d = &self.deliverer;
-        d.until_stored(|| d.store().dead_letter(&letter)).await;
-        d.commit().await;
+        loop {
+            let generation = d.store().generation();
+            d.until_stored(|| d.store().dead_letter(&letter)).await;
+            d.commit().await;
+            if !self.store_reopened_since(generation) {
+                break;
+            }
+        }
         self.ack(acker).await;
+    }
+
+    /// Whether the store was reopened after `generation`: writes made for this message before
+    /// the reopen may never have reached the disk, so the message is handled again before its
+    /// ack (dedup skips the destinations whose delivery the new store does know about).
+    fn store_reopened_since(&self, generation: u64) -> bool {
+        let reopened = self.deliverer.store().generation() != generation;
+        if reopened {
+            tracing::warn!("the store was reopened while this message was handled: handling it again so no write is lost");
+        }
+        reopened
     }
 
     async fn ack(&self, acker: Acker) {

@@ -10,6 +10,7 @@
 //! is what lets it be swapped.
 
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use base64::Engine as _;
@@ -35,9 +36,24 @@ pub enum StoreError {
     /// The shared dedup in Redis failed.
     #[error("redis dedup: {0}")]
     Redis(String),
+    /// The store is closed after a disk failure, waiting to be reopened.
+    #[error("store {path} is closed until it can be reopened: {reason}")]
+    Closed { path: String, reason: String },
     /// A stored record could not be decoded.
     #[error("store {path}: corrupt record: {message}")]
     Corrupt { path: String, message: String },
+}
+
+impl StoreError {
+    /// Whether closing and reopening the store can make the operation work again: true for disk
+    /// errors (sled refuses everything after one), a closed store, and a lock still held by a
+    /// stopping predecessor; false for a corrupt record and for Redis.
+    pub fn cured_by_reopen(&self) -> bool {
+        matches!(
+            self,
+            StoreError::Sled { .. } | StoreError::Closed { .. } | StoreError::Locked { .. }
+        )
+    }
 }
 
 /// Why a message ended in the dead-letter tree.
@@ -229,61 +245,194 @@ impl DeadLetter {
     }
 }
 
-/// The sled-backed store.
-pub struct Store {
+/// The open sled database and its trees. Replaced as a whole when the store is reopened.
+struct Handles {
     db: sled::Db,
+    /// `destination ++ 0 ++ event id` → delivery time (Unix milliseconds, u64 BE).
     delivered: sled::Tree,
+    /// Time-ordered key → [`DeadLetter`].
     dead: sled::Tree,
     /// `destination ++ 0 ++ next_at (u64 BE) ++ event id` → [`RetryRecord`]: a destination's due
     /// entries are one range scan, and a destination whose circuit is open is simply not scanned.
     retries: sled::Tree,
     /// `destination ++ 0 ++ event id` → its key in `retries`: one pending retry per pair.
     retry_index: sled::Tree,
+}
+
+/// The sled-backed store.
+///
+/// sled stops serving every operation after one failed disk write (a full or read-only disk), and
+/// only a fresh open clears that. So the open database sits behind a slot that
+/// [`Store::recover`] empties and refills; each reopen bumps [`Store::generation`], which tells a
+/// caller that writes it made before may not have reached the disk and must be made again.
+pub struct Store {
+    handles: std::sync::RwLock<Option<Arc<Handles>>>,
+    config: StoreConfig,
     dedup_ttl: Duration,
     path: String,
+    generation: AtomicU64,
+    /// Why the store is closed, while it is (for errors and readiness).
+    closed_because: std::sync::Mutex<Option<String>>,
+    reopen_lock: tokio::sync::Mutex<()>,
     /// Group commit: tickets handed out to writers, and the highest ticket known durable.
     requested: AtomicU64,
     flushed: AtomicU64,
     flush_lock: tokio::sync::Mutex<()>,
 }
 
+fn open_handles(config: &StoreConfig, path: &str) -> Result<Handles, StoreError> {
+    let sled_err = |source| StoreError::Sled {
+        path: path.to_string(),
+        source,
+    };
+    let db = sled::Config::new()
+        .path(&config.path)
+        .cache_capacity(config.cache_capacity)
+        .flush_every_ms(None)
+        .open()
+        .map_err(|e| {
+            if e.to_string().contains("could not acquire lock") {
+                StoreError::Locked {
+                    path: path.to_string(),
+                }
+            } else {
+                sled_err(e)
+            }
+        })?;
+    Ok(Handles {
+        delivered: db.open_tree("delivered").map_err(sled_err)?,
+        dead: db.open_tree("dead").map_err(sled_err)?,
+        retries: db.open_tree("retries").map_err(sled_err)?,
+        retry_index: db.open_tree("retry_index").map_err(sled_err)?,
+        db,
+    })
+}
+
 impl Store {
     /// Opens (or creates) the store. sled takes an exclusive lock: a second process on the same
     /// path gets a clear error instead of corrupting it.
     pub fn open(config: &StoreConfig) -> Result<Store, StoreError> {
-        let path = config.path.display().to_string();
-        let sled_err = |source| StoreError::Sled {
-            path: path.clone(),
-            source,
-        };
-        let db = sled::Config::new()
-            .path(&config.path)
-            .cache_capacity(config.cache_capacity)
-            .flush_every_ms(None)
-            .open()
-            .map_err(|e| {
-                if e.to_string().contains("could not acquire lock") {
-                    StoreError::Locked { path: path.clone() }
-                } else {
-                    sled_err(e)
-                }
-            })?;
-        let delivered = db.open_tree("delivered").map_err(sled_err)?;
-        let dead = db.open_tree("dead").map_err(sled_err)?;
-        let retries = db.open_tree("retries").map_err(sled_err)?;
-        let retry_index = db.open_tree("retry_index").map_err(sled_err)?;
-        Ok(Store {
-            db,
-            delivered,
-            dead,
-            retries,
-            retry_index,
+        let store = Store::closed(config, "not opened yet".to_string());
+        let handles = open_handles(config, &store.path)?;
+        store.install(handles);
+        Ok(store)
+    }
+
+    /// Opens the store if it can, and otherwise returns it closed, to be opened by
+    /// [`Store::recover`] once the disk allows. What the worker uses: an unwritable disk (or a
+    /// lock still held by a stopping predecessor) then holds deliveries back instead of
+    /// stopping the process, the way an unreachable broker does.
+    pub fn open_or_closed(config: &StoreConfig) -> Store {
+        let store = Store::closed(config, "not opened yet".to_string());
+        match open_handles(config, &store.path) {
+            Ok(handles) => store.install(handles),
+            Err(error) => {
+                tracing::error!(%error, "STORE CANNOT BE OPENED: nothing is acked until it can; retrying");
+                *store.lock_reason() = Some(error.to_string());
+            }
+        }
+        store
+    }
+
+    fn closed(config: &StoreConfig, reason: String) -> Store {
+        Store {
+            handles: std::sync::RwLock::new(None),
+            config: config.clone(),
             dedup_ttl: config.dedup_ttl,
-            path,
+            path: config.path.display().to_string(),
+            generation: AtomicU64::new(0),
+            closed_because: std::sync::Mutex::new(Some(reason)),
+            reopen_lock: tokio::sync::Mutex::new(()),
             requested: AtomicU64::new(0),
             flushed: AtomicU64::new(0),
             flush_lock: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    fn install(&self, handles: Handles) {
+        *self.handles.write().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(handles));
+        *self.lock_reason() = None;
+    }
+
+    fn lock_reason(&self) -> std::sync::MutexGuard<'_, Option<String>> {
+        self.closed_because
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn handles(&self) -> Result<Arc<Handles>, StoreError> {
+        if let Some(h) = self
+            .handles
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+        {
+            return Ok(h.clone());
+        }
+        Err(StoreError::Closed {
+            path: self.path.clone(),
+            reason: self.lock_reason().clone().unwrap_or_default(),
         })
+    }
+
+    /// Counts reopens. A caller that wrote, then committed, and sees a different generation than
+    /// before its first write must write again: the reopen may have dropped writes that were
+    /// only in memory.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::SeqCst)
+    }
+
+    /// Reopens the store after `error`, if that error is one a reopen can cure (a failed disk
+    /// write or read, or the store being closed) and no other caller has reopened it since
+    /// `seen_generation`. Returns whether the store is open afterwards.
+    pub async fn recover(&self, error: &StoreError, seen_generation: u64) -> bool {
+        if !error.cured_by_reopen() {
+            return self.handles().is_ok();
+        }
+        let _one_at_a_time = self.reopen_lock.lock().await;
+        let open = self.handles().is_ok();
+        if self.generation() != seen_generation && open {
+            return true;
+        }
+        let old = self
+            .handles
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some(old) = old {
+            self.generation.fetch_add(1, Ordering::SeqCst);
+            *self.lock_reason() = Some(error.to_string());
+            // sled releases its file lock only when the last handle is dropped; operations that
+            // cloned it finish quickly (they fail).
+            let deadline = std::time::Instant::now() + Duration::from_secs(5);
+            while Arc::strong_count(&old) > 1 && std::time::Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            let _ = tokio::task::spawn_blocking(move || drop(old)).await;
+        }
+        let config = self.config.clone();
+        let path = self.path.clone();
+        match tokio::task::spawn_blocking(move || open_handles(&config, &path)).await {
+            Ok(Ok(handles)) => {
+                self.install(handles);
+                tracing::warn!(path = %self.path, "store reopened: deliveries and acks resume");
+                true
+            }
+            Ok(Err(reopen_error)) => {
+                *self.lock_reason() = Some(reopen_error.to_string());
+                tracing::error!(error = %reopen_error, "STORE CANNOT BE REOPENED: nothing is acked until it can; retrying");
+                false
+            }
+            Err(join_error) => {
+                tracing::error!(error = %join_error, "store reopen task failed; retrying");
+                false
+            }
+        }
+    }
+
+    /// Why the store is closed, or `None` while it is open.
+    pub fn closed_reason(&self) -> Option<String> {
+        self.lock_reason().clone()
     }
 
     fn err(&self, source: sled::Error) -> StoreError {
@@ -295,8 +444,9 @@ impl Store {
 
     /// Whether `event_id` was delivered with a 2xx to `destination` within the dedup TTL.
     pub fn is_delivered(&self, destination: &str, event_id: &str) -> Result<bool, StoreError> {
+        let h = self.handles()?;
         let key = dedup_key(destination, event_id);
-        let Some(value) = self.delivered.get(&key).map_err(|e| self.err(e))? else {
+        let Some(value) = h.delivered.get(&key).map_err(|e| self.err(e))? else {
             return Ok(false);
         };
         let at = decode_millis(&value);
@@ -306,8 +456,9 @@ impl Store {
 
     /// Remembers a 2xx delivery. Durable after the next [`Store::commit`].
     pub fn record_delivered(&self, destination: &str, event_id: &str) -> Result<(), StoreError> {
+        let h = self.handles()?;
         let now = millis(SystemTime::now());
-        self.delivered
+        h.delivered
             .insert(dedup_key(destination, event_id), &now.to_be_bytes())
             .map_err(|e| self.err(e))?;
         Ok(())
@@ -315,7 +466,8 @@ impl Store {
 
     /// Adds a dead letter. Durable after the next [`Store::commit`].
     pub fn dead_letter(&self, letter: &DeadLetter) -> Result<(), StoreError> {
-        let seq = self.db.generate_id().map_err(|e| self.err(e))?;
+        let h = self.handles()?;
+        let seq = h.db.generate_id().map_err(|e| self.err(e))?;
         let mut key = [0u8; 16];
         key[..8].copy_from_slice(&letter.at_ms.to_be_bytes());
         key[8..].copy_from_slice(&seq.to_be_bytes());
@@ -323,28 +475,29 @@ impl Store {
             path: self.path.clone(),
             message: e.to_string(),
         })?;
-        self.dead.insert(key, value).map_err(|e| self.err(e))?;
+        h.dead.insert(key, value).map_err(|e| self.err(e))?;
         Ok(())
     }
 
     /// Schedules (or re-schedules) the retry of one event at one destination; an earlier pending
     /// retry of the same pair is replaced. Durable after the next [`Store::commit`].
     pub fn schedule_retry(&self, record: &RetryRecord) -> Result<(), StoreError> {
+        let h = self.handles()?;
         let key = record.key();
         let pair = dedup_key(&record.destination, &record.event.id);
         let value = serde_json::to_vec(record).map_err(|e| self.corrupt(e.to_string()))?;
         // Entry first, index second: a crash in between leaves an entry the index does not know,
         // which the scheduler still attempts and then removes by its own key.
-        self.retries
+        h.retries
             .insert(key.as_slice(), value)
             .map_err(|e| self.err(e))?;
-        if let Some(old) = self
+        if let Some(old) = h
             .retry_index
             .insert(pair.as_slice(), key.as_slice())
             .map_err(|e| self.err(e))?
         {
             if old.as_ref() != key.as_slice() {
-                self.retries.remove(old).map_err(|e| self.err(e))?;
+                h.retries.remove(old).map_err(|e| self.err(e))?;
             }
         }
         Ok(())
@@ -352,9 +505,10 @@ impl Store {
 
     /// Drops the pending retry of `event_id` at `destination`, if any.
     pub fn remove_retry(&self, destination: &str, event_id: &str) -> Result<(), StoreError> {
+        let h = self.handles()?;
         let pair = dedup_key(destination, event_id);
-        if let Some(key) = self.retry_index.remove(pair).map_err(|e| self.err(e))? {
-            self.retries.remove(key).map_err(|e| self.err(e))?;
+        if let Some(key) = h.retry_index.remove(pair).map_err(|e| self.err(e))? {
+            h.retries.remove(key).map_err(|e| self.err(e))?;
         }
         Ok(())
     }
@@ -362,12 +516,11 @@ impl Store {
     /// Drops exactly this entry (found by its own key, so also one the index lost track of) and
     /// the index entry if it points here.
     pub fn remove_retry_record(&self, record: &RetryRecord) -> Result<(), StoreError> {
+        let h = self.handles()?;
         let key = record.key();
-        self.retries
-            .remove(key.as_slice())
-            .map_err(|e| self.err(e))?;
+        h.retries.remove(key.as_slice()).map_err(|e| self.err(e))?;
         let pair = dedup_key(&record.destination, &record.event.id);
-        let _ = self
+        let _ = h
             .retry_index
             .compare_and_swap(pair, Some(key.as_slice()), None::<&[u8]>)
             .map_err(|e| self.err(e))?;
@@ -383,11 +536,12 @@ impl Store {
         limit: usize,
         skip: impl Fn(&str) -> bool,
     ) -> Result<Vec<RetryRecord>, StoreError> {
+        let h = self.handles()?;
         let start = retry_prefix(destination);
         let mut end = start.clone();
         end.extend_from_slice(&now_ms.saturating_add(1).to_be_bytes());
         let mut out = Vec::new();
-        for item in self.retries.range(start..end) {
+        for item in h.retries.range(start..end) {
             let (_, value) = item.map_err(|e| self.err(e))?;
             let record: RetryRecord =
                 serde_json::from_slice(&value).map_err(|e| self.corrupt(format!("retry: {e}")))?;
@@ -404,8 +558,9 @@ impl Store {
 
     /// When `destination`'s earliest pending retry is due (Unix milliseconds).
     pub fn next_retry_at(&self, destination: &str) -> Result<Option<u64>, StoreError> {
+        let h = self.handles()?;
         let prefix = retry_prefix(destination);
-        match self.retries.scan_prefix(&prefix).next() {
+        match h.retries.scan_prefix(&prefix).next() {
             Some(item) => {
                 let (key, _) = item.map_err(|e| self.err(e))?;
                 Ok(key.get(prefix.len()..prefix.len() + 8).map(decode_millis))
@@ -416,8 +571,9 @@ impl Store {
 
     /// Destinations that have pending retries (one pass over the index).
     pub fn retry_destinations(&self) -> Result<Vec<String>, StoreError> {
+        let h = self.handles()?;
         let mut out: Vec<String> = Vec::new();
-        for item in self.retry_index.iter() {
+        for item in h.retry_index.iter() {
             let (pair, _) = item.map_err(|e| self.err(e))?;
             let name = pair.split(|b| *b == 0).next().unwrap_or(&[]);
             let name = String::from_utf8_lossy(name).into_owned();
@@ -431,18 +587,19 @@ impl Store {
 
     /// Dead letters kept.
     pub fn dead_letter_count(&self) -> usize {
-        self.dead.len()
+        self.handles().map(|h| h.dead.len()).unwrap_or(0)
     }
 
     /// Pending retries.
     pub fn pending_retries(&self) -> usize {
-        self.retry_index.len()
+        self.handles().map(|h| h.retry_index.len()).unwrap_or(0)
     }
 
     /// Every pending retry, by destination and then time.
     pub fn retries(&self) -> Result<Vec<RetryRecord>, StoreError> {
+        let h = self.handles()?;
         let mut out = Vec::new();
-        for item in self.retries.iter() {
+        for item in h.retries.iter() {
             let (_, value) = item.map_err(|e| self.err(e))?;
             out.push(
                 serde_json::from_slice(&value).map_err(|e| self.corrupt(format!("retry: {e}")))?,
@@ -453,17 +610,19 @@ impl Store {
 
     /// Replaces the dead letter stored under `key` (its hex form, as listed).
     pub fn update_dead_letter(&self, letter: &DeadLetter) -> Result<(), StoreError> {
+        let h = self.handles()?;
         let key = unhex(&letter.key)
             .ok_or_else(|| self.corrupt(format!("bad dead-letter key {:?}", letter.key)))?;
         let value = serde_json::to_vec(letter).map_err(|e| self.corrupt(e.to_string()))?;
-        self.dead.insert(key, value).map_err(|e| self.err(e))?;
+        h.dead.insert(key, value).map_err(|e| self.err(e))?;
         Ok(())
     }
 
     /// Removes the dead letter stored under `key` (its hex form, as listed).
     pub fn remove_dead_letter(&self, key: &str) -> Result<bool, StoreError> {
+        let h = self.handles()?;
         let raw = unhex(key).ok_or_else(|| self.corrupt(format!("bad dead-letter key {key:?}")))?;
-        Ok(self.dead.remove(raw).map_err(|e| self.err(e))?.is_some())
+        Ok(h.dead.remove(raw).map_err(|e| self.err(e))?.is_some())
     }
 
     fn corrupt(&self, message: String) -> StoreError {
@@ -475,8 +634,9 @@ impl Store {
 
     /// Every dead letter, oldest first.
     pub fn dead_letters(&self) -> Result<Vec<DeadLetter>, StoreError> {
+        let h = self.handles()?;
         let mut out = Vec::new();
-        for item in self.dead.iter() {
+        for item in h.dead.iter() {
             let (key, value) = item.map_err(|e| self.err(e))?;
             let mut letter: DeadLetter =
                 serde_json::from_slice(&value).map_err(|e| StoreError::Corrupt {
@@ -497,22 +657,24 @@ impl Store {
         if self.flushed.load(Ordering::SeqCst) >= ticket {
             return Ok(());
         }
+        let h = self.handles()?;
         // Every ticket up to here belongs to a write that happened before this flush starts.
         let covered = self.requested.load(Ordering::SeqCst);
-        self.db.flush_async().await.map_err(|e| self.err(e))?;
+        h.db.flush_async().await.map_err(|e| self.err(e))?;
         self.flushed.store(covered, Ordering::SeqCst);
         Ok(())
     }
 
     /// Drops dedup entries older than the TTL; returns how many. Runs in the background.
     pub fn sweep_expired(&self) -> Result<usize, StoreError> {
+        let h = self.handles()?;
         let now = millis(SystemTime::now());
         let ttl = self.dedup_ttl.as_millis() as u64;
         let mut removed = 0;
-        for item in self.delivered.iter() {
+        for item in h.delivered.iter() {
             let (key, value) = item.map_err(|e| self.err(e))?;
             if now.saturating_sub(decode_millis(&value)) >= ttl {
-                self.delivered.remove(key).map_err(|e| self.err(e))?;
+                h.delivered.remove(key).map_err(|e| self.err(e))?;
                 removed += 1;
             }
         }
@@ -521,12 +683,13 @@ impl Store {
 
     /// Number of remembered deliveries (for logs and tests).
     pub fn delivered_count(&self) -> usize {
-        self.delivered.len()
+        self.handles().map(|h| h.delivered.len()).unwrap_or(0)
     }
 
     /// Flushes everything; called at shutdown.
     pub async fn flush(&self) -> Result<(), StoreError> {
-        self.db.flush_async().await.map_err(|e| self.err(e))?;
+        let h = self.handles()?;
+        h.db.flush_async().await.map_err(|e| self.err(e))?;
         Ok(())
     }
 }
@@ -683,6 +846,44 @@ mod tests {
             .map(|r| r.event.id)
             .collect();
         assert_eq!(all, vec!["a", "c"]);
+    }
+
+    #[tokio::test]
+    async fn a_store_that_cannot_open_waits_and_recovers() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let cfg = config(dir.path(), Duration::from_secs(60));
+        let first = Store::open(&cfg).expect("open");
+        first.record_delivered("d", "e1").expect("write");
+        first.commit().await.expect("commit");
+
+        // The lock is held: the second store starts closed and says why.
+        let second = Store::open_or_closed(&cfg);
+        let error = second.is_delivered("d", "e1").expect_err("closed");
+        assert!(matches!(error, StoreError::Closed { .. }), "{error}");
+        assert!(error.to_string().contains("in use"), "{error}");
+        assert!(second.closed_reason().is_some());
+        assert!(!second.recover(&error, second.generation()).await);
+
+        drop(first);
+        assert!(second.recover(&error, second.generation()).await);
+        assert!(second.closed_reason().is_none());
+        assert!(second.is_delivered("d", "e1").expect("open now"));
+
+        // A reopen of an open store (after a disk error) bumps the generation and keeps what
+        // was committed.
+        let before = second.generation();
+        let disk_error = StoreError::Sled {
+            path: "x".into(),
+            source: sled::Error::Unsupported("simulated".into()),
+        };
+        assert!(second.recover(&disk_error, before).await);
+        assert_eq!(second.generation(), before + 1);
+        assert!(second.is_delivered("d", "e1").expect("reopened"));
+        // A caller that saw the old generation does not reopen again.
+        assert!(second.recover(&disk_error, before).await);
+        assert_eq!(second.generation(), before + 1);
+        // Errors a reopen cannot cure do not reopen.
+        assert!(!StoreError::Redis("down".into()).cured_by_reopen());
     }
 
     #[tokio::test]

@@ -3,55 +3,9 @@
 
 mod common;
 
-use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::*;
-
-fn mosquitto_port_open() -> bool {
-    std::net::TcpStream::connect_timeout(
-        &"127.0.0.1:1883".parse().expect("addr"),
-        Duration::from_millis(200),
-    )
-    .is_ok()
-}
-
-fn wait_port(open: bool) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while mosquitto_port_open() != open {
-        assert!(
-            Instant::now() < deadline,
-            "Mosquitto port never became open={open}"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
-/// SIGTERM (Mosquitto saves its persistent sessions), then the same start command as
-/// scripts/test.sh.
-fn restart_mosquitto(down_for: Duration) {
-    let path = format!(
-        "{}:/usr/sbin:/sbin",
-        std::env::var("PATH").unwrap_or_default()
-    );
-    let status = Command::new("pkill")
-        .args(["-TERM", "-x", "mosquitto"])
-        .status()
-        .expect("pkill");
-    assert!(status.success(), "no mosquitto process to stop");
-    wait_port(false);
-    std::thread::sleep(down_for);
-    let status = Command::new("sh")
-        .args([
-            "-c",
-            "mkdir -p /run/mosquitto && chown mosquitto /run/mosquitto; mosquitto -d -c /etc/mosquitto/mosquitto.conf",
-        ])
-        .env("PATH", path)
-        .status()
-        .expect("start mosquitto");
-    assert!(status.success(), "mosquitto did not start again");
-    wait_port(true);
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reconnects_after_the_broker_restarts_and_loses_nothing() {
@@ -81,7 +35,7 @@ async fn reconnects_after_the_broker_restarts_and_loses_nothing() {
     publisher.wait_acked().await;
     drop(publisher);
 
-    tokio::task::spawn_blocking(|| restart_mosquitto(Duration::from_secs(1)))
+    tokio::task::spawn_blocking(|| restart_mosquitto("TERM", Duration::from_secs(1)))
         .await
         .expect("restart");
     // Published after the restart, possibly before courier is back: the persistent session

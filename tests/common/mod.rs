@@ -894,3 +894,62 @@ impl Drop for CourierProcess {
         let _ = self.child.wait();
     }
 }
+
+/// When the first request after `since` arrived (2xx or not), if one did.
+impl Receiver {
+    pub fn first_arrival_after(&self, since: Instant) -> Option<Instant> {
+        self.state
+            .arrivals
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(_, t)| *t)
+            .filter(|t| *t >= since)
+            .min()
+    }
+}
+
+fn mosquitto_port_open() -> bool {
+    std::net::TcpStream::connect_timeout(
+        &"127.0.0.1:1883".parse().expect("addr"),
+        Duration::from_millis(200),
+    )
+    .is_ok()
+}
+
+fn wait_mosquitto_port(open: bool) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while mosquitto_port_open() != open {
+        assert!(
+            Instant::now() < deadline,
+            "Mosquitto port never became open={open}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Stops the machine's Mosquitto with `signal` (TERM: it saves its persistent sessions first),
+/// waits `down_for`, and starts it again with the same command as scripts/test.sh. Blocking.
+pub fn restart_mosquitto(signal: &str, down_for: Duration) {
+    let path = format!(
+        "{}:/usr/sbin:/sbin",
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let status = std::process::Command::new("pkill")
+        .args([&format!("-{signal}"), "-x", "mosquitto"])
+        .status()
+        .expect("pkill");
+    assert!(status.success(), "no mosquitto process to stop");
+    wait_mosquitto_port(false);
+    std::thread::sleep(down_for);
+    let status = std::process::Command::new("sh")
+        .args([
+            "-c",
+            "mkdir -p /run/mosquitto && chown mosquitto /run/mosquitto; mosquitto -d -c /etc/mosquitto/mosquitto.conf",
+        ])
+        .env("PATH", path)
+        .status()
+        .expect("start mosquitto");
+    assert!(status.success(), "mosquitto did not start again");
+    wait_mosquitto_port(true);
+}

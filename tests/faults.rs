@@ -1,0 +1,789 @@
+//! The fault suite: real traffic through real failures, every event counted at the receiver.
+//!
+//! Each case runs the courier binary against the machine's RabbitMQ or Mosquitto, sends a few
+//! thousand events (`COURIER_FAULT_EVENTS`, default 3,000; `scripts/test.sh --long` sends
+//! 20,000), breaks something mid-stream, repairs it, and then checks that every id reached the
+//! receiver with a 2xx. A second 2xx for one id (a duplicate) is allowed only where the dedup
+//! store could not know about the first: a POST under way when courier was killed or its store
+//! failed, so at most `IN_FLIGHT` per such failure, and none for the other faults.
+//!
+//! Each case prints one line of figures (`FAULT ...`) on stderr and appends it to
+//! `target/tmp/fault-figures.txt`; docs/reliability.md carries them.
+//!
+//! The cases stop the brokers and mount a tmpfs, so they run one at a time (a lock) in a test
+//! binary of their own (cargo runs test binaries one after another). The mount needs root, or
+//! sudo without a password.
+
+mod common;
+
+use std::collections::HashSet;
+use std::io::Write as _;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::*;
+use lapin::options::BasicPublishOptions;
+use lapin::BasicProperties;
+
+/// Events in flight in courier at once (also the RabbitMQ prefetch).
+const IN_FLIGHT: usize = 16;
+
+/// How long a case may take to deliver everything after its fault is repaired.
+const DRAIN: Duration = Duration::from_secs(120);
+
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+fn event_count() -> usize {
+    std::env::var("COURIER_FAULT_EVENTS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(3000)
+}
+
+fn ids(case: &str) -> Vec<String> {
+    (0..event_count()).map(|i| format!("{case}-{i}")).collect()
+}
+
+fn body(id: &str) -> Vec<u8> {
+    format!(
+        r#"{{"id":"{id}","topic":"fault.event","data":{{"pad":"{}"}}}}"#,
+        "x".repeat(400)
+    )
+    .into_bytes()
+}
+
+const DESTINATION: &str = r#"
+[[destinations]]
+name = "partner"
+url = "{url}"
+timeout = "10s"
+
+[destinations.retry]
+max_attempts = 1000
+initial_interval = "200ms"
+multiplier = 2.0
+max_interval = "1s"
+
+[destinations.circuit]
+failures = 5
+open_for = "1s"
+"#;
+
+fn amqp_config(queue: &str, store: &Path, admin: u16, url: &str) -> String {
+    format!(
+        r#"
+[service]
+max_in_flight = {IN_FLIGHT}
+shutdown_timeout = "10s"
+
+[store]
+path = "{store}"
+cache_capacity = 1048576
+
+[admin]
+listen = "127.0.0.1:{admin}"
+
+[rabbitmq]
+url = "{AMQP_URL}"
+queue = "{queue}"
+connection_name = "{queue}"
+{destination}
+"#,
+        store = store.display(),
+        destination = DESTINATION.replace("{url}", url),
+    )
+}
+
+fn mqtt_config(topic: &str, client_id: &str, store: &Path, url: &str) -> String {
+    mqtt_config_text(
+        topic,
+        client_id,
+        store,
+        "",
+        &DESTINATION.replace("{url}", url),
+    )
+    .replace(
+        "[service]\n",
+        &format!("[service]\nmax_in_flight = {IN_FLIGHT}\n"),
+    )
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+/// Publishes every id into `queue` (durable, persistent messages) and waits for the confirms.
+async fn prefill(publisher: &Publisher, queue: &str, ids: &[String]) {
+    publisher.declare_queue(queue).await;
+    for chunk in ids.chunks(500) {
+        let mut confirms = Vec::with_capacity(chunk.len());
+        for id in chunk {
+            confirms.push(
+                publisher
+                    .channel
+                    .basic_publish(
+                        "".into(),
+                        queue.into(),
+                        BasicPublishOptions::default(),
+                        &body(id),
+                        BasicProperties::default().with_delivery_mode(2),
+                    )
+                    .await
+                    .expect("basic_publish"),
+            );
+        }
+        for confirm in confirms {
+            confirm.await.expect("publisher confirm");
+        }
+    }
+}
+
+/// Publishes `ids` over MQTT QoS 1, never more than 300 ahead of what the receiver has (Mosquitto
+/// drops QoS 1 messages for a subscriber more than `max_queued_messages` behind).
+async fn publish_paced(publisher: &MqttPublisher, topic: &str, ids: &[String], rx: &Receiver) {
+    for (i, id) in ids.iter().enumerate() {
+        while i >= delivered(rx) + 300 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        publisher.publish(topic, body(id)).await;
+    }
+    publisher.wait_acked().await;
+}
+
+/// Distinct ids delivered with a 2xx.
+fn delivered(rx: &Receiver) -> usize {
+    rx.delivered_counts().len()
+}
+
+/// Waits until `n` of `ids` were delivered with a 2xx.
+async fn wait_delivered(rx: &Receiver, ids: &[String], n: usize, log: &Path) {
+    let deadline = Instant::now() + DRAIN;
+    let count = || {
+        let counts = rx.delivered_counts();
+        ids.iter().filter(|id| counts.contains_key(*id)).count()
+    };
+    while count() < n {
+        if Instant::now() > deadline {
+            panic!(
+                "{} of {n} events delivered within {DRAIN:?}; courier log:\n{}",
+                count(),
+                log_tail(log)
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn log_tail(log: &Path) -> String {
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(40)..].join("\n")
+}
+
+/// The figures of one case.
+struct Figures {
+    case: &'static str,
+    sent: usize,
+    received: usize,
+    lost: usize,
+    duplicates: usize,
+    /// From the repair to the first request courier made afterwards.
+    recovery: Option<Duration>,
+    total: Duration,
+}
+
+impl Figures {
+    fn count(
+        case: &'static str,
+        ids: &[String],
+        rx: &Receiver,
+        started: Instant,
+        repaired: Instant,
+    ) -> Figures {
+        let counts = rx.delivered_counts();
+        let sent: HashSet<&str> = ids.iter().map(String::as_str).collect();
+        let lost = sent.iter().filter(|id| !counts.contains_key(**id)).count();
+        let duplicates = counts
+            .iter()
+            .filter(|(id, _)| sent.contains(id.as_str()))
+            .map(|(_, n)| n - 1)
+            .sum();
+        Figures {
+            case,
+            sent: ids.len(),
+            received: ids.len() - lost,
+            lost,
+            duplicates,
+            recovery: rx
+                .first_arrival_after(repaired)
+                .map(|t| t.duration_since(repaired)),
+            total: started.elapsed(),
+        }
+    }
+
+    /// Prints the line, appends it to the figures file, and checks it.
+    fn check(&self, max_duplicates: usize, log: &Path) {
+        let line = format!(
+            "FAULT {:<28} sent={} received={} lost={} duplicates={} recovery={} total={:.1}s",
+            self.case,
+            self.sent,
+            self.received,
+            self.lost,
+            self.duplicates,
+            self.recovery
+                .map(|d| format!("{:.2}s", d.as_secs_f64()))
+                .unwrap_or_else(|| "-".into()),
+            self.total.as_secs_f64(),
+        );
+        eprintln!("{line}");
+        let path = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("fault-figures.txt");
+        if let Ok(mut file) = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+        {
+            let _ = writeln!(file, "{line}");
+        }
+        assert_eq!(self.lost, 0, "{line}\n{}", log_tail(log));
+        assert!(
+            self.duplicates <= max_duplicates,
+            "{line}: more than {max_duplicates} duplicates\n{}",
+            log_tail(log)
+        );
+    }
+}
+
+/// A TCP forwarder in front of the receiver that can go away (connection refused) and come back
+/// on the same port: a partner endpoint that is down.
+struct Gate {
+    port: u16,
+    target: SocketAddr,
+    task: Mutex<Option<tokio::task::JoinHandle<()>>>,
+}
+
+impl Gate {
+    async fn start(target: SocketAddr) -> Gate {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind gate");
+        let port = listener.local_addr().expect("gate addr").port();
+        let gate = Gate {
+            port,
+            target,
+            task: Mutex::new(None),
+        };
+        gate.serve(listener);
+        gate
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.port)
+    }
+
+    fn serve(&self, listener: tokio::net::TcpListener) {
+        let target = self.target;
+        let task = tokio::spawn(async move {
+            // Dropping the set (when this task is aborted) cuts every open connection.
+            let mut connections = tokio::task::JoinSet::new();
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                connections.spawn(async move {
+                    if let Ok(mut outbound) = tokio::net::TcpStream::connect(target).await {
+                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                    }
+                });
+                while connections.try_join_next().is_some() {}
+            }
+        });
+        *self.task.lock().unwrap() = Some(task);
+    }
+
+    /// Closes the port and every connection through it.
+    async fn down(&self) {
+        let task = self.task.lock().unwrap().take();
+        if let Some(task) = task {
+            task.abort();
+            let _ = task.await;
+        }
+    }
+
+    async fn up(&self) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            match tokio::net::TcpListener::bind(("127.0.0.1", self.port)).await {
+                Ok(listener) => return self.serve(listener),
+                Err(e) if Instant::now() < deadline => {
+                    eprintln!("gate: rebinding port {}: {e}", self.port);
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(e) => panic!("gate cannot listen on {} again: {e}", self.port),
+            }
+        }
+    }
+}
+
+/// Runs a command as root (directly, or through `sudo -n`); returns whether it succeeded.
+fn as_root(program: &str, args: &[&str]) -> bool {
+    let root = std::process::Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+        .unwrap_or(false);
+    let mut command = if root {
+        std::process::Command::new(program)
+    } else {
+        let mut c = std::process::Command::new("sudo");
+        c.arg("-n").arg(program);
+        c
+    };
+    command
+        .args(args)
+        .stderr(std::process::Stdio::null())
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false)
+}
+
+/// Starts RabbitMQ's application again if a case stopped it and then failed.
+struct RabbitGuard;
+
+impl Drop for RabbitGuard {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            let _ = std::process::Command::new("rabbitmqctl")
+                .arg("start_app")
+                .status();
+        }
+    }
+}
+
+async fn readyz(port: u16) -> Option<u16> {
+    reqwest::Client::new()
+        .get(format!("http://127.0.0.1:{port}/readyz"))
+        .timeout(Duration::from_secs(2))
+        .send()
+        .await
+        .ok()
+        .map(|r| r.status().as_u16())
+}
+
+/// Waits until a quarter of `ids` were delivered: the point where each case breaks something.
+async fn mid_stream(rx: &Receiver, ids: &[String], log: &Path) {
+    wait_delivered(rx, ids, ids.len() / 4, log).await;
+}
+
+/// Fails a case whose fault was over only after every event was delivered: it proved nothing.
+fn assert_mid_stream(rx: &Receiver, ids: &[String], log: &Path) {
+    let counts = rx.delivered_counts();
+    let done = ids.iter().filter(|id| counts.contains_key(*id)).count();
+    assert!(
+        done < ids.len(),
+        "all {done} events were delivered before the fault was repaired: slow the stream down\n{}",
+        log_tail(log)
+    );
+}
+
+/// A running courier process and what it takes to start it again.
+struct Running {
+    courier: CourierProcess,
+    config: String,
+    dir: PathBuf,
+}
+
+impl Running {
+    /// SIGKILL, then the same config and store again after `down_for`.
+    async fn kill9_and_restart(self, down_for: Duration) -> Running {
+        self.courier.kill9();
+        tokio::time::sleep(down_for).await;
+        Running {
+            courier: CourierProcess::spawn(&self.config, &self.dir),
+            ..self
+        }
+    }
+}
+
+/// An AMQP case: the queue pre-filled with every event, courier started, `fault` run once a
+/// quarter was delivered; `fault` returns when the fault is repaired.
+async fn amqp_case<F, Fut>(
+    case: &'static str,
+    rx: &Receiver,
+    url: &str,
+    max_duplicates: usize,
+    fault: F,
+) where
+    F: FnOnce(Running) -> Fut,
+    Fut: std::future::Future<Output = Running>,
+{
+    let ids = ids(case);
+    let queue = unique(case);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = dir.path().join("store");
+    let publisher = Publisher::connect().await;
+    prefill(&publisher, &queue, &ids).await;
+    drop(publisher);
+    let config = amqp_config(&queue, &store, free_port(), url);
+    let started = Instant::now();
+    let courier = CourierProcess::spawn(&config, dir.path());
+    mid_stream(rx, &ids, &courier.log).await;
+    let running = fault(Running {
+        courier,
+        config,
+        dir: dir.path().to_path_buf(),
+    })
+    .await;
+    let repaired = Instant::now();
+    let log = running.courier.log.clone();
+    assert_mid_stream(rx, &ids, &log);
+    wait_delivered(rx, &ids, ids.len(), &log).await;
+    Figures::count(case, &ids, rx, started, repaired).check(max_duplicates, &log);
+    drop(running);
+    let publisher = Publisher::connect().await;
+    let _ = publisher
+        .channel
+        .queue_delete(queue.as_str().into(), Default::default())
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rabbitmq_stopped_and_started_mid_stream() {
+    let _serial = SERIAL.lock().await;
+    let rx = Receiver::start().await;
+    // Slow enough that the broker's stop (seconds of rabbitmqctl) lands mid-stream.
+    rx.set_delay(Duration::from_millis(50));
+    // Messages unacked at the stop come back; their outcome was committed before the ack was
+    // attempted, so dedup skips them: no duplicate.
+    amqp_case("rabbit-restart", &rx, &rx.url("/e"), 0, |running| async {
+        let guard = RabbitGuard;
+        tokio::task::spawn_blocking(|| {
+            rabbitmqctl(&["stop_app"]);
+            std::thread::sleep(Duration::from_secs(3));
+            rabbitmqctl(&["start_app"]);
+        })
+        .await
+        .expect("restart RabbitMQ");
+        drop(guard);
+        running
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rabbitmq_connections_force_closed_mid_stream() {
+    let _serial = SERIAL.lock().await;
+    let rx = Receiver::start().await;
+    // Slow enough that the broker's stop (seconds of rabbitmqctl) lands mid-stream.
+    rx.set_delay(Duration::from_millis(50));
+    amqp_case(
+        "rabbit-close-conns",
+        &rx,
+        &rx.url("/e"),
+        0,
+        |running| async {
+            for _ in 0..3 {
+                tokio::task::spawn_blocking(|| {
+                    rabbitmqctl(&["close_all_connections", "courier fault suite"])
+                })
+                .await
+                .expect("close connections");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            running
+        },
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn courier_sigkilled_mid_stream_amqp() {
+    let _serial = SERIAL.lock().await;
+    let rx = Receiver::start().await;
+    rx.set_delay(Duration::from_millis(2));
+    amqp_case(
+        "courier-kill9-amqp",
+        &rx,
+        &rx.url("/e"),
+        IN_FLIGHT,
+        // The same store: dedup must remember what the killed process delivered.
+        |running| running.kill9_and_restart(Duration::ZERO),
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn receiver_down_for_a_while() {
+    let _serial = SERIAL.lock().await;
+    let rx = Receiver::start().await;
+    rx.set_delay(Duration::from_millis(2));
+    let gate = Arc::new(Gate::start(rx.addr).await);
+    let g = gate.clone();
+    // Connection refused is never a delivery: no duplicate.
+    amqp_case(
+        "receiver-down",
+        &rx,
+        &gate.url("/e"),
+        0,
+        |running| async move {
+            g.down().await;
+            tokio::time::sleep(Duration::from_secs(5)).await;
+            g.up().await;
+            running
+        },
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn receiver_slow_for_a_while() {
+    let _serial = SERIAL.lock().await;
+    let rx = Arc::new(Receiver::start().await);
+    rx.set_delay(Duration::from_millis(2));
+    let r = rx.clone();
+    // Two seconds per request stays inside the 10 s timeout: slow, not failed, no duplicate.
+    amqp_case(
+        "receiver-slow",
+        &rx,
+        &rx.url("/e"),
+        0,
+        |running| async move {
+            r.set_delay(Duration::from_secs(2));
+            tokio::time::sleep(Duration::from_secs(8)).await;
+            r.set_delay(Duration::from_millis(2));
+            running
+        },
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn receiver_answers_500_for_a_while() {
+    let _serial = SERIAL.lock().await;
+    let rx = Arc::new(Receiver::start().await);
+    rx.set_delay(Duration::from_millis(2));
+    let r = rx.clone();
+    amqp_case(
+        "receiver-500",
+        &rx,
+        &rx.url("/e"),
+        0,
+        |running| async move {
+            r.set_status(500);
+            tokio::time::sleep(Duration::from_secs(5)).await;
+            r.set_status(200);
+            running
+        },
+    )
+    .await;
+}
+
+/// A tmpfs mounted on the store directory, unmounted on drop.
+struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    fn mount(dir: &Path, size: &str) -> Tmpfs {
+        std::fs::create_dir_all(dir).expect("mount point");
+        let options = format!("size={size}");
+        assert!(
+            as_root(
+                "mount",
+                &[
+                    "-t",
+                    "tmpfs",
+                    "-o",
+                    &options,
+                    "tmpfs",
+                    &dir.to_string_lossy()
+                ]
+            ),
+            "cannot mount a tmpfs on {}: this case needs root or passwordless sudo",
+            dir.display()
+        );
+        Tmpfs(dir.to_path_buf())
+    }
+
+    fn remount(&self, mode: &str) -> bool {
+        as_root(
+            "mount",
+            &["-o", &format!("remount,{mode}"), &self.0.to_string_lossy()],
+        )
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        as_root("umount", &["-l", &self.0.to_string_lossy()]);
+    }
+}
+
+/// Writes zeros into `path` until the disk is full.
+fn fill(path: &Path) {
+    let mut file = std::fs::File::create(path).expect("filler");
+    let chunk = vec![0u8; 1 << 20];
+    while file.write_all(&chunk).is_ok() {}
+    let _ = file.sync_all();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn store_disk_full_then_read_only_then_writable() {
+    let _serial = SERIAL.lock().await;
+    let rx = Receiver::start().await;
+    rx.set_delay(Duration::from_millis(2));
+    let case = "store-full-readonly";
+    let ids = ids(case);
+    let queue = unique(case);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mount = dir.path().join("disk");
+    let disk = Tmpfs::mount(&mount, "64m");
+    let store = mount.join("store");
+    let publisher = Publisher::connect().await;
+    prefill(&publisher, &queue, &ids).await;
+    let admin = free_port();
+    let config = amqp_config(&queue, &store, admin, &rx.url("/e"));
+    let started = Instant::now();
+    let courier = CourierProcess::spawn(&config, dir.path());
+    let log = courier.log.clone();
+    mid_stream(&rx, &ids, &log).await;
+
+    // Disk full: the next flush fails.
+    let filler = mount.join("filler");
+    fill(&filler);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while readyz(admin).await != Some(503) {
+        assert!(
+            Instant::now() < deadline,
+            "courier stayed ready on a full disk:\n{}",
+            log_tail(&log)
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Nothing is acked while the store fails: the queue and the receiver stand still.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let (ready, unacked) = Publisher::counts(&queue);
+    let got = delivered(&rx);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        Publisher::counts(&queue),
+        (ready, unacked),
+        "messages were acked while the store was failing"
+    );
+    assert!(
+        unacked > 0 && unacked <= IN_FLIGHT as u64,
+        "unacked {unacked}"
+    );
+    assert_eq!(delivered(&rx), got, "deliveries went on without a store");
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(
+        text.contains("STORE OPERATION FAILED") || text.contains("STORE CANNOT BE"),
+        "the store failure was not logged loudly:\n{}",
+        log_tail(&log)
+    );
+
+    // Read-only: possible once courier has closed the failed store's files (a remount while a
+    // file is open for writing is refused with EBUSY).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !disk.remount("ro") {
+        assert!(
+            Instant::now() < deadline,
+            "the store's files stayed open after the failure; cannot remount read-only:\n{}",
+            log_tail(&log)
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert_eq!(readyz(admin).await, Some(503), "ready on a read-only disk");
+    assert_eq!(
+        Publisher::counts(&queue),
+        (ready, unacked),
+        "messages were acked while the disk was read-only"
+    );
+
+    // Writable again, with room.
+    assert!(disk.remount("rw"), "remount rw");
+    std::fs::remove_file(&filler).expect("remove filler");
+    let repaired = Instant::now();
+    assert_mid_stream(&rx, &ids, &log);
+    wait_delivered(&rx, &ids, ids.len(), &log).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while readyz(admin).await != Some(200) {
+        assert!(
+            Instant::now() < deadline,
+            "not ready after the disk came back:\n{}",
+            log_tail(&log)
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    eventually("queue drained", Duration::from_secs(30), || {
+        Publisher::counts(&queue) == (0, 0)
+    })
+    .await;
+    Figures::count(case, &ids, &rx, started, repaired).check(IN_FLIGHT, &log);
+    drop(courier);
+    let _ = publisher
+        .channel
+        .queue_delete(queue.as_str().into(), Default::default())
+        .await;
+}
+
+/// An MQTT case: events published (paced) for the whole case, `fault` run once a quarter was
+/// delivered, and the publisher reconnected afterwards when `fault` says it broke it.
+async fn mqtt_case<F, Fut>(case: &'static str, max_duplicates: usize, fault: F)
+where
+    F: FnOnce(Running) -> Fut,
+    Fut: std::future::Future<Output = Running>,
+{
+    let rx = Receiver::start().await;
+    rx.set_delay(Duration::from_millis(2));
+    let ids = ids(case);
+    let topic = unique(case);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = dir.path().join("store");
+    let config = mqtt_config(&topic, &unique(case), &store, &rx.url("/e"));
+    let started = Instant::now();
+    let courier = CourierProcess::spawn(&config, dir.path());
+    let publisher = MqttPublisher::connect().await;
+    wait_subscribed(&publisher, &topic, &rx).await;
+    let quarter = ids.len() / 4;
+    publish_paced(&publisher, &topic, &ids[..quarter], &rx).await;
+    drop(publisher);
+    mid_stream(&rx, &ids, &courier.log).await;
+    let running = fault(Running {
+        courier,
+        config,
+        dir: dir.path().to_path_buf(),
+    })
+    .await;
+    let repaired = Instant::now();
+    assert_mid_stream(&rx, &ids, &running.courier.log);
+    let publisher = MqttPublisher::connect().await;
+    publish_paced(&publisher, &topic, &ids[quarter..], &rx).await;
+    let log = running.courier.log.clone();
+    wait_delivered(&rx, &ids, ids.len(), &log).await;
+    Figures::count(case, &ids, &rx, started, repaired).check(max_duplicates, &log);
+    drop(running);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mosquitto_restarted_mid_stream() {
+    let _serial = SERIAL.lock().await;
+    // A PUBACK lost with the connection makes Mosquitto send the message again; the outcome was
+    // committed before the PUBACK, so dedup skips it.
+    mqtt_case("mosquitto-restart", 0, |running| async {
+        tokio::task::spawn_blocking(|| restart_mosquitto("TERM", Duration::from_secs(2)))
+            .await
+            .expect("restart Mosquitto");
+        running
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn courier_sigkilled_mid_stream_mqtt() {
+    let _serial = SERIAL.lock().await;
+    mqtt_case("courier-kill9-mqtt", IN_FLIGHT, |running| {
+        running.kill9_and_restart(Duration::from_secs(1))
+    })
+    .await;
+}
