@@ -169,7 +169,7 @@ pub struct StoreConfig {
 }
 
 /// Where the dedup record lives.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum DedupBackend {
     /// The local sled tree (one replica, or replicas that never share messages).
@@ -177,6 +177,19 @@ pub enum DedupBackend {
     Sled,
     /// Redis, shared by every replica consuming the same queue or shared subscription.
     Redis,
+}
+
+impl<'de> Deserialize<'de> for DedupBackend {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        match text.as_str() {
+            "sled" => Ok(DedupBackend::Sled),
+            "redis" => Ok(DedupBackend::Redis),
+            other => Err(serde::de::Error::custom(format!(
+                "unknown dedup backend {other:?}, expected \"sled\" or \"redis\""
+            ))),
+        }
+    }
 }
 
 impl Default for StoreConfig {
@@ -251,7 +264,7 @@ pub struct RabbitMqConfig {
 
 /// One queue argument value.
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
-#[serde(untagged)]
+#[serde(untagged, expecting = "must be a string, an integer or a boolean")]
 pub enum QueueArgument {
     /// `true` / `false`.
     Bool(bool),
@@ -430,6 +443,20 @@ impl MqttConfig {
                 "must be at least 1s (or 0s to turn pings off)",
             ));
         }
+        // The CONNECT packet carries whole seconds in 16 bits; anything else would tell the broker
+        // a different interval from the one courier pings at, and the broker would drop it.
+        if self.keep_alive > Duration::from_secs(u16::MAX.into()) {
+            return Err(ConfigError::invalid(
+                "mqtt.keep_alive",
+                "must be at most 65535s (18h 12m 15s), the MQTT limit",
+            ));
+        }
+        if self.keep_alive.subsec_nanos() != 0 {
+            return Err(ConfigError::invalid(
+                "mqtt.keep_alive",
+                "must be a whole number of seconds",
+            ));
+        }
         Ok(())
     }
 }
@@ -562,13 +589,21 @@ fn default_timeout() -> Duration {
 
 /// The two auth schemes of seed 000.
 #[derive(Debug, Clone, Deserialize, Serialize)]
-#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+#[serde(
+    tag = "type",
+    rename_all = "snake_case",
+    deny_unknown_fields,
+    expecting = "a table with type = \"basic\" or type = \"api_key\""
+)]
 pub enum AuthConfig {
     /// `Authorization: Basic base64(username:password)`.
     Basic { username: String, password: Secret },
     /// One custom header (`header`) carrying the key.
     ApiKey { header: String, key: Secret },
 }
+
+/// The most permits a tokio semaphore takes; more makes `Semaphore::new` panic at start-up.
+const MAX_PERMITS: usize = tokio::sync::Semaphore::MAX_PERMITS;
 
 /// Headers that belong to the contract and can be set by neither static headers nor metadata.
 pub const RESERVED_HEADERS: &[&str] = &[
@@ -648,6 +683,12 @@ impl Config {
                 "must be at least 1",
             ));
         }
+        if self.service.max_in_flight > MAX_PERMITS {
+            return Err(ConfigError::invalid(
+                "service.max_in_flight",
+                format!("must be at most {MAX_PERMITS}"),
+            ));
+        }
         if self.service.max_payload_bytes == 0 {
             return Err(ConfigError::invalid(
                 "service.max_payload_bytes",
@@ -665,12 +706,24 @@ impl Config {
         }
         if self.store.dedup == DedupBackend::Redis {
             let url = self.store.redis_url.expose();
-            if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
+            let shown = redact_url(url);
+            if url.starts_with("rediss://") {
                 return Err(ConfigError::invalid(
                     "store.redis_url",
-                    format!("{:?} is not a redis:// or rediss:// URL", redact_url(url)),
+                    format!(
+                        "{shown:?}: rediss:// (TLS) is not supported by this build; use redis://"
+                    ),
                 ));
             }
+            if !url.starts_with("redis://") {
+                return Err(ConfigError::invalid(
+                    "store.redis_url",
+                    format!("{shown:?} is not a redis:// URL"),
+                ));
+            }
+            // Parses only; `courier run` would otherwise fail on it at start-up.
+            redis::Client::open(url)
+                .map_err(|e| ConfigError::invalid("store.redis_url", format!("{shown:?}: {e}")))?;
         }
         if let Some(rabbit) = &self.rabbitmq {
             rabbit.validate()?;
@@ -722,8 +775,9 @@ impl RabbitMqConfig {
                 format!("{:?} is not an amqp:// or amqps:// URL", redact_url(url)),
             ));
         }
-        url.parse::<lapin::uri::AMQPUri>()
-            .map_err(|e| ConfigError::invalid("rabbitmq.url", e))?;
+        url.parse::<lapin::uri::AMQPUri>().map_err(|e| {
+            ConfigError::invalid("rabbitmq.url", format!("{e}: {:?}", redact_url(url)))
+        })?;
         if self.queue.trim().is_empty() {
             return Err(ConfigError::invalid("rabbitmq.queue", "must not be empty"));
         }
@@ -760,8 +814,19 @@ impl DestinationConfig {
             ));
         }
         let url = reqwest::Url::parse(&self.url).map_err(|e| {
-            ConfigError::invalid(format!("{key}.url"), format!("{e}: {:?}", self.url))
+            ConfigError::invalid(
+                format!("{key}.url"),
+                format!("{e}: {:?}", redact_url(&self.url)),
+            )
         })?;
+        // reqwest would turn user:password@ into a Basic header behind `auth`'s back, and the URL
+        // is logged; credentials belong in `auth`, which is redacted everywhere.
+        if !url.username().is_empty() || url.password().is_some() {
+            return Err(ConfigError::invalid(
+                format!("{key}.url"),
+                "must not carry credentials (user:password@); use auth = { type = \"basic\", ... }",
+            ));
+        }
         if url.scheme() != "http" && url.scheme() != "https" {
             return Err(ConfigError::invalid(
                 format!("{key}.url"),
@@ -808,6 +873,12 @@ impl DestinationConfig {
                         format!("{header:?} is a contract header and cannot carry the API key"),
                     ));
                 }
+                if secret.expose().is_empty() {
+                    return Err(ConfigError::invalid(
+                        format!("{key}.auth.key"),
+                        "must not be empty",
+                    ));
+                }
                 HeaderValue::from_str(secret.expose()).map_err(|_| {
                     ConfigError::invalid(
                         format!("{key}.auth.key"),
@@ -831,6 +902,12 @@ impl DestinationConfig {
             return Err(ConfigError::invalid(
                 format!("{key}.max_concurrency"),
                 "must be at least 1",
+            ));
+        }
+        if self.max_concurrency > MAX_PERMITS {
+            return Err(ConfigError::invalid(
+                format!("{key}.max_concurrency"),
+                format!("must be at most {MAX_PERMITS}"),
             ));
         }
         if let Some(secret) = &self.signing_secret {

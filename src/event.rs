@@ -94,6 +94,43 @@ pub struct Event {
     pub source: SourceKind,
 }
 
+/// JSON nested deeper than this is refused. serde_json (and most parsers a partner would use)
+/// stop at 128 levels, so a deeper event would only fail at the partner, as a 4xx dead letter
+/// after a POST; refusing it here says why.
+pub const MAX_NESTING: usize = 128;
+
+/// Whether `json` (valid JSON) opens more than `max` arrays or objects inside each other. A flat
+/// byte scan, no recursion.
+fn nests_deeper_than(json: &[u8], max: usize) -> bool {
+    let mut depth = 0usize;
+    let mut in_string = false;
+    let mut escaped = false;
+    for &b in json {
+        if in_string {
+            if escaped {
+                escaped = false;
+            } else if b == b'\\' {
+                escaped = true;
+            } else if b == b'"' {
+                in_string = false;
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_string = true,
+            b'[' | b'{' => {
+                depth += 1;
+                if depth > max {
+                    return true;
+                }
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    false
+}
+
 /// Why a message cannot become an event. The text is what an operator reads in the dead-letter list.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum BadInput {
@@ -112,6 +149,9 @@ pub enum BadInput {
     /// JSON, but not an object.
     #[error("payload is a JSON {0}, not an object")]
     NotObject(&'static str),
+    /// Nested deeper than [`MAX_NESTING`].
+    #[error("payload nests arrays or objects deeper than {max} levels")]
+    TooDeep { max: usize },
     /// A known field has an unusable value.
     #[error("{field}: {problem}")]
     Field { field: String, problem: String },
@@ -190,6 +230,9 @@ pub fn parse(inbound: &Inbound, max_payload_bytes: usize) -> Result<Event, BadIn
     let kind = json_kind(raw.get());
     if kind != "object" {
         return Err(BadInput::NotObject(kind));
+    }
+    if nests_deeper_than(bytes, MAX_NESTING) {
+        return Err(BadInput::TooDeep { max: MAX_NESTING });
     }
     let keys: RawKeys = serde_json::from_str(text).map_err(|e| BadInput::NotJson(e.to_string()))?;
     let envelope = match inbound.format {
@@ -358,6 +401,20 @@ fn merge_metadata(into: &mut BTreeMap<String, String>, raw: &RawValue) -> Result
                 ))
             }
         };
+        // Each entry becomes an HTTP header: one that cannot be sent is the producer's mistake
+        // (or a CR/LF injection attempt), and is refused rather than silently dropped.
+        if reqwest::header::HeaderName::from_bytes(k.as_bytes()).is_err() {
+            return Err(BadInput::field(
+                &format!("metadata.{}", k.escape_debug()),
+                "is not a valid HTTP header name (letters, digits and !#$%&'*+-.^_`|~ only)",
+            ));
+        }
+        if reqwest::header::HeaderValue::from_str(&value).is_err() {
+            return Err(BadInput::field(
+                &format!("metadata.{}", k.escape_debug()),
+                "is not a valid HTTP header value (control characters such as CR or LF are not allowed)",
+            ));
+        }
         into.insert(k, value);
     }
     if into.len() > MAX_METADATA_KEYS {
@@ -570,6 +627,18 @@ mod tests {
                 br#"{"id":"a","data":{},"tenant_id":5}"#,
                 "tenant_id: expected a string",
             ),
+            (
+                br#"{"id":"a","data":{},"metadata":{"bad name":"v"}}"#,
+                "metadata.bad name: is not a valid HTTP header name",
+            ),
+            (
+                br#"{"id":"a","data":{},"metadata":{"x-a":"v\r\nX-Evil: 1"}}"#,
+                "metadata.x-a: is not a valid HTTP header value",
+            ),
+            (
+                br#"{"id":"a","data":{},"metadata":{"x\r\nEvil":"v"}}"#,
+                r"metadata.x\r\nEvil: is not a valid HTTP header name",
+            ),
         ];
         for (body, want) in cases {
             let mut i = inbound("");
@@ -586,8 +655,17 @@ mod tests {
             "[".repeat(10_000),
             "]".repeat(10_000)
         );
-        let e = parse(&inbound(&deep_obj), 1 << 20).expect("deep data is still JSON");
-        assert_eq!(e.body.len(), 20_000);
+        let err = parse(&inbound(&deep_obj), 1 << 20).unwrap_err();
+        assert_eq!(err, BadInput::TooDeep { max: MAX_NESTING });
+        // 128 levels in all still pass; brackets inside strings do not count.
+        let ok = format!(
+            r#"{{"id":"d","data":{}"[[[{{{{"{}}}"#,
+            "[".repeat(127),
+            "]".repeat(127)
+        );
+        parse(&inbound(&ok), 1 << 20).expect("128 levels are fine");
+        let too_deep = ok.replacen("[", "[[", 1).replacen("]", "]]", 1);
+        assert!(parse(&inbound(&too_deep), 1 << 20).is_err());
         let err = parse(&inbound("{}"), 1).unwrap_err();
         assert_eq!(err, BadInput::TooLarge { size: 2, max: 1 });
     }

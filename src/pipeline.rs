@@ -137,6 +137,7 @@ impl Pipeline {
                     &inbound.topic,
                     &inbound.body,
                     bad.to_string(),
+                    self.max_payload_bytes,
                 );
                 self.dead_letter_and_ack(letter, acker).await;
                 return;

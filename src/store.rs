@@ -191,11 +191,23 @@ pub struct DeadLetter {
     /// The raw body in base64, when parsing failed.
     #[serde(default)]
     pub raw_base64: Option<String>,
+    /// Whether `raw_base64` holds only the first `service.max_payload_bytes` of a larger body.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub raw_truncated: bool,
 }
 
 impl DeadLetter {
-    /// A message that could not be parsed: keep its bytes exactly.
-    pub fn bad_input(source: SourceKind, topic: &str, body: &[u8], reason: String) -> DeadLetter {
+    /// A message that could not be parsed: keep its bytes exactly, or their first `keep` bytes
+    /// (`service.max_payload_bytes`: a 100 MB message must not become a 133 MB record; it cannot
+    /// be replayed either way).
+    pub fn bad_input(
+        source: SourceKind,
+        topic: &str,
+        body: &[u8],
+        reason: String,
+        keep: usize,
+    ) -> DeadLetter {
+        let kept = &body[..body.len().min(keep)];
         DeadLetter {
             key: String::new(),
             at_ms: millis(SystemTime::now()),
@@ -208,7 +220,8 @@ impl DeadLetter {
             attempts: 0,
             last_status: None,
             event: None,
-            raw_base64: Some(base64::engine::general_purpose::STANDARD.encode(body)),
+            raw_base64: Some(base64::engine::general_purpose::STANDARD.encode(kept)),
+            raw_truncated: kept.len() < body.len(),
         }
     }
 
@@ -234,6 +247,7 @@ impl DeadLetter {
             last_status,
             event: Some(StoredEvent::from_event(event)),
             raw_base64: None,
+            raw_truncated: false,
         }
     }
 
@@ -890,7 +904,8 @@ mod tests {
     async fn dead_letters_round_trip() {
         let dir = tempfile::tempdir().expect("tempdir");
         let store = Store::open(&config(dir.path(), Duration::from_secs(60))).expect("open");
-        let letter = DeadLetter::bad_input(SourceKind::Rabbitmq, "t", b"\xff", "not UTF-8".into());
+        let letter =
+            DeadLetter::bad_input(SourceKind::Rabbitmq, "t", b"\xff", "not UTF-8".into(), 16);
         store.dead_letter(&letter).unwrap();
         store.commit().await.unwrap();
         let all = store.dead_letters().unwrap();

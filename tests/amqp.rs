@@ -13,10 +13,6 @@ use serde_json::json;
 
 const WAIT: Duration = Duration::from_secs(20);
 
-fn dest(name: &str, url: &str, extra: &str) -> String {
-    format!("[[destinations]]\nname = \"{name}\"\nurl = \"{url}\"\n{extra}\n")
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn envelope_is_posted_with_the_full_contract_and_basic_auth() {
     let rx = Receiver::start().await;

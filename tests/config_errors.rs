@@ -80,3 +80,335 @@ fn the_example_config_is_valid() {
         assert!(!c.destinations.is_empty(), "{file}");
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// The "Configuration errors" table of docs/configuration.md. Every row is a snippet and the exact
+// message it gives; the table cannot go stale, because this test builds every row's configuration
+// and compares the messages character for character. The conventions parsed here are the ones
+// the page states above the table.
+
+/// Rows the table must have at least, so that a parser that finds nothing cannot pass.
+const MIN_DOCUMENTED_ERRORS: usize = 20;
+
+/// One row of the table.
+struct DocumentedError {
+    /// 1-based line of the row in docs/configuration.md, for failure messages.
+    line: usize,
+    /// The snippet: one line of TOML per code span of the second cell.
+    snippet: Vec<String>,
+    /// The exact `ConfigError` text: the code span of the third cell.
+    message: String,
+}
+
+/// One `[header]` (or the part before the first header) and its lines.
+struct Section {
+    header: Option<String>,
+    lines: Vec<String>,
+}
+
+/// The section of the page that starts with `heading` and ends before the next `## ` heading,
+/// with the 1-based line number of its first line.
+fn doc_section<'a>(doc: &'a str, heading: &str) -> (usize, Vec<&'a str>) {
+    let lines: Vec<&str> = doc.lines().collect();
+    let start = lines
+        .iter()
+        .position(|l| l.trim_end() == heading)
+        .unwrap_or_else(|| panic!("docs/configuration.md has no {heading:?} heading"));
+    let len = lines[start + 1..]
+        .iter()
+        .position(|l| l.starts_with("## "))
+        .unwrap_or(lines.len() - start - 1);
+    (start + 1, lines[start..=start + len].to_vec())
+}
+
+/// Splits a table row into cells at every `|` not escaped as `\|`, then unescapes `\|`.
+fn table_cells(row: &str) -> Vec<String> {
+    let inner = row.trim();
+    let inner = inner.strip_prefix('|').unwrap_or(inner);
+    let inner = inner
+        .strip_suffix('|')
+        .filter(|s| !s.ends_with('\\'))
+        .unwrap_or(inner);
+    let mut cells = vec![String::new()];
+    let mut chars = inner.chars().peekable();
+    while let Some(c) = chars.next() {
+        match c {
+            '\\' if chars.peek() == Some(&'|') => {
+                chars.next();
+                cells.last_mut().expect("one cell").push('|');
+            }
+            '|' => cells.push(String::new()),
+            c => cells.last_mut().expect("one cell").push(c),
+        }
+    }
+    cells.iter().map(|c| c.trim().to_string()).collect()
+}
+
+/// The contents of the code spans of a cell, as CommonMark reads them: a run of n backticks opens
+/// a span that the next run of exactly n backticks closes, and one space is stripped from each
+/// end when the content starts and ends with a space. Text outside spans must be blank.
+fn code_spans(cell: &str) -> Result<Vec<String>, String> {
+    let mut spans = Vec::new();
+    let mut rest = cell;
+    loop {
+        let start = match rest.find('`') {
+            Some(i) => i,
+            None if rest.trim().is_empty() => return Ok(spans),
+            None => return Err(format!("text outside code spans: {rest:?}")),
+        };
+        if !rest[..start].trim().is_empty() {
+            return Err(format!("text outside code spans: {:?}", &rest[..start]));
+        }
+        let ticks = rest[start..].len() - rest[start..].trim_start_matches('`').len();
+        let body = &rest[start + ticks..];
+        let mut search = 0;
+        let end = loop {
+            let Some(i) = body[search..].find('`') else {
+                return Err(format!("unclosed code span in {cell:?}"));
+            };
+            let at = search + i;
+            let run = body[at..].len() - body[at..].trim_start_matches('`').len();
+            if run == ticks {
+                break at;
+            }
+            search = at + run;
+        };
+        let mut content = &body[..end];
+        if content.len() >= 2
+            && content.starts_with(' ')
+            && content.ends_with(' ')
+            && !content.trim().is_empty()
+        {
+            content = &content[1..content.len() - 1];
+        }
+        spans.push(content.to_string());
+        rest = &body[end + ticks..];
+    }
+}
+
+/// The base configuration (the first ```toml block of the section) and the table's rows.
+fn documented_errors() -> (String, Vec<DocumentedError>) {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/configuration.md");
+    let doc = std::fs::read_to_string(&path).expect("docs/configuration.md exists");
+    let (first_line, section) = doc_section(&doc, "## Configuration errors");
+    let open = section
+        .iter()
+        .position(|l| l.trim_end() == "```toml")
+        .expect("a ```toml block with the base configuration in \"Configuration errors\"");
+    let close = open
+        + 1
+        + section[open + 1..]
+            .iter()
+            .position(|l| l.trim_end() == "```")
+            .expect("the base configuration block is closed");
+    let base = section[open + 1..close].join("\n");
+    let header = close
+        + 1
+        + section[close + 1..]
+            .iter()
+            .position(|l| l.starts_with('|'))
+            .expect("a table after the base configuration");
+    let mut rows = Vec::new();
+    for (i, row) in section[header..].iter().enumerate() {
+        if !row.starts_with('|') {
+            break;
+        }
+        let line = first_line + header + i;
+        let cells = table_cells(row);
+        assert_eq!(
+            cells.len(),
+            3,
+            "docs/configuration.md:{line}: want 3 cells: {row}"
+        );
+        if i == 0 || cells.iter().all(|c| c.chars().all(|c| "-: ".contains(c))) {
+            continue; // the header row and the delimiter row
+        }
+        let snippet = code_spans(&cells[1])
+            .unwrap_or_else(|e| panic!("docs/configuration.md:{line}: snippet: {e}"));
+        let message = code_spans(&cells[2])
+            .unwrap_or_else(|e| panic!("docs/configuration.md:{line}: message: {e}"));
+        assert!(
+            !snippet.is_empty() && message.len() == 1,
+            "docs/configuration.md:{line}: want a snippet of code spans and one code span for the message: {row}"
+        );
+        rows.push(DocumentedError {
+            line,
+            snippet,
+            message: message[0].clone(),
+        });
+    }
+    (base, rows)
+}
+
+/// Splits TOML lines into sections at `[table]` and `[[array]]` header lines.
+fn sections<S: AsRef<str>>(lines: &[S]) -> Vec<Section> {
+    let mut out = vec![Section {
+        header: None,
+        lines: Vec::new(),
+    }];
+    for line in lines {
+        let line = line.as_ref().trim();
+        if line.starts_with('[') {
+            out.push(Section {
+                header: Some(line.to_string()),
+                lines: Vec::new(),
+            });
+        } else if !line.is_empty() {
+            out.last_mut()
+                .expect("one section")
+                .lines
+                .push(line.to_string());
+        }
+    }
+    out
+}
+
+/// The key of a `key = value` line, `None` for a comment.
+fn line_key(line: &str) -> Option<&str> {
+    if line.starts_with('#') {
+        return None;
+    }
+    line.split_once('=').map(|(k, _)| k.trim())
+}
+
+/// Sets `lines` into `section`: a key the section has is replaced, any other key is added,
+/// comments are dropped.
+fn set_lines(section: &mut Section, lines: &[String], row: usize) {
+    for line in lines {
+        if line.starts_with('#') {
+            continue;
+        }
+        let key = line_key(line).unwrap_or_else(|| {
+            panic!("docs/configuration.md:{row}: want `key = value` or a comment, got {line:?}")
+        });
+        match section.lines.iter_mut().find(|l| line_key(l) == Some(key)) {
+            Some(existing) => *existing = line.clone(),
+            None => section.lines.push(line.clone()),
+        }
+    }
+}
+
+/// The configuration of one row, built by the rules stated above the table: keys before any
+/// header go into the base's `[[destinations]]` entry, a `[table]` header sets its keys in the
+/// base's table of that name (or adds the table), a `[[array]]` header adds an entry, and a
+/// `# without [section]` line removes that section of the base.
+fn documented_config(base: &str, row: &DocumentedError) -> String {
+    let base_lines: Vec<&str> = base.lines().collect();
+    let mut file: Vec<Section> = sections(&base_lines)
+        .into_iter()
+        .filter(|s| s.header.is_some() || !s.lines.is_empty())
+        .collect();
+    let mut added: Vec<Section> = Vec::new();
+    for part in sections(&row.snippet) {
+        for line in &part.lines {
+            if let Some(removed) = line.strip_prefix("# without ") {
+                let before = file.len();
+                file.retain(|s| s.header.as_deref() != Some(removed.trim()));
+                assert!(
+                    file.len() < before,
+                    "docs/configuration.md:{}: the base has no {removed} to remove",
+                    row.line
+                );
+            }
+        }
+        match &part.header {
+            None => {
+                if part.lines.iter().all(|l| line_key(l).is_none()) {
+                    continue;
+                }
+                let dest = file
+                    .iter_mut()
+                    .rfind(|s| s.header.as_deref() == Some("[[destinations]]"))
+                    .unwrap_or_else(|| {
+                        panic!(
+                            "docs/configuration.md:{}: keys before any header need the base's [[destinations]]",
+                            row.line
+                        )
+                    });
+                set_lines(dest, &part.lines, row.line);
+            }
+            Some(h) if !h.starts_with("[[") => {
+                match file.iter_mut().find(|s| s.header.as_deref() == Some(h)) {
+                    Some(existing) => set_lines(existing, &part.lines, row.line),
+                    None => added.push(part),
+                }
+            }
+            Some(_) => added.push(part),
+        }
+    }
+    let mut text = String::new();
+    for s in file.iter().chain(&added) {
+        if let Some(h) = &s.header {
+            text.push_str(h);
+            text.push('\n');
+        }
+        for l in &s.lines {
+            text.push_str(l);
+            text.push('\n');
+        }
+    }
+    text
+}
+
+#[test]
+fn documented_errors_are_exact() {
+    let (base, rows) = documented_errors();
+    if let Err(e) = Config::from_toml(&base) {
+        panic!("the base configuration of \"Configuration errors\" must be valid, got: {e}");
+    }
+    assert!(
+        rows.len() >= MIN_DOCUMENTED_ERRORS,
+        "the \"Configuration errors\" table has {} rows, want at least {MIN_DOCUMENTED_ERRORS}",
+        rows.len()
+    );
+    let mut failures = Vec::new();
+    for row in &rows {
+        for line in &row.snippet {
+            for var in line.split("${").skip(1) {
+                let name = var.split(['}', ':']).next().unwrap_or("");
+                assert!(
+                    std::env::var_os(name).is_none(),
+                    "docs/configuration.md:{}: unset {name} to run this test: the row needs it unset",
+                    row.line
+                );
+            }
+        }
+        let text = documented_config(&base, row);
+        match Config::from_toml(&text) {
+            Ok(_) => failures.push(format!(
+                "docs/configuration.md:{}: accepted, but documented as {:?}\n{text}",
+                row.line, row.message
+            )),
+            Err(e) if e.to_string() != row.message => failures.push(format!(
+                "docs/configuration.md:{}:\n  documented: {}\n  actual:     {e}\n{text}",
+                row.line, row.message
+            )),
+            Err(_) => {}
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{} of {} documented configuration errors differ:\n\n{}",
+        failures.len(),
+        rows.len(),
+        failures.join("\n")
+    );
+}
+
+#[test]
+fn documented_table_parsing() {
+    assert_eq!(
+        table_cells(r"| a | `x \| y` | `` m `k` `` |"),
+        vec!["a", "`x | y`", "`` m `k` ``"]
+    );
+    assert_eq!(
+        code_spans("`[service]` `max_in_flight = 0`").unwrap(),
+        vec!["[service]", "max_in_flight = 0"]
+    );
+    assert_eq!(
+        code_spans("`` unknown field `x`, expected `y` ``").unwrap(),
+        vec!["unknown field `x`, expected `y`"]
+    );
+    assert!(code_spans("`a` and `b`").is_err());
+    assert!(code_spans("`a").is_err());
+}

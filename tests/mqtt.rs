@@ -10,10 +10,6 @@ use common::*;
 
 const WAIT: Duration = Duration::from_secs(30);
 
-fn dest(name: &str, url: &str, extra: &str) -> String {
-    format!("[[destinations]]\nname = \"{name}\"\nurl = \"{url}\"\n{extra}\n")
-}
-
 fn event(id: &str, data: &str) -> String {
     format!(r#"{{"id":"{id}","data":{data}}}"#)
 }

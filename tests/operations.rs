@@ -11,10 +11,6 @@ use common::*;
 
 const WAIT: Duration = Duration::from_secs(30);
 
-fn dest(name: &str, url: &str, extra: &str) -> String {
-    format!("[[destinations]]\nname = \"{name}\"\nurl = \"{url}\"\n{extra}\n")
-}
-
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())

@@ -11,10 +11,6 @@ use courier::store::DeadLetterKind;
 
 const WAIT: Duration = Duration::from_secs(30);
 
-fn dest(name: &str, url: &str, extra: &str) -> String {
-    format!("[[destinations]]\nname = \"{name}\"\nurl = \"{url}\"\n{extra}\n")
-}
-
 const FAST_RETRY: &str =
     "retry = { max_attempts = 4, initial_interval = \"100ms\", multiplier = 2.0, max_interval = \"1s\" }";
 

@@ -953,3 +953,8 @@ pub fn restart_mosquitto(signal: &str, down_for: Duration) {
     assert!(status.success(), "mosquitto did not start again");
     wait_mosquitto_port(true);
 }
+
+/// One `[[destinations]]` table, with `extra` keys appended.
+pub fn dest(name: &str, url: &str, extra: &str) -> String {
+    format!("[[destinations]]\nname = \"{name}\"\nurl = \"{url}\"\n{extra}\n")
+}
