@@ -294,11 +294,36 @@ pub struct Store {
     flush_lock: tokio::sync::Mutex<()>,
 }
 
+/// Deletes `snap.*.generating` files: snapshots whose writing failed (a full disk) before sled
+/// could rename them into place. sled 0.34 counts them as snapshots, picks the newest, finds it
+/// truncated and refuses to open the store ("Read corrupted data") for good. An unfinished
+/// snapshot holds nothing the log and the previous snapshot do not.
+fn remove_unfinished_snapshots(dir: &std::path::Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        if name.starts_with("snap.") && name.ends_with(".generating") {
+            match std::fs::remove_file(entry.path()) {
+                Ok(()) => {
+                    tracing::warn!(file = %entry.path().display(), "removed an unfinished sled snapshot left by a failed write")
+                }
+                Err(error) => {
+                    tracing::warn!(file = %entry.path().display(), %error, "cannot remove an unfinished sled snapshot")
+                }
+            }
+        }
+    }
+}
+
 fn open_handles(config: &StoreConfig, path: &str) -> Result<Handles, StoreError> {
     let sled_err = |source| StoreError::Sled {
         path: path.to_string(),
         source,
     };
+    remove_unfinished_snapshots(&config.path);
     let db = sled::Config::new()
         .path(&config.path)
         .cache_capacity(config.cache_capacity)
@@ -898,6 +923,22 @@ mod tests {
         assert_eq!(second.generation(), before + 1);
         // Errors a reopen cannot cure do not reopen.
         assert!(!StoreError::Redis("down".into()).cured_by_reopen());
+    }
+
+    #[tokio::test]
+    async fn an_unfinished_snapshot_does_not_block_opening() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let cfg = config(dir.path(), Duration::from_secs(60));
+        {
+            let store = Store::open(&cfg).expect("open");
+            store.record_delivered("d", "e1").expect("write");
+            store.commit().await.expect("commit");
+        }
+        // What a snapshot write that hit a full disk leaves behind.
+        std::fs::write(dir.path().join("snap.FFFFFFFFFFFFFFFF.generating"), b"").expect("write");
+        let store = Store::open(&cfg).expect("opens despite the unfinished snapshot");
+        assert!(store.is_delivered("d", "e1").expect("read"));
+        assert!(!dir.path().join("snap.FFFFFFFFFFFFFFFF.generating").exists());
     }
 
     #[tokio::test]

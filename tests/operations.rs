@@ -207,12 +207,20 @@ async fn json_logs_are_one_object_per_line_with_the_event_span_and_no_secrets() 
     let queue = unique("jsonlog");
     let dir = tempfile::tempdir().unwrap();
     let text = format!(
-        "[store]\npath = \"{}\"\n[rabbitmq]\nurl = \"{AMQP_URL}\"\nqueue = \"{queue}\"\n{}",
+        "[store]\npath = \"{}\"\n[rabbitmq]\nurl = \"{AMQP_URL}\"\nqueue = \"{queue}\"\n{}\n{}",
         dir.path().join("store").display(),
         dest(
             "j",
             &rx.url("/j"),
             "auth = { type = \"api_key\", header = \"X-Key\", key = \"sekrit-value-123\" }"
+        ),
+        // Never matched; there to show that its relaxed TLS is announced and its secrets are not.
+        dest(
+            "insecure",
+            "https://127.0.0.1:1/x",
+            "topics = [\"never\"]\ntls_verify = false\n\
+             auth = { type = \"basic\", username = \"u\", password = \"basic-pass-456\" }\n\
+             signing_secret = \"whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw\""
         )
     );
     let config = dir.path().join("c.toml");
@@ -238,7 +246,20 @@ async fn json_logs_are_one_object_per_line_with_the_event_span_and_no_secrets() 
         .unwrap();
     let _ = child.wait();
     let logs = std::fs::read_to_string(&log).unwrap();
-    assert!(!logs.contains("sekrit-value-123"), "secret in logs");
+    for secret in [
+        "sekrit-value-123",
+        "basic-pass-456",
+        "MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw",
+        "guest:guest",
+    ] {
+        assert!(!logs.contains(secret), "secret {secret} in logs:\n{logs}");
+    }
+    assert!(
+        logs.lines().any(|l| l.contains("\"WARN\"")
+            && l.contains("verification is OFF")
+            && l.contains("insecure")),
+        "tls_verify = false was not announced with a warning:\n{logs}"
+    );
     let mut saw_event_span = false;
     for line in logs.lines() {
         let v: serde_json::Value =

@@ -75,6 +75,8 @@ impl Recorded {
 #[derive(Default)]
 struct RecvState {
     requests: Mutex<Vec<Recorded>>,
+    /// 2xx answers per `X-Request-Id`, kept as requests are recorded (cheap to read in a loop).
+    ok_counts: Mutex<HashMap<String, usize>>,
     /// `X-Request-Id`s in the order requests arrived (before any delay or hold), with the time.
     arrivals: Mutex<Vec<(String, Instant)>>,
     /// Requests still to fail with `fail_status` before the normal status applies again.
@@ -89,6 +91,21 @@ struct RecvState {
     max_in_flight: AtomicUsize,
     hold: Mutex<Option<Arc<tokio::sync::Semaphore>>>,
     arrived: tokio::sync::Notify,
+}
+
+impl RecvState {
+    fn record(&self, recorded: Recorded) {
+        if (200..300).contains(&recorded.status) {
+            *self
+                .ok_counts
+                .lock()
+                .unwrap()
+                .entry(recorded.id())
+                .or_insert(0) += 1;
+        }
+        self.requests.lock().unwrap().push(recorded);
+        self.arrived.notify_waiters();
+    }
 }
 
 /// A real HTTP server on 127.0.0.1 that records every request. It can answer slowly (all requests,
@@ -295,13 +312,18 @@ impl Receiver {
 
     /// How many times each id was answered with 2xx.
     pub fn delivered_counts(&self) -> HashMap<String, usize> {
-        let mut counts = HashMap::new();
-        for r in self.requests() {
-            if (200..300).contains(&r.status) {
-                *counts.entry(r.id()).or_insert(0) += 1;
-            }
-        }
-        counts
+        self.state.ok_counts.lock().unwrap().clone()
+    }
+
+    /// How many distinct ids were answered with 2xx.
+    pub fn delivered_distinct(&self) -> usize {
+        self.state.ok_counts.lock().unwrap().len()
+    }
+
+    /// How many of `ids` were answered with 2xx at least once.
+    pub fn delivered_of(&self, ids: &[String]) -> usize {
+        let counts = self.state.ok_counts.lock().unwrap();
+        ids.iter().filter(|id| counts.contains_key(*id)).count()
     }
 }
 
@@ -441,8 +463,7 @@ async fn handle(
         // Recorded on arrival so a test can see the request while it is held.
         state.held.fetch_add(1, Ordering::SeqCst);
         recorded.status = status;
-        state.requests.lock().unwrap().push(recorded.clone());
-        state.arrived.notify_waiters();
+        state.record(recorded.clone());
         let _ = sem.acquire().await;
         state.held.fetch_sub(1, Ordering::SeqCst);
     } else {
@@ -450,8 +471,7 @@ async fn handle(
         if delay > 0 {
             tokio::time::sleep(Duration::from_millis(delay)).await;
         }
-        state.requests.lock().unwrap().push(recorded);
-        state.arrived.notify_waiters();
+        state.record(recorded);
     }
     state.in_flight.fetch_sub(1, Ordering::SeqCst);
     let code = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
