@@ -2,8 +2,8 @@
 //! message of any source, or the [`BadInput`] reason it cannot be.
 //!
 //! Parsing never panics and never recurses on attacker-chosen nesting: the size is checked before
-//! anything else, and the body is only skimmed (serde_json skips `RawValue`s iteratively); only
-//! `metadata` is fully parsed, where serde_json's recursion limit turns deep nesting into an error.
+//! anything else, and the body is only skimmed (serde_json skips `RawValue`s iteratively); even
+//! `metadata` is only read one level down, its values judged by their JSON type.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -94,10 +94,11 @@ pub struct Event {
     pub source: SourceKind,
 }
 
-/// JSON nested deeper than this is refused. serde_json (and most parsers a partner would use)
-/// stop at 128 levels, so a deeper event would only fail at the partner, as a 4xx dead letter
-/// after a POST; refusing it here says why.
-pub const MAX_NESTING: usize = 128;
+/// JSON nested deeper than this is refused. serde_json reads at most 127 levels (its recursion
+/// limit of 128 counts the value it starts in), and other parsers a partner would use stop near
+/// there too, so a deeper event would only fail later: at the `Metadata` rewrite, or at the
+/// partner as a 4xx dead letter after a POST. Refusing it here says why.
+pub const MAX_NESTING: usize = 127;
 
 /// Whether `json` (valid JSON) opens more than `max` arrays or objects inside each other. A flat
 /// byte scan, no recursion.
@@ -375,29 +376,38 @@ fn merge_metadata(into: &mut BTreeMap<String, String>, raw: &RawValue) -> Result
     if raw.get() == "null" {
         return Ok(());
     }
-    let map: BTreeMap<String, serde_json::Value> =
-        serde_json::from_str(raw.get()).map_err(|_| {
-            BadInput::field(
-                "metadata",
-                format!(
-                    "expected an object of strings, got {}",
-                    json_kind(raw.get())
-                ),
-            )
-        })?;
+    // The values are skimmed and judged by their JSON type, not read as `serde_json::Value`:
+    // with the `arbitrary_precision`/`raw_value` features, `Value` reads an object whose first
+    // key is one of serde_json's private markers (`{"$serde_json::private::Number":"12"}`) as a
+    // number or string, so such an object passed as a header (found by fuzzing).
+    let map: BTreeMap<String, &RawValue> = serde_json::from_str(raw.get()).map_err(|e| {
+        let problem = match json_kind(raw.get()) {
+            // Valid JSON that is still no map of strings: a key with a lone surrogate escape.
+            // Say so, not "got object".
+            "object" => format!("cannot be read: {e}"),
+            kind => format!("expected an object of strings, got {kind}"),
+        };
+        BadInput::field("metadata", problem)
+    })?;
     if map.len() > MAX_METADATA_KEYS {
         return Err(too_many_metadata(map.len()));
     }
     for (k, v) in map {
-        let value = match v {
-            serde_json::Value::String(s) => s,
-            serde_json::Value::Number(n) => n.to_string(),
-            serde_json::Value::Bool(b) => b.to_string(),
-            serde_json::Value::Null => continue,
-            other => {
+        let text = v.get();
+        let unreadable = |e: serde_json::Error| {
+            BadInput::field(&format!("metadata.{}", k.escape_debug()), e.to_string())
+        };
+        let value = match json_kind(text) {
+            "string" => serde_json::from_str::<String>(text).map_err(unreadable)?,
+            "number" => serde_json::from_str::<serde_json::Number>(text)
+                .map_err(unreadable)?
+                .to_string(),
+            "boolean" => text.to_string(),
+            "null" => continue,
+            kind => {
                 return Err(BadInput::field(
                     &format!("metadata.{k}"),
-                    format!("expected a string, got {}", json_kind(&other.to_string())),
+                    format!("expected a string, got {kind}"),
                 ))
             }
         };
@@ -437,6 +447,8 @@ fn opt_string(raw: Option<&RawValue>, field: &str) -> Result<Option<String>, Bad
     let Some(raw) = raw else { return Ok(None) };
     match serde_json::from_str::<Option<String>>(raw.get()) {
         Ok(v) => Ok(v),
+        // Valid JSON that is no Rust string: a lone surrogate escape such as "\ud800".
+        Err(e) if json_kind(raw.get()) == "string" => Err(BadInput::field(field, e.to_string())),
         Err(_) => Err(BadInput::field(
             field,
             format!("expected a string, got {}", json_kind(raw.get())),
@@ -657,17 +669,85 @@ mod tests {
         );
         let err = parse(&inbound(&deep_obj), 1 << 20).unwrap_err();
         assert_eq!(err, BadInput::TooDeep { max: MAX_NESTING });
-        // 128 levels in all still pass; brackets inside strings do not count.
+        // 127 levels in all still pass; brackets inside strings do not count.
         let ok = format!(
             r#"{{"id":"d","data":{}"[[[{{{{"{}}}"#,
-            "[".repeat(127),
-            "]".repeat(127)
+            "[".repeat(126),
+            "]".repeat(126)
         );
-        parse(&inbound(&ok), 1 << 20).expect("128 levels are fine");
+        parse(&inbound(&ok), 1 << 20).expect("127 levels are fine");
+        assert!(
+            serde_json::from_str::<serde_json::Value>(&ok).is_ok(),
+            "serde_json agrees"
+        );
         let too_deep = ok.replacen("[", "[[", 1).replacen("]", "]]", 1);
         assert!(parse(&inbound(&too_deep), 1 << 20).is_err());
         let err = parse(&inbound("{}"), 1).unwrap_err();
         assert_eq!(err, BadInput::TooLarge { size: 2, max: 1 });
+    }
+
+    /// Found by fuzzing: `"\ud800"` is valid JSON (a lone surrogate escape) but no Rust
+    /// string, and was reported as "topic: expected a string, got string".
+    #[test]
+    fn lone_surrogates_are_named() {
+        let cases: &[(&str, &str)] = &[
+            (
+                r#"{"id":"a","topic":"\ud800","data":{}}"#,
+                "topic: unexpected end of hex escape",
+            ),
+            (
+                r#"{"id":"a","tenant_id":"x\udc00","data":{}}"#,
+                "tenant_id: lone leading surrogate",
+            ),
+            (
+                r#"{"id":"a","time":"\ud800x","data":{}}"#,
+                "time: unexpected end of hex escape",
+            ),
+            (
+                r#"{"id":"a","metadata":{"k":"\ud800"},"data":{}}"#,
+                "metadata.k: unexpected end of hex escape",
+            ),
+            (
+                r#"{"id":"a","metadata":{"\udc00":"v"},"data":{}}"#,
+                "metadata: cannot be read: lone leading surrogate",
+            ),
+            (
+                r#"{"id":"\ud800","data":{}}"#,
+                "id: unexpected end of hex escape",
+            ),
+        ];
+        for (body, want) in cases {
+            let err = parse(&inbound(body), 1 << 20).unwrap_err().to_string();
+            assert!(err.starts_with(want), "{body}: {err}");
+        }
+        // Elsewhere such strings are only skimmed: the body is sent as it came.
+        let body = r#"{"id":"a","data":{"s":"\ud800"}}"#;
+        let e = parse(&inbound(body), 1 << 20).expect("valid JSON");
+        assert_eq!(&e.body[..], br#"{"s":"\ud800"}"#);
+    }
+
+    /// Found by fuzzing: an object in `metadata` is bad input even when its first key is one of
+    /// serde_json's private markers, which `serde_json::Value` reads as a number or a string.
+    #[test]
+    fn metadata_objects_with_serde_markers_are_refused() {
+        for value in [
+            r#"{"$serde_json::private::Number":"12"}"#,
+            r#"{"\u0024serde_json::private::RawValue":"\"v\""}"#,
+        ] {
+            let body = format!(r#"{{"id":"m","data":{{}},"metadata":{{"k":{value}}}}}"#);
+            let err = parse(&inbound(&body), 1 << 20).unwrap_err().to_string();
+            assert_eq!(err, "metadata.k: expected a string, got object", "{body}");
+        }
+        // Scalars keep their documented forms.
+        let e = parse(
+            &inbound(r#"{"id":"m","data":{},"metadata":{"n":1E5,"f":1.50,"b":false,"z":null}}"#),
+            1 << 20,
+        )
+        .expect("valid");
+        assert_eq!(e.metadata["n"], "1e+5");
+        assert_eq!(e.metadata["f"], "1.50");
+        assert_eq!(e.metadata["b"], "false");
+        assert!(!e.metadata.contains_key("z"));
     }
 
     #[test]

@@ -211,6 +211,10 @@ fn redirect_policy() -> reqwest::redirect::Policy {
 
 fn build_client(verify: bool) -> Result<Client, SenderError> {
     Client::builder()
+        // courier's retry policy is the only one: a retry inside the HTTP client would be a
+        // second POST that no metric, log or attempt count knows about. It also spares reqwest
+        // a copy of every request kept for that retry.
+        .retry(reqwest::retry::never().max_retries_per_request(0))
         .redirect(redirect_policy())
         .referer(false)
         .tls_danger_accept_invalid_certs(!verify)

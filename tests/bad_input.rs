@@ -53,7 +53,7 @@ fn corpus() -> Vec<(&'static str, Vec<u8>, &'static str)> {
                 "}".repeat(10_000)
             )
             .into_bytes(),
-            "deeper than 128 levels",
+            "deeper than 127 levels",
         ),
         (
             "id of the wrong type",
