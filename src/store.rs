@@ -338,6 +338,17 @@ fn open_handles(config: &StoreConfig, path: &str) -> Result<Handles, StoreError>
                 sled_err(e)
             }
         })?;
+    // Prove the disk takes a write before calling the store open. Otherwise a store reopened on
+    // a disk that still refuses writes would pass its first commit when that commit has nothing
+    // new to flush; the caller would take that for a recovery, handle its message again and POST
+    // it again, every few seconds for as long as the disk refuses writes. (On the tmpfs of the
+    // fault suite sled's open already fails on a full disk; other failures need not.)
+    db.insert(
+        "courier:write-probe",
+        &millis(SystemTime::now()).to_be_bytes(),
+    )
+    .map_err(sled_err)?;
+    db.flush().map_err(sled_err)?;
     Ok(Handles {
         delivered: db.open_tree("delivered").map_err(sled_err)?,
         dead: db.open_tree("dead").map_err(sled_err)?,

@@ -668,7 +668,9 @@ async fn store_disk_full_then_read_only_then_writable() {
     tokio::time::sleep(Duration::from_secs(1)).await;
     let (ready, unacked) = Publisher::counts(&queue);
     let got = delivered(&rx);
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    let requests = rx.arrivals().len();
+    // Long enough for several of courier's store retries (100 ms doubling up to 5 s).
+    tokio::time::sleep(Duration::from_secs(6)).await;
     assert_eq!(
         Publisher::counts(&queue),
         (ready, unacked),
@@ -679,6 +681,13 @@ async fn store_disk_full_then_read_only_then_writable() {
         "unacked {unacked}"
     );
     assert_eq!(delivered(&rx), got, "deliveries went on without a store");
+    // Not even a POST of an event already sent: a store that reopens but cannot write must not
+    // count as recovered (each false recovery would send the held messages again).
+    assert_eq!(
+        rx.arrivals().len(),
+        requests,
+        "POSTs went on without a store"
+    );
     let text = std::fs::read_to_string(&log).unwrap_or_default();
     assert!(
         text.contains("STORE OPERATION FAILED") || text.contains("STORE CANNOT BE"),
@@ -699,6 +708,11 @@ async fn store_disk_full_then_read_only_then_writable() {
     }
     tokio::time::sleep(Duration::from_secs(4)).await;
     assert_eq!(readyz(admin).await, Some(503), "ready on a read-only disk");
+    assert_eq!(
+        rx.arrivals().len(),
+        requests,
+        "POSTs went on with a read-only disk"
+    );
     assert_eq!(
         Publisher::counts(&queue),
         (ready, unacked),
