@@ -114,6 +114,10 @@ pub async fn run_with_stats(
         config.service.shutdown_timeout,
     ));
 
+    // A worker that cannot store an outcome must not take messages it would only hold hostage
+    // (a rolling restart's new process waits here for the old one's lock).
+    wait_for_store(&store, &shutdown).await;
+
     let (tx, rx) = mpsc::channel(max_in_flight.clamp(1, 1024));
     let release = CancellationToken::new();
     let mut sources = JoinSet::new();
@@ -156,7 +160,9 @@ pub async fn run_with_stats(
     // The sweeper holds the store, and sled releases its file lock only when the last handle is
     // gone: wait for it, so a restart in the same process can open the store again.
     let _ = sweeper.await;
-    store.flush().await?;
+    if store.closed_reason().is_none() {
+        store.flush().await?;
+    }
     let s = &stats;
     let get = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
     tracing::info!(
@@ -189,6 +195,26 @@ pub async fn open_for_commands(
         Arc::new(deliverer),
         Arc::new(router::Router::new(&config.destinations)),
     ))
+}
+
+/// Returns once the store is open (at once, normally), trying to open it with backoff, or when
+/// `stop` is cancelled.
+async fn wait_for_store(store: &store::Store, stop: &CancellationToken) {
+    let mut backoff =
+        backoff::ReconnectBackoff::new(Duration::from_millis(100), Duration::from_secs(5));
+    while let Some(reason) = store.closed_reason() {
+        let closed = store::StoreError::Closed {
+            path: store.path().to_string(),
+            reason,
+        };
+        if store.recover(&closed, store.generation()).await {
+            return;
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(backoff.next_delay()) => {}
+            _ = stop.cancelled() => return,
+        }
+    }
 }
 
 /// Drops expired dedup entries at start and then every tenth of the TTL (at most hourly), until

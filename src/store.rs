@@ -480,6 +480,11 @@ impl Store {
         }
     }
 
+    /// The store's directory, as shown in errors.
+    pub fn path(&self) -> &str {
+        &self.path
+    }
+
     /// Why the store is closed, or `None` while it is open.
     pub fn closed_reason(&self) -> Option<String> {
         self.lock_reason().clone()

@@ -466,3 +466,78 @@ async fn two_replicas_on_one_shared_mqtt_subscription_share_dedup_in_redis() {
     );
     assert!(twice <= 16, "{twice} POSTed twice");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_worker_on_the_same_store_waits_and_takes_over() {
+    let rx = Receiver::start().await;
+    let queue = unique("takeover");
+    let dir = tempfile::tempdir().unwrap();
+    let port = |()| {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .unwrap()
+    };
+    let text = |admin: u16| {
+        format!(
+            "[store]\npath = \"{}\"\n[admin]\nlisten = \"127.0.0.1:{admin}\"\n\
+             [rabbitmq]\nurl = \"{AMQP_URL}\"\nqueue = \"{queue}\"\n{}",
+            dir.path().join("store").display(),
+            dest("t", &rx.url("/t"), "")
+        )
+    };
+    let (first_port, second_port) = (port(()), port(()));
+    let first = CourierProcess::spawn(&text(first_port), dir.path());
+    let pub_ = Publisher::connect().await;
+    pub_.wait_consumers(&queue, 1).await;
+    let second = CourierProcess::spawn(&text(second_port), dir.path());
+
+    // The second one is up, not ready, and says why; it consumes nothing it could not store.
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let (status, body) = get(&format!("http://127.0.0.1:{second_port}/readyz")).await;
+        if status == 503 && body.contains("in use by another courier process") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "second worker: {status} {body}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Without a store it takes no messages: were it a consumer too, RabbitMQ would hand it
+    // some of these, and they would wait for the takeover.
+    for i in 0..6 {
+        pub_.to_queue(
+            &queue,
+            format!(r#"{{"id":"T1-{i}","topic":"t","data":{{}}}}"#).as_bytes(),
+        )
+        .await;
+    }
+    for i in 0..6 {
+        rx.wait_for_id(&format!("T1-{i}"), Duration::from_secs(10))
+            .await;
+    }
+
+    // The first one stops; the second takes the store over and delivers.
+    std::process::Command::new("kill")
+        .args(["-TERM", &first.child.id().to_string()])
+        .status()
+        .unwrap();
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let (status, body) = get(&format!("http://127.0.0.1:{second_port}/readyz")).await;
+        if status == 200 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "second worker never took over: {status} {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    pub_.to_queue(&queue, br#"{"id":"T2","topic":"t","data":{}}"#)
+        .await;
+    rx.wait_for_id("T2", WAIT).await;
+    let log = second.kill9();
+    assert!(log.contains("STORE CANNOT BE OPENED"), "{log}");
+    drop(first);
+    assert!(rx.delivered_counts().values().all(|&n| n == 1), "each once");
+}
