@@ -416,15 +416,7 @@ impl Deliverer {
 
     /// Group commit until it works (see [`Deliverer::until_stored`]).
     pub async fn commit(&self) {
-        let mut backoff = ReconnectBackoff::new(Duration::from_millis(100), STORE_RETRY_MAX);
-        loop {
-            let generation = self.store.generation();
-            match self.store.commit().await {
-                Ok(()) => break,
-                Err(error) => self.store_failed(error, generation, &mut backoff).await,
-            }
-        }
-        self.stats.set_store_ok(true);
+        self.until_done(|| self.store.commit()).await
     }
 
     /// The shared totals.

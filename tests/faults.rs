@@ -110,13 +110,6 @@ fn mqtt_config(topic: &str, client_id: &str, store: &Path, url: &str) -> String 
     )
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
-}
-
 /// Publishes every id into `queue` (durable, persistent messages) and waits for the confirms.
 async fn prefill(publisher: &Publisher, queue: &str, ids: &[String]) {
     publisher.declare_queue(queue).await;

@@ -11,13 +11,6 @@ use common::*;
 
 const WAIT: Duration = Duration::from_secs(30);
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
-}
-
 async fn get(url: &str) -> (u16, String) {
     match reqwest::get(url).await {
         Ok(r) => {
@@ -472,12 +465,6 @@ async fn a_second_worker_on_the_same_store_waits_and_takes_over() {
     let rx = Receiver::start().await;
     let queue = unique("takeover");
     let dir = tempfile::tempdir().unwrap();
-    let port = |()| {
-        std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .map(|a| a.port())
-            .unwrap()
-    };
     let text = |admin: u16| {
         format!(
             "[store]\npath = \"{}\"\n[admin]\nlisten = \"127.0.0.1:{admin}\"\n\
@@ -486,22 +473,16 @@ async fn a_second_worker_on_the_same_store_waits_and_takes_over() {
             dest("t", &rx.url("/t"), "")
         )
     };
-    let (first_port, second_port) = (port(()), port(()));
+    let (first_port, second_port) = (free_port(), free_port());
     let first = CourierProcess::spawn(&text(first_port), dir.path());
     let pub_ = Publisher::connect().await;
     pub_.wait_consumers(&queue, 1).await;
     let second = CourierProcess::spawn(&text(second_port), dir.path());
 
     // The second one is up, not ready, and says why; it consumes nothing it could not store.
-    let deadline = Instant::now() + WAIT;
-    loop {
-        let (status, body) = get(&format!("http://127.0.0.1:{second_port}/readyz")).await;
-        if status == 503 && body.contains("in use by another courier process") {
-            break;
-        }
-        assert!(Instant::now() < deadline, "second worker: {status} {body}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let readyz = format!("http://127.0.0.1:{second_port}/readyz");
+    let body = wait_status(&readyz, 503).await;
+    assert!(body.contains("in use by another courier process"), "{body}");
     // Without a store it takes no messages: were it a consumer too, RabbitMQ would hand it
     // some of these, and they would wait for the takeover.
     for i in 0..6 {
@@ -521,18 +502,7 @@ async fn a_second_worker_on_the_same_store_waits_and_takes_over() {
         .args(["-TERM", &first.child.id().to_string()])
         .status()
         .unwrap();
-    let deadline = Instant::now() + WAIT;
-    loop {
-        let (status, body) = get(&format!("http://127.0.0.1:{second_port}/readyz")).await;
-        if status == 200 {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "second worker never took over: {status} {body}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_status(&readyz, 200).await;
     pub_.to_queue(&queue, br#"{"id":"T2","topic":"t","data":{}}"#)
         .await;
     rx.wait_for_id("T2", WAIT).await;

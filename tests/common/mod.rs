@@ -978,3 +978,11 @@ pub fn restart_mosquitto(signal: &str, down_for: Duration) {
 pub fn dest(name: &str, url: &str, extra: &str) -> String {
     format!("[[destinations]]\nname = \"{name}\"\nurl = \"{url}\"\n{extra}\n")
 }
+
+/// A port on 127.0.0.1 that was free a moment ago (for admin ports).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
