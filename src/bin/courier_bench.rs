@@ -1,7 +1,8 @@
 //! courier-bench: end-to-end throughput, latency, fanout, routing and memory of courier, next to
 //! the raw limits of the same machine, all measured in one run.
 //!
-//!     scripts/bench.sh [--events N] [--latency-seconds S] [--rate R]
+//!     scripts/bench.sh [--events N] [--latency-seconds S] [--rate R] [--prefetch P]
+//!                      [--max-concurrency C]
 //!     (= cargo build --release && target/release/courier-bench ...)
 //!
 //! Needs RabbitMQ (127.0.0.1:5672), Mosquitto (127.0.0.1:1883), the release `courier` binary next
@@ -31,6 +32,8 @@ struct Args {
     latency_seconds: u64,
     rate: u64,
     prefetch: u16,
+    /// Every destination's `max_concurrency` (courier's default is 64).
+    max_concurrency: usize,
 }
 
 fn args() -> Args {
@@ -39,6 +42,7 @@ fn args() -> Args {
         latency_seconds: 30,
         rate: 1_000,
         prefetch: 256,
+        max_concurrency: 64,
     };
     let argv: Vec<String> = std::env::args().skip(1).collect();
     let mut i = 0;
@@ -49,6 +53,7 @@ fn args() -> Args {
             "--latency-seconds" => a.latency_seconds = v.parse().unwrap_or(a.latency_seconds),
             "--rate" => a.rate = v.parse().unwrap_or(a.rate),
             "--prefetch" => a.prefetch = v.parse().unwrap_or(a.prefetch),
+            "--max-concurrency" => a.max_concurrency = v.parse().unwrap_or(a.max_concurrency),
             _ => {}
         }
         i += 2;
@@ -442,7 +447,38 @@ fn rss_kib(pid: u32, field: &str) -> Option<u64> {
         .ok()
 }
 
+/// User plus system CPU seconds a process has used so far, from `/proc/<pid>/stat`.
+fn cpu_seconds(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) may hold spaces; the fields after its closing paren are fixed.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // utime and stime are fields 14 and 15 of the line, 12 and 13 after the name.
+    let ticks: f64 = fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
+    Some(ticks / clock_ticks_per_second())
+}
+
+/// The unit of `/proc/<pid>/stat`'s CPU times (100 on Linux unless the kernel says otherwise).
+fn clock_ticks_per_second() -> f64 {
+    static HZ: std::sync::OnceLock<f64> = std::sync::OnceLock::new();
+    *HZ.get_or_init(|| {
+        Command::new("getconf")
+            .arg("CLK_TCK")
+            .output()
+            .ok()
+            .and_then(|o| String::from_utf8(o.stdout).ok())
+            .and_then(|t| t.trim().parse::<f64>().ok())
+            .filter(|&hz| hz > 0.0)
+            .unwrap_or(100.0)
+    })
+}
+
 impl CourierProcess {
+    /// CPU seconds courier has used since it started.
+    fn cpu_seconds(&self) -> f64 {
+        cpu_seconds(self.child.id()).unwrap_or(0.0)
+    }
+
     fn spawn(name: &str, config: &str) -> CourierProcess {
         let dir = std::env::temp_dir().join(format!("courier-bench-{}-{name}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
@@ -516,8 +552,10 @@ fn amqp_config(queue: &str, destinations: &str, prefetch: u16) -> String {
     )
 }
 
-fn destination(name: &str, url: &str) -> String {
-    format!("[[destinations]]\nname = \"{name}\"\nurl = \"{url}\"\n")
+fn destination(name: &str, url: &str, max_concurrency: usize) -> String {
+    format!(
+        "[[destinations]]\nname = \"{name}\"\nurl = \"{url}\"\nmax_concurrency = {max_concurrency}\n"
+    )
 }
 
 // ---------------------------------------------------------------- main
@@ -540,8 +578,9 @@ async fn main() -> std::process::ExitCode {
     let mut rows: Vec<Row> = Vec::new();
     let mut failures: Vec<String> = Vec::new();
     println!(
-        "courier-bench: {n} events of {size} bytes, prefetch {}, machine: {} cores",
+        "courier-bench: {n} events of {size} bytes, prefetch {}, max_concurrency {}, machine: {} cores",
         a.prefetch,
+        a.max_concurrency,
         std::thread::available_parallelism()
             .map(|n| n.get())
             .unwrap_or(0)
@@ -555,8 +594,12 @@ async fn main() -> std::process::ExitCode {
     delete_queue(&q_raw).await;
     println!("raw RabbitMQ drain (lapin, parse + ack): {drain:.0} events/s");
     // 1b. raw POST rate
+    // This process is both the bare client and the receiver here; the fanout case below measures
+    // the receiver alone, so the difference is what a bare client spends per request.
+    let cpu_before = cpu_seconds(pid).unwrap_or(0.0);
     let post = raw_post(&format!("{base}/raw-post"), n, size, 64).await;
-    println!("raw HTTP POST (reqwest, 64 concurrent): {post:.0} requests/s");
+    let post_cpu_us = (cpu_seconds(pid).unwrap_or(0.0) - cpu_before) * 1e6 / n as f64;
+    println!("raw HTTP POST (reqwest, 64 concurrent): {post:.0} requests/s, client + receiver CPU {post_cpu_us:.1} us/request");
     // 1c. raw MQTT drain
     let mqtt_drain = raw_mqtt_drain(n, size).await;
     println!("raw MQTT QoS 1 drain (rumqttc, manual acks): {mqtt_drain:.0} events/s");
@@ -570,7 +613,7 @@ async fn main() -> std::process::ExitCode {
         "idle",
         &amqp_config(
             &q_idle,
-            &destination("d", &format!("{base}/idle")),
+            &destination("d", &format!("{base}/idle"), a.max_concurrency),
             a.prefetch,
         ),
     );
@@ -585,7 +628,11 @@ async fn main() -> std::process::ExitCode {
     fill(&q, "c", n, size).await;
     let courier = CourierProcess::spawn(
         "amqp",
-        &amqp_config(&q, &destination("d", &format!("{base}/amqp")), a.prefetch),
+        &amqp_config(
+            &q,
+            &destination("d", &format!("{base}/amqp"), a.max_concurrency),
+            a.prefetch,
+        ),
     );
     let start = Instant::now();
     let done = rx.wait_unique("/amqp", n, Duration::from_secs(600)).await;
@@ -594,6 +641,7 @@ async fn main() -> std::process::ExitCode {
             .map(|d| d - start)
             .unwrap_or(start.elapsed())
             .as_secs_f64();
+    let amqp_cpu_us = courier.cpu_seconds() * 1e6 / n as f64;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let peak_kib = courier.peak_kib();
     courier.stop();
@@ -609,7 +657,7 @@ async fn main() -> std::process::ExitCode {
         failures.push(format!("RabbitMQ: {dups} events POSTed twice"));
     }
     println!(
-        "courier RabbitMQ -> HTTP: {courier_rate:.0} events/s = {:.2} x L (L = {limit:.0}/s)",
+        "courier RabbitMQ -> HTTP: {courier_rate:.0} events/s = {:.2} x L (L = {limit:.0}/s), courier CPU {amqp_cpu_us:.1} us/event",
         courier_rate / limit
     );
 
@@ -654,7 +702,7 @@ async fn main() -> std::process::ExitCode {
     let mqtt_cfg = format!(
         "[service]\nmax_in_flight = 256\nshutdown_timeout = \"5s\"\n[store]\npath = \"@STORE@\"\n\
          [mqtt]\nurl = \"mqtt://127.0.0.1:1883\"\nclient_id = \"bench-courier-{pid}\"\ntopics = [\"bench/courier/{pid}/#\"]\n{}",
-        destination("d", &format!("{base}/mqtt"))
+        destination("d", &format!("{base}/mqtt"), a.max_concurrency)
     );
     let courier = CourierProcess::spawn("mqtt", &mqtt_cfg);
     // Only a subscription that exists keeps messages: probe until one comes through.
@@ -688,6 +736,7 @@ async fn main() -> std::process::ExitCode {
             .unwrap_or(start.elapsed())
             .as_secs_f64();
     let mqtt_peak = courier.peak_kib();
+    let mqtt_cpu_us = courier.cpu_seconds() * 1e6 / n as f64;
     courier.stop();
     if done.is_none() {
         failures.push(format!(
@@ -702,7 +751,7 @@ async fn main() -> std::process::ExitCode {
         ));
     }
     println!(
-        "courier MQTT -> HTTP: {mqtt_rate:.0} events/s = {:.2} x L (L = {mqtt_limit:.0}/s)",
+        "courier MQTT -> HTTP: {mqtt_rate:.0} events/s = {:.2} x L (L = {mqtt_limit:.0}/s), courier CPU {mqtt_cpu_us:.1} us/event",
         mqtt_rate / mqtt_limit
     );
 
@@ -713,7 +762,7 @@ async fn main() -> std::process::ExitCode {
         "latency",
         &amqp_config(
             &q_lat,
-            &destination("d", &format!("{base}/latency")),
+            &destination("d", &format!("{base}/latency"), a.max_concurrency),
             a.prefetch,
         ),
     );
@@ -785,9 +834,16 @@ async fn main() -> std::process::ExitCode {
     fresh_queue(&q_fan).await;
     fill(&q_fan, "f", fan_n, size).await;
     let dests: String = (0..10)
-        .map(|i| destination(&format!("f{i}"), &format!("{base}/fan{i}")))
+        .map(|i| {
+            destination(
+                &format!("f{i}"),
+                &format!("{base}/fan{i}"),
+                a.max_concurrency,
+            )
+        })
         .collect();
     let courier = CourierProcess::spawn("fanout", &amqp_config(&q_fan, &dests, a.prefetch));
+    let cpu_before = cpu_seconds(pid).unwrap_or(0.0);
     let start = Instant::now();
     let mut fan_done = true;
     for i in 0..10 {
@@ -800,12 +856,15 @@ async fn main() -> std::process::ExitCode {
         }
     }
     let fan_rate = (fan_n * 10) as f64 / start.elapsed().as_secs_f64();
+    let fan_cpu_us = courier.cpu_seconds() * 1e6 / (fan_n * 10) as f64;
+    let receiver_cpu_us =
+        (cpu_seconds(pid).unwrap_or(0.0) - cpu_before) * 1e6 / (fan_n * 10) as f64;
     courier.stop();
     delete_queue(&q_fan).await;
     if !fan_done {
         failures.push("fanout: not every delivery arrived".into());
     }
-    println!("fanout to 10 destinations: {fan_rate:.0} deliveries/s = {:.2} x (10 x single-destination rate)", fan_rate / (10.0 * courier_rate));
+    println!("fanout to 10 destinations: {fan_rate:.0} deliveries/s = {:.2} x (10 x single-destination rate), courier CPU {fan_cpu_us:.1} us/delivery, receiver CPU {receiver_cpu_us:.1} us/delivery", fan_rate / (10.0 * courier_rate));
 
     // 4b. routing with 10,000 patterns
     let mut text = String::from("[rabbitmq]\nurl = \"amqp://127.0.0.1\"\nqueue = \"q\"\n");
@@ -841,7 +900,10 @@ async fn main() -> std::process::ExitCode {
     let met = |ok: bool| Some(ok);
     rows.push(Row {
         case: "RabbitMQ -> HTTP",
-        figure: format!("{courier_rate:.0}/s = {:.2} x L", courier_rate / limit),
+        figure: format!(
+            "{courier_rate:.0}/s = {:.2} x L ({amqp_cpu_us:.0} us CPU/event)",
+            courier_rate / limit
+        ),
         target: ">= 0.85 x L".into(),
         met: met(courier_rate >= 0.85 * limit),
     });
@@ -855,7 +917,10 @@ async fn main() -> std::process::ExitCode {
     }
     rows.push(Row {
         case: "MQTT -> HTTP",
-        figure: format!("{mqtt_rate:.0}/s = {:.2} x L", mqtt_rate / mqtt_limit),
+        figure: format!(
+            "{mqtt_rate:.0}/s = {:.2} x L ({mqtt_cpu_us:.0} us CPU/event)",
+            mqtt_rate / mqtt_limit
+        ),
         target: ">= 0.85 x L".into(),
         met: met(mqtt_rate >= 0.85 * mqtt_limit),
     });
@@ -873,7 +938,10 @@ async fn main() -> std::process::ExitCode {
     });
     rows.push(Row {
         case: "fanout x10",
-        figure: format!("{:.2} x", fan_rate / (10.0 * courier_rate)),
+        figure: format!(
+            "{fan_rate:.0} deliveries/s = {:.2} x ({fan_cpu_us:.0} us CPU/delivery)",
+            fan_rate / (10.0 * courier_rate)
+        ),
         target: ">= 0.5 x".into(),
         met: met(fan_rate >= 0.5 * 10.0 * courier_rate),
     });
