@@ -44,6 +44,21 @@ struct Target {
     retry: RetryConfig,
 }
 
+/// What a first attempt left in the store. It decides whether the ack must wait for the group
+/// commit: only what the store now owns has to be on disk before the broker forgets the message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Recorded {
+    /// Nothing was written: dedup says the destination already had the event.
+    Nothing,
+    /// A 2xx and its dedup record. The event reached the endpoint, so the message may be acked
+    /// before the record is flushed: a crash in between can cost a second POST of a redelivered
+    /// copy (which a crash during the POST could cost anyway), never the event.
+    Delivered,
+    /// The store now owns the event: a retry entry, a parked event or a dead letter. It must be
+    /// durable before the ack, or a crash would lose the event.
+    Owned,
+}
+
 /// Attempts deliveries under each destination's limits and records what happened.
 pub struct Deliverer {
     sender: Sender,
@@ -162,9 +177,9 @@ impl Deliverer {
 
     /// The first attempt of `event` at destination `index`, for a queue message. Never waits
     /// longer than `circuit.max_wait` for a slot: past that, or while the circuit is open, the
-    /// event is parked in the retry store instead. Returns whether the store was written (so the
-    /// caller commits before acking).
-    pub async fn first_attempt(&self, index: usize, event: &Event) -> bool {
+    /// event is parked in the retry store instead. Returns what was written, which tells the caller
+    /// whether to commit before or after the ack.
+    pub async fn first_attempt(&self, index: usize, event: &Event) -> Recorded {
         let t = &self.targets[index];
         let _claim = self.claim(index, &event.id).await;
         if self
@@ -174,12 +189,12 @@ impl Deliverer {
             Stats::inc(&self.stats.duplicates);
             t.metrics.duplicate.inc();
             tracing::debug!(destination = %t.name, "already delivered to this destination; skipped");
-            return false;
+            return Recorded::Nothing;
         }
         let gate = t.circuit.gate();
         if let Gate::Open { retry_at } = gate {
             self.park(t, event, retry_at).await;
-            return true;
+            return Recorded::Owned;
         }
         let permit = match tokio::time::timeout(t.max_wait, t.limit.acquire()).await {
             Ok(Ok(p)) => p,
@@ -190,7 +205,7 @@ impl Deliverer {
                 t.circuit.record_saturated();
                 // Not gate(): on a half-open circuit that would take the probe and never give it back.
                 self.park(t, event, t.circuit.reopens_at()).await;
-                return true;
+                return Recorded::Owned;
             }
         };
         let started = std::time::Instant::now();
@@ -198,8 +213,7 @@ impl Deliverer {
         t.metrics.latency.observe(started.elapsed().as_secs_f64());
         drop(permit);
         self.settle(t, event, 0, outcome, gate == Gate::Probe, None)
-            .await;
-        true
+            .await
     }
 
     /// A later attempt of a pending retry, for the scheduler. Waits for a slot (the queue message
@@ -260,7 +274,7 @@ impl Deliverer {
         outcome: Outcome,
         was_probe: bool,
         pending: Option<&RetryRecord>,
-    ) {
+    ) -> Recorded {
         let attempts = attempts_before + 1;
         match outcome {
             Outcome::Delivered { status } => {
@@ -274,6 +288,7 @@ impl Deliverer {
                     self.until_stored(|| self.store.remove_retry_record(record))
                         .await;
                 }
+                Recorded::Delivered
             }
             Outcome::Failed {
                 status,
@@ -308,7 +323,7 @@ impl Deliverer {
                                 .await
                         }
                     }
-                    return;
+                    return Recorded::Owned;
                 }
                 let (kind, reason) = if !retryable {
                     (DeadLetterKind::Failed, reason)
@@ -333,6 +348,7 @@ impl Deliverer {
                     self.until_stored(|| self.store.remove_retry_record(record))
                         .await;
                 }
+                Recorded::Owned
             }
         }
     }

@@ -211,6 +211,18 @@ fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<bool, D::Error> {
     Ok(true)
 }
 
+/// `part` as a slice of `whole` when it lies inside it (the envelope's `data`, borrowed from the
+/// body): the event then shares the received buffer instead of copying it; otherwise a copy.
+fn share_or_copy(whole: &Bytes, part: &str) -> Bytes {
+    let range = whole.as_ptr_range();
+    let p = part.as_bytes().as_ptr_range();
+    if !part.is_empty() && range.start <= p.start && p.end <= range.end {
+        whole.slice_ref(part.as_bytes())
+    } else {
+        Bytes::copy_from_slice(part.as_bytes())
+    }
+}
+
 /// Parses a message body according to its source's format.
 pub fn parse(inbound: &Inbound, max_payload_bytes: usize) -> Result<Event, BadInput> {
     let bytes = &inbound.body[..];
@@ -292,7 +304,7 @@ fn parse_envelope(inbound: &Inbound, text: &str) -> Result<Event, BadInput> {
         eligible_for_retry,
         time,
         metadata,
-        body: Bytes::copy_from_slice(body.as_bytes()),
+        body: share_or_copy(&inbound.body, body),
         received_at: inbound.received_at,
         source: inbound.source,
     })
@@ -559,6 +571,18 @@ mod tests {
         assert_eq!(e.metadata["source"], "signup");
         assert_eq!(e.metadata["n"], "3");
         assert_eq!(e.metadata["x-from-header"], "h");
+    }
+
+    #[test]
+    fn envelope_data_shares_the_received_buffer() {
+        let i = inbound(r#"{"id":"evt_1","data":{"b":1}}"#);
+        let e = parse(&i, 1 << 20).expect("valid");
+        assert_eq!(&e.body[..], br#"{"b":1}"#);
+        let whole = i.body.as_ptr_range();
+        assert!(whole.contains(&e.body.as_ptr()), "data was copied");
+        // An absent `data` is the literal {}, which is not in the buffer.
+        let e = parse(&inbound(r#"{"id":"evt_2","data":null}"#), 1 << 20).expect("valid");
+        assert_eq!(&e.body[..], b"{}");
     }
 
     #[test]

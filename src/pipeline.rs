@@ -2,7 +2,10 @@
 //! group commit → ack. Also the in-flight limit and the drain at shutdown.
 //!
 //! The rule this file exists to keep: a message is acked only after every POST it needed was
-//! attempted and the outcome is durable in the store. Until then the broker still owns it.
+//! attempted and its outcome written, and only after the store is durable when the store now
+//! owns the event (a retry, a parked event, a dead letter). Until then the broker still owns it.
+//! A message every destination answered 2xx is acked before its dedup records are flushed: the
+//! event has arrived, and the flush follows before the message frees its in-flight slot.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -12,7 +15,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument as _;
 
-use crate::delivery::Deliverer;
+use crate::delivery::{Deliverer, Recorded};
 use crate::event::{self, SourceKind};
 use crate::router::Router;
 use crate::sources::{Acker, Delivery};
@@ -172,19 +175,31 @@ impl Pipeline {
         let d = &self.deliverer;
         loop {
             let generation = d.store().generation();
-            let wrote = if let [only] = targets[..] {
+            let recorded = if let [only] = targets[..] {
                 d.first_attempt(only, &event).await
             } else {
                 futures_util::future::join_all(targets.iter().map(|&i| d.first_attempt(i, &event)))
                     .await
                     .into_iter()
-                    .any(|w| w)
+                    .max()
+                    .unwrap_or(Recorded::Nothing)
             };
-            if wrote {
-                d.commit().await;
-            }
-            if !self.store_reopened_since(generation) {
-                break;
+            match recorded {
+                Recorded::Nothing => break,
+                Recorded::Delivered => {
+                    // Every destination has the event: ack now, then make the dedup records
+                    // durable while this message still holds its in-flight slot, so at most
+                    // `max_in_flight` acked messages are ever waiting for their flush.
+                    self.ack(acker).await;
+                    d.commit().await;
+                    return;
+                }
+                Recorded::Owned => {
+                    d.commit().await;
+                    if !self.store_reopened_since(generation) {
+                        break;
+                    }
+                }
             }
         }
         self.ack(acker).await;

@@ -288,8 +288,9 @@ pub struct Store {
     /// Why the store is closed, while it is (for errors and readiness).
     closed_because: std::sync::Mutex<Option<String>>,
     reopen_lock: tokio::sync::Mutex<()>,
-    /// Group commit: tickets handed out to writers, and the highest ticket known durable.
-    requested: AtomicU64,
+    /// Group commit: writes counted so far (each counted after it is in sled's memory), and how
+    /// many of them the last finished flush covers.
+    written: AtomicU64,
     flushed: AtomicU64,
     flush_lock: tokio::sync::Mutex<()>,
 }
@@ -393,7 +394,7 @@ impl Store {
             generation: AtomicU64::new(0),
             closed_because: std::sync::Mutex::new(Some(reason)),
             reopen_lock: tokio::sync::Mutex::new(()),
-            requested: AtomicU64::new(0),
+            written: AtomicU64::new(0),
             flushed: AtomicU64::new(0),
             flush_lock: tokio::sync::Mutex::new(()),
         }
@@ -516,6 +517,7 @@ impl Store {
         h.delivered
             .insert(dedup_key(destination, event_id), &now.to_be_bytes())
             .map_err(|e| self.err(e))?;
+        self.wrote();
         Ok(())
     }
 
@@ -531,6 +533,7 @@ impl Store {
             message: e.to_string(),
         })?;
         h.dead.insert(key, value).map_err(|e| self.err(e))?;
+        self.wrote();
         Ok(())
     }
 
@@ -555,6 +558,7 @@ impl Store {
                 h.retries.remove(old).map_err(|e| self.err(e))?;
             }
         }
+        self.wrote();
         Ok(())
     }
 
@@ -565,6 +569,7 @@ impl Store {
         if let Some(key) = h.retry_index.remove(pair).map_err(|e| self.err(e))? {
             h.retries.remove(key).map_err(|e| self.err(e))?;
         }
+        self.wrote();
         Ok(())
     }
 
@@ -579,6 +584,7 @@ impl Store {
             .retry_index
             .compare_and_swap(pair, Some(key.as_slice()), None::<&[u8]>)
             .map_err(|e| self.err(e))?;
+        self.wrote();
         Ok(())
     }
 
@@ -670,6 +676,7 @@ impl Store {
             .ok_or_else(|| self.corrupt(format!("bad dead-letter key {:?}", letter.key)))?;
         let value = serde_json::to_vec(letter).map_err(|e| self.corrupt(e.to_string()))?;
         h.dead.insert(key, value).map_err(|e| self.err(e))?;
+        self.wrote();
         Ok(())
     }
 
@@ -677,7 +684,9 @@ impl Store {
     pub fn remove_dead_letter(&self, key: &str) -> Result<bool, StoreError> {
         let h = self.handles()?;
         let raw = unhex(key).ok_or_else(|| self.corrupt(format!("bad dead-letter key {key:?}")))?;
-        Ok(h.dead.remove(raw).map_err(|e| self.err(e))?.is_some())
+        let removed = h.dead.remove(raw).map_err(|e| self.err(e))?.is_some();
+        self.wrote();
+        Ok(removed)
     }
 
     fn corrupt(&self, message: String) -> StoreError {
@@ -704,20 +713,34 @@ impl Store {
         Ok(out)
     }
 
+    fn wrote(&self) {
+        self.written.fetch_add(1, Ordering::SeqCst);
+    }
+
     /// Makes every write made before this call durable. Concurrent callers share one flush: a
-    /// caller whose writes were covered by a flush that started after them returns without its own.
+    /// caller whose writes were covered by a flush that started after them returns without its
+    /// own, and so does one with nothing new to flush.
     pub async fn commit(&self) -> Result<(), StoreError> {
-        let ticket = self.requested.fetch_add(1, Ordering::SeqCst) + 1;
+        let wanted = self.written.load(Ordering::SeqCst);
+        if self.flushed.load(Ordering::SeqCst) >= wanted {
+            return Ok(());
+        }
         let _guard = self.flush_lock.lock().await;
-        if self.flushed.load(Ordering::SeqCst) >= ticket {
+        if self.flushed.load(Ordering::SeqCst) >= wanted {
             return Ok(());
         }
         let h = self.handles()?;
-        // Every ticket up to here belongs to a write that happened before this flush starts.
-        let covered = self.requested.load(Ordering::SeqCst);
+        // Each write counted by now was in sled's memory before this flush starts.
+        let covered = self.written.load(Ordering::SeqCst);
         h.db.flush_async().await.map_err(|e| self.err(e))?;
         self.flushed.store(covered, Ordering::SeqCst);
         Ok(())
+    }
+
+    /// Whether every write made so far is covered by a finished flush: what a crash now would
+    /// keep. The pipeline's ack rule is tested with it.
+    pub fn all_durable(&self) -> bool {
+        self.flushed.load(Ordering::SeqCst) >= self.written.load(Ordering::SeqCst)
     }
 
     /// Drops dedup entries older than the TTL; returns how many. Runs in the background.
@@ -838,6 +861,22 @@ mod tests {
             t.await.unwrap();
         }
         assert_eq!(store.delivered_count(), 64);
+        assert!(store.all_durable(), "every write was followed by a commit");
+    }
+
+    #[tokio::test]
+    async fn a_write_is_durable_only_after_a_commit() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(&config(dir.path(), Duration::from_secs(60))).expect("open");
+        assert!(store.all_durable(), "nothing written yet");
+        store.record_delivered("d", "e1").unwrap();
+        assert!(!store.all_durable());
+        store.commit().await.unwrap();
+        assert!(store.all_durable());
+        store.remove_retry("d", "e1").unwrap();
+        assert!(!store.all_durable(), "a removal counts as a write");
+        store.commit().await.unwrap();
+        assert!(store.all_durable());
     }
 
     fn stored(id: &str) -> StoredEvent {

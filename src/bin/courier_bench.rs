@@ -25,6 +25,11 @@ use lapin::options::{
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
 
+/// The same allocator as courier, so the raw limits are not held back by glibc malloc where
+/// courier is not.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 const AMQP: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 
 struct Args {
@@ -680,7 +685,26 @@ async fn main() -> std::process::ExitCode {
         .spawn();
     let py_rate = match python {
         Ok(mut child) => {
-            let done = rx.wait_unique("/python", n, Duration::from_secs(900)).await;
+            // Polled in short steps so a baseline that dies (a missing package) ends the wait.
+            let deadline = Instant::now() + Duration::from_secs(900);
+            let done = loop {
+                if let Some(at) = rx
+                    .wait_unique("/python", n, Duration::from_millis(500))
+                    .await
+                {
+                    break Some(at);
+                }
+                if let Ok(Some(status)) = child.try_wait() {
+                    println!(
+                        "python baseline exited early ({status}), after {} of {n} events",
+                        rx.unique("/python")
+                    );
+                    break None;
+                }
+                if Instant::now() > deadline {
+                    break None;
+                }
+            };
             let _ = child.kill();
             let _ = child.wait();
             done.map(|d| n as f64 / (d - started).as_secs_f64())
