@@ -10,10 +10,6 @@ use tokio_util::sync::CancellationToken;
 
 use courier::{Config, Error};
 
-/// mimalloc rather than glibc malloc: see the note on the dependency in Cargo.toml.
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 #[derive(Parser)]
 #[command(
     name = "courier",

@@ -685,7 +685,9 @@ impl Store {
         let h = self.handles()?;
         let raw = unhex(key).ok_or_else(|| self.corrupt(format!("bad dead-letter key {key:?}")))?;
         let removed = h.dead.remove(raw).map_err(|e| self.err(e))?.is_some();
-        self.wrote();
+        if removed {
+            self.wrote();
+        }
         Ok(removed)
     }
 

@@ -25,11 +25,6 @@ use lapin::options::{
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
 
-/// The same allocator as courier, so the raw limits are not held back by glibc malloc where
-/// courier is not.
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 const AMQP: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 
 struct Args {
