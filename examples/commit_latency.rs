@@ -1,4 +1,4 @@
-//! Prints how long one group commit (sled flush + fsync) takes on this disk.
+//! Prints how long one group commit (sled flush + fdatasync of its log) takes on this disk.
 //! `cargo run --release --example commit_latency [dir]`
 use std::time::{Duration, Instant};
 

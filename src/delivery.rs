@@ -66,17 +66,19 @@ pub struct Deliverer {
     dedup: Dedup,
     stats: Arc<Stats>,
     targets: Vec<Target>,
-    /// (destination, event id) pairs with an attempt under way in this process. A broker that
-    /// redelivers a message while its first copy is still being POSTed (after a reconnect) must
-    /// not get a second POST: the second copy waits, then finds the dedup record.
-    in_progress: std::sync::Mutex<std::collections::HashSet<(usize, String)>>,
+    /// (destination, event id) pairs with an attempt under way in this process, by a hash of
+    /// the pair. A broker that redelivers a message while its first copy is still being POSTed
+    /// (after a reconnect) must not get a second POST: the second copy waits, then finds the
+    /// dedup record. Two different pairs with the same 64-bit hash only wait for each other.
+    in_progress: std::sync::Mutex<std::collections::HashSet<u64>>,
+    claim_hasher: std::hash::RandomState,
     released: tokio::sync::Notify,
 }
 
 /// Holds one (destination, event id) pair; released on drop.
 struct Claim<'a> {
     deliverer: &'a Deliverer,
-    key: (usize, String),
+    key: u64,
 }
 
 impl Drop for Claim<'_> {
@@ -125,13 +127,15 @@ impl Deliverer {
             stats,
             targets,
             in_progress: std::sync::Mutex::default(),
+            claim_hasher: std::hash::RandomState::new(),
             released: tokio::sync::Notify::new(),
         }
     }
 
     /// Waits until no other attempt of `event_id` at destination `index` is under way here.
     async fn claim(&self, index: usize, event_id: &str) -> Claim<'_> {
-        let key = (index, event_id.to_string());
+        use std::hash::BuildHasher as _;
+        let key = self.claim_hasher.hash_one((index, event_id));
         loop {
             // Created before the check, so a release between the check and the wait is not missed.
             let released = self.released.notified();
@@ -139,7 +143,7 @@ impl Deliverer {
                 .in_progress
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
-                .insert(key.clone())
+                .insert(key)
             {
                 return Claim {
                     deliverer: self,

@@ -90,7 +90,6 @@ pub struct SenderError(String);
 struct Target {
     name: String,
     url: Url,
-    timeout: Duration,
     client: Client,
     /// Static headers, lowest precedence.
     static_headers: HeaderMap,
@@ -108,25 +107,28 @@ pub struct Sender {
 }
 
 impl Sender {
-    /// Builds one HTTP client per TLS setting (connection pools are shared between destinations
-    /// that verify certificates) and precomputes every destination's fixed headers.
+    /// Builds one HTTP client per (TLS setting, timeout): destinations that share both share a
+    /// connection pool, and the timeout is the client's own, so a request carries none of its
+    /// own to allocate. Also precomputes every destination's fixed headers.
     pub fn new(config: &Config) -> Result<Sender, SenderError> {
-        let verified = build_client(true)?;
-        let mut relaxed: Option<Client> = None;
+        let mut clients: Vec<((bool, Duration), Client)> = Vec::new();
         let mut targets = Vec::with_capacity(config.destinations.len());
         for dest in &config.destinations {
-            let client = if dest.tls_verify {
-                verified.clone()
-            } else {
+            if !dest.tls_verify {
                 tracing::warn!(
                     destination = %dest.name,
                     url = %dest.url,
                     "TLS certificate verification is OFF for this destination (tls_verify = false): \
                      anyone on the network path can read and alter its requests"
                 );
-                match &relaxed {
-                    Some(c) => c.clone(),
-                    None => relaxed.insert(build_client(false)?).clone(),
+            }
+            let setting = (dest.tls_verify, dest.timeout);
+            let client = match clients.iter().find(|(s, _)| *s == setting) {
+                Some((_, c)) => c.clone(),
+                None => {
+                    let c = build_client(dest.tls_verify, dest.timeout)?;
+                    clients.push((setting, c.clone()));
+                    c
                 }
             };
             targets.push(Target::new(dest, client)?);
@@ -169,14 +171,12 @@ impl Sender {
                 headers.insert(HeaderName::from_static("webhook-signature"), sig);
             }
         }
-        let result = target
-            .client
-            .post(target.url.clone())
-            .headers(headers)
-            .timeout(target.timeout)
-            .body(body)
-            .send()
-            .await;
+        // Built directly rather than through `RequestBuilder`, which would copy the headers
+        // into a second map.
+        let mut request = reqwest::Request::new(reqwest::Method::POST, target.url.clone());
+        *request.headers_mut() = headers;
+        *request.body_mut() = Some(body.into());
+        let result = target.client.execute(request).await;
         match result {
             Ok(response) => classify(response).await,
             Err(e) => Outcome::failed(None, error_chain(&e), !e.is_redirect() && !e.is_builder()),
@@ -209,8 +209,9 @@ fn redirect_policy() -> reqwest::redirect::Policy {
     })
 }
 
-fn build_client(verify: bool) -> Result<Client, SenderError> {
+fn build_client(verify: bool, timeout: Duration) -> Result<Client, SenderError> {
     Client::builder()
+        .timeout(timeout)
         // courier's retry policy is the only one: a retry inside the HTTP client would be a
         // second POST that no metric, log or attempt count knows about. It also spares reqwest
         // a copy of every request kept for that retry.
@@ -260,7 +261,6 @@ impl Target {
         Ok(Target {
             name: dest.name.clone(),
             url,
-            timeout: dest.timeout,
             client,
             static_headers,
             auth,

@@ -3,8 +3,9 @@
 //! dead-letter tree (what could not be delivered, and why).
 //!
 //! Writes are cheap in-memory inserts; durability comes from [`Store::commit`], a group commit: one
-//! fsync covers every write made before it started, so a burst of events costs one flush, not one
-//! per message. The pipeline acks a message only after its commit returned.
+//! sled flush plus one `fdatasync` of its log covers every write made before it started, so a
+//! burst of events costs one flush, not one per message. The pipeline acks a message whose event
+//! the store now owns (a retry, a parked event, a dead letter) only after its commit returned.
 //!
 //! sled 0.34 is the last stable line and unmaintained upstream; keeping every sled call in this file
 //! is what lets it be swapped.
@@ -262,6 +263,11 @@ impl DeadLetter {
 /// The open sled database and its trees. Replaced as a whole when the store is reopened.
 struct Handles {
     db: sled::Db,
+    /// sled's log file (`<path>/db`), opened a second time for `fdatasync`: sled's flush waits
+    /// with `sync_file_range`, which on Linux writes neither the file's metadata (its growing
+    /// length) nor the disk's write cache, so a power loss could drop writes it reported
+    /// flushed. Syncing the same file through another descriptor covers both.
+    log: Arc<std::fs::File>,
     /// `destination ++ 0 ++ event id` → delivery time (Unix milliseconds, u64 BE).
     delivered: sled::Tree,
     /// Time-ordered key → [`DeadLetter`].
@@ -350,7 +356,15 @@ fn open_handles(config: &StoreConfig, path: &str) -> Result<Handles, StoreError>
     )
     .map_err(sled_err)?;
     db.flush().map_err(sled_err)?;
+    let io_err = |e: std::io::Error| sled_err(sled::Error::Io(e));
+    let log = std::fs::File::open(config.path.join("db")).map_err(io_err)?;
+    log.sync_data().map_err(io_err)?;
+    // The directory entries of a new store (its log, its config) must survive a power loss too.
+    std::fs::File::open(&config.path)
+        .and_then(|dir| dir.sync_all())
+        .map_err(io_err)?;
     Ok(Handles {
+        log: Arc::new(log),
         delivered: db.open_tree("delivered").map_err(sled_err)?,
         dead: db.open_tree("dead").map_err(sled_err)?,
         retries: db.open_tree("retries").map_err(sled_err)?,
@@ -501,8 +515,8 @@ impl Store {
     /// Whether `event_id` was delivered with a 2xx to `destination` within the dedup TTL.
     pub fn is_delivered(&self, destination: &str, event_id: &str) -> Result<bool, StoreError> {
         let h = self.handles()?;
-        let key = dedup_key(destination, event_id);
-        let Some(value) = h.delivered.get(&key).map_err(|e| self.err(e))? else {
+        let found = with_dedup_key(destination, event_id, |key| h.delivered.get(key));
+        let Some(value) = found.map_err(|e| self.err(e))? else {
             return Ok(false);
         };
         let at = decode_millis(&value);
@@ -514,9 +528,10 @@ impl Store {
     pub fn record_delivered(&self, destination: &str, event_id: &str) -> Result<(), StoreError> {
         let h = self.handles()?;
         let now = millis(SystemTime::now());
-        h.delivered
-            .insert(dedup_key(destination, event_id), &now.to_be_bytes())
-            .map_err(|e| self.err(e))?;
+        with_dedup_key(destination, event_id, |key| {
+            h.delivered.insert(key, &now.to_be_bytes())
+        })
+        .map_err(|e| self.err(e))?;
         self.wrote();
         Ok(())
     }
@@ -734,9 +749,21 @@ impl Store {
         let h = self.handles()?;
         // Each write counted by now was in sled's memory before this flush starts.
         let covered = self.written.load(Ordering::SeqCst);
-        h.db.flush_async().await.map_err(|e| self.err(e))?;
+        self.flush_and_sync(&h).await?;
         self.flushed.store(covered, Ordering::SeqCst);
         Ok(())
+    }
+
+    /// sled's flush, then an `fdatasync` of its log file (see [`Handles::log`]).
+    async fn flush_and_sync(&self, h: &Handles) -> Result<(), StoreError> {
+        h.db.flush_async().await.map_err(|e| self.err(e))?;
+        let log = h.log.clone();
+        match tokio::task::spawn_blocking(move || log.sync_data()).await {
+            Ok(synced) => synced.map_err(|e| self.err(sled::Error::Io(e))),
+            Err(panicked) => Err(self.err(sled::Error::ReportableBug(format!(
+                "fdatasync of the store log panicked: {panicked}"
+            )))),
+        }
     }
 
     /// Whether every write made so far is covered by a finished flush: what a crash now would
@@ -769,8 +796,23 @@ impl Store {
     /// Flushes everything; called at shutdown.
     pub async fn flush(&self) -> Result<(), StoreError> {
         let h = self.handles()?;
-        h.db.flush_async().await.map_err(|e| self.err(e))?;
-        Ok(())
+        self.flush_and_sync(&h).await
+    }
+}
+
+/// Calls `f` with [`dedup_key`], built on the stack when it is short: the dedup check and record
+/// run once per delivery, and sled copies the key anyway.
+fn with_dedup_key<T>(destination: &str, event_id: &str, f: impl FnOnce(&[u8]) -> T) -> T {
+    let (d, len) = (destination.len(), destination.len() + 1 + event_id.len());
+    let mut stack = [0u8; 192];
+    match stack.get_mut(..len) {
+        Some(key) => {
+            key[..d].copy_from_slice(destination.as_bytes());
+            key[d] = 0;
+            key[d + 1..].copy_from_slice(event_id.as_bytes());
+            f(key)
+        }
+        None => f(&dedup_key(destination, event_id)),
     }
 }
 
@@ -822,6 +864,31 @@ mod tests {
             cache_capacity: 1 << 20,
             ..StoreConfig::default()
         }
+    }
+
+    #[test]
+    fn stack_and_heap_dedup_keys_are_the_same_bytes() {
+        let long_id = "x".repeat(500);
+        for (destination, id) in [("d", "e1"), ("partner", long_id.as_str()), ("", "")] {
+            let built = with_dedup_key(destination, id, |key| key.to_vec());
+            assert_eq!(
+                built,
+                dedup_key(destination, id),
+                "{destination:?} {}",
+                id.len()
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn a_long_event_id_is_deduplicated_too() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(&config(dir.path(), Duration::from_secs(3600))).expect("open");
+        let long_id = "y".repeat(300);
+        assert!(!store.is_delivered("d", &long_id).unwrap());
+        store.record_delivered("d", &long_id).unwrap();
+        assert!(store.is_delivered("d", &long_id).unwrap());
+        assert!(!store.is_delivered("d", &long_id[1..]).unwrap());
     }
 
     #[tokio::test]

@@ -2,8 +2,8 @@
 //! the raw limits of the same machine, all measured in one run.
 //!
 //!     scripts/bench.sh [--events N] [--latency-seconds S] [--rate R] [--prefetch P]
-//!                      [--max-concurrency C]
-//!     (= cargo build --release && target/release/courier-bench ...)
+//!                      [--max-concurrency C] [--only mqtt,fanout,...] [--courier PATH]
+//!     (= cargo build --release && target/release/courier-bench ...; --help lists the cases)
 //!
 //! Needs RabbitMQ (127.0.0.1:5672), Mosquitto (127.0.0.1:1883), the release `courier` binary next
 //! to this one, and python3 with aio-pika and aiohttp for the baseline. It starts its own HTTP
@@ -27,38 +27,58 @@ use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
 
 const AMQP: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 
-struct Args {
-    events: usize,
-    latency_seconds: u64,
-    rate: u64,
-    prefetch: u16,
-    /// Every destination's `max_concurrency` (courier's default is 64).
-    max_concurrency: usize,
+/// The cases `--only` can pick; each one also runs the raw limits its figure is divided by.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum Case {
+    /// RabbitMQ -> HTTP drain rate (also the single-destination rate fanout is compared with).
+    Amqp,
+    /// The Python aio-pika + aiohttp baseline (compared with the RabbitMQ case).
+    Python,
+    /// MQTT -> HTTP drain rate.
+    Mqtt,
+    /// Publish-to-receive latency at a steady rate.
+    Latency,
+    /// One event to 10 destinations.
+    Fanout,
+    /// Routing with 10,000 destination patterns (in-process).
+    Routing,
+    /// courier's RSS at idle.
+    Idle,
 }
 
-fn args() -> Args {
-    let mut a = Args {
-        events: 50_000,
-        latency_seconds: 30,
-        rate: 1_000,
-        prefetch: 256,
-        max_concurrency: 64,
-    };
-    let argv: Vec<String> = std::env::args().skip(1).collect();
-    let mut i = 0;
-    while i + 1 < argv.len() {
-        let v = &argv[i + 1];
-        match argv[i].as_str() {
-            "--events" => a.events = v.parse().unwrap_or(a.events),
-            "--latency-seconds" => a.latency_seconds = v.parse().unwrap_or(a.latency_seconds),
-            "--rate" => a.rate = v.parse().unwrap_or(a.rate),
-            "--prefetch" => a.prefetch = v.parse().unwrap_or(a.prefetch),
-            "--max-concurrency" => a.max_concurrency = v.parse().unwrap_or(a.max_concurrency),
-            _ => {}
-        }
-        i += 2;
+/// End-to-end throughput, latency, fanout, routing and memory of courier, next to the raw
+/// limits of this machine, in one run.
+#[derive(clap::Parser, Debug)]
+#[command(name = "courier-bench")]
+struct Args {
+    /// Events pre-filled for the RabbitMQ and MQTT drain runs (fanout uses a fifth of them).
+    #[arg(long, default_value_t = 50_000)]
+    events: usize,
+    /// Length of the steady-rate latency run.
+    #[arg(long, default_value_t = 30)]
+    latency_seconds: u64,
+    /// Offered rate of the latency run, events/s.
+    #[arg(long, default_value_t = 1_000)]
+    rate: u64,
+    /// RabbitMQ prefetch, for courier and the raw consumer alike.
+    #[arg(long, default_value_t = 256)]
+    prefetch: u16,
+    /// Every destination's `max_concurrency` (courier's default is 64).
+    #[arg(long, default_value_t = 64)]
+    max_concurrency: usize,
+    /// Run only these cases (comma-separated); all by default.
+    #[arg(long, value_enum, value_delimiter = ',')]
+    only: Vec<Case>,
+    /// The courier binary to measure; by default the one next to this program. Lets two builds
+    /// be compared on the same machine, one run after the other.
+    #[arg(long)]
+    courier: Option<PathBuf>,
+}
+
+impl Args {
+    fn runs(&self, case: Case) -> bool {
+        self.only.is_empty() || self.only.contains(&case)
     }
-    a
 }
 
 fn now_ns() -> u64 {
@@ -479,17 +499,13 @@ impl CourierProcess {
         cpu_seconds(self.child.id()).unwrap_or(0.0)
     }
 
-    fn spawn(name: &str, config: &str) -> CourierProcess {
+    fn spawn(exe: &std::path::Path, name: &str, config: &str) -> CourierProcess {
         let dir = std::env::temp_dir().join(format!("courier-bench-{}-{name}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).expect("bench dir");
         let text = config.replace("@STORE@", &dir.join("store").display().to_string());
         let path = dir.join("courier.toml");
         std::fs::write(&path, text).expect("config");
-        let exe = std::env::current_exe()
-            .ok()
-            .and_then(|p| p.parent().map(|d| d.join("courier")))
-            .expect("courier binary next to courier-bench (cargo build --release)");
         let child = Command::new(exe)
             .args(["run", "--config"])
             .arg(&path)
@@ -497,7 +513,7 @@ impl CourierProcess {
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
             .spawn()
-            .expect("start courier");
+            .unwrap_or_else(|e| panic!("cannot start {}: {e}", exe.display()));
         let peak = Arc::new(AtomicU64::new(0));
         let p = peak.clone();
         let pid = child.id();
@@ -570,7 +586,22 @@ struct Row {
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     courier::install_crypto_provider();
-    let a = args();
+    let a = <Args as clap::Parser>::parse();
+    let exe = match a.courier.clone().or_else(|| {
+        std::env::current_exe()
+            .ok()
+            .and_then(|p| p.parent().map(|d| d.join("courier")))
+    }) {
+        Some(exe) if exe.is_file() => exe,
+        other => {
+            eprintln!(
+                "courier-bench: no courier binary at {} (cargo build --release, or --courier PATH)",
+                other.map(|p| p.display().to_string()).unwrap_or_default()
+            );
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    let exe = exe.as_path();
     let n = a.events;
     let size = 512;
     let pid = std::process::id();
@@ -578,206 +609,420 @@ async fn main() -> std::process::ExitCode {
     let mut rows: Vec<Row> = Vec::new();
     let mut failures: Vec<String> = Vec::new();
     println!(
-        "courier-bench: {n} events of {size} bytes, prefetch {}, max_concurrency {}, machine: {} cores",
+        "courier-bench: {n} events of {size} bytes, prefetch {}, max_concurrency {}, machine: {} cores, courier {}",
         a.prefetch,
         a.max_concurrency,
         std::thread::available_parallelism()
             .map(|n| n.get())
-            .unwrap_or(0)
+            .unwrap_or(0),
+        exe.display()
     );
+    let needs_amqp = a.runs(Case::Amqp) || a.runs(Case::Python) || a.runs(Case::Fanout);
+    let needs_mqtt = a.runs(Case::Mqtt);
+    let mut raw_limits = Vec::new();
 
     // 1a. raw RabbitMQ drain
-    let q_raw = format!("bench-raw-{pid}");
-    fresh_queue(&q_raw).await;
-    fill(&q_raw, "raw", n, size).await;
-    let drain = raw_amqp_drain(&q_raw, n, a.prefetch).await;
-    delete_queue(&q_raw).await;
-    println!("raw RabbitMQ drain (lapin, parse + ack): {drain:.0} events/s");
+    let drain = if needs_amqp {
+        let q_raw = format!("bench-raw-{pid}");
+        fresh_queue(&q_raw).await;
+        fill(&q_raw, "raw", n, size).await;
+        let drain = raw_amqp_drain(&q_raw, n, a.prefetch).await;
+        delete_queue(&q_raw).await;
+        println!("raw RabbitMQ drain (lapin, parse + ack): {drain:.0} events/s");
+        raw_limits.push(format!("RabbitMQ drain {drain:.0}/s"));
+        drain
+    } else {
+        f64::NAN
+    };
     // 1b. raw POST rate
     // This process is both the bare client and the receiver here; the fanout case below measures
     // the receiver alone, so the difference is what a bare client spends per request.
-    let cpu_before = cpu_seconds(pid).unwrap_or(0.0);
-    let post = raw_post(&format!("{base}/raw-post"), n, size, 64).await;
-    let post_cpu_us = (cpu_seconds(pid).unwrap_or(0.0) - cpu_before) * 1e6 / n as f64;
-    println!("raw HTTP POST (reqwest, 64 concurrent): {post:.0} requests/s, client + receiver CPU {post_cpu_us:.1} us/request");
+    let post = if needs_amqp || needs_mqtt {
+        let cpu_before = cpu_seconds(pid).unwrap_or(0.0);
+        let post = raw_post(&format!("{base}/raw-post"), n, size, 64).await;
+        let post_cpu_us = (cpu_seconds(pid).unwrap_or(0.0) - cpu_before) * 1e6 / n as f64;
+        println!("raw HTTP POST (reqwest, 64 concurrent): {post:.0} requests/s, client + receiver CPU {post_cpu_us:.1} us/request");
+        raw_limits.push(format!("POST {post:.0}/s"));
+        post
+    } else {
+        f64::NAN
+    };
     // 1c. raw MQTT drain
-    let mqtt_drain = raw_mqtt_drain(n, size).await;
-    println!("raw MQTT QoS 1 drain (rumqttc, manual acks): {mqtt_drain:.0} events/s");
+    let mqtt_drain = if needs_mqtt {
+        let mqtt_drain = raw_mqtt_drain(n, size).await;
+        println!("raw MQTT QoS 1 drain (rumqttc, manual acks): {mqtt_drain:.0} events/s");
+        raw_limits.push(format!("MQTT drain {mqtt_drain:.0}/s"));
+        mqtt_drain
+    } else {
+        f64::NAN
+    };
     let limit = 1.0 / (1.0 / drain + 1.0 / post);
     let mqtt_limit = 1.0 / (1.0 / mqtt_drain + 1.0 / post);
 
     // idle memory
-    let q_idle = format!("bench-idle-{pid}");
-    fresh_queue(&q_idle).await;
-    let idle = CourierProcess::spawn(
-        "idle",
-        &amqp_config(
-            &q_idle,
-            &destination("d", &format!("{base}/idle"), a.max_concurrency),
-            a.prefetch,
-        ),
-    );
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    let idle_kib = idle.rss_now_kib();
-    idle.stop();
-    delete_queue(&q_idle).await;
+    let idle_kib = if a.runs(Case::Idle) {
+        let q_idle = format!("bench-idle-{pid}");
+        fresh_queue(&q_idle).await;
+        let idle = CourierProcess::spawn(
+            exe,
+            "idle",
+            &amqp_config(
+                &q_idle,
+                &destination("d", &format!("{base}/idle"), a.max_concurrency),
+                a.prefetch,
+            ),
+        );
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let idle_kib = idle.rss_now_kib();
+        idle.stop();
+        delete_queue(&q_idle).await;
+        Some(idle_kib)
+    } else {
+        None
+    };
 
-    // 2. courier over RabbitMQ
-    let q = format!("bench-courier-{pid}");
-    fresh_queue(&q).await;
-    fill(&q, "c", n, size).await;
-    let courier = CourierProcess::spawn(
-        "amqp",
-        &amqp_config(
-            &q,
-            &destination("d", &format!("{base}/amqp"), a.max_concurrency),
-            a.prefetch,
-        ),
-    );
-    let start = Instant::now();
-    let done = rx.wait_unique("/amqp", n, Duration::from_secs(600)).await;
-    let courier_rate = n as f64
-        / done
-            .map(|d| d - start)
-            .unwrap_or(start.elapsed())
-            .as_secs_f64();
-    let amqp_cpu_us = courier.cpu_seconds() * 1e6 / n as f64;
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let peak_kib = courier.peak_kib();
-    courier.stop();
-    delete_queue(&q).await;
-    if done.is_none() {
-        failures.push(format!(
-            "RabbitMQ: only {} of {n} events arrived",
-            rx.unique("/amqp")
-        ));
+    // 2. courier over RabbitMQ: the single-destination rate, which fanout and Python are
+    // compared with, so it runs whenever one of them does.
+    let mut peak_kib = None;
+    let mut amqp = None;
+    if needs_amqp {
+        let q = format!("bench-courier-{pid}");
+        fresh_queue(&q).await;
+        fill(&q, "c", n, size).await;
+        let courier = CourierProcess::spawn(
+            exe,
+            "amqp",
+            &amqp_config(
+                &q,
+                &destination("d", &format!("{base}/amqp"), a.max_concurrency),
+                a.prefetch,
+            ),
+        );
+        let start = Instant::now();
+        let done = rx.wait_unique("/amqp", n, Duration::from_secs(600)).await;
+        let courier_rate = n as f64
+            / done
+                .map(|d| d - start)
+                .unwrap_or(start.elapsed())
+                .as_secs_f64();
+        let amqp_cpu_us = courier.cpu_seconds() * 1e6 / n as f64;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        peak_kib = Some(courier.peak_kib());
+        courier.stop();
+        delete_queue(&q).await;
+        if done.is_none() {
+            failures.push(format!(
+                "RabbitMQ: only {} of {n} events arrived",
+                rx.unique("/amqp")
+            ));
+        }
+        let dups = rx.duplicates("/amqp");
+        if dups > 0 {
+            failures.push(format!("RabbitMQ: {dups} events POSTed twice"));
+        }
+        println!(
+            "courier RabbitMQ -> HTTP: {courier_rate:.0} events/s = {:.2} x L (L = {limit:.0}/s), courier CPU {amqp_cpu_us:.1} us/event",
+            courier_rate / limit
+        );
+        amqp = Some((courier_rate, amqp_cpu_us));
     }
-    let dups = rx.duplicates("/amqp");
-    if dups > 0 {
-        failures.push(format!("RabbitMQ: {dups} events POSTed twice"));
-    }
-    println!(
-        "courier RabbitMQ -> HTTP: {courier_rate:.0} events/s = {:.2} x L (L = {limit:.0}/s), courier CPU {amqp_cpu_us:.1} us/event",
-        courier_rate / limit
-    );
+    let courier_rate = amqp.map(|(r, _)| r).unwrap_or(f64::NAN);
 
     // Python baseline on the same kind of queue
-    let q_py = format!("bench-python-{pid}");
-    fresh_queue(&q_py).await;
-    fill(&q_py, "py", n, size).await;
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/bench/python_baseline.py");
-    let started = Instant::now();
-    let python = Command::new("python3")
-        .args([
-            script,
-            AMQP,
-            &q_py,
-            &format!("{base}/python"),
-            &a.prefetch.to_string(),
-            &n.to_string(),
-        ])
-        .stdout(Stdio::null())
-        .spawn();
-    let py_rate = match python {
-        Ok(mut child) => {
-            // Polled in short steps so a baseline that dies (a missing package) ends the wait.
-            let deadline = Instant::now() + Duration::from_secs(900);
-            let done = loop {
-                if let Some(at) = rx
-                    .wait_unique("/python", n, Duration::from_millis(500))
-                    .await
-                {
-                    break Some(at);
-                }
-                if let Ok(Some(status)) = child.try_wait() {
-                    println!(
-                        "python baseline exited early ({status}), after {} of {n} events",
-                        rx.unique("/python")
-                    );
-                    break None;
-                }
-                if Instant::now() > deadline {
-                    break None;
-                }
-            };
-            let _ = child.kill();
-            let _ = child.wait();
-            done.map(|d| n as f64 / (d - started).as_secs_f64())
+    let mut py_rate = None;
+    if a.runs(Case::Python) {
+        let q_py = format!("bench-python-{pid}");
+        fresh_queue(&q_py).await;
+        fill(&q_py, "py", n, size).await;
+        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/bench/python_baseline.py");
+        let started = Instant::now();
+        let python = Command::new("python3")
+            .args([
+                script,
+                AMQP,
+                &q_py,
+                &format!("{base}/python"),
+                &a.prefetch.to_string(),
+                &n.to_string(),
+            ])
+            .stdout(Stdio::null())
+            .spawn();
+        py_rate = match python {
+            Ok(mut child) => {
+                // Polled in short steps so a baseline that dies (a missing package) ends the wait.
+                let deadline = Instant::now() + Duration::from_secs(900);
+                let done = loop {
+                    if let Some(at) = rx
+                        .wait_unique("/python", n, Duration::from_millis(500))
+                        .await
+                    {
+                        break Some(at);
+                    }
+                    if let Ok(Some(status)) = child.try_wait() {
+                        println!(
+                            "python baseline exited early ({status}), after {} of {n} events",
+                            rx.unique("/python")
+                        );
+                        break None;
+                    }
+                    if Instant::now() > deadline {
+                        break None;
+                    }
+                };
+                let _ = child.kill();
+                let _ = child.wait();
+                done.map(|d| n as f64 / (d - started).as_secs_f64())
+            }
+            Err(e) => {
+                println!("python baseline not run: {e}");
+                None
+            }
+        };
+        delete_queue(&q_py).await;
+        match py_rate {
+            Some(r) => println!("python aio-pika + aiohttp worker: {r:.0} events/s (courier is {:.1}x)", courier_rate / r),
+            None => println!("python aio-pika + aiohttp worker: did not finish (pip install -r bench/requirements.txt)"),
         }
-        Err(e) => {
-            println!("python baseline not run: {e}");
-            None
-        }
-    };
-    delete_queue(&q_py).await;
-    match py_rate {
-        Some(r) => println!("python aio-pika + aiohttp worker: {r:.0} events/s (courier is {:.1}x)", courier_rate / r),
-        None => println!("python aio-pika + aiohttp worker: did not finish (pip install -r bench/requirements.txt)"),
     }
 
     // 2b. courier over MQTT
-    let topic = format!("bench/courier/{pid}/e");
-    let probe_topic = format!("bench/courier/{pid}/probe");
-    let mqtt_cfg = format!(
-        "[service]\nmax_in_flight = 256\nshutdown_timeout = \"5s\"\n[store]\npath = \"@STORE@\"\n\
-         [mqtt]\nurl = \"mqtt://127.0.0.1:1883\"\nclient_id = \"bench-courier-{pid}\"\ntopics = [\"bench/courier/{pid}/#\"]\n{}",
-        destination("d", &format!("{base}/mqtt"), a.max_concurrency)
-    );
-    let courier = CourierProcess::spawn("mqtt", &mqtt_cfg);
-    // Only a subscription that exists keeps messages: probe until one comes through.
-    let probe_deadline = Instant::now() + Duration::from_secs(30);
-    let mut probe = 0;
-    while rx.unique("/mqtt") == 0 && Instant::now() < probe_deadline {
-        let rx_p = rx.clone();
-        publish_mqtt_paced(&probe_topic, &format!("probe{probe}-"), 1, 64, move || {
-            rx_p.unique("/mqtt")
+    let mut mqtt = None;
+    if needs_mqtt {
+        let topic = format!("bench/courier/{pid}/e");
+        let probe_topic = format!("bench/courier/{pid}/probe");
+        let mqtt_cfg = format!(
+            "[service]\nmax_in_flight = 256\nshutdown_timeout = \"5s\"\n[store]\npath = \"@STORE@\"\n\
+             [mqtt]\nurl = \"mqtt://127.0.0.1:1883\"\nclient_id = \"bench-courier-{pid}\"\ntopics = [\"bench/courier/{pid}/#\"]\n{}",
+            destination("d", &format!("{base}/mqtt"), a.max_concurrency)
+        );
+        let courier = CourierProcess::spawn(exe, "mqtt", &mqtt_cfg);
+        // Only a subscription that exists keeps messages: probe until one comes through.
+        let probe_deadline = Instant::now() + Duration::from_secs(30);
+        let mut probe = 0;
+        while rx.unique("/mqtt") == 0 && Instant::now() < probe_deadline {
+            let rx_p = rx.clone();
+            publish_mqtt_paced(&probe_topic, &format!("probe{probe}-"), 1, 64, move || {
+                rx_p.unique("/mqtt")
+            })
+            .await;
+            probe += 1;
+        }
+        if rx.unique("/mqtt") == 0 {
+            failures.push("MQTT: courier never subscribed (no probe came through in 30 s)".into());
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let probes = rx.unique("/mqtt");
+        let cpu_before = courier.cpu_seconds();
+        let start = Instant::now();
+        let rx_m = rx.clone();
+        publish_mqtt_paced(&topic, "m", n, size, move || {
+            rx_m.unique("/mqtt").saturating_sub(probes)
         })
         .await;
-        probe += 1;
+        let done = rx
+            .wait_unique("/mqtt", n + probes, Duration::from_secs(600))
+            .await;
+        let mqtt_rate = n as f64
+            / done
+                .map(|d| d - start)
+                .unwrap_or(start.elapsed())
+                .as_secs_f64();
+        let mqtt_peak = courier.peak_kib();
+        let mqtt_cpu_us = (courier.cpu_seconds() - cpu_before) * 1e6 / n as f64;
+        courier.stop();
+        if done.is_none() {
+            failures.push(format!(
+                "MQTT: only {} of {n} events arrived",
+                rx.unique("/mqtt").saturating_sub(probes)
+            ));
+        }
+        if rx.duplicates("/mqtt") > 0 {
+            failures.push(format!(
+                "MQTT: {} events POSTed twice",
+                rx.duplicates("/mqtt")
+            ));
+        }
+        println!(
+            "courier MQTT -> HTTP: {mqtt_rate:.0} events/s = {:.2} x L (L = {mqtt_limit:.0}/s), courier CPU {mqtt_cpu_us:.1} us/event",
+            mqtt_rate / mqtt_limit
+        );
+        mqtt = Some((mqtt_rate, mqtt_cpu_us, mqtt_peak));
     }
-    if rx.unique("/mqtt") == 0 {
-        failures.push("MQTT: courier never subscribed (no probe came through in 30 s)".into());
-    }
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let probes = rx.unique("/mqtt");
-    let start = Instant::now();
-    let rx_m = rx.clone();
-    publish_mqtt_paced(&topic, "m", n, size, move || {
-        rx_m.unique("/mqtt").saturating_sub(probes)
-    })
-    .await;
-    let done = rx
-        .wait_unique("/mqtt", n + probes, Duration::from_secs(600))
-        .await;
-    let mqtt_rate = n as f64
-        / done
-            .map(|d| d - start)
-            .unwrap_or(start.elapsed())
-            .as_secs_f64();
-    let mqtt_peak = courier.peak_kib();
-    let mqtt_cpu_us = courier.cpu_seconds() * 1e6 / n as f64;
-    courier.stop();
-    if done.is_none() {
-        failures.push(format!(
-            "MQTT: only {} of {n} events arrived",
-            rx.unique("/mqtt").saturating_sub(probes)
-        ));
-    }
-    if rx.duplicates("/mqtt") > 0 {
-        failures.push(format!(
-            "MQTT: {} events POSTed twice",
-            rx.duplicates("/mqtt")
-        ));
-    }
-    println!(
-        "courier MQTT -> HTTP: {mqtt_rate:.0} events/s = {:.2} x L (L = {mqtt_limit:.0}/s), courier CPU {mqtt_cpu_us:.1} us/event",
-        mqtt_rate / mqtt_limit
-    );
 
     // 3. latency at a steady rate
-    let q_lat = format!("bench-latency-{pid}");
+    let mut latency = None;
+    if a.runs(Case::Latency) {
+        latency = Some(latency_run(&a, exe, &rx, &base, size).await);
+    }
+
+    // 4a. fanout to 10 destinations
+    let mut fanout = None;
+    if a.runs(Case::Fanout) {
+        let fan_n = (n / 5).max(1000);
+        let q_fan = format!("bench-fanout-{pid}");
+        fresh_queue(&q_fan).await;
+        fill(&q_fan, "f", fan_n, size).await;
+        let dests: String = (0..10)
+            .map(|i| {
+                destination(
+                    &format!("f{i}"),
+                    &format!("{base}/fan{i}"),
+                    a.max_concurrency,
+                )
+            })
+            .collect();
+        let courier =
+            CourierProcess::spawn(exe, "fanout", &amqp_config(&q_fan, &dests, a.prefetch));
+        let cpu_before = cpu_seconds(pid).unwrap_or(0.0);
+        let start = Instant::now();
+        let mut fan_done = true;
+        for i in 0..10 {
+            if rx
+                .wait_unique(&format!("/fan{i}"), fan_n, Duration::from_secs(600))
+                .await
+                .is_none()
+            {
+                fan_done = false;
+            }
+        }
+        let fan_rate = (fan_n * 10) as f64 / start.elapsed().as_secs_f64();
+        let fan_cpu_us = courier.cpu_seconds() * 1e6 / (fan_n * 10) as f64;
+        let receiver_cpu_us =
+            (cpu_seconds(pid).unwrap_or(0.0) - cpu_before) * 1e6 / (fan_n * 10) as f64;
+        courier.stop();
+        delete_queue(&q_fan).await;
+        if !fan_done {
+            failures.push("fanout: not every delivery arrived".into());
+        }
+        println!("fanout to 10 destinations: {fan_rate:.0} deliveries/s = {:.2} x (10 x single-destination rate), courier CPU {fan_cpu_us:.1} us/delivery, receiver CPU {receiver_cpu_us:.1} us/delivery", fan_rate / (10.0 * courier_rate));
+        fanout = Some((fan_rate, fan_cpu_us));
+    }
+
+    // 4b. routing with 10,000 patterns
+    let routing_ns = a.runs(Case::Routing).then(routing_run);
+
+    // table
+    let met = |ok: bool| Some(ok);
+    if let Some((courier_rate, amqp_cpu_us)) = amqp {
+        rows.push(Row {
+            case: "RabbitMQ -> HTTP",
+            figure: format!(
+                "{courier_rate:.0}/s = {:.2} x L ({amqp_cpu_us:.0} us CPU/event)",
+                courier_rate / limit
+            ),
+            target: ">= 0.85 x L".into(),
+            met: met(courier_rate >= 0.85 * limit),
+        });
+    }
+    if let Some(r) = py_rate {
+        rows.push(Row {
+            case: "vs Python aio-pika",
+            figure: format!("{:.1}x ({r:.0}/s)", courier_rate / r),
+            target: ">= 3x".into(),
+            met: met(courier_rate >= 3.0 * r),
+        });
+    }
+    if let Some((mqtt_rate, mqtt_cpu_us, _)) = mqtt {
+        rows.push(Row {
+            case: "MQTT -> HTTP",
+            figure: format!(
+                "{mqtt_rate:.0}/s = {:.2} x L ({mqtt_cpu_us:.0} us CPU/event)",
+                mqtt_rate / mqtt_limit
+            ),
+            target: ">= 0.85 x L".into(),
+            met: met(mqtt_rate >= 0.85 * mqtt_limit),
+        });
+    }
+    if let Some((p50, p99, max)) = latency {
+        rows.push(Row {
+            case: "p99 latency",
+            figure: format!("{p99:.2} ms (p50 {p50:.2}, max {max:.2})"),
+            target: "< 10 ms".into(),
+            met: met(p99 < 10.0),
+        });
+    }
+    if let Some(per_event_ns) = routing_ns {
+        rows.push(Row {
+            case: "routing, 10k patterns",
+            figure: format!("{per_event_ns:.0} ns/event"),
+            target: "< 2000 ns".into(),
+            met: met(per_event_ns < 2000.0),
+        });
+    }
+    if let Some((fan_rate, fan_cpu_us)) = fanout {
+        rows.push(Row {
+            case: "fanout x10",
+            figure: format!(
+                "{fan_rate:.0} deliveries/s = {:.2} x ({fan_cpu_us:.0} us CPU/delivery)",
+                fan_rate / (10.0 * courier_rate)
+            ),
+            target: ">= 0.5 x".into(),
+            met: met(fan_rate >= 0.5 * 10.0 * courier_rate),
+        });
+    }
+    let mqtt_peak = mqtt.map(|(_, _, p)| p);
+    if let Some(peak) = peak_kib.into_iter().chain(mqtt_peak).max() {
+        let mib = |k: Option<u64>| {
+            k.map(|k| format!("{:.1} MiB", k as f64 / 1024.0))
+                .unwrap_or_else(|| "not run".into())
+        };
+        rows.push(Row {
+            case: "peak RSS under load",
+            figure: format!("{} (MQTT run {})", mib(peak_kib), mib(mqtt_peak)),
+            target: "< 64 MiB".into(),
+            met: met(peak < 64 * 1024),
+        });
+    }
+    if let Some(idle_kib) = idle_kib {
+        rows.push(Row {
+            case: "idle RSS",
+            figure: format!("{:.1} MiB", idle_kib as f64 / 1024.0),
+            target: "< 20 MiB".into(),
+            met: met(idle_kib < 20 * 1024),
+        });
+    }
+    println!();
+    println!("| case | figure | target | met |");
+    println!("|---|---|---|---|");
+    for r in &rows {
+        println!(
+            "| {} | {} | {} | {} |",
+            r.case,
+            r.figure,
+            r.target,
+            match r.met {
+                Some(true) => "yes",
+                Some(false) => "NO",
+                None => "-",
+            }
+        );
+    }
+    if !raw_limits.is_empty() {
+        println!("| raw limits | {} | | |", raw_limits.join(", "));
+    }
+    if failures.is_empty() {
+        println!("\nno event lost, none POSTed twice");
+        std::process::ExitCode::SUCCESS
+    } else {
+        for f in &failures {
+            println!("FAILED: {f}");
+        }
+        std::process::ExitCode::FAILURE
+    }
+}
+
+/// Publish-to-receive latency at `a.rate` events/s for `a.latency_seconds`: (p50, p99, max) in ms.
+async fn latency_run(
+    a: &Args,
+    exe: &std::path::Path,
+    rx: &Receiver,
+    base: &str,
+    size: usize,
+) -> (f64, f64, f64) {
+    let q_lat = format!("bench-latency-{}", std::process::id());
     fresh_queue(&q_lat).await;
     let courier = CourierProcess::spawn(
+        exe,
         "latency",
         &amqp_config(
             &q_lat,
@@ -846,46 +1091,11 @@ async fn main() -> std::process::ExitCode {
         lat.last().copied().unwrap_or(0) as f64 / 1e6,
     );
     println!("latency at {} events/s for {} s: p50 {p50:.2} ms, p99 {p99:.2} ms, max {max:.2} ms ({} samples)", a.rate, a.latency_seconds, lat.len());
+    (p50, p99, max)
+}
 
-    // 4a. fanout to 10 destinations
-    let fan_n = (n / 5).max(1000);
-    let q_fan = format!("bench-fanout-{pid}");
-    fresh_queue(&q_fan).await;
-    fill(&q_fan, "f", fan_n, size).await;
-    let dests: String = (0..10)
-        .map(|i| {
-            destination(
-                &format!("f{i}"),
-                &format!("{base}/fan{i}"),
-                a.max_concurrency,
-            )
-        })
-        .collect();
-    let courier = CourierProcess::spawn("fanout", &amqp_config(&q_fan, &dests, a.prefetch));
-    let cpu_before = cpu_seconds(pid).unwrap_or(0.0);
-    let start = Instant::now();
-    let mut fan_done = true;
-    for i in 0..10 {
-        if rx
-            .wait_unique(&format!("/fan{i}"), fan_n, Duration::from_secs(600))
-            .await
-            .is_none()
-        {
-            fan_done = false;
-        }
-    }
-    let fan_rate = (fan_n * 10) as f64 / start.elapsed().as_secs_f64();
-    let fan_cpu_us = courier.cpu_seconds() * 1e6 / (fan_n * 10) as f64;
-    let receiver_cpu_us =
-        (cpu_seconds(pid).unwrap_or(0.0) - cpu_before) * 1e6 / (fan_n * 10) as f64;
-    courier.stop();
-    delete_queue(&q_fan).await;
-    if !fan_done {
-        failures.push("fanout: not every delivery arrived".into());
-    }
-    println!("fanout to 10 destinations: {fan_rate:.0} deliveries/s = {:.2} x (10 x single-destination rate), courier CPU {fan_cpu_us:.1} us/delivery, receiver CPU {receiver_cpu_us:.1} us/delivery", fan_rate / (10.0 * courier_rate));
-
-    // 4b. routing with 10,000 patterns
+/// Matching 1,000 topics against 10,000 destination patterns, 1,000 rounds: ns per event.
+fn routing_run() -> f64 {
     let mut text = String::from("[rabbitmq]\nurl = \"amqp://127.0.0.1\"\nqueue = \"q\"\n");
     for i in 0..10_000 {
         let pattern = match i % 4 {
@@ -914,96 +1124,5 @@ async fn main() -> std::process::ExitCode {
         "routing with 10,000 patterns: {:.0} ns per event ({matched} matches)",
         per_event_ns
     );
-
-    // table
-    let met = |ok: bool| Some(ok);
-    rows.push(Row {
-        case: "RabbitMQ -> HTTP",
-        figure: format!(
-            "{courier_rate:.0}/s = {:.2} x L ({amqp_cpu_us:.0} us CPU/event)",
-            courier_rate / limit
-        ),
-        target: ">= 0.85 x L".into(),
-        met: met(courier_rate >= 0.85 * limit),
-    });
-    if let Some(r) = py_rate {
-        rows.push(Row {
-            case: "vs Python aio-pika",
-            figure: format!("{:.1}x ({r:.0}/s)", courier_rate / r),
-            target: ">= 3x".into(),
-            met: met(courier_rate >= 3.0 * r),
-        });
-    }
-    rows.push(Row {
-        case: "MQTT -> HTTP",
-        figure: format!(
-            "{mqtt_rate:.0}/s = {:.2} x L ({mqtt_cpu_us:.0} us CPU/event)",
-            mqtt_rate / mqtt_limit
-        ),
-        target: ">= 0.85 x L".into(),
-        met: met(mqtt_rate >= 0.85 * mqtt_limit),
-    });
-    rows.push(Row {
-        case: "p99 latency",
-        figure: format!("{p99:.2} ms (p50 {p50:.2}, max {max:.2})"),
-        target: "< 10 ms".into(),
-        met: met(p99 < 10.0),
-    });
-    rows.push(Row {
-        case: "routing, 10k patterns",
-        figure: format!("{per_event_ns:.0} ns/event"),
-        target: "< 2000 ns".into(),
-        met: met(per_event_ns < 2000.0),
-    });
-    rows.push(Row {
-        case: "fanout x10",
-        figure: format!(
-            "{fan_rate:.0} deliveries/s = {:.2} x ({fan_cpu_us:.0} us CPU/delivery)",
-            fan_rate / (10.0 * courier_rate)
-        ),
-        target: ">= 0.5 x".into(),
-        met: met(fan_rate >= 0.5 * 10.0 * courier_rate),
-    });
-    rows.push(Row {
-        case: "peak RSS under load",
-        figure: format!(
-            "{:.1} MiB (MQTT run {:.1} MiB)",
-            peak_kib as f64 / 1024.0,
-            mqtt_peak as f64 / 1024.0
-        ),
-        target: "< 64 MiB".into(),
-        met: met(peak_kib.max(mqtt_peak) < 64 * 1024),
-    });
-    rows.push(Row {
-        case: "idle RSS",
-        figure: format!("{:.1} MiB", idle_kib as f64 / 1024.0),
-        target: "< 20 MiB".into(),
-        met: met(idle_kib < 20 * 1024),
-    });
-    println!();
-    println!("| case | figure | target | met |");
-    println!("|---|---|---|---|");
-    for r in &rows {
-        println!(
-            "| {} | {} | {} | {} |",
-            r.case,
-            r.figure,
-            r.target,
-            match r.met {
-                Some(true) => "yes",
-                Some(false) => "NO",
-                None => "-",
-            }
-        );
-    }
-    println!("| raw limits | RabbitMQ drain {drain:.0}/s, POST {post:.0}/s, MQTT drain {mqtt_drain:.0}/s | | |");
-    if failures.is_empty() {
-        println!("\nno event lost, none POSTed twice");
-        std::process::ExitCode::SUCCESS
-    } else {
-        for f in &failures {
-            println!("FAILED: {f}");
-        }
-        std::process::ExitCode::FAILURE
-    }
+    per_event_ns
 }
