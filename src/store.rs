@@ -360,9 +360,11 @@ fn open_handles(config: &StoreConfig, path: &str) -> Result<Handles, StoreError>
     let log = std::fs::File::open(config.path.join("db")).map_err(io_err)?;
     log.sync_data().map_err(io_err)?;
     // The directory entries of a new store (its log, its config) must survive a power loss too.
-    std::fs::File::open(&config.path)
-        .and_then(|dir| dir.sync_all())
-        .map_err(io_err)?;
+    // Best effort: some filesystems (FUSE, some network mounts) refuse to sync a directory, and
+    // that alone must not keep courier from running.
+    if let Err(error) = std::fs::File::open(&config.path).and_then(|dir| dir.sync_all()) {
+        tracing::warn!(store = %path, %error, "cannot sync the store directory; a power loss right after the store was created could lose it");
+    }
     Ok(Handles {
         log: Arc::new(log),
         delivered: db.open_tree("delivered").map_err(sled_err)?,
