@@ -147,8 +147,13 @@ pub async fn run_with_stats(
     // `perf record -e sched:sched_switch`; docs/performance.md).
     let taking =
         tokio::spawn(pipeline.run(rx, shutdown, max_in_flight, config.service.shutdown_timeout));
-    if let Err(error) = taking.await {
-        tracing::error!(%error, "the pipeline stopped unexpectedly; shutting down");
+    match taking.await {
+        Ok(()) => {}
+        // A bug in the loop itself (the event tasks catch their own panics): fail as loudly as
+        // before it had a task of its own, rather than wait for a shutdown nobody will signal.
+        Err(error) if error.is_panic() => std::panic::resume_unwind(error.into_panic()),
+        // Cancelled: only when the runtime itself is shutting down.
+        Err(error) => tracing::warn!(%error, "the pipeline task was cancelled"),
     }
     // Every message is now acked or abandoned: the sources may close their connections.
     release.cancel();
