@@ -533,6 +533,12 @@ impl CourierProcess {
         }
     }
 
+    /// courier on `queue` with one destination, `<base>/<name>` on the benchmark's receiver.
+    fn spawn_amqp(exe: &std::path::Path, name: &str, queue: &str, base: &str, a: &Args) -> Self {
+        let target = destination("d", &format!("{base}/{name}"), a.max_concurrency);
+        CourierProcess::spawn(exe, name, &amqp_config(queue, &target, a.prefetch))
+    }
+
     fn rss_now_kib(&self) -> u64 {
         rss_kib(self.child.id(), "VmRSS:").unwrap_or(0)
     }
@@ -663,15 +669,7 @@ async fn main() -> std::process::ExitCode {
     let idle_kib = if a.runs(Case::Idle) {
         let q_idle = format!("bench-idle-{pid}");
         fresh_queue(&q_idle).await;
-        let idle = CourierProcess::spawn(
-            exe,
-            "idle",
-            &amqp_config(
-                &q_idle,
-                &destination("d", &format!("{base}/idle"), a.max_concurrency),
-                a.prefetch,
-            ),
-        );
+        let idle = CourierProcess::spawn_amqp(exe, "idle", &q_idle, &base, &a);
         tokio::time::sleep(Duration::from_secs(3)).await;
         let idle_kib = idle.rss_now_kib();
         idle.stop();
@@ -689,15 +687,7 @@ async fn main() -> std::process::ExitCode {
         let q = format!("bench-courier-{pid}");
         fresh_queue(&q).await;
         fill(&q, "c", n, size).await;
-        let courier = CourierProcess::spawn(
-            exe,
-            "amqp",
-            &amqp_config(
-                &q,
-                &destination("d", &format!("{base}/amqp"), a.max_concurrency),
-                a.prefetch,
-            ),
-        );
+        let courier = CourierProcess::spawn_amqp(exe, "amqp", &q, &base, &a);
         let start = Instant::now();
         let done = rx.wait_unique("/amqp", n, Duration::from_secs(600)).await;
         let courier_rate = n as f64
@@ -1021,15 +1011,7 @@ async fn latency_run(
 ) -> (f64, f64, f64) {
     let q_lat = format!("bench-latency-{}", std::process::id());
     fresh_queue(&q_lat).await;
-    let courier = CourierProcess::spawn(
-        exe,
-        "latency",
-        &amqp_config(
-            &q_lat,
-            &destination("d", &format!("{base}/latency"), a.max_concurrency),
-            a.prefetch,
-        ),
-    );
+    let courier = CourierProcess::spawn_amqp(exe, "latency", &q_lat, base, a);
     tokio::time::sleep(Duration::from_secs(2)).await;
     rx.record_latency.store(true, Ordering::Relaxed);
     let total = (a.rate * a.latency_seconds) as usize;
