@@ -687,3 +687,23 @@ async fn graceful_shutdown_loses_nothing_and_posts_nothing_twice() {
     let twice: Vec<_> = counts.iter().filter(|(_, &c)| c > 1).collect();
     assert!(twice.is_empty(), "POSTed twice: {twice:?}");
 }
+
+/// courier proposes 32 KiB AMQP frames (lapin's buffers are 32 frames each): a message many
+/// frames long must still arrive whole, byte for byte.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_of_many_frames_arrives_whole() {
+    let rx = Receiver::start().await;
+    let queue = unique("frames");
+    let store = tempfile::tempdir().unwrap();
+    let pub_ = Publisher::connect().await;
+    pub_.declare_queue(&queue).await;
+    let courier = Courier::start(config(&queue, store.path(), &dest("f", &rx.url("/f"), "")));
+    let pattern: String = (0..900_000)
+        .map(|i| char::from(b'a' + (i % 26) as u8))
+        .collect();
+    let body = format!(r#"{{"id":"F1","topic":"t","data":{{"s":"{pattern}"}}}}"#);
+    pub_.to_queue(&queue, body.as_bytes()).await;
+    let r = rx.wait_for_id("F1", WAIT).await;
+    assert_eq!(r.body, format!(r#"{{"s":"{pattern}"}}"#).into_bytes());
+    courier.stop().await;
+}
