@@ -14,6 +14,13 @@ events=${2:-20000}
 courier=${3:-target/release/courier}
 libc=$(ldd "$courier" | awk '/libc.so.6/ {print $3}')
 perf probe -q -x "$libc" --add malloc 2>/dev/null || true
+# A courier binary built with jemalloc (src/main.rs) allocates through its own _rjem_malloc;
+# libc's malloc then counts only what C code asks of libc. Probe the one the binary uses.
+malloc_event=probe_libc:malloc
+if nm "$courier" 2>/dev/null | grep ' T _rjem_malloc$' >/dev/null; then
+    perf probe -q -x "$courier" --add _rjem_malloc 2>/dev/null || true
+    malloc_event=probe_courier:_rjem_malloc
+fi
 "${BENCH:-target/release/courier-bench}" --events "$events" --latency-seconds 1 --only "$case_name" \
     --courier "$courier" > /tmp/bench_counts.$$.out 2>&1 &
 bench=$!
@@ -25,7 +32,7 @@ for _ in $(seq 600); do
 done
 [ -n "$pid" ] || { cat /tmp/bench_counts.$$.out; echo "no courier process for $case_name"; exit 1; }
 perf stat -x, -p "$pid" \
-    -e probe_libc:malloc,syscalls:sys_enter_sync_file_range,syscalls:sys_enter_fsync,syscalls:sys_enter_fdatasync \
+    -e "$malloc_event",syscalls:sys_enter_sync_file_range,syscalls:sys_enter_fsync,syscalls:sys_enter_fdatasync \
     -e syscalls:sys_enter_futex,context-switches,task-clock \
     -o /tmp/bench_counts.$$.stat 2>/dev/null || true
 wait "$bench" || true
