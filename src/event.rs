@@ -543,35 +543,6 @@ fn json_kind(text: &str) -> &'static str {
 
 #[cfg(test)]
 mod tests {
-
-    #[test]
-    fn nesting_scan_skips_strings_and_their_escapes() {
-        let cases: &[(&str, usize, bool)] = &[
-            (r#"{"a":[1]}"#, 2, false),
-            (r#"{"a":[1]}"#, 1, true),
-            // Brackets inside strings do not count, however they are escaped around.
-            (r#"{"s":"[[[{{{"}"#, 1, false),
-            (r#"{"s":"\"[[[","t":"\\"}"#, 1, false),
-            (r#"{"s":"\\","t":[[1]]}"#, 2, true),
-            (r#"{"s":"\\\"[","t":[1]}"#, 2, false),
-            (r#"{"s":"\u005b","t":{"u":{}}}"#, 3, false),
-            (r#"{"s":"\u005b","t":{"u":{}}}"#, 2, true),
-            (r#"{"":"","":[[["x"]]]}"#, 4, false),
-            (r#"{"":"","":[[["x"]]]}"#, 3, true),
-            ("{}", 0, true),
-            ("", 0, false),
-            // Not valid JSON, but must not panic: a string that never ends, a trailing escape.
-            (r#"{"s":"abc"#, 1, false),
-            ("{\"s\":\"ab\\", 1, false),
-        ];
-        for &(json, max, deeper) in cases {
-            assert_eq!(
-                nests_deeper_than(json.as_bytes(), max),
-                deeper,
-                "{json} (max {max})"
-            );
-        }
-    }
     use super::*;
 
     fn inbound(body: &str) -> Inbound {
@@ -816,5 +787,34 @@ mod tests {
         );
         let err = parse(&inbound(&body), 1 << 20).unwrap_err().to_string();
         assert!(err.contains("200 keys"), "{err}");
+    }
+
+    #[test]
+    fn nesting_scan_skips_strings_and_their_escapes() {
+        let cases: &[(&str, usize, bool)] = &[
+            (r#"{"a":[1]}"#, 2, false),
+            (r#"{"a":[1]}"#, 1, true),
+            // Brackets inside strings do not count, however they are escaped around.
+            (r#"{"s":"[[[{{{"}"#, 1, false),
+            (r#"{"s":"\"[[[","t":"\\"}"#, 1, false),
+            (r#"{"s":"\\","t":[[1]]}"#, 2, true),
+            (r#"{"s":"\\\"[","t":[1]}"#, 2, false),
+            (r#"{"s":"\u005b","t":{"u":{}}}"#, 3, false),
+            (r#"{"s":"\u005b","t":{"u":{}}}"#, 2, true),
+            (r#"{"":"","":[[["x"]]]}"#, 4, false),
+            (r#"{"":"","":[[["x"]]]}"#, 3, true),
+            ("{}", 0, true),
+            ("", 0, false),
+            // Not valid JSON, but must not panic: a string that never ends, a trailing escape.
+            (r#"{"s":"abc"#, 1, false),
+            ("{\"s\":\"ab\\", 1, false),
+        ];
+        for &(json, max, deeper) in cases {
+            assert_eq!(
+                nests_deeper_than(json.as_bytes(), max),
+                deeper,
+                "{json} (max {max})"
+            );
+        }
     }
 }
