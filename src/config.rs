@@ -160,6 +160,13 @@ pub struct StoreConfig {
     pub dedup_ttl: Duration,
     /// sled's page cache in bytes; sled's own default (1 GiB) is far too much for a sidecar.
     pub cache_capacity: u64,
+    /// How long the dedup record of a delivered, acked event may stay in memory before a
+    /// background flush makes it durable. Losing one in a crash can cost a second POST of a
+    /// redelivered copy, never an event, so these records share one flush per interval instead
+    /// of holding their messages until a flush of their own; retries and dead letters are
+    /// flushed before their ack whatever this says.
+    #[serde(with = "humantime_serde")]
+    pub dedup_flush_interval: Duration,
     /// Where the dedup record lives: `sled` (this process's store) or `redis` (shared by replicas).
     pub dedup: DedupBackend,
     /// `redis://[:password@]host:6379[/db]`, for `dedup = "redis"`.
@@ -198,6 +205,7 @@ impl Default for StoreConfig {
             path: PathBuf::from("data/courier"),
             dedup_ttl: Duration::from_secs(7 * 24 * 3600),
             cache_capacity: 16 * 1024 * 1024,
+            dedup_flush_interval: Duration::from_millis(10),
             dedup: DedupBackend::Sled,
             redis_url: Secret::new("redis://127.0.0.1:6379"),
             redis_prefix: "courier:dedup:".to_string(),
@@ -701,6 +709,12 @@ impl Config {
                 "must be longer than 0s",
             ));
         }
+        if self.store.dedup_flush_interval > Duration::from_secs(60) {
+            return Err(ConfigError::invalid(
+                "store.dedup_flush_interval",
+                "must be at most 60s (a crash loses the dedup records of up to this long)",
+            ));
+        }
         if self.store.path.as_os_str().is_empty() {
             return Err(ConfigError::invalid("store.path", "must not be empty"));
         }
@@ -1094,6 +1108,7 @@ mod tests {
         assert_eq!(c.service.max_in_flight, 256);
         assert_eq!(c.service.shutdown_timeout, Duration::from_secs(30));
         assert_eq!(c.store.dedup_ttl, Duration::from_secs(7 * 86400));
+        assert_eq!(c.store.dedup_flush_interval, Duration::from_millis(10));
         let r = c.rabbitmq.as_ref().expect("rabbitmq");
         assert_eq!(r.prefetch, 256);
         assert!(r.declare);
@@ -1126,6 +1141,23 @@ mod tests {
         let e = Config::from_toml(&bad_format).unwrap_err().to_string();
         assert!(
             e.starts_with("rabbitmq.format: unknown format \"xml\", expected"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn dedup_flush_interval_is_bounded() {
+        let with = |v: &str| {
+            MINIMAL.replace(
+                "[rabbitmq]",
+                &format!("[store]\ndedup_flush_interval = \"{v}\"\n[rabbitmq]"),
+            )
+        };
+        let c = Config::from_toml(&with("0s")).expect("0s: flush as soon as a record waits");
+        assert_eq!(c.store.dedup_flush_interval, Duration::ZERO);
+        let e = Config::from_toml(&with("61s")).unwrap_err().to_string();
+        assert!(
+            e.starts_with("store.dedup_flush_interval: must be at most 60s"),
             "{e}"
         );
     }

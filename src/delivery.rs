@@ -439,6 +439,11 @@ impl Deliverer {
         self.until_done(|| self.store.commit()).await
     }
 
+    /// [`Store::commit_deferred`] until it works: for dedup records only.
+    pub async fn commit_deferred(&self) {
+        self.until_done(|| self.store.commit_deferred()).await
+    }
+
     /// The shared totals.
     pub fn stats(&self) -> &Stats {
         &self.stats

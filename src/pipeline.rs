@@ -5,11 +5,13 @@
 //! attempted and its outcome written, and only after the store is durable when the store now
 //! owns the event (a retry, a parked event, a dead letter). Until then the broker still owns it.
 //! A message every destination answered 2xx is acked before its dedup records are flushed: the
-//! event has arrived, and the flush follows before the message frees its in-flight slot.
+//! event has arrived, and a background flush makes the records durable within
+//! `store.dedup_flush_interval` (sooner when many wait; see [`crate::store::Store::commit_deferred`]).
 
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures_util::StreamExt as _;
 use tokio::sync::{mpsc, Semaphore};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -64,6 +66,12 @@ impl Pipeline {
     ) {
         let limit = Arc::new(Semaphore::new(max_in_flight));
         let mut tasks = JoinSet::new();
+        let flusher_stop = CancellationToken::new();
+        let flusher = tokio::spawn({
+            let deliverer = self.deliverer.clone();
+            let stop = flusher_stop.clone();
+            async move { deliverer.store().flush_deferred(stop).await }
+        });
         loop {
             while let Some(result) = tasks.try_join_next() {
                 report_panic(result);
@@ -124,6 +132,9 @@ impl Pipeline {
             tasks.abort_all();
             while tasks.join_next().await.is_some() {}
         }
+        // The dedup records of the last deliveries are flushed before this returns.
+        flusher_stop.cancel();
+        let _ = flusher.await;
     }
 
     /// One message, start to ack.
@@ -178,20 +189,26 @@ impl Pipeline {
             let recorded = if let [only] = targets[..] {
                 d.first_attempt(only, &event).await
             } else {
-                futures_util::future::join_all(targets.iter().map(|&i| d.first_attempt(i, &event)))
-                    .await
-                    .into_iter()
-                    .max()
-                    .unwrap_or(Recorded::Nothing)
+                // Polled as each one wakes, not all together: `join_all` polls every attempt of
+                // the event whenever one of them wakes, and most of a fanout's attempts wait
+                // for a slot of their destination.
+                let mut attempts: futures_util::stream::FuturesUnordered<_> = targets
+                    .iter()
+                    .map(|&i| d.first_attempt(i, &event))
+                    .collect();
+                let mut recorded = Recorded::Nothing;
+                while let Some(r) = attempts.next().await {
+                    recorded = recorded.max(r);
+                }
+                recorded
             };
             match recorded {
                 Recorded::Nothing => break,
                 Recorded::Delivered => {
-                    // Every destination has the event: ack now, then make the dedup records
-                    // durable while this message still holds its in-flight slot, so at most
-                    // `max_in_flight` acked messages are ever waiting for their flush.
+                    // Every destination has the event: ack now. Its dedup records become
+                    // durable with the next background flush (`store.dedup_flush_interval`).
                     self.ack(acker).await;
-                    d.commit().await;
+                    d.commit_deferred().await;
                     return;
                 }
                 Recorded::Owned => {

@@ -10,7 +10,7 @@
 //! sled 0.34 is the last stable line and unmaintained upstream; keeping every sled call in this file
 //! is what lets it be swapped.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -299,7 +299,18 @@ pub struct Store {
     written: AtomicU64,
     flushed: AtomicU64,
     flush_lock: tokio::sync::Mutex<()>,
+    /// Deferred commits: wakes [`Store::flush_deferred`], whether it runs, and whether its last
+    /// flush failed (then deferred commits flush themselves, so the failure reaches a caller
+    /// that recovers the store).
+    deferred: tokio::sync::Notify,
+    flusher_running: AtomicBool,
+    deferred_flush_failed: AtomicBool,
 }
+
+/// Writes a deferred commit may leave to the background flush. Past this many, a deferred
+/// commit waits for a flush like [`Store::commit`] does: a disk that stalls then slows the
+/// pipeline down instead of letting unflushed records pile up.
+const MAX_DEFERRED: u64 = 4096;
 
 /// Deletes `snap.*.generating` files: snapshots whose writing failed (a full disk) before sled
 /// could rename them into place. sled 0.34 counts them as snapshots, picks the newest, finds it
@@ -413,6 +424,9 @@ impl Store {
             written: AtomicU64::new(0),
             flushed: AtomicU64::new(0),
             flush_lock: tokio::sync::Mutex::new(()),
+            deferred: tokio::sync::Notify::new(),
+            flusher_running: AtomicBool::new(false),
+            deferred_flush_failed: AtomicBool::new(false),
         }
     }
 
@@ -753,7 +767,62 @@ impl Store {
         let covered = self.written.load(Ordering::SeqCst);
         self.flush_and_sync(&h).await?;
         self.flushed.store(covered, Ordering::SeqCst);
+        self.deferred_flush_failed.store(false, Ordering::SeqCst);
         Ok(())
+    }
+
+    /// A commit for writes whose loss in a crash costs at most a second POST (the dedup records
+    /// of delivered events): returns at once and leaves them to [`Store::flush_deferred`], which
+    /// makes them durable within `store.dedup_flush_interval`. So a burst of deliveries shares
+    /// one flush per interval, and no message holds its in-flight slot while a flush runs. Waits
+    /// for a commit instead when no background flush runs, when its last flush failed, or when
+    /// more than a few thousand writes already wait.
+    pub async fn commit_deferred(&self) -> Result<(), StoreError> {
+        let waiting = self
+            .written
+            .load(Ordering::SeqCst)
+            .saturating_sub(self.flushed.load(Ordering::SeqCst));
+        if waiting == 0 {
+            return Ok(());
+        }
+        if waiting <= MAX_DEFERRED
+            && self.flusher_running.load(Ordering::SeqCst)
+            && !self.deferred_flush_failed.load(Ordering::SeqCst)
+        {
+            self.deferred.notify_one();
+            return Ok(());
+        }
+        self.commit().await
+    }
+
+    /// The background flush behind [`Store::commit_deferred`]: once a deferred write waits, lets
+    /// `store.dedup_flush_interval` go by, so the writes of that interval share it, then commits.
+    /// Until `stop`; then commits what is left and returns.
+    pub async fn flush_deferred(&self, stop: tokio_util::sync::CancellationToken) {
+        self.flusher_running.store(true, Ordering::SeqCst);
+        let interval = self.config.dedup_flush_interval;
+        loop {
+            tokio::select! {
+                _ = self.deferred.notified() => {}
+                _ = stop.cancelled() => break,
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(interval) => {}
+                _ = stop.cancelled() => break,
+            }
+            if let Err(error) = self.commit().await {
+                // The next deferred commit flushes by itself and meets this error, and the
+                // caller's store-failure handling reopens the store.
+                self.deferred_flush_failed.store(true, Ordering::SeqCst);
+                tracing::error!(%error, "background flush of dedup records failed");
+            }
+        }
+        self.flusher_running.store(false, Ordering::SeqCst);
+        if !self.all_durable() {
+            if let Err(error) = self.commit().await {
+                tracing::error!(%error, "last background flush of dedup records failed");
+            }
+        }
     }
 
     /// sled's flush, then an `fdatasync` of its log file (see [`Handles::log`]).
@@ -1085,5 +1154,107 @@ mod tests {
         assert_eq!(store.dead_letters().unwrap()[0].attempts, 3);
         assert!(store.remove_dead_letter(&changed.key).unwrap());
         assert!(store.dead_letters().unwrap().is_empty());
+    }
+}
+
+#[cfg(test)]
+mod deferred_commit_tests {
+    use super::*;
+    use tokio_util::sync::CancellationToken;
+
+    fn store(dir: &std::path::Path, interval: Duration) -> Arc<Store> {
+        Arc::new(
+            Store::open(&StoreConfig {
+                path: dir.to_path_buf(),
+                cache_capacity: 1 << 20,
+                dedup_flush_interval: interval,
+                ..StoreConfig::default()
+            })
+            .expect("open"),
+        )
+    }
+
+    /// Starts [`Store::flush_deferred`] and returns once it runs: until then a deferred
+    /// commit would flush by itself.
+    async fn start_flusher(store: &Arc<Store>) -> (CancellationToken, tokio::task::JoinHandle<()>) {
+        let stop = CancellationToken::new();
+        let flusher = tokio::spawn({
+            let (store, stop) = (store.clone(), stop.clone());
+            async move { store.flush_deferred(stop).await }
+        });
+        while !store.flusher_running.load(Ordering::SeqCst) {
+            tokio::task::yield_now().await;
+        }
+        (stop, flusher)
+    }
+
+    /// Waits up to `limit` for every write to be durable; returns how long that took.
+    async fn durable_within(store: &Store, limit: Duration) -> Option<Duration> {
+        let start = std::time::Instant::now();
+        while start.elapsed() < limit {
+            if store.all_durable() {
+                return Some(start.elapsed());
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        None
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_deferred_commit_returns_at_once_and_the_background_flush_follows() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = store(dir.path(), Duration::from_millis(300));
+        let (stop, flusher) = start_flusher(&store).await;
+        store.record_delivered("d", "e1").expect("record");
+        store.commit_deferred().await.expect("deferred commit");
+        assert!(
+            !store.all_durable(),
+            "the deferred commit flushed by itself"
+        );
+        let took = durable_within(&store, Duration::from_secs(5))
+            .await
+            .expect("the background flush never came");
+        assert!(
+            took >= Duration::from_millis(200),
+            "flushed after {took:?}, before the interval"
+        );
+        stop.cancel();
+        flusher.await.expect("flusher");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn stopping_the_background_flush_flushes_what_waits() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = store(dir.path(), Duration::from_secs(60));
+        let (stop, flusher) = start_flusher(&store).await;
+        store.record_delivered("d", "e1").expect("record");
+        store.commit_deferred().await.expect("deferred commit");
+        assert!(!store.all_durable());
+        stop.cancel();
+        flusher.await.expect("flusher");
+        assert!(store.all_durable(), "records left unflushed at stop");
+        // With no background flush running any more, a deferred commit flushes by itself.
+        store.record_delivered("d", "e2").expect("record");
+        store.commit_deferred().await.expect("deferred commit");
+        assert!(store.all_durable());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn too_many_waiting_writes_make_a_deferred_commit_flush() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = store(dir.path(), Duration::from_secs(60));
+        let (stop, flusher) = start_flusher(&store).await;
+        for i in 0..=MAX_DEFERRED {
+            store
+                .record_delivered("d", &format!("e{i}"))
+                .expect("record");
+        }
+        store.commit_deferred().await.expect("deferred commit");
+        assert!(
+            store.all_durable(),
+            "more than MAX_DEFERRED writes waited, and the deferred commit did not flush"
+        );
+        stop.cancel();
+        flusher.await.expect("flusher");
     }
 }

@@ -301,10 +301,13 @@ async fn kill_9_mid_stream_loses_nothing() {
          {} redelivered and skipped by dedup",
         stats.duplicates.load(Ordering::SeqCst)
     );
-    // Everything whose outcome was committed before the kill and came back was skipped by dedup.
-    // A second 2xx can only come from a POST answered before its commit landed, and at most
-    // max_in_flight (32) deliveries are under way at once.
-    assert!(twice <= 32, "{twice} events POSTed twice");
+    // Everything whose outcome was flushed before the kill and came back was skipped by dedup.
+    // A second 2xx can only come from a POST answered before its dedup record was flushed whose
+    // PUBACK the broker never got: one of the at most max_in_flight (32) POSTs under way, or a
+    // finished one whose PUBACK waited behind one of those (every POST here takes 3 ms, so at
+    // most about max_in_flight more finish while the oldest one is under way) and whose record
+    // was younger than the background flush (`store.dedup_flush_interval`).
+    assert!(twice <= 2 * 32, "{twice} events POSTed twice");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
