@@ -818,10 +818,9 @@ impl Store {
             }
         }
         self.flusher_running.store(false, Ordering::SeqCst);
-        if !self.all_durable() {
-            if let Err(error) = self.commit().await {
-                tracing::error!(%error, "last background flush of dedup records failed");
-            }
+        // Returns at once when nothing waits.
+        if let Err(error) = self.commit().await {
+            tracing::error!(%error, "last background flush of dedup records failed");
         }
     }
 
@@ -1155,23 +1154,16 @@ mod tests {
         assert!(store.remove_dead_letter(&changed.key).unwrap());
         assert!(store.dead_letters().unwrap().is_empty());
     }
-}
 
-#[cfg(test)]
-mod deferred_commit_tests {
-    use super::*;
     use tokio_util::sync::CancellationToken;
 
+    /// A store whose background flush waits `interval`.
     fn store(dir: &std::path::Path, interval: Duration) -> Arc<Store> {
-        Arc::new(
-            Store::open(&StoreConfig {
-                path: dir.to_path_buf(),
-                cache_capacity: 1 << 20,
-                dedup_flush_interval: interval,
-                ..StoreConfig::default()
-            })
-            .expect("open"),
-        )
+        let config = StoreConfig {
+            dedup_flush_interval: interval,
+            ..config(dir, Duration::from_secs(3600))
+        };
+        Arc::new(Store::open(&config).expect("open"))
     }
 
     /// Starts [`Store::flush_deferred`] and returns once it runs: until then a deferred

@@ -667,8 +667,8 @@ async fn main() -> std::process::ExitCode {
     // This process is both the bare client and the receiver here; the fanout case below measures
     // the receiver alone, so the difference is what a bare client spends per request.
     let post = if needs_amqp || needs_mqtt {
-        // Untimed first: the first POSTs of the process (new connections, a cold receiver) ran
-        // at about half the rate of the ones after them, which made L too low.
+        // Untimed first: the first POSTs of the process (new connections, a cold receiver) were
+        // sometimes far slower than later ones, which made L too low.
         raw_post(&format!("{base}/warm-up"), n.min(5_000), size, 64).await;
         let cpu_before = cpu_seconds(pid).unwrap_or(0.0);
         let post = raw_post(&format!("{base}/raw-post"), n, size, 64).await;
