@@ -78,6 +78,11 @@ pub fn check_parse(body: &[u8]) {
         for format in [Format::Envelope, Format::Raw, Format::Auto] {
             let inbound = inbound(format);
             let result = event::parse(&inbound, MAX_PAYLOAD);
+            assert_eq!(
+                result,
+                event::parse_carefully(&inbound, MAX_PAYLOAD),
+                "the one-pass parse and the careful one disagree"
+            );
             // The size limit comes first: over it, the verdict is TooLarge whatever the bytes.
             let small = event::parse(&inbound, SMALL_PAYLOAD);
             if body.len() > SMALL_PAYLOAD {

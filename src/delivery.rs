@@ -200,9 +200,17 @@ impl Deliverer {
             self.park(t, event, retry_at).await;
             return Recorded::Owned;
         }
-        let permit = match tokio::time::timeout(t.max_wait, t.limit.acquire()).await {
-            Ok(Ok(p)) => p,
-            _ => {
+        // A free slot is taken without arming the `max_wait` timer.
+        let permit = match t.limit.try_acquire() {
+            Ok(p) => Ok(p),
+            Err(_) => match tokio::time::timeout(t.max_wait, t.limit.acquire()).await {
+                Ok(Ok(p)) => Ok(p),
+                _ => Err(()),
+            },
+        };
+        let permit = match permit {
+            Ok(p) => p,
+            Err(()) => {
                 if gate == Gate::Probe {
                     t.circuit.release_probe();
                 }

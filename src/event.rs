@@ -171,9 +171,10 @@ impl BadInput {
     }
 }
 
-/// The seed 002 envelope, borrowed from the body so `data` keeps its exact bytes.
+/// Every key courier reads from a body, envelope or raw, borrowed from the body so `data` keeps
+/// its exact bytes. One parse of this is all a well-formed event costs ([`parse`]).
 #[derive(Deserialize)]
-struct Envelope<'a> {
+struct Fields<'a> {
     #[serde(borrow, default)]
     id: Option<&'a RawValue>,
     #[serde(borrow, default)]
@@ -188,11 +189,36 @@ struct Envelope<'a> {
     time: Option<&'a RawValue>,
     #[serde(borrow, default)]
     metadata: Option<&'a RawValue>,
-    #[serde(borrow, default)]
+    /// Present at all, `null` included (`Some("null")`): `{"id":..,"data":null}` is still an
+    /// envelope.
+    #[serde(borrow, default, deserialize_with = "present_raw")]
     data: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    event_id: Option<&'a RawValue>,
+    #[serde(borrow, default, rename = "EventID")]
+    event_id_pascal: Option<&'a RawValue>,
 }
 
-/// Just the keys of a raw object that courier reads, plus what `auto` needs to decide.
+fn present_raw<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<&'de RawValue>, D::Error> {
+    <&RawValue>::deserialize(d).map(Some)
+}
+
+impl<'a> Fields<'a> {
+    fn raw_ids(&self) -> RawIds<'a> {
+        [
+            (self.event_id, "event_id"),
+            (self.event_id_pascal, "EventID"),
+            (self.id, "id"),
+        ]
+    }
+}
+
+/// The id keys of a raw body, in the order they are tried.
+type RawIds<'a> = [(Option<&'a RawValue>, &'static str); 3];
+
+/// Just the keys of a raw object that courier reads, plus what `auto` needs to decide: what the
+/// careful path of [`parse`] reads first, so that a raw body is judged only by these keys (a
+/// duplicate `metadata` key in a raw body is no error).
 #[derive(Deserialize)]
 struct RawKeys<'a> {
     #[serde(borrow, default)]
@@ -229,6 +255,21 @@ fn share_or_copy(whole: &Bytes, part: &str) -> Bytes {
 
 /// Parses a message body according to its source's format.
 pub fn parse(inbound: &Inbound, max_payload_bytes: usize) -> Result<Event, BadInput> {
+    parse_with(inbound, max_payload_bytes, true)
+}
+
+/// What [`parse`] returns, always by its careful path (the whole body checked as JSON, then its
+/// keys, then the envelope: three parses where [`parse`] usually needs one). There so that tests
+/// and the fuzzer can hold the two paths to the same verdict on every input.
+pub fn parse_carefully(inbound: &Inbound, max_payload_bytes: usize) -> Result<Event, BadInput> {
+    parse_with(inbound, max_payload_bytes, false)
+}
+
+fn parse_with(
+    inbound: &Inbound,
+    max_payload_bytes: usize,
+    one_pass: bool,
+) -> Result<Event, BadInput> {
     let bytes = &inbound.body[..];
     if bytes.len() > max_payload_bytes {
         return Err(BadInput::TooLarge {
@@ -242,6 +283,23 @@ pub fn parse(inbound: &Inbound, max_payload_bytes: usize) -> Result<Event, BadIn
     let text = std::str::from_utf8(bytes).map_err(|e| BadInput::NotUtf8 {
         offset: e.valid_up_to(),
     })?;
+    // The usual case, one pass: an object, nested no deeper than allowed, whose keys parse.
+    // Anything else, or any error, takes the careful path below, which finds the exact reason
+    // (and accepts what only `Fields` refuses, such as a raw body with two `metadata` keys).
+    if one_pass && json_kind(text) == "object" && !nests_deeper_than(bytes, MAX_NESTING) {
+        if let Ok(fields) = serde_json::from_str::<Fields>(text) {
+            let envelope = is_envelope(
+                inbound.format,
+                fields.data.is_some(),
+                fields.id.is_some() || fields.topic.is_some() || fields.tenant_id.is_some(),
+            );
+            return if envelope {
+                parse_envelope(inbound, &fields)
+            } else {
+                parse_raw(inbound, text, fields.raw_ids())
+            };
+        }
+    }
     let raw: &RawValue =
         serde_json::from_str(text).map_err(|e| BadInput::NotJson(e.to_string()))?;
     let kind = json_kind(raw.get());
@@ -252,22 +310,38 @@ pub fn parse(inbound: &Inbound, max_payload_bytes: usize) -> Result<Event, BadIn
         return Err(BadInput::TooDeep { max: MAX_NESTING });
     }
     let keys: RawKeys = serde_json::from_str(text).map_err(|e| BadInput::NotJson(e.to_string()))?;
-    let envelope = match inbound.format {
-        Format::Envelope => true,
-        Format::Raw => false,
-        Format::Auto => {
-            keys.data && (keys.id.is_some() || keys.topic.is_some() || keys.tenant_id.is_some())
-        }
-    };
+    let envelope = is_envelope(
+        inbound.format,
+        keys.data,
+        keys.id.is_some() || keys.topic.is_some() || keys.tenant_id.is_some(),
+    );
     if envelope {
-        parse_envelope(inbound, text)
+        let fields: Fields =
+            serde_json::from_str(text).map_err(|e| BadInput::NotJson(e.to_string()))?;
+        parse_envelope(inbound, &fields)
     } else {
-        parse_raw(inbound, text, &keys)
+        parse_raw(
+            inbound,
+            text,
+            [
+                (keys.event_id, "event_id"),
+                (keys.event_id_pascal, "EventID"),
+                (keys.id, "id"),
+            ],
+        )
     }
 }
 
-fn parse_envelope(inbound: &Inbound, text: &str) -> Result<Event, BadInput> {
-    let env: Envelope = serde_json::from_str(text).map_err(|e| BadInput::NotJson(e.to_string()))?;
+/// `auto` reads a body as an envelope when it has `data` and one of `id`, `topic`, `tenant_id`.
+fn is_envelope(format: Format, has_data: bool, has_envelope_key: bool) -> bool {
+    match format {
+        Format::Envelope => true,
+        Format::Raw => false,
+        Format::Auto => has_data && has_envelope_key,
+    }
+}
+
+fn parse_envelope(inbound: &Inbound, env: &Fields) -> Result<Event, BadInput> {
     let topic = match opt_string(env.topic, "topic")? {
         Some(t) => t,
         None => inbound.topic.clone(),
@@ -314,15 +388,11 @@ fn parse_envelope(inbound: &Inbound, text: &str) -> Result<Event, BadInput> {
     })
 }
 
-fn parse_raw(inbound: &Inbound, text: &str, keys: &RawKeys) -> Result<Event, BadInput> {
+fn parse_raw(inbound: &Inbound, text: &str, ids: RawIds) -> Result<Event, BadInput> {
     let topic = inbound.topic.clone();
     check_topic(&topic)?;
     let mut id = None;
-    for (raw, name) in [
-        (keys.event_id, "event_id"),
-        (keys.event_id_pascal, "EventID"),
-        (keys.id, "id"),
-    ] {
+    for (raw, name) in ids {
         if let Some(found) = opt_id(raw, name)? {
             id = Some(found);
             break;
@@ -555,6 +625,49 @@ mod tests {
             headers: vec![("x-from-header".into(), "h".into())],
             received_at: SystemTime::UNIX_EPOCH,
         }
+    }
+
+    #[test]
+    fn one_pass_and_careful_parse_agree() {
+        let deep = format!("{{\"data\":{}1{}}}", "[".repeat(130), "]".repeat(130));
+        let bodies = [
+            r#"{"id":"e1","topic":"a.b","data":{"x":1}}"#,
+            r#"{"id":"e1","data":null}"#,
+            r#"{"data":{"x":1}}"#,
+            r#"{"event_id":"r1","x":1}"#,
+            r#"{"EventID":7,"id":"ignored-after-event-id"}"#,
+            // Two keys only the envelope reads: no error for a raw body, one for an envelope.
+            r#"{"x":1,"metadata":{"a":"1"},"metadata":{"b":"2"}}"#,
+            r#"{"id":"e1","data":{},"metadata":{"a":"1"},"metadata":{"b":"2"}}"#,
+            r#"{"id":"e1","id":"e2","data":{}}"#,
+            r#"{"event_id":"a","event_id":"b"}"#,
+            // An array is no struct here, although serde could read one as a struct.
+            r#"["e1","t",null]"#,
+            r#"  {"id":"e1","data":{}}  "#,
+            r#"{"id":"e1","data":{}} trailing"#,
+            r#"{"id":"e1","data":{"#,
+            r#"{"id":"e\ud800","data":{}}"#,
+            r#"{"id":12,"eligible_for_retry":"yes","data":{}}"#,
+            r#"{"id":"e1","metadata":{"k":"v\r\nX: y"},"data":{}}"#,
+            deep.as_str(),
+        ];
+        for body in bodies {
+            for format in [Format::Envelope, Format::Raw, Format::Auto] {
+                let mut inbound = inbound(body);
+                inbound.format = format;
+                assert_eq!(
+                    parse(&inbound, 1 << 20),
+                    parse_carefully(&inbound, 1 << 20),
+                    "{format:?} {body}"
+                );
+            }
+        }
+        let mut raw = inbound(r#"{"x":1,"metadata":{"a":"1"},"metadata":{"b":"2"}}"#);
+        raw.format = Format::Raw;
+        assert!(
+            parse(&raw, 1 << 20).is_ok(),
+            "a raw body's keys are its own"
+        );
     }
 
     #[test]

@@ -278,6 +278,9 @@ impl Target {
     /// Static headers < event metadata < contract and auth headers.
     fn headers(&self, event: &Event) -> Result<HeaderMap, String> {
         let mut headers = self.static_headers.clone();
+        // Room for the rest up front: the clone has none to spare, and growing it on the way
+        // moved every header once more per request.
+        headers.reserve(event.metadata.len() + 4);
         for (key, value) in &event.metadata {
             let Ok(name) = HeaderName::from_bytes(key.as_bytes()) else {
                 tracing::warn!(event_id = %event.id, key = %key.escape_debug(), "metadata key is not a valid HTTP header name; dropped");
