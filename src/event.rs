@@ -236,6 +236,16 @@ struct RawKeys<'a> {
     data: bool,
 }
 
+impl<'a> RawKeys<'a> {
+    fn raw_ids(&self) -> RawIds<'a> {
+        [
+            (self.event_id, "event_id"),
+            (self.event_id_pascal, "EventID"),
+            (self.id, "id"),
+        ]
+    }
+}
+
 fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<bool, D::Error> {
     serde::de::IgnoredAny::deserialize(d)?;
     Ok(true)
@@ -320,15 +330,7 @@ fn parse_with(
             serde_json::from_str(text).map_err(|e| BadInput::NotJson(e.to_string()))?;
         parse_envelope(inbound, &fields)
     } else {
-        parse_raw(
-            inbound,
-            text,
-            [
-                (keys.event_id, "event_id"),
-                (keys.event_id_pascal, "EventID"),
-                (keys.id, "id"),
-            ],
-        )
+        parse_raw(inbound, text, keys.raw_ids())
     }
 }
 
