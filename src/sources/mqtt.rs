@@ -10,9 +10,10 @@
 //! - the **sequencer** receives "done" marks in any order and sends PUBACKs for the longest done
 //!   prefix ([`AckOrder`]), as MQTT requires (3.1.1, 4.6.0-2).
 //!
-//! The broker keeps at most `max_inflight_messages` (Mosquitto: 20) unacked QoS 1 messages in
-//! flight per client; a PUBACK is sent the moment its prefix completes, so the window refills
-//! without waiting for a batch.
+//! A broker may cap the unacked QoS 1 messages in flight per client (Mosquitto's
+//! `max_inflight_messages`, 20 by default, which 2.0.11 does not hold to for a client that
+//! acknowledges; docs/mqtt.md measures it); a PUBACK is sent the moment its prefix completes,
+//! so such a window refills without waiting for a batch.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
