@@ -804,9 +804,10 @@ async fn main() -> std::process::ExitCode {
     // 2b. courier over MQTT
     let mut mqtt = None;
     if needs_mqtt {
-        // The raw limits right before courier's run. When the RabbitMQ and Python cases ran
-        // first, the POST rate is measured again too: the figure from the start of the run is
-        // a minute or more old by now, and L is meant to describe the machine during this case.
+        // The raw limits right before courier's run. When the RabbitMQ case ran first (amqp,
+        // python or fanout selected), the POST rate is measured again too: the figure from the
+        // start of the run is a minute or more old by now, and L is meant to describe the
+        // machine during this case.
         let post_before = if needs_amqp {
             let p = raw_post(&format!("{base}/raw-post-before"), n, size, 64).await;
             println!("raw HTTP POST again before the MQTT run: {p:.0} requests/s");
@@ -816,7 +817,7 @@ async fn main() -> std::process::ExitCode {
             post
         };
         let drain_before = raw_mqtt_drain(n, size).await;
-        println!("raw MQTT QoS 1 drain (rumqttc, manual acks): {drain_before:.0} events/s");
+        println!("raw MQTT QoS 1 drain (rumqttc, manual acks) before the MQTT run: {drain_before:.0} events/s");
         raw_limits.push(format!("MQTT drain {drain_before:.0}/s"));
         let topic = format!("bench/courier/{pid}/e");
         let probe_topic = format!("bench/courier/{pid}/probe");
