@@ -202,15 +202,15 @@ impl Deliverer {
         }
         // A free slot is taken without arming the `max_wait` timer.
         let permit = match t.limit.try_acquire() {
-            Ok(p) => Ok(p),
-            Err(_) => match tokio::time::timeout(t.max_wait, t.limit.acquire()).await {
-                Ok(Ok(p)) => Ok(p),
-                _ => Err(()),
-            },
+            Ok(p) => Some(p),
+            Err(_) => tokio::time::timeout(t.max_wait, t.limit.acquire())
+                .await
+                .ok()
+                .and_then(Result::ok),
         };
         let permit = match permit {
-            Ok(p) => p,
-            Err(()) => {
+            Some(p) => p,
+            None => {
                 if gate == Gate::Probe {
                     t.circuit.release_probe();
                 }

@@ -203,18 +203,21 @@ fn present_raw<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<&'de Raw
     <&RawValue>::deserialize(d).map(Some)
 }
 
-impl<'a> Fields<'a> {
-    fn raw_ids(&self) -> RawIds<'a> {
-        [
-            (self.event_id, "event_id"),
-            (self.event_id_pascal, "EventID"),
-            (self.id, "id"),
-        ]
-    }
-}
-
 /// The id keys of a raw body, in the order they are tried.
 type RawIds<'a> = [(Option<&'a RawValue>, &'static str); 3];
+
+/// The id keys of a raw body in the order they are tried, whichever struct read them.
+fn raw_ids<'a>(
+    event_id: Option<&'a RawValue>,
+    event_id_pascal: Option<&'a RawValue>,
+    id: Option<&'a RawValue>,
+) -> RawIds<'a> {
+    [
+        (event_id, "event_id"),
+        (event_id_pascal, "EventID"),
+        (id, "id"),
+    ]
+}
 
 /// Just the keys of a raw object that courier reads, plus what `auto` needs to decide: what the
 /// careful path of [`parse`] reads first, so that a raw body is judged only by these keys (a
@@ -234,16 +237,6 @@ struct RawKeys<'a> {
     /// Present at all, `null` included: `{"id":..,"data":null}` is still an envelope.
     #[serde(default, deserialize_with = "present")]
     data: bool,
-}
-
-impl<'a> RawKeys<'a> {
-    fn raw_ids(&self) -> RawIds<'a> {
-        [
-            (self.event_id, "event_id"),
-            (self.event_id_pascal, "EventID"),
-            (self.id, "id"),
-        ]
-    }
 }
 
 fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<bool, D::Error> {
@@ -306,7 +299,11 @@ fn parse_with(
             return if envelope {
                 parse_envelope(inbound, &fields)
             } else {
-                parse_raw(inbound, text, fields.raw_ids())
+                parse_raw(
+                    inbound,
+                    text,
+                    raw_ids(fields.event_id, fields.event_id_pascal, fields.id),
+                )
             };
         }
     }
@@ -330,7 +327,11 @@ fn parse_with(
             serde_json::from_str(text).map_err(|e| BadInput::NotJson(e.to_string()))?;
         parse_envelope(inbound, &fields)
     } else {
-        parse_raw(inbound, text, keys.raw_ids())
+        parse_raw(
+            inbound,
+            text,
+            raw_ids(keys.event_id, keys.event_id_pascal, keys.id),
+        )
     }
 }
 

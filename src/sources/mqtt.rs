@@ -12,8 +12,8 @@
 //!
 //! A broker may cap the unacked QoS 1 messages in flight per client (Mosquitto's
 //! `max_inflight_messages`, 20 by default, which 2.0.11 does not hold to for a client that
-//! acknowledges: docs/mqtt.md and docs/performance.md measure it); a PUBACK is sent the moment its prefix completes,
-//! so such a window refills without waiting for a batch.
+//! acknowledges: docs/mqtt.md and docs/performance.md measure it); a PUBACK is sent the moment
+//! its prefix completes, so such a window refills without waiting for a batch.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
