@@ -8,13 +8,17 @@ use std::fmt::Write as _;
 use std::time::{Duration, SystemTime};
 
 use base64::Engine as _;
-use reqwest::header::{HeaderMap, HeaderName, HeaderValue, CONTENT_TYPE};
+use reqwest::header::{HeaderMap, HeaderName, HeaderValue, CONTENT_LENGTH, CONTENT_TYPE, HOST};
 use reqwest::{Client, Url};
 use serde_json::{Map, Value};
 
 use crate::config::{AuthConfig, Config, DestinationConfig, OrganizationConfig, RESERVED_HEADERS};
 use crate::event::Event;
 
+/// Headers a request gets besides the static and metadata ones: Content-Type, X-Request-Id,
+/// X-Correlation-Id, auth, Host and Content-Length from courier, Accept and User-Agent from
+/// reqwest, and the three Standard Webhooks headers.
+const ADDED_HEADERS: usize = 11;
 /// How many bytes of an error response are kept for the dead-letter reason.
 const ERROR_BODY_SNIPPET: usize = 512;
 /// Response bodies are drained up to this much so the connection can be reused; larger ones are dropped.
@@ -90,6 +94,8 @@ pub struct SenderError(String);
 struct Target {
     name: String,
     url: Url,
+    /// The `Host` header hyper-util would derive from `url` for each request.
+    host: HeaderValue,
     client: Client,
     /// Static headers, lowest precedence.
     static_headers: HeaderMap,
@@ -152,6 +158,11 @@ impl Sender {
         } else {
             event.body.clone()
         };
+        // Set here, where the map still has room, rather than by hyper and hyper-util: reqwest
+        // sends a copy of this map without spare room, and their inserts grew that copy (and
+        // formatted the host and port again) on every request.
+        headers.insert(HOST, target.host.clone());
+        headers.insert(CONTENT_LENGTH, HeaderValue::from(body.len()));
         if let Some(key) = &target.signing_key {
             let now = SystemTime::now()
                 .duration_since(SystemTime::UNIX_EPOCH)
@@ -231,6 +242,7 @@ impl Target {
         // The config was validated, so these conversions only fail on a programming error; report
         // them as errors anyway rather than panic.
         let url = Url::parse(&dest.url).map_err(|e| SenderError(format!("{}: {e}", dest.name)))?;
+        let host = host_header(&url).map_err(|e| SenderError(format!("{}.url: {e}", dest.name)))?;
         let mut static_headers = HeaderMap::new();
         for (name, value) in &dest.headers {
             let name = HeaderName::from_bytes(name.as_bytes())
@@ -261,6 +273,7 @@ impl Target {
         Ok(Target {
             name: dest.name.clone(),
             url,
+            host,
             client,
             static_headers,
             auth,
@@ -280,7 +293,7 @@ impl Target {
         let mut headers = self.static_headers.clone();
         // Room for the rest up front: the clone has none to spare, and growing it on the way
         // moved every header once more per request.
-        headers.reserve(event.metadata.len() + 4);
+        headers.reserve(event.metadata.len() + ADDED_HEADERS);
         for (key, value) in &event.metadata {
             let Ok(name) = HeaderName::from_bytes(key.as_bytes()) else {
                 tracing::warn!(event_id = %event.id, key = %key.escape_debug(), "metadata key is not a valid HTTP header name; dropped");
@@ -308,6 +321,18 @@ impl Target {
         }
         Ok(headers)
     }
+}
+
+/// `host[:port]` as hyper-util sets it: the port only when it is not the scheme's default, which
+/// `Url` already leaves out; IPv6 hosts keep their brackets. Redirects are followed only to the
+/// same origin (see [`redirect_policy`]), so the value holds for a followed 307/308 too.
+fn host_header(url: &Url) -> Result<HeaderValue, String> {
+    let host = url.host_str().ok_or("has no host")?;
+    let value = match url.port() {
+        Some(port) => format!("{host}:{port}"),
+        None => host.to_string(),
+    };
+    HeaderValue::from_str(&value).map_err(|e| format!("host {value:?}: {e}"))
 }
 
 async fn classify(mut response: reqwest::Response) -> Outcome {
@@ -528,6 +553,99 @@ pub fn format_time(t: SystemTime) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// hyper-util's own rule (`get_non_default_port` in its legacy client), on the `Uri` reqwest
+    /// hands it, so the precomputed value is the one hyper-util would have sent.
+    fn host_as_hyper_util_sets_it(url: &Url) -> String {
+        let uri: axum::http::Uri = url.as_str().parse().expect("a Url is a valid Uri");
+        let host = uri.host().expect("authority implies host");
+        let secure = matches!(uri.scheme_str(), Some("https" | "wss"));
+        match (uri.port_u16(), secure) {
+            (Some(443), true) | (Some(80), false) | (None, _) => host.to_string(),
+            (Some(port), _) => format!("{host}:{port}"),
+        }
+    }
+
+    #[test]
+    fn host_header_is_what_hyper_util_would_set() {
+        for url in [
+            "http://127.0.0.1:8080/events",
+            "http://127.0.0.1:80/events",
+            "https://partner.example:443/hook",
+            "https://partner.example:8443/hook",
+            "http://[::1]:9000/x",
+            "https://[2001:db8::1]/x",
+            "http://user:pw@h.example/x?y=1",
+            "https://B\u{fc}cher.example/x",
+            "http://LOCALHOST:81",
+        ] {
+            let url = Url::parse(url).expect("test URL");
+            let ours = host_header(&url).expect("has a host");
+            assert_eq!(
+                ours.to_str().expect("ASCII"),
+                host_as_hyper_util_sets_it(&url),
+                "{url}"
+            );
+        }
+    }
+
+    /// The request head as it arrives on the socket: one Host and one Content-Length, with the
+    /// right values, now that courier sets both itself.
+    #[tokio::test]
+    async fn one_host_and_one_content_length_on_the_wire() {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let server = tokio::spawn(async move {
+            let (mut socket, _) = listener.accept().await.expect("accept");
+            let mut request = Vec::new();
+            let mut buf = [0u8; 4096];
+            // The head, then the 12-byte body it announces.
+            while !request.ends_with(b"{\"a\":\"body\"}") {
+                let n = socket.read(&mut buf).await.expect("read");
+                assert!(
+                    n > 0,
+                    "connection closed early: {:?}",
+                    String::from_utf8_lossy(&request)
+                );
+                request.extend_from_slice(&buf[..n]);
+            }
+            socket
+                .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n")
+                .await
+                .expect("write");
+            String::from_utf8(request).expect("ASCII request")
+        });
+        let config = Config::from_toml(&format!(
+            r#"
+            [rabbitmq]
+            url = "amqp://guest:guest@127.0.0.1:5672/%2f"
+            queue = "q"
+            [[destinations]]
+            name = "a"
+            url = "http://{addr}/in"
+            "#
+        ))
+        .expect("valid config");
+        crate::install_crypto_provider();
+        let sender = Sender::new(&config).expect("sender");
+        let outcome = sender.deliver(0, &event(r#"{"a":"body"}"#)).await;
+        assert_eq!(outcome, Outcome::Delivered { status: 200 });
+        let request = server.await.expect("server task");
+        let values = |name: &str| -> Vec<String> {
+            request
+                .split("\r\n")
+                .filter_map(|line| line.split_once(':'))
+                .filter(|(n, _)| n.eq_ignore_ascii_case(name))
+                .map(|(_, v)| v.trim().to_string())
+                .collect()
+        };
+        assert_eq!(values("host"), [addr.to_string()], "{request}");
+        assert_eq!(values("content-length"), ["12"], "{request}");
+        assert!(values("transfer-encoding").is_empty(), "{request}");
+    }
 
     #[test]
     fn type_and_trigger_from_topic() {
