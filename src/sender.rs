@@ -16,8 +16,8 @@ use crate::config::{AuthConfig, Config, DestinationConfig, OrganizationConfig, R
 use crate::event::Event;
 
 /// Headers a request gets besides the static and metadata ones: Content-Type, X-Request-Id,
-/// X-Correlation-Id, auth, Host and Content-Length from courier, Accept and User-Agent from
-/// reqwest, and the three Standard Webhooks headers.
+/// X-Correlation-Id, auth, Content-Length and (for `http` URLs) Host from courier, Accept and
+/// User-Agent from reqwest, and the three Standard Webhooks headers.
 const ADDED_HEADERS: usize = 11;
 /// How many bytes of an error response are kept for the dead-letter reason.
 const ERROR_BODY_SNIPPET: usize = 512;
@@ -94,8 +94,9 @@ pub struct SenderError(String);
 struct Target {
     name: String,
     url: Url,
-    /// The `Host` header hyper-util would derive from `url` for each request.
-    host: HeaderValue,
+    /// The `Host` header hyper-util would derive from `url` for each HTTP/1 request; `None` for
+    /// `https` URLs, which may be answered over HTTP/2, where hyper-util sets no `Host`.
+    host: Option<HeaderValue>,
     client: Client,
     /// Static headers, lowest precedence.
     static_headers: HeaderMap,
@@ -161,7 +162,9 @@ impl Sender {
         // Set here, where the map still has room, rather than by hyper and hyper-util: reqwest
         // sends a copy of this map without spare room, and their inserts grew that copy (and
         // formatted the host and port again) on every request.
-        headers.insert(HOST, target.host.clone());
+        if let Some(host) = &target.host {
+            headers.insert(HOST, host.clone());
+        }
         headers.insert(CONTENT_LENGTH, HeaderValue::from(body.len()));
         if let Some(key) = &target.signing_key {
             let now = SystemTime::now()
@@ -242,7 +245,13 @@ impl Target {
         // The config was validated, so these conversions only fail on a programming error; report
         // them as errors anyway rather than panic.
         let url = Url::parse(&dest.url).map_err(|e| SenderError(format!("{}: {e}", dest.name)))?;
-        let host = host_header(&url).map_err(|e| SenderError(format!("{}.url: {e}", dest.name)))?;
+        // Plain http is always HTTP/1.1 here (reqwest negotiates HTTP/2 only through TLS).
+        let host = match url.scheme() {
+            "http" => Some(
+                host_header(&url).map_err(|e| SenderError(format!("{}.url: {e}", dest.name)))?,
+            ),
+            _ => None,
+        };
         let mut static_headers = HeaderMap::new();
         for (name, value) in &dest.headers {
             let name = HeaderName::from_bytes(name.as_bytes())
