@@ -95,7 +95,8 @@ struct Target {
     name: String,
     url: Url,
     /// The `Host` header hyper-util would derive from `url` for each HTTP/1 request; `None` for
-    /// `https` URLs, which may be answered over HTTP/2, where hyper-util sets no `Host`.
+    /// `https` URLs, which may be answered over HTTP/2, where hyper-util sets no `Host`. A followed
+    /// 307/308 reuses the request's headers, and goes to the same origin only.
     host: Option<HeaderValue>,
     client: Client,
     /// Static headers, lowest precedence.
@@ -245,7 +246,9 @@ impl Target {
         // The config was validated, so these conversions only fail on a programming error; report
         // them as errors anyway rather than panic.
         let url = Url::parse(&dest.url).map_err(|e| SenderError(format!("{}: {e}", dest.name)))?;
-        // Plain http is always HTTP/1.1 here (reqwest negotiates HTTP/2 only through TLS).
+        // Plain http goes out over HTTP/1.1 (reqwest negotiates HTTP/2 only through TLS). The
+        // exception, an `https` proxy from the environment that picks HTTP/2, then carries this
+        // Host beside an equal `:authority`, which RFC 9113 section 8.3.1 allows.
         let host = match url.scheme() {
             "http" => Some(
                 host_header(&url).map_err(|e| SenderError(format!("{}.url: {e}", dest.name)))?,
