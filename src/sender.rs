@@ -94,9 +94,8 @@ pub struct SenderError(String);
 struct Target {
     name: String,
     url: Url,
-    /// The `Host` header hyper-util would derive from `url` for each HTTP/1 request; `None` for
-    /// `https` URLs, which may be answered over HTTP/2, where hyper-util sets no `Host`. A followed
-    /// 307/308 reuses the request's headers, and goes to the same origin only.
+    /// The `Host` header hyper-util would derive from `url` ([`host_header`]); `None` for `https`
+    /// URLs, whose requests may go out over HTTP/2 (see [`Target::new`]).
     host: Option<HeaderValue>,
     client: Client,
     /// Static headers, lowest precedence.
@@ -246,9 +245,10 @@ impl Target {
         // The config was validated, so these conversions only fail on a programming error; report
         // them as errors anyway rather than panic.
         let url = Url::parse(&dest.url).map_err(|e| SenderError(format!("{}: {e}", dest.name)))?;
-        // Plain http goes out over HTTP/1.1 (reqwest negotiates HTTP/2 only through TLS). The
-        // exception, an `https` proxy from the environment that picks HTTP/2, then carries this
-        // Host beside an equal `:authority`, which RFC 9113 section 8.3.1 allows.
+        // Only for plain http, which goes out over HTTP/1.1 (reqwest negotiates HTTP/2 only
+        // through TLS, and over HTTP/2 hyper-util sets no Host). The exception, an `https` proxy
+        // from the environment that picks HTTP/2, carries this Host beside an equal
+        // `:authority`, which RFC 9113 section 8.3.1 allows.
         let host = match url.scheme() {
             "http" => Some(
                 host_header(&url).map_err(|e| SenderError(format!("{}.url: {e}", dest.name)))?,
