@@ -14,7 +14,6 @@ use std::time::{Duration, Instant};
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions};
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Connection, ConnectionProperties};
-use tokio_util::sync::CancellationToken;
 
 const AMQP: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 
@@ -150,11 +149,11 @@ timeout = "60s"
     }
     let publisher = tokio::spawn(keep_filled(queue.clone(), stop_pub.clone(), 20_000));
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let token = CancellationToken::new();
+    let shutdown = courier::Shutdown::new();
     let stats = Arc::new(courier::Stats::default());
     let worker = tokio::spawn(courier::run_with_stats(
         config,
-        token.clone(),
+        shutdown.clone(),
         stats.clone(),
     ));
     tokio::time::sleep(Duration::from_secs(3)).await;
@@ -164,7 +163,7 @@ timeout = "60s"
     let delivered = good_count.load(Ordering::Relaxed) - start_count;
     let rate = delivered as f64 / start.elapsed().as_secs_f64();
     let parked = stats.parked.load(Ordering::Relaxed);
-    token.cancel();
+    shutdown.request();
     let _ = worker.await;
     stop_pub.store(true, Ordering::Relaxed);
     let _ = publisher.await;

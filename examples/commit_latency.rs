@@ -21,9 +21,10 @@ async fn main() {
     for i in 0..200 {
         store
             .record_delivered("d", &format!("e{i}"))
+            .await
             .expect("write");
         let t = Instant::now();
-        store.commit().await.expect("commit");
+        store.try_commit().await.expect("commit");
         samples.push(t.elapsed());
     }
     samples.sort();

@@ -12,7 +12,8 @@ use courier::config::{DestinationConfig, Format};
 use courier::event::{
     self, BadInput, Event, Inbound, SourceKind, MAX_ID_BYTES, MAX_METADATA_KEYS, MAX_NESTING,
 };
-use courier::router::{check_pattern, Router};
+use courier::router::Router;
+use courier::topic::TopicPattern;
 use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 
@@ -413,12 +414,12 @@ const MAX_PATTERNS: usize = 8;
 
 /// Input, as text (lossy UTF-8): the first line is the topic; each further line is a pattern
 /// of the current destination, and an empty line starts the next destination. Patterns that
-/// `check_pattern` refuses are skipped, as the configuration would refuse them.
+/// `TopicPattern::parse` refuses are skipped, as the configuration would refuse them.
 pub fn check_route(input: &[u8]) {
     let text = String::from_utf8_lossy(input);
     let mut lines = text.split('\n');
     let topic = lines.next().unwrap_or("");
-    let mut destinations: Vec<Vec<String>> = vec![Vec::new()];
+    let mut destinations: Vec<Vec<TopicPattern>> = vec![Vec::new()];
     for line in lines {
         if line.is_empty() {
             if destinations.len() < MAX_DESTINATIONS {
@@ -427,8 +428,10 @@ pub fn check_route(input: &[u8]) {
             continue;
         }
         let current = destinations.last_mut().expect("one at least");
-        if check_pattern(line).is_ok() && current.len() < MAX_PATTERNS {
-            current.push(line.to_string());
+        if let Ok(pattern) = TopicPattern::parse(line) {
+            if current.len() < MAX_PATTERNS {
+                current.push(pattern);
+            }
         }
     }
     let configs: Vec<DestinationConfig> = destinations
@@ -441,15 +444,20 @@ pub fn check_route(input: &[u8]) {
             d
         })
         .collect();
-    let router = Router::new(&configs);
-    let got = router.match_topic(topic);
-    let want: Vec<usize> = destinations
+    let router = Router::new(configs);
+    let got: Vec<&str> = router
+        .match_topic(topic)
+        .into_iter()
+        .map(|d| d.name.as_str())
+        .collect();
+    let names: Vec<String> = (0..destinations.len()).map(|i| format!("d{i}")).collect();
+    let want: Vec<&str> = destinations
         .iter()
-        .enumerate()
-        .filter(|(_, patterns)| {
-            topic.is_empty() || patterns.iter().any(|p| reference_match(p, topic))
+        .zip(&names)
+        .filter(|(patterns, _)| {
+            topic.is_empty() || patterns.iter().any(|p| reference_match(p.as_str(), topic))
         })
-        .map(|(i, _)| i)
+        .map(|(_, name)| name.as_str())
         .collect();
     assert_eq!(
         got, want,

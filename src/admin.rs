@@ -10,24 +10,24 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Json;
-use tokio_util::sync::CancellationToken;
 
 use crate::deadletters::{self, Filter};
 use crate::delivery::Deliverer;
-use crate::router::Router;
+use crate::destination::Destinations;
+use crate::shutdown::Shutdown;
 
 #[derive(Clone)]
 struct AdminState {
     deliverer: Arc<Deliverer>,
-    router: Arc<Router>,
+    destinations: Arc<Destinations>,
 }
 
-/// Binds `listen` now (so a taken port fails start-up) and serves until `stop`.
+/// Binds `listen` now (so a taken port fails start-up) and serves until the stop is requested.
 pub async fn start(
     listen: &str,
     deliverer: Arc<Deliverer>,
-    router: Arc<Router>,
-    stop: CancellationToken,
+    destinations: Arc<Destinations>,
+    shutdown: Shutdown,
 ) -> std::io::Result<tokio::task::JoinHandle<()>> {
     let listener = tokio::net::TcpListener::bind(listen).await?;
     tracing::info!(address = %listener.local_addr()?, "admin port listening");
@@ -38,10 +38,13 @@ pub async fn start(
         .route("/dead-letters", get(list))
         .route("/dead-letters/replay", post(replay))
         .route("/dead-letters/purge", post(purge))
-        .with_state(AdminState { deliverer, router });
+        .with_state(AdminState {
+            deliverer,
+            destinations,
+        });
     Ok(tokio::spawn(async move {
         let served = axum::serve(listener, app)
-            .with_graceful_shutdown(async move { stop.cancelled().await })
+            .with_graceful_shutdown(async move { shutdown.requested().await })
             .await;
         if let Err(error) = served {
             tracing::error!(%error, "admin port stopped");
@@ -51,9 +54,7 @@ pub async fn start(
 
 async fn ready(State(s): State<AdminState>) -> Response {
     let mut reasons = s.deliverer.stats().not_ready_reasons();
-    if let Some(why) = s.deliverer.store().closed_reason() {
-        reasons.push(format!("store: closed: {why}"));
-    }
+    reasons.extend(s.deliverer.store().not_ready_reasons());
     if reasons.is_empty() {
         Json(serde_json::json!({ "status": "ready" })).into_response()
     } else {
@@ -82,8 +83,10 @@ async fn metrics(State(s): State<AdminState>) -> Response {
     registry.register("dead_letters", "Dead letters kept in the store", dead);
     let open: Gauge = Gauge::default();
     open.set(
-        (0..s.router.len())
-            .filter(|&i| s.deliverer.circuit_open(i))
+        s.destinations
+            .current()
+            .iter()
+            .filter(|d| d.circuit().is_open())
             .count() as i64,
     );
     registry.register("circuits_open", "Destinations whose circuit is open", open);
@@ -113,7 +116,7 @@ async fn list(State(s): State<AdminState>, Query(filter): Query<Filter>) -> Resp
 }
 
 async fn replay(State(s): State<AdminState>, Query(filter): Query<Filter>) -> Response {
-    match deadletters::replay(&s.deliverer, &s.router, &filter).await {
+    match deadletters::replay(&s.deliverer, &s.destinations.current(), &filter).await {
         Ok(results) => Json(results).into_response(),
         Err(e) => store_error(e),
     }

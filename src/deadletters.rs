@@ -1,12 +1,11 @@
 //! The dead-letter operations behind `courier dead-letters` and the admin port: list, replay
-//! (a new attempt now, through the sender and the dedup store), purge.
+//! (a new attempt now, through the same attempt path as every delivery), purge.
 
 use serde::Serialize;
 
-use crate::delivery::Deliverer;
-use crate::router::Router;
-use crate::sender::Outcome;
-use crate::store::{millis, DeadLetter, DeadLetterKind, StoreError};
+use crate::delivery::{Deliverer, Origin, Settled};
+use crate::destination::DestinationSet;
+use crate::store::{DeadLetter, DeadLetterKind, StoreError};
 
 /// Which dead letters a command applies to; empty matches all.
 #[derive(Debug, Clone, Default, serde::Deserialize, Serialize)]
@@ -65,19 +64,19 @@ pub async fn purge(deliverer: &Deliverer, filter: &Filter) -> Result<usize, Stor
             removed += 1;
         }
     }
-    deliverer.store().commit().await?;
+    deliverer.store().try_commit().await?;
     Ok(removed)
 }
 
 /// Attempts every matching letter once, now. A delivered letter leaves the dead-letter tree (and
-/// enters the dedup tree); a failed one stays, with its attempts, status and reason updated.
+/// enters the dedup record); a failed one stays, with its attempts, status and reason updated.
 pub async fn replay(
     deliverer: &Deliverer,
-    router: &Router,
+    destinations: &DestinationSet,
     filter: &Filter,
 ) -> Result<Vec<ReplayResult>, StoreError> {
     let mut results = Vec::new();
-    for mut letter in list(deliverer, filter)? {
+    for letter in list(deliverer, filter)? {
         let mut result = ReplayResult {
             key: letter.key.clone(),
             event_id: letter.event_id.clone(),
@@ -95,8 +94,8 @@ pub async fn replay(
             continue;
         };
         let event = stored.to_event();
-        let index = match letter.kind {
-            DeadLetterKind::Unroutable => match router.route(&event) {
+        let dest = match letter.kind {
+            DeadLetterKind::Unroutable => match destinations.route(&event) {
                 Ok(targets) if targets.len() == 1 => Some(targets[0]),
                 Ok(_) => None,
                 Err(why) => {
@@ -108,9 +107,9 @@ pub async fn replay(
             _ => letter
                 .destination
                 .as_deref()
-                .and_then(|d| deliverer.index_of(d)),
+                .and_then(|d| destinations.get(d)),
         };
-        let Some(index) = index else {
+        let Some(dest) = dest else {
             result.detail = format!(
                 "cannot replay: destination {:?} is not configured",
                 letter
@@ -122,34 +121,25 @@ pub async fn replay(
             results.push(result);
             continue;
         };
-        let name = router.name(index).to_string();
-        result.destination = Some(name.clone());
-        if deliverer.dedup().is_delivered(&name, &event.id).await? {
-            deliverer.store().remove_dead_letter(&letter.key)?;
-            result.outcome = "delivered".into();
-            result.detail = "already delivered earlier; letter removed".into();
-            results.push(result);
-            continue;
-        }
-        match deliverer.sender().deliver(index, &event).await {
-            Outcome::Delivered { status } => {
-                deliverer.dedup().record(&name, &event.id).await?;
-                deliverer.store().remove_dead_letter(&letter.key)?;
-                result.outcome = "delivered".into();
-                result.detail = format!("HTTP {status}");
-            }
-            Outcome::Failed { status, reason, .. } => {
-                letter.attempts += 1;
-                letter.last_status = status;
-                letter.reason = format!("replay failed: {reason}");
-                letter.at_ms = millis(std::time::SystemTime::now());
-                deliverer.store().update_dead_letter(&letter)?;
-                result.outcome = "failed".into();
-                result.detail = reason;
-            }
-        }
+        result.destination = Some(dest.id().to_string());
+        let (outcome, detail) = match deliverer
+            .attempt(dest, &event, Origin::Replay(&letter))
+            .await
+        {
+            Settled::Delivered { status } => ("delivered", format!("HTTP {status}")),
+            Settled::Duplicate => (
+                "delivered",
+                "already delivered earlier; letter removed".into(),
+            ),
+            Settled::StillDead { reason, .. } => ("failed", reason),
+            // A replay waits for a slot and goes through the circuit, and its failures keep
+            // the letter: it ends in one of the three above.
+            other => ("failed", format!("{other:?}")),
+        };
+        result.outcome = outcome.into();
+        result.detail = detail;
         results.push(result);
     }
-    deliverer.store().commit().await?;
+    deliverer.store().try_commit().await?;
     Ok(results)
 }

@@ -15,6 +15,7 @@ use serde_json::value::RawValue;
 use sha2::{Digest, Sha256};
 
 use crate::config::Format;
+use crate::topic;
 
 /// Event ids longer than this are refused: they become header values and store keys.
 pub const MAX_ID_BYTES: usize = 512;
@@ -102,8 +103,8 @@ pub const MAX_NESTING: usize = 127;
 
 /// Whether `json` (valid JSON) opens more than `max` arrays or objects inside each other. A flat
 /// byte scan, no recursion. Strings are skipped with `memchr` to the next quote or backslash,
-/// since most of a typical event's bytes are string contents: a byte-at-a-time loop there was
-/// about 6 % of courier's instructions per MQTT event (callgrind, docs/performance.md).
+/// since most of a typical event's bytes are string contents, where a byte-at-a-time loop costs
+/// the most (docs/performance.md).
 fn nests_deeper_than(json: &[u8], max: usize) -> bool {
     let mut depth = 0usize;
     let mut i = 0;
@@ -585,21 +586,9 @@ fn check_id(id: &str, field: &str) -> Result<(), BadInput> {
     Ok(())
 }
 
-/// Wildcards are for patterns; a topic that contains one would match patterns it was never meant to.
+/// A topic must be concrete: see [`topic::check_concrete`].
 fn check_topic(topic: &str) -> Result<(), BadInput> {
-    if topic
-        .split(['.', '/'])
-        .any(|s| s == "#" || s == "+" || s == "*")
-    {
-        return Err(BadInput::field(
-            "topic",
-            format!("{topic:?} contains a wildcard segment (#, + or *); a topic must be concrete"),
-        ));
-    }
-    if topic.contains('\0') {
-        return Err(BadInput::field("topic", "contains a NUL character"));
-    }
-    Ok(())
+    topic::check_concrete(topic).map_err(|problem| BadInput::field("topic", problem))
 }
 
 /// The JSON type of a (valid) JSON text, for error messages.

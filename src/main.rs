@@ -6,9 +6,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
-use tokio_util::sync::CancellationToken;
 
-use courier::{Config, Error};
+use courier::{Config, Error, Shutdown};
 
 #[derive(Parser)]
 #[command(
@@ -93,10 +92,9 @@ enum DeadLetterAction {
     },
 }
 
-/// jemalloc instead of glibc's malloc. Each HTTP request makes three allocations larger than the
+/// jemalloc instead of glibc's malloc: each HTTP request makes three allocations larger than the
 /// 1,032 bytes glibc's per-thread cache holds (hyper's 8 KiB read buffer, two reqwest futures),
-/// so each took glibc's locked arena path; with jemalloc courier used less CPU per event in 16 of
-/// 18 paired runs (docs/performance.md).
+/// and glibc serves those from its locked arena (docs/performance.md).
 #[cfg(all(unix, not(target_env = "musl")))]
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
@@ -182,14 +180,14 @@ fn load_with_runtime(
 }
 
 async fn run(config: Config) -> Result<(), Error> {
-    let shutdown = CancellationToken::new();
+    let shutdown = Shutdown::new();
     let signal = shutdown.clone();
     tokio::spawn(async move {
         wait_for_signal().await;
         tracing::info!(
             "shutdown requested: finishing in-flight deliveries (signal again to exit now)"
         );
-        signal.cancel();
+        signal.request();
         wait_for_signal().await;
         tracing::warn!("second signal: exiting now; unacked messages will be redelivered");
         std::process::exit(130);
@@ -273,9 +271,11 @@ async fn dead_letters(config: Config, action: DeadLetterAction) -> Result<ExitCo
                 id: id.clone(),
             };
             let results: Vec<ReplayResult> = match &local {
-                Some((deliverer, router)) => deadletters::replay(deliverer, router, &filter)
-                    .await
-                    .map_err(|e| e.to_string())?,
+                Some((deliverer, destinations)) => {
+                    deadletters::replay(deliverer, &destinations.current(), &filter)
+                        .await
+                        .map_err(|e| e.to_string())?
+                }
                 None => {
                     ask_worker(client.post(admin("/dead-letters/replay")?).query(&filter)).await?
                 }

@@ -12,22 +12,22 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::StreamExt as _;
+use prometheus_client::metrics::counter::Counter;
 use tokio::sync::{mpsc, Semaphore};
 use tokio::task::JoinSet;
-use tokio_util::sync::CancellationToken;
 use tracing::Instrument as _;
 
-use crate::delivery::{Deliverer, Recorded};
+use crate::delivery::{Deliverer, Origin, Recorded};
+use crate::destination::Destinations;
 use crate::event::{self, SourceKind};
-use crate::router::Router;
+use crate::shutdown::Shutdown;
 use crate::sources::{Acker, Delivery};
 use crate::stats::Stats;
 use crate::store::{DeadLetter, DeadLetterKind};
-use prometheus_client::metrics::counter::Counter;
 
 /// Everything a message needs on its way from source to ack.
 pub struct Pipeline {
-    router: Arc<Router>,
+    destinations: Arc<Destinations>,
     deliverer: Arc<Deliverer>,
     max_payload_bytes: usize,
     stats: Arc<Stats>,
@@ -38,7 +38,7 @@ pub struct Pipeline {
 impl Pipeline {
     /// Wires the parts; `stats` is shared with whoever wants to read the totals.
     pub fn new(
-        router: Arc<Router>,
+        destinations: Arc<Destinations>,
         deliverer: Arc<Deliverer>,
         max_payload_bytes: usize,
         stats: Arc<Stats>,
@@ -46,7 +46,7 @@ impl Pipeline {
         let received_by_source = [SourceKind::Rabbitmq, SourceKind::Mqtt, SourceKind::Replay]
             .map(|k| stats.received_counter(k.as_str()));
         Pipeline {
-            router,
+            destinations,
             deliverer,
             max_payload_bytes,
             stats,
@@ -54,31 +54,25 @@ impl Pipeline {
         }
     }
 
-    /// Takes deliveries from `rx` until `stop`, at most `max_in_flight` at once. After `stop`, waits
-    /// up to `shutdown_timeout` for the deliveries under way; what is still unfinished then is
-    /// abandoned unacked, so the broker redelivers it.
+    /// Takes deliveries from `rx` until the stop is requested, at most `max_in_flight` at once.
+    /// Then waits up to `shutdown_timeout` for the deliveries under way; what is still unfinished
+    /// then is abandoned unacked, so the broker redelivers it.
     pub async fn run(
         self: Arc<Self>,
         mut rx: mpsc::Receiver<Delivery>,
-        stop: CancellationToken,
+        shutdown: Shutdown,
         max_in_flight: usize,
         shutdown_timeout: Duration,
     ) {
         let limit = Arc::new(Semaphore::new(max_in_flight));
         let mut tasks = JoinSet::new();
-        let flusher_stop = CancellationToken::new();
-        let flusher = tokio::spawn({
-            let deliverer = self.deliverer.clone();
-            let stop = flusher_stop.clone();
-            async move { deliverer.store().flush_deferred(stop).await }
-        });
         loop {
             while let Some(result) = tasks.try_join_next() {
                 report_panic(result);
             }
             let permit = tokio::select! {
                 biased;
-                _ = stop.cancelled() => break,
+                _ = shutdown.requested() => break,
                 permit = limit.clone().acquire_owned() => match permit {
                     Ok(p) => p,
                     Err(_) => break,
@@ -86,7 +80,7 @@ impl Pipeline {
             };
             let delivery = tokio::select! {
                 biased;
-                _ = stop.cancelled() => break,
+                _ = shutdown.requested() => break,
                 delivery = rx.recv() => match delivery {
                     Some(d) => d,
                     None => break,
@@ -132,9 +126,6 @@ impl Pipeline {
             tasks.abort_all();
             while tasks.join_next().await.is_some() {}
         }
-        // The dedup records of the last deliveries are flushed before this returns.
-        flusher_stop.cancel();
-        let _ = flusher.await;
     }
 
     /// One message, start to ack.
@@ -161,7 +152,9 @@ impl Pipeline {
         let span = tracing::Span::current();
         span.record("event_id", event.id.as_str());
         span.record("topic", event.topic.as_str());
-        let targets = match self.router.route(&event) {
+        // The set in force now, kept to the end: a reload never changes an event's destinations.
+        let destinations = self.destinations.current();
+        let targets = match destinations.route(&event) {
             Ok(targets) => targets,
             Err(why) => {
                 tracing::warn!(reason = %why, "unroutable event: dead-lettered and acked");
@@ -184,21 +177,22 @@ impl Pipeline {
             return;
         }
         let d = &self.deliverer;
+        let store = d.store();
         loop {
-            let generation = d.store().generation();
+            let epoch = store.epoch();
             let recorded = if let [only] = targets[..] {
-                d.first_attempt(only, &event).await
+                d.attempt(only, &event, Origin::Message).await.recorded()
             } else {
                 // Polled as each one wakes, not all together: `join_all` polls every attempt of
                 // the event whenever one of them wakes, and most of a fanout's attempts wait
                 // for a slot of their destination.
                 let mut attempts: futures_util::stream::FuturesUnordered<_> = targets
                     .iter()
-                    .map(|&i| d.first_attempt(i, &event))
+                    .map(|dest| d.attempt(dest, &event, Origin::Message))
                     .collect();
                 let mut recorded = Recorded::Nothing;
-                while let Some(r) = attempts.next().await {
-                    recorded = recorded.max(r);
+                while let Some(settled) = attempts.next().await {
+                    recorded = recorded.max(settled.recorded());
                 }
                 recorded
             };
@@ -208,12 +202,12 @@ impl Pipeline {
                     // Every destination has the event: ack now. Its dedup records become
                     // durable with the next background flush (`store.dedup_flush_interval`).
                     self.ack(acker).await;
-                    d.commit_deferred().await;
+                    store.commit_deferred().await;
                     return;
                 }
                 Recorded::Owned => {
-                    d.commit().await;
-                    if !self.store_reopened_since(generation) {
+                    store.commit().await;
+                    if !self.store_reopened_since(epoch) {
                         break;
                     }
                 }
@@ -224,23 +218,23 @@ impl Pipeline {
 
     async fn dead_letter_and_ack(&self, letter: DeadLetter, acker: Acker) {
         Stats::inc(&self.stats.dead_lettered);
-        let d = &self.deliverer;
+        let store = self.deliverer.store();
         loop {
-            let generation = d.store().generation();
-            d.until_stored(|| d.store().dead_letter(&letter)).await;
-            d.commit().await;
-            if !self.store_reopened_since(generation) {
+            let epoch = store.epoch();
+            store.until_stored(|| store.dead_letter(&letter)).await;
+            store.commit().await;
+            if !self.store_reopened_since(epoch) {
                 break;
             }
         }
         self.ack(acker).await;
     }
 
-    /// Whether the store was reopened after `generation`: writes made for this message before
-    /// the reopen may never have reached the disk, so the message is handled again before its
-    /// ack (dedup skips the destinations whose delivery the new store does know about).
-    fn store_reopened_since(&self, generation: u64) -> bool {
-        let reopened = self.deliverer.store().generation() != generation;
+    /// Whether the store was reopened after `epoch`: writes made for this message before the
+    /// reopen may never have reached the disk, so the message is handled again before its ack
+    /// (dedup skips the destinations whose delivery the new store does know about).
+    fn store_reopened_since(&self, epoch: crate::store::Epoch) -> bool {
+        let reopened = self.deliverer.store().reopened_since(epoch);
         if reopened {
             tracing::warn!("the store was reopened while this message was handled: handling it again so no write is lost");
         }

@@ -11,9 +11,10 @@ use std::time::{Duration, SystemTime};
 
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
-use tokio_util::sync::CancellationToken;
 
-use crate::delivery::Deliverer;
+use crate::delivery::{Deliverer, Origin};
+use crate::destination::{DestinationId, Destinations};
+use crate::shutdown::Shutdown;
 use crate::stats::Stats;
 use crate::store::{millis, DeadLetter, DeadLetterKind, RetryRecord};
 
@@ -22,32 +23,34 @@ const POLL: Duration = Duration::from_millis(250);
 /// Due entries read per destination per look.
 const BATCH: usize = 256;
 
-type Taken = Arc<Mutex<HashSet<(usize, String)>>>;
+/// The (destination, event id) pairs with an attempt under way, so a pass does not take them again.
+type Taken = Arc<Mutex<HashSet<(DestinationId, String)>>>;
 
-/// Runs until `stop`, at most `max_in_flight` retries at once (each also within its destination's
-/// `max_concurrency`). At `stop` it starts nothing new and gives running attempts `grace` to end.
+/// Runs until the stop is requested, at most `max_in_flight` retries at once (each also within
+/// its destination's `max_concurrency`). Then it starts nothing new and gives running attempts
+/// `grace` to end.
 pub async fn run(
     deliverer: Arc<Deliverer>,
-    stats: Arc<Stats>,
+    destinations: Arc<Destinations>,
     max_in_flight: usize,
-    stop: CancellationToken,
+    shutdown: Shutdown,
     grace: Duration,
 ) {
-    dead_letter_orphans(&deliverer, &stats).await;
-    let names: Vec<String> = deliverer.names().map(str::to_string).collect();
+    dead_letter_orphans(&deliverer, &destinations).await;
     let taken: Taken = Arc::default();
     let limit = Arc::new(Semaphore::new(max_in_flight.max(1)));
     let mut tasks = JoinSet::new();
-    'outer: while !stop.is_cancelled() {
+    'outer: while !shutdown.is_requested() {
         while tasks.try_join_next().is_some() {}
         let now = millis(SystemTime::now());
         let mut started = 0usize;
         let mut wait = POLL;
-        for (index, name) in names.iter().enumerate() {
-            if deliverer.blocked(index) {
+        for dest in destinations.current().iter() {
+            let name = dest.id().as_str();
+            if dest.circuit().blocked() {
                 continue;
             }
-            let batch = if deliverer.probe_ready(index) {
+            let batch = if dest.circuit().probe_ready() {
                 1
             } else {
                 BATCH
@@ -55,7 +58,7 @@ pub async fn run(
             let due = {
                 let taken = taken.lock().unwrap_or_else(|p| p.into_inner());
                 deliverer.store().due_retries(name, now, batch, |id| {
-                    taken.contains(&(index, id.to_string()))
+                    taken.contains(&(dest.id().clone(), id.to_string()))
                 })
             };
             let due = match due {
@@ -76,21 +79,25 @@ pub async fn run(
             for record in due {
                 let permit = tokio::select! {
                     p = limit.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break 'outer },
-                    _ = stop.cancelled() => break 'outer,
+                    _ = shutdown.requested() => break 'outer,
                 };
                 started += 1;
-                let key = (index, record.event.id.clone());
+                let key = (dest.id().clone(), record.event.id.clone());
                 taken
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
                     .insert(key.clone());
                 let deliverer = deliverer.clone();
+                let dest = dest.clone();
                 let taken = taken.clone();
                 let span = tracing::info_span!("retry", event_id = %record.event.id, destination = %record.destination, attempts = record.attempts);
                 tasks.spawn(tracing::Instrument::instrument(
                     async move {
-                        deliverer.retry(index, record).await;
-                        deliverer.commit().await;
+                        let event = record.event.to_event();
+                        deliverer
+                            .attempt(&dest, &event, Origin::Retry(&record))
+                            .await;
+                        deliverer.store().commit().await;
                         taken.lock().unwrap_or_else(|p| p.into_inner()).remove(&key);
                         drop(permit);
                     },
@@ -101,7 +108,7 @@ pub async fn run(
         if started == 0 {
             tokio::select! {
                 _ = tokio::time::sleep(wait.max(Duration::from_millis(10))) => {}
-                _ = stop.cancelled() => break,
+                _ = shutdown.requested() => break,
             }
         }
     }
@@ -116,12 +123,13 @@ pub async fn run(
 
 /// Retries of destinations that left the configuration become dead letters (replayable once the
 /// destination is back). Runs once at start.
-async fn dead_letter_orphans(deliverer: &Deliverer, stats: &Stats) {
+async fn dead_letter_orphans(deliverer: &Deliverer, destinations: &Destinations) {
     let store = deliverer.store();
+    let configured = destinations.current();
     let orphans: Vec<String> = match store.retry_destinations() {
         Ok(names) => names
             .into_iter()
-            .filter(|n| deliverer.index_of(n).is_none())
+            .filter(|n| configured.get(n).is_none())
             .collect(),
         Err(error) => {
             tracing::error!(%error, "cannot read the retry store");
@@ -129,7 +137,7 @@ async fn dead_letter_orphans(deliverer: &Deliverer, stats: &Stats) {
         }
     };
     for name in orphans {
-        let records: Vec<RetryRecord> = deliverer
+        let records: Vec<RetryRecord> = store
             .until_stored(|| store.due_retries(&name, u64::MAX - 1, usize::MAX, |_| false))
             .await;
         tracing::warn!(destination = %name, pending = records.len(), "retries of a destination that is no longer configured: dead-lettered");
@@ -146,12 +154,12 @@ async fn dead_letter_orphans(deliverer: &Deliverer, stats: &Stats) {
                 record.attempts,
                 record.last_status,
             );
-            Stats::inc(&stats.dead_lettered);
-            deliverer.until_stored(|| store.dead_letter(&letter)).await;
-            deliverer
+            Stats::inc(&deliverer.stats().dead_lettered);
+            store.until_stored(|| store.dead_letter(&letter)).await;
+            store
                 .until_stored(|| store.remove_retry_record(&record))
                 .await;
         }
     }
-    deliverer.commit().await;
+    store.commit().await;
 }

@@ -1,13 +1,16 @@
-//! Which destinations an event goes to. Pure: topic, tenant and `destination_id` in, destination
-//! indices out, no I/O.
+//! Which destinations an event goes to. Pure: topic, tenant and `destination_id` in,
+//! destinations out, no I/O.
 //!
 //! Patterns are compiled into a trie over topic segments, so matching costs about one hash lookup
 //! per topic segment (plus the wildcard branches that exist), however many patterns are configured.
+//! The router owns what it routes to: the running worker routes to [`crate::destination::Destination`]s,
+//! and tests and the fuzzer route to plain configurations.
 
 use std::collections::HashMap;
 
 use crate::config::DestinationConfig;
 use crate::event::Event;
+use crate::topic::{self, Segment, TopicPattern};
 
 /// Why an event cannot be routed at all; it becomes a dead letter with this text.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -24,21 +27,31 @@ pub enum Unroutable {
     },
 }
 
-/// Checks one destination pattern; the error text completes `destinations[i].topics[j]: ...`.
-pub fn check_pattern(pattern: &str) -> Result<(), String> {
-    if pattern.is_empty() {
-        return Err("empty pattern; use \"*\" for every topic".to_string());
-    }
-    for segment in pattern.split(['.', '/']) {
-        let wild = segment.contains(['#', '*', '+']);
-        if wild && segment.len() != 1 {
-            return Err(format!(
-                "{pattern:?}: a wildcard must be a whole segment, found {segment:?}"
-            ));
-        }
-    }
-    Ok(())
+/// What the router needs to know of a destination.
+pub trait Routable {
+    /// The unique name an envelope's `destination_id` refers to.
+    fn name(&self) -> &str;
+    /// The only tenant it accepts, if it is scoped to one.
+    fn tenant(&self) -> Option<&str>;
+    /// The patterns of the topics it receives.
+    fn topics(&self) -> &[TopicPattern];
 }
+
+impl Routable for DestinationConfig {
+    fn name(&self) -> &str {
+        &self.name
+    }
+    fn tenant(&self) -> Option<&str> {
+        self.tenant.as_deref()
+    }
+    fn topics(&self) -> &[TopicPattern] {
+        &self.topics
+    }
+}
+
+/// Where an entry stands in the router's own list; its order is the configuration's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+struct Slot(usize);
 
 #[derive(Default, Debug)]
 struct Node {
@@ -48,117 +61,119 @@ struct Node {
     one: Option<Box<Node>>,
     /// `#`: zero or more segments.
     many: Option<Box<Node>>,
-    /// Destinations whose pattern ends here.
-    terminal: Vec<usize>,
+    /// Entries whose pattern ends here.
+    terminal: Vec<Slot>,
 }
 
-/// The compiled routing table.
+/// The compiled routing table over a set of destinations, which it owns.
 #[derive(Debug)]
-pub struct Router {
+pub struct Router<T> {
+    entries: Vec<T>,
     root: Node,
-    /// Destinations with the lone pattern `*`.
-    match_all: Vec<usize>,
-    by_name: HashMap<String, usize>,
-    tenants: Vec<Option<String>>,
-    names: Vec<String>,
+    /// Entries with the lone pattern `*`.
+    match_all: Vec<Slot>,
+    by_name: HashMap<Box<str>, Slot>,
 }
 
-impl Router {
-    /// Compiles every destination's patterns. Patterns were validated with the config.
-    pub fn new(destinations: &[DestinationConfig]) -> Router {
+impl<T: Routable> Router<T> {
+    /// Compiles every entry's patterns; the entries keep their order.
+    pub fn new(entries: Vec<T>) -> Router<T> {
         let mut router = Router {
             root: Node::default(),
             match_all: Vec::new(),
-            by_name: HashMap::new(),
-            tenants: Vec::with_capacity(destinations.len()),
-            names: Vec::with_capacity(destinations.len()),
+            by_name: HashMap::with_capacity(entries.len()),
+            entries: Vec::new(),
         };
-        for (index, dest) in destinations.iter().enumerate() {
-            router.by_name.insert(dest.name.clone(), index);
-            router.tenants.push(dest.tenant.clone());
-            router.names.push(dest.name.clone());
-            for pattern in &dest.topics {
-                router.add(pattern, index);
+        for (i, entry) in entries.iter().enumerate() {
+            let slot = Slot(i);
+            router.by_name.insert(entry.name().into(), slot);
+            for pattern in entry.topics() {
+                router.add(pattern, slot);
             }
         }
+        router.entries = entries;
         router
     }
 
-    fn add(&mut self, pattern: &str, index: usize) {
-        if pattern == "*" {
-            if !self.match_all.contains(&index) {
-                self.match_all.push(index);
+    fn add(&mut self, pattern: &TopicPattern, slot: Slot) {
+        if pattern.matches_everything() {
+            if !self.match_all.contains(&slot) {
+                self.match_all.push(slot);
             }
             return;
         }
         let mut node = &mut self.root;
-        for segment in pattern.split(['.', '/']) {
+        for segment in pattern.segments() {
             node = match segment {
-                "*" | "+" => node.one.get_or_insert_with(Box::default),
-                "#" => node.many.get_or_insert_with(Box::default),
-                literal => node.children.entry(literal.into()).or_default(),
+                Segment::One => node.one.get_or_insert_with(Box::default),
+                Segment::Many => node.many.get_or_insert_with(Box::default),
+                Segment::Literal(literal) => node.children.entry(literal.clone()).or_default(),
             };
         }
-        if !node.terminal.contains(&index) {
-            node.terminal.push(index);
+        if !node.terminal.contains(&slot) {
+            node.terminal.push(slot);
         }
     }
 
     /// The destinations `event` goes to, in configuration order, each once. Empty means the event
     /// matched nothing.
-    pub fn route(&self, event: &Event) -> Result<Vec<usize>, Unroutable> {
+    pub fn route(&self, event: &Event) -> Result<Vec<&T>, Unroutable> {
         if let Some(name) = &event.destination_id {
-            let index = *self
-                .by_name
+            let entry = self
                 .get(name)
                 .ok_or_else(|| Unroutable::UnknownDestination(name.clone()))?;
-            if let Some(expected) = &self.tenants[index] {
-                if event.tenant_id.as_ref() != Some(expected) {
+            if let Some(expected) = entry.tenant() {
+                if event.tenant_id.as_deref() != Some(expected) {
                     return Err(Unroutable::WrongTenant {
                         destination: name.clone(),
-                        expected: expected.clone(),
+                        expected: expected.to_string(),
                         actual: event.tenant_id.clone(),
                     });
                 }
             }
-            return Ok(vec![index]);
+            return Ok(vec![entry]);
         }
         let mut out = self.match_topic(&event.topic);
-        out.retain(|&i| match &self.tenants[i] {
+        out.retain(|entry| match entry.tenant() {
             None => true,
-            Some(t) => event.tenant_id.as_ref() == Some(t),
+            Some(t) => event.tenant_id.as_deref() == Some(t),
         });
         Ok(out)
     }
 
     /// Destinations whose patterns match `topic`, ignoring tenants. An empty topic means the event
-    /// named none, which (as in seed 002) matches every destination.
-    pub fn match_topic(&self, topic: &str) -> Vec<usize> {
+    /// named none, which (as the event envelope defines it) matches every destination.
+    pub fn match_topic(&self, topic: &str) -> Vec<&T> {
         if topic.is_empty() {
-            return (0..self.tenants.len()).collect();
+            return self.entries.iter().collect();
         }
         let mut segments: Vec<&str> = Vec::with_capacity(8);
-        segments.extend(topic.split(['.', '/']));
-        let mut out = self.match_all.clone();
-        walk(&self.root, &segments, &mut out, &mut HashMap::new());
-        out.sort_unstable();
-        out.dedup();
-        out
+        segments.extend(topic::segments(topic));
+        let mut slots = self.match_all.clone();
+        walk(&self.root, &segments, &mut slots, &mut HashMap::new());
+        slots.sort_unstable();
+        slots.dedup();
+        slots.into_iter().map(|Slot(i)| &self.entries[i]).collect()
+    }
+
+    /// The destination called `name`.
+    pub fn get(&self, name: &str) -> Option<&T> {
+        self.by_name.get(name).map(|&Slot(i)| &self.entries[i])
+    }
+
+    /// Every destination, in configuration order.
+    pub fn iter(&self) -> std::slice::Iter<'_, T> {
+        self.entries.iter()
     }
 
     /// How many destinations there are.
     pub fn len(&self) -> usize {
-        self.names.len()
+        self.entries.len()
     }
 
     /// Whether there are none (never, for a validated config).
     pub fn is_empty(&self) -> bool {
-        self.names.is_empty()
-    }
-
-    /// The configured name of destination `index`.
-    pub fn name(&self, index: usize) -> &str {
-        &self.names[index]
+        self.entries.is_empty()
     }
 }
 
@@ -170,7 +185,7 @@ impl Router {
 fn walk(
     node: &Node,
     segments: &[&str],
-    out: &mut Vec<usize>,
+    out: &mut Vec<Slot>,
     covered: &mut HashMap<*const Node, usize>,
 ) {
     if let Some(many) = &node.many {
@@ -206,7 +221,7 @@ mod tests {
     use super::*;
     use crate::config::Config;
 
-    fn router(dests: &[(&str, &[&str], Option<&str>)]) -> Router {
+    fn router(dests: &[(&str, &[&str], Option<&str>)]) -> Router<DestinationConfig> {
         let mut text = String::from("[rabbitmq]\nurl = \"amqp://127.0.0.1\"\nqueue = \"q\"\n");
         for (name, topics, tenant) in dests {
             text.push_str(&format!(
@@ -216,7 +231,19 @@ mod tests {
                 text.push_str(&format!("tenant = \"{t}\"\n"));
             }
         }
-        Router::new(&Config::from_toml(&text).expect("config").destinations)
+        Router::new(Config::from_toml(&text).expect("config").destinations)
+    }
+
+    /// The names of what matched, in order.
+    fn names(matched: Vec<&DestinationConfig>) -> Vec<&str> {
+        matched.into_iter().map(|d| d.name.as_str()).collect()
+    }
+
+    fn route<'a>(
+        r: &'a Router<DestinationConfig>,
+        event: &Event,
+    ) -> Result<Vec<&'a str>, Unroutable> {
+        r.route(event).map(names)
     }
 
     fn event(topic: &str, tenant: Option<&str>, dest: Option<&str>) -> Event {
@@ -244,21 +271,22 @@ mod tests {
             ("many", &["user.#"], None),
             ("mid", &["a.#.z"], None),
         ]);
-        assert_eq!(r.match_topic("user.created"), vec![0, 1, 2, 4]);
-        assert_eq!(r.match_topic("user"), vec![0, 4], "# matches zero segments");
+        let m = |topic: &str| names(r.match_topic(topic));
+        assert_eq!(m("user.created"), ["all", "exact", "one", "many"]);
+        assert_eq!(m("user"), ["all", "many"], "# matches zero segments");
         assert_eq!(
-            r.match_topic("user/x/done"),
-            vec![0, 3, 4],
+            m("user/x/done"),
+            ["all", "plus", "many"],
             "/ and . both split"
         );
-        assert_eq!(r.match_topic("user.a.b.c"), vec![0, 4]);
-        assert_eq!(r.match_topic("other"), vec![0]);
-        assert_eq!(r.match_topic("a.z"), vec![0, 5]);
-        assert_eq!(r.match_topic("a.b.c.z"), vec![0, 5]);
-        assert_eq!(r.match_topic("a.b.c"), vec![0]);
+        assert_eq!(m("user.a.b.c"), ["all", "many"]);
+        assert_eq!(m("other"), ["all"]);
+        assert_eq!(m("a.z"), ["all", "mid"]);
+        assert_eq!(m("a.b.c.z"), ["all", "mid"]);
+        assert_eq!(m("a.b.c"), ["all"]);
         assert_eq!(
-            r.match_topic(""),
-            vec![0, 1, 2, 3, 4, 5],
+            m(""),
+            ["all", "exact", "one", "plus", "many", "mid"],
             "no topic matches all"
         );
     }
@@ -266,28 +294,33 @@ mod tests {
     #[test]
     fn tenants_and_destination_id() {
         let r = router(&[("a", &["*"], Some("acme")), ("b", &["*"], None)]);
-        assert_eq!(r.route(&event("t", Some("acme"), None)), Ok(vec![0, 1]));
-        assert_eq!(r.route(&event("t", Some("other"), None)), Ok(vec![1]));
-        assert_eq!(r.route(&event("t", None, None)), Ok(vec![1]));
-        assert_eq!(r.route(&event("nomatch", None, Some("b"))), Ok(vec![1]));
         assert_eq!(
-            r.route(&event("t", None, Some("zzz"))),
+            route(&r, &event("t", Some("acme"), None)),
+            Ok(vec!["a", "b"])
+        );
+        assert_eq!(route(&r, &event("t", Some("other"), None)), Ok(vec!["b"]));
+        assert_eq!(route(&r, &event("t", None, None)), Ok(vec!["b"]));
+        assert_eq!(route(&r, &event("nomatch", None, Some("b"))), Ok(vec!["b"]));
+        assert_eq!(
+            route(&r, &event("t", None, Some("zzz"))),
             Err(Unroutable::UnknownDestination("zzz".into()))
         );
         assert!(matches!(
-            r.route(&event("t", Some("other"), Some("a"))),
+            route(&r, &event("t", Some("other"), Some("a"))),
             Err(Unroutable::WrongTenant { .. })
         ));
+        assert_eq!(r.get("b").map(|d| d.name.as_str()), Some("b"));
+        assert!(r.get("zzz").is_none());
     }
 
     #[test]
     fn each_destination_once() {
         let r = router(&[("a", &["x.*", "x.#", "*", "x.y"], None)]);
-        assert_eq!(r.match_topic("x.y"), vec![0]);
+        assert_eq!(names(r.match_topic("x.y")), ["a"]);
     }
 
     /// Found by fuzzing (fuzz/regressions/route_topic): every `#` multiplied the work by the
-    /// topic's length, so this did not finish within 20 s; now it takes milliseconds.
+    /// topic's length, so this did not finish within 20 s; it takes milliseconds.
     #[test]
     fn many_hashes_against_a_long_topic() {
         let (tx, rx) = std::sync::mpsc::channel();
@@ -297,24 +330,25 @@ mod tests {
                 ("twice", &["#.a.#.a.#"], None),
             ]);
             let long = vec!["a"; 2_000].join(".");
-            let _ = tx.send((
-                r.match_topic(&long),
-                r.match_topic(&format!("{long}.z")),
-                r.match_topic("a.z"),
-                r.match_topic("z"),
-            ));
+            let m = |topic: &str| -> Vec<String> {
+                names(r.match_topic(topic))
+                    .into_iter()
+                    .map(String::from)
+                    .collect()
+            };
+            let _ = tx.send((m(&long), m(&format!("{long}.z")), m("a.z"), m("z")));
         });
         let got = rx
             .recv_timeout(std::time::Duration::from_secs(20))
             .expect("matching took over 20 s");
-        assert_eq!(got, (vec![1], vec![0, 1], vec![0], vec![0]));
-    }
-
-    #[test]
-    fn bad_patterns() {
-        assert!(check_pattern("").is_err());
-        assert!(check_pattern("a.b*").is_err());
-        assert!(check_pattern("a.#x").is_err());
-        assert!(check_pattern("a.#.b/+/*").is_ok());
+        assert_eq!(
+            got,
+            (
+                vec!["twice".to_string()],
+                vec!["hashes".to_string(), "twice".to_string()],
+                vec!["hashes".to_string()],
+                vec!["hashes".to_string()]
+            )
+        );
     }
 }

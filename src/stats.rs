@@ -5,7 +5,7 @@
 //! series (prometheus-client), registered by [`Stats::registry`].
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
 use prometheus_client::encoding::EncodeLabelSet;
@@ -77,7 +77,6 @@ pub struct Stats {
     pub in_flight: Gauge,
 
     sources: Mutex<BTreeMap<String, bool>>,
-    store_ok: AtomicBool,
 }
 
 impl Default for Stats {
@@ -100,7 +99,6 @@ impl Default for Stats {
             latency: Family::new_with_constructor(latency_histogram),
             in_flight: Gauge::default(),
             sources: Mutex::new(BTreeMap::new()),
-            store_ok: AtomicBool::new(true),
         }
     }
 }
@@ -163,28 +161,20 @@ impl Stats {
             .insert(source.to_string(), up);
     }
 
-    /// Whether the last store operation worked.
-    pub fn set_store_ok(&self, ok: bool) {
-        self.store_ok.store(ok, Ordering::Relaxed);
-    }
-
-    /// Why courier is not ready (empty when it is): a source not connected, or a failing store.
+    /// Why courier is not ready as far as the sources go (empty when they are): a source not
+    /// connected. The store gives its own reasons.
     pub fn not_ready_reasons(&self) -> Vec<String> {
-        let mut reasons: Vec<String> = self
-            .sources
+        self.sources
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .iter()
             .filter(|(_, up)| !**up)
             .map(|(name, _)| format!("{name}: not connected"))
-            .collect();
-        if !self.store_ok.load(Ordering::Relaxed) {
-            reasons.push("store: the last write or flush failed".to_string());
-        }
-        reasons
+            .collect()
     }
 
-    /// A Prometheus registry over these series; `extra` adds gauges read at scrape time.
+    /// A Prometheus registry over these series; the admin port adds the gauges it reads at
+    /// scrape time.
     pub fn registry(&self) -> Registry {
         let mut r = Registry::with_prefix("courier");
         r.register(

@@ -1,7 +1,7 @@
 //! The pipeline's ack rule, checked at the moment of each ack: a message whose event the store now
 //! owns (a retry entry, a dead letter) is acked only after the group commit made that durable; a
 //! message every destination answered 2xx is acked before its dedup record is flushed, and the
-//! flush still happens before the message's task ends. Real store, real HTTP receiver; the
+//! store's background flush still makes it durable. Real store, real HTTP receiver; the
 //! broker's side of an ack is replaced by a probe that looks at the store when it is called.
 
 mod common;
@@ -11,22 +11,21 @@ use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use tokio::sync::mpsc;
-use tokio_util::sync::CancellationToken;
 
 use common::*;
 use courier::config::Format;
 use courier::delivery::Deliverer;
+use courier::destination::Destinations;
 use courier::event::{Inbound, SourceKind};
 use courier::pipeline::Pipeline;
-use courier::router::Router;
 use courier::sender::Sender;
 use courier::sources::{AckFuture, AckHandle, Acker, Delivery};
 use courier::store::Store;
-use courier::{Config, Stats};
+use courier::{Config, Shutdown, Stats};
 
 /// Records, when the pipeline acks, whether every store write so far had been flushed.
 struct Probe {
-    store: Arc<Store>,
+    store: Store,
     seen: mpsc::UnboundedSender<bool>,
 }
 
@@ -38,7 +37,8 @@ impl AckHandle for Probe {
 }
 
 /// Runs one message through a pipeline whose destination answers `status`; returns whether the
-/// store was durable at the ack, and whether it was once the pipeline had finished.
+/// store was durable at the ack, and whether it was once the pipeline had finished and the store
+/// was closed (as a worker does at shutdown).
 async fn durable_at_ack(status: u16, body: &str) -> (bool, bool) {
     let rx = Receiver::start().await;
     rx.set_status(status);
@@ -51,17 +51,16 @@ async fn durable_at_ack(status: u16, body: &str) -> (bool, bool) {
     );
     let config = Config::from_toml(&text).expect("config");
     courier::install_crypto_provider();
-    let store = Arc::new(Store::open(&config.store).expect("store"));
+    let shutdown = Shutdown::new();
+    let store = Store::start(&config.store, &shutdown).await.expect("store");
     let stats = Arc::new(Stats::default());
     let deliverer = Arc::new(Deliverer::new(
-        &config,
-        Sender::new(&config).expect("sender"),
+        Sender::new(config.organization.clone()),
         store.clone(),
-        courier::dedup::Dedup::Local(store.clone()),
         stats.clone(),
     ));
     let pipeline = Arc::new(Pipeline::new(
-        Arc::new(Router::new(&config.destinations)),
+        Arc::new(Destinations::from_config(&config, &stats).expect("destinations")),
         deliverer,
         config.service.max_payload_bytes,
         stats,
@@ -88,14 +87,10 @@ async fn durable_at_ack(status: u16, body: &str) -> (bool, bool) {
     drop(tx);
     // Returns once the channel is closed and the message's task has ended.
     pipeline
-        .run(
-            deliveries,
-            CancellationToken::new(),
-            8,
-            Duration::from_secs(10),
-        )
+        .run(deliveries, shutdown, 8, Duration::from_secs(10))
         .await;
     let at_ack = seen.recv().await.expect("the message was acked");
+    store.close().await.expect("close");
     (at_ack, store.all_durable())
 }
 

@@ -613,7 +613,7 @@ async fn reconnects_after_rabbitmqctl_close_all_connections() {
     let store = tempfile::tempdir().unwrap();
     let mut cfg = config(&queue, store.path(), &dest("r", &rx.url("/r"), ""));
     if let Some(r) = cfg.rabbitmq.as_mut() {
-        r.url = courier::config::Secret::new(url.clone());
+        r.url = courier::config::AmqpUrl::parse(&url).expect("valid URL");
     }
     let courier = Courier::start(cfg);
     let pub_ = Publisher::connect_to(&url).await;

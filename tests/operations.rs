@@ -166,7 +166,8 @@ async fn readyz_is_503_with_a_reason_while_the_broker_is_unreachable() {
     );
     if let Some(r) = cfg.rabbitmq.as_mut() {
         // Nothing listens on port 1.
-        r.url = courier::config::Secret::new("amqp://guest:guest@127.0.0.1:1/%2f");
+        r.url = courier::config::AmqpUrl::parse("amqp://guest:guest@127.0.0.1:1/%2f")
+            .expect("valid URL");
     }
     cfg.admin.listen = Some(format!("127.0.0.1:{port}"));
     let courier = Courier::start(cfg);

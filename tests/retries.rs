@@ -50,7 +50,7 @@ async fn retryable_failures_are_retried_from_the_store_after_the_ack() {
     assert_eq!(store.pending_retries(), 0);
     assert!(store.dead_letters().unwrap().is_empty());
     assert!(
-        store.is_delivered("r", "R1").unwrap(),
+        store.is_delivered("r", "R1").await.unwrap(),
         "a retry that succeeds lands in the dedup tree"
     );
 }

@@ -1169,7 +1169,7 @@ fn routing_run() -> f64 {
         text.push_str(&format!("[[destinations]]\nname = \"r{i}\"\nurl = \"http://127.0.0.1/\"\ntopics = [\"{pattern}\"]\n"));
     }
     let config = courier::Config::from_toml(&text).expect("routing config");
-    let router = courier::router::Router::new(&config.destinations);
+    let router = courier::router::Router::new(config.destinations);
     let topics: Vec<String> = (0..1000)
         .map(|i| format!("tempo.site{}.batch.batch_run_status", i * 7))
         .collect();

@@ -11,14 +11,14 @@ use lapin::options::{
 };
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{Connection, ConnectionProperties, ExchangeKind};
-use tokio::sync::mpsc;
-use tokio_util::sync::CancellationToken;
-
 use std::sync::Arc;
 
+use tokio::sync::mpsc;
+
 use super::{AckFuture, AckHandle, Acker, Delivery, ReconnectBackoff};
-use crate::config::{redact_url, QueueArgument, RabbitMqConfig};
+use crate::config::{AmqpUrl, QueueArgument, RabbitMqConfig};
 use crate::event::{Inbound, SourceKind};
+use crate::shutdown::Shutdown;
 use crate::stats::Stats;
 
 /// The AMQP frame size courier proposes when the URL does not set `frame_max`. lapin keeps a
@@ -29,12 +29,10 @@ const DEFAULT_FRAME_MAX: u32 = 32 * 1024;
 
 /// The connection URI: the configured URL, with [`DEFAULT_FRAME_MAX`] unless the URL's own
 /// `frame_max` says otherwise (the broker's limit applies either way).
-fn connection_uri(url: &str) -> Result<lapin::uri::AMQPUri, String> {
-    let mut uri: lapin::uri::AMQPUri = url
-        .parse()
-        .map_err(|e| format!("{e}: {:?}", redact_url(url)))?;
+fn connection_uri(url: &AmqpUrl) -> lapin::uri::AMQPUri {
+    let mut uri = url.uri().clone();
     uri.query.frame_max.get_or_insert(DEFAULT_FRAME_MAX);
-    Ok(uri)
+    uri
 }
 
 /// Why a consuming session ended.
@@ -44,8 +42,6 @@ enum SessionError {
     Lapin(#[from] lapin::Error),
     #[error("the broker cancelled the consumer (was the queue deleted?)")]
     Cancelled,
-    #[error("rabbitmq.url: {0}")]
-    Uri(String),
 }
 
 /// Consumes one RabbitMQ queue.
@@ -76,23 +72,18 @@ impl AmqpSource {
         }
     }
 
-    /// Runs until `stop`: consumes into `tx`, reconnecting with capped exponential backoff. After
-    /// `stop` it cancels the consumer but keeps the connection open until `release`, so the
-    /// pipeline can still ack what it holds; then it closes the connection.
-    pub async fn run(
-        self,
-        tx: mpsc::Sender<Delivery>,
-        stop: CancellationToken,
-        release: CancellationToken,
-    ) {
-        let url = redact_url(self.config.url.expose());
+    /// Runs until the stop is requested: consumes into `tx`, reconnecting with capped exponential
+    /// backoff. Then it cancels the consumer but keeps the connection open until the pipeline
+    /// has drained, so the pipeline can still ack what it holds; then it closes the connection.
+    pub async fn run(self, tx: mpsc::Sender<Delivery>, shutdown: Shutdown) {
+        let url = self.config.url.redacted();
         let mut backoff =
             ReconnectBackoff::new(Duration::from_millis(200), Duration::from_secs(30));
         loop {
-            match self.session(&tx, &stop, &release, &mut backoff).await {
+            match self.session(&tx, &shutdown, &mut backoff).await {
                 Ok(()) => return,
                 Err(error) => {
-                    if stop.is_cancelled() {
+                    if shutdown.is_requested() {
                         return;
                     }
                     let delay = backoff.next_delay();
@@ -100,7 +91,7 @@ impl AmqpSource {
                     tracing::warn!(%url, %error, retry_in = ?delay, "RabbitMQ connection failed or lost; reconnecting");
                     tokio::select! {
                         _ = tokio::time::sleep(delay) => {}
-                        _ = stop.cancelled() => return,
+                        _ = shutdown.requested() => return,
                     }
                 }
             }
@@ -110,18 +101,15 @@ impl AmqpSource {
     async fn session(
         &self,
         tx: &mpsc::Sender<Delivery>,
-        stop: &CancellationToken,
-        release: &CancellationToken,
+        shutdown: &Shutdown,
         backoff: &mut ReconnectBackoff,
     ) -> Result<(), SessionError> {
         let cfg = &self.config;
         let properties = ConnectionProperties::default()
             .with_connection_name(cfg.connection_name.clone().into());
-        // The config check parsed this URL already, so this only fails if that check changed.
-        let uri = connection_uri(cfg.url.expose()).map_err(SessionError::Uri)?;
         let conn = tokio::select! {
-            conn = Connection::connect_uri(uri, properties) => conn?,
-            _ = stop.cancelled() => return Ok(()),
+            conn = Connection::connect_uri(connection_uri(&cfg.url), properties) => conn?,
+            _ = shutdown.requested() => return Ok(()),
         };
         let channel = conn.create_channel().await?;
         if cfg.declare {
@@ -172,7 +160,7 @@ impl AmqpSource {
         backoff.reset();
         loop {
             let next = tokio::select! {
-                _ = stop.cancelled() => break,
+                _ = shutdown.requested() => break,
                 next = consumer.next() => next,
             };
             let delivery = match next {
@@ -184,7 +172,7 @@ impl AmqpSource {
             tokio::select! {
                 sent = tx.send(delivery) => if sent.is_err() { break },
                 // Dropped unacked: the broker redelivers it.
-                _ = stop.cancelled() => break,
+                _ = shutdown.requested() => break,
             }
         }
         // Stop receiving, but keep the channel open: the pipeline acks in-flight messages on it.
@@ -194,7 +182,7 @@ impl AmqpSource {
         {
             tracing::debug!(%error, "basic.cancel at shutdown failed");
         }
-        release.cancelled().await;
+        shutdown.drained().await;
         if let Err(error) = conn.close(200, "courier shutting down".into()).await {
             tracing::debug!(%error, "closing the RabbitMQ connection at shutdown failed");
         }
@@ -275,18 +263,24 @@ impl AckHandle for AmqpAck {
 mod tests {
     use super::*;
 
+    fn uri(text: &str) -> lapin::uri::AMQPUri {
+        connection_uri(&AmqpUrl::parse(text).expect("valid URL"))
+    }
+
     #[test]
     fn proposes_a_smaller_frame_unless_the_url_sets_one() {
-        let uri = connection_uri("amqp://guest:guest@127.0.0.1:5672/%2f").unwrap();
+        let uri = uri("amqp://guest:guest@127.0.0.1:5672/%2f");
         assert_eq!(uri.query.frame_max, Some(DEFAULT_FRAME_MAX));
-        let uri = connection_uri("amqp://127.0.0.1/%2f?frame_max=131072&heartbeat=30").unwrap();
+        let uri = self::uri("amqp://127.0.0.1/%2f?frame_max=131072&heartbeat=30");
         assert_eq!(uri.query.frame_max, Some(131_072));
         assert_eq!(uri.query.heartbeat, Some(30));
     }
 
     #[test]
     fn a_bad_url_does_not_show_the_password() {
-        let err = connection_uri("amqp://user:s3cret@127.0.0.1:notaport/%2f").unwrap_err();
+        let err = AmqpUrl::parse("amqp://user:s3cret@127.0.0.1:notaport/%2f").unwrap_err();
         assert!(!err.contains("s3cret"), "{err}");
+        let url = AmqpUrl::parse("amqp://user:s3cret@127.0.0.1/%2f").expect("valid");
+        assert!(!format!("{url:?}").contains("s3cret"));
     }
 }

@@ -30,6 +30,7 @@ use tokio_util::sync::CancellationToken;
 use super::{AckFuture, AckHandle, Acker, Delivery, ReconnectBackoff};
 use crate::config::MqttConfig;
 use crate::event::{Inbound, SourceKind};
+use crate::shutdown::Shutdown;
 use crate::stats::Stats;
 
 /// The largest packet MQTT allows. Accepting it means an oversized message is dead-lettered by
@@ -56,7 +57,6 @@ pub struct MqttSource {
 impl MqttSource {
     /// Builds the client options; fails only when TLS is asked for and cannot be set up.
     pub fn new(config: MqttConfig, stats: Arc<Stats>) -> Result<MqttSource, MqttSetupError> {
-        let (host, port, tls) = config.endpoint().map_err(MqttSetupError)?;
         let client_id = config.client_id.clone().unwrap_or_else(|| {
             let nanos = SystemTime::now()
                 .duration_since(SystemTime::UNIX_EPOCH)
@@ -64,7 +64,7 @@ impl MqttSource {
                 .unwrap_or(0);
             format!("courier-{}-{nanos:x}", std::process::id())
         });
-        let mut options = MqttOptions::new(client_id, host, port);
+        let mut options = MqttOptions::new(client_id, config.url.host(), config.url.port());
         options
             .set_keep_alive(config.keep_alive)
             .set_clean_session(config.clean_session)
@@ -74,7 +74,7 @@ impl MqttSource {
             let password = config.password.as_ref().map(|p| p.expose()).unwrap_or("");
             options.set_credentials(user.clone(), password);
         }
-        if tls {
+        if config.url.tls() {
             use rustls_platform_verifier::ConfigVerifierExt as _;
             let tls_config = rustls::ClientConfig::with_platform_verifier()
                 .map_err(|e| MqttSetupError(format!("cannot set up TLS: {e}")))?;
@@ -96,14 +96,10 @@ impl MqttSource {
         })
     }
 
-    /// Runs until `stop`, then keeps the session open (and PUBACKs flowing) until `release`,
-    /// sends the last PUBACKs and disconnects cleanly. Reconnects with capped backoff meanwhile.
-    pub async fn run(
-        self,
-        tx: mpsc::Sender<Delivery>,
-        stop: CancellationToken,
-        release: CancellationToken,
-    ) {
+    /// Runs until the stop is requested, then keeps the session open (and PUBACKs flowing)
+    /// until the pipeline has drained, sends the last PUBACKs and disconnects cleanly.
+    /// Reconnects with capped backoff meanwhile.
+    pub async fn run(self, tx: mpsc::Sender<Delivery>, shutdown: Shutdown) {
         let (client, eventloop) = AsyncClient::new(self.options.clone(), 256);
         let (events_tx, mut events) = mpsc::unbounded_channel();
         let backlog = Arc::new(AtomicUsize::new(0));
@@ -113,7 +109,7 @@ impl MqttSource {
             events_tx,
             backlog.clone(),
             finish.clone(),
-            self.config.url.clone(),
+            self.config.url.to_string(),
             self.stats.clone(),
         ));
         let (seq_tx, seq_rx) = mpsc::unbounded_channel();
@@ -125,7 +121,7 @@ impl MqttSource {
         loop {
             let event = tokio::select! {
                 event = events.recv() => event,
-                _ = release.cancelled() => break,
+                _ = shutdown.drained() => break,
             };
             let Some(event) = event else { break };
             match event {
@@ -165,7 +161,7 @@ impl MqttSource {
                 }
                 DriverEvent::Publish(publish) => {
                     backlog.fetch_sub(1, Ordering::Relaxed);
-                    if stop.is_cancelled() {
+                    if shutdown.is_requested() {
                         // Not started: without a PUBACK the broker redelivers it next session.
                         continue;
                     }
@@ -195,11 +191,11 @@ impl MqttSource {
                         acker,
                     };
                     // If the pipeline no longer takes messages (it is draining), the delivery is
-                    // dropped unacked. The loop itself runs on until `release`: the deliveries
+                    // dropped unacked. The loop itself runs on until the drain: the deliveries
                     // still under way need their PUBACKs sent before the DISCONNECT.
                     tokio::select! {
                         _ = tx.send(delivery) => {}
-                        _ = stop.cancelled() => {}
+                        _ = shutdown.requested() => {}
                     }
                 }
             }

@@ -16,7 +16,6 @@ use axum::response::{IntoResponse, Response};
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions};
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
-use tokio_util::sync::CancellationToken;
 
 use courier::{Config, Stats};
 
@@ -660,7 +659,7 @@ connection_name = "{queue}"
 
 /// courier running in this process.
 pub struct Courier {
-    token: CancellationToken,
+    shutdown: courier::Shutdown,
     handle: tokio::task::JoinHandle<Result<(), courier::Error>>,
     pub stats: Arc<Stats>,
 }
@@ -668,15 +667,15 @@ pub struct Courier {
 impl Courier {
     pub fn start(config: Config) -> Courier {
         init_tracing();
-        let token = CancellationToken::new();
+        let shutdown = courier::Shutdown::new();
         let stats = Arc::new(Stats::default());
         let handle = tokio::spawn(courier::run_with_stats(
             config,
-            token.clone(),
+            shutdown.clone(),
             stats.clone(),
         ));
         Courier {
-            token,
+            shutdown,
             handle,
             stats,
         }
@@ -684,7 +683,7 @@ impl Courier {
 
     /// Graceful stop, as on SIGTERM; panics if courier does not stop within `within` or failed.
     pub async fn stop_within(self, within: Duration) -> Arc<Stats> {
-        self.token.cancel();
+        self.shutdown.request();
         match tokio::time::timeout(within, self.handle).await {
             Ok(Ok(Ok(()))) => self.stats,
             Ok(Ok(Err(e))) => panic!("courier stopped with an error: {e}"),

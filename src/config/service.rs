@@ -1,0 +1,91 @@
+//! `[service]`, `[organization]` and `[admin]`: the settings of the worker as a whole.
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use super::{ConfigError, MAX_PERMITS};
+
+/// Limits for the whole worker.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServiceConfig {
+    /// Events in delivery at once, over all sources. Bounds memory and open requests.
+    pub max_in_flight: usize,
+    /// How long a graceful shutdown waits for in-flight deliveries before leaving them unacked.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_timeout: Duration,
+    /// Bodies larger than this are dead-lettered unparsed, so one huge message cannot exhaust memory.
+    pub max_payload_bytes: usize,
+}
+
+impl Default for ServiceConfig {
+    fn default() -> Self {
+        ServiceConfig {
+            max_in_flight: 256,
+            shutdown_timeout: Duration::from_secs(30),
+            max_payload_bytes: 1024 * 1024,
+        }
+    }
+}
+
+impl ServiceConfig {
+    pub(super) fn validate(&self) -> Result<(), ConfigError> {
+        if self.max_in_flight == 0 {
+            return Err(ConfigError::invalid(
+                "service.max_in_flight",
+                "must be at least 1",
+            ));
+        }
+        if self.max_in_flight > MAX_PERMITS {
+            return Err(ConfigError::invalid(
+                "service.max_in_flight",
+                format!("must be at most {MAX_PERMITS}"),
+            ));
+        }
+        if self.max_payload_bytes == 0 {
+            return Err(ConfigError::invalid(
+                "service.max_payload_bytes",
+                "must be at least 1",
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// The sender's identity, copied into the `Metadata` block when a destination asks for it.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OrganizationConfig {
+    /// `Metadata.OrganizationID`.
+    pub id: String,
+    /// `Metadata.OrganizationName`.
+    pub name: String,
+    /// `Metadata.OrganizationURL`.
+    pub url: String,
+    /// `Metadata.SourceEnvironment`.
+    pub environment: String,
+}
+
+/// The admin HTTP port: health, and the dead-letter commands of a running worker.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminConfig {
+    /// `host:port` to listen on, e.g. `127.0.0.1:9464`; absent means no admin port. The
+    /// `courier dead-letters` commands use it to reach a worker that holds the store.
+    pub listen: Option<String>,
+}
+
+impl AdminConfig {
+    pub(super) fn validate(&self) -> Result<(), ConfigError> {
+        if let Some(listen) = &self.listen {
+            listen.parse::<std::net::SocketAddr>().map_err(|_| {
+                ConfigError::invalid(
+                    "admin.listen",
+                    format!("{listen:?} is not an IP:port address such as 127.0.0.1:9464 (host names are not accepted)"),
+                )
+            })?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,387 @@
+//! `[rabbitmq]` and `[mqtt]`: the brokers courier consumes from. Their URLs are parsed when the
+//! file is loaded, so a source connects with values that cannot fail to parse.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use super::{default_true, redact_url, ConfigError, Secret};
+use crate::topic::check_mqtt_filter;
+
+/// How a message body is read.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Format {
+    /// Envelope when the object has `data` and one of `id`, `topic`, `tenant_id`; raw otherwise.
+    #[default]
+    Auto,
+    /// The event envelope; its `data` is what gets POSTed.
+    Envelope,
+    /// Any JSON object, POSTed as it is.
+    Raw,
+}
+
+impl<'de> Deserialize<'de> for Format {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        match text.as_str() {
+            "auto" => Ok(Format::Auto),
+            "envelope" => Ok(Format::Envelope),
+            "raw" => Ok(Format::Raw),
+            other => Err(serde::de::Error::custom(format!(
+                "unknown format {other:?}, expected \"auto\", \"envelope\" or \"raw\""
+            ))),
+        }
+    }
+}
+
+/// An `amqp://` or `amqps://` URL, parsed. It may carry the broker password, so it prints and
+/// serialises with the password hidden.
+#[derive(Clone)]
+pub struct AmqpUrl {
+    text: Secret,
+    uri: lapin::uri::AMQPUri,
+}
+
+impl AmqpUrl {
+    /// Parses `text`; the error text hides the password and completes `rabbitmq.url: ...`.
+    pub fn parse(text: &str) -> Result<AmqpUrl, String> {
+        let shown = redact_url(text);
+        if !(text.starts_with("amqp://") || text.starts_with("amqps://")) {
+            return Err(format!("{shown:?} is not an amqp:// or amqps:// URL"));
+        }
+        let uri = text.parse().map_err(|e| format!("{e}: {shown:?}"))?;
+        Ok(AmqpUrl {
+            text: Secret::new(text),
+            uri,
+        })
+    }
+
+    /// What lapin connects with.
+    pub fn uri(&self) -> &lapin::uri::AMQPUri {
+        &self.uri
+    }
+
+    /// The URL with its password replaced by `***`, for logs.
+    pub fn redacted(&self) -> String {
+        redact_url(self.text.expose())
+    }
+}
+
+impl fmt::Debug for AmqpUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&self.redacted(), f)
+    }
+}
+
+impl<'de> Deserialize<'de> for AmqpUrl {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        AmqpUrl::parse(&text).map_err(serde::de::Error::custom)
+    }
+}
+
+impl Serialize for AmqpUrl {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        self.text.serialize(s)
+    }
+}
+
+/// The RabbitMQ source.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RabbitMqConfig {
+    /// `amqp://user:pass@host:port/vhost` (or `amqps://`). Logs show it without the password.
+    pub url: AmqpUrl,
+    /// The queue to consume.
+    pub queue: String,
+    /// Unacked messages the broker may push at once; capped at `service.max_in_flight`.
+    #[serde(default = "default_prefetch")]
+    pub prefetch: u16,
+    /// Declare the durable queue, the exchanges and the bindings at every (re)connect.
+    #[serde(default = "default_true")]
+    pub declare: bool,
+    /// How bodies are read.
+    #[serde(default)]
+    pub format: Format,
+    /// Durable topic exchanges to bind the queue to; producers may also publish straight to the queue.
+    #[serde(default)]
+    pub bindings: Vec<BindingConfig>,
+    /// The connection name shown by `rabbitmqctl list_connections` and the management UI.
+    #[serde(default = "default_connection_name")]
+    pub connection_name: String,
+    /// Arguments of the queue declaration, e.g. `{ "x-queue-type" = "quorum" }` for a replicated
+    /// quorum queue. They must match the queue's existing arguments, or RabbitMQ refuses the
+    /// declaration (and courier keeps retrying, loudly).
+    #[serde(default)]
+    pub queue_arguments: BTreeMap<String, QueueArgument>,
+}
+
+/// One queue argument value.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(untagged, expecting = "must be a string, an integer or a boolean")]
+pub enum QueueArgument {
+    /// `true` / `false`.
+    Bool(bool),
+    /// A whole number (`x-max-length`, `x-delivery-limit`, ...).
+    Int(i64),
+    /// A string (`x-queue-type`, `x-dead-letter-exchange`, ...).
+    Text(String),
+}
+
+fn default_prefetch() -> u16 {
+    256
+}
+fn default_connection_name() -> String {
+    "courier".to_string()
+}
+
+/// One exchange → queue binding.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct BindingConfig {
+    /// A durable topic exchange, declared when `declare = true`.
+    pub exchange: String,
+    /// The binding key; `#` takes everything published to the exchange.
+    #[serde(default = "default_routing_key")]
+    pub routing_key: String,
+}
+
+fn default_routing_key() -> String {
+    "#".to_string()
+}
+
+impl RabbitMqConfig {
+    pub(super) fn validate(&self) -> Result<(), ConfigError> {
+        if self.queue.trim().is_empty() {
+            return Err(ConfigError::invalid("rabbitmq.queue", "must not be empty"));
+        }
+        if self.prefetch == 0 {
+            return Err(ConfigError::invalid(
+                "rabbitmq.prefetch",
+                "must be at least 1",
+            ));
+        }
+        for (i, b) in self.bindings.iter().enumerate() {
+            if b.exchange.trim().is_empty() {
+                return Err(ConfigError::invalid(
+                    format!("rabbitmq.bindings[{i}].exchange"),
+                    "must not be empty (the default exchange cannot be bound)",
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// An `mqtt://` (or `tcp://`) or `mqtts://` (or `ssl://`) URL, reduced to what the client needs.
+#[derive(Debug, Clone)]
+pub struct MqttUrl {
+    text: String,
+    host: String,
+    port: u16,
+    tls: bool,
+}
+
+impl MqttUrl {
+    /// Parses `text`; the error text completes `mqtt.url: ...`.
+    pub fn parse(text: &str) -> Result<MqttUrl, String> {
+        let url = reqwest::Url::parse(text).map_err(|e| format!("{e}: {text:?}"))?;
+        let tls = match url.scheme() {
+            "mqtt" | "tcp" => false,
+            "mqtts" | "ssl" => true,
+            other => {
+                return Err(format!(
+                    "scheme {other:?} is not mqtt (or tcp) or mqtts (or ssl)"
+                ))
+            }
+        };
+        if !url.username().is_empty() || url.password().is_some() {
+            return Err(
+                "put credentials in mqtt.username and mqtt.password, not in the URL".into(),
+            );
+        }
+        let host = url
+            .host_str()
+            .filter(|h| !h.is_empty())
+            .ok_or_else(|| "has no host".to_string())?
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_string();
+        let port = url.port().unwrap_or(if tls { 8883 } else { 1883 });
+        Ok(MqttUrl {
+            text: text.to_string(),
+            host,
+            port,
+            tls,
+        })
+    }
+
+    /// The host name or address, IPv6 without brackets.
+    pub fn host(&self) -> &str {
+        &self.host
+    }
+
+    /// The port, 1883 or 8883 when the URL gives none.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// Whether the connection uses TLS.
+    pub fn tls(&self) -> bool {
+        self.tls
+    }
+}
+
+impl fmt::Display for MqttUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.text)
+    }
+}
+
+impl<'de> Deserialize<'de> for MqttUrl {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        MqttUrl::parse(&text).map_err(serde::de::Error::custom)
+    }
+}
+
+impl Serialize for MqttUrl {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.text)
+    }
+}
+
+/// The MQTT source (MQTT 3.1.1).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct MqttConfig {
+    /// `mqtt://host[:1883]` or `mqtts://host[:8883]` (TLS, verified against the system roots).
+    pub url: MqttUrl,
+    /// The session's key at the broker. Required when `clean_session = false`, because a
+    /// persistent session is found again by its client id.
+    #[serde(default)]
+    pub client_id: Option<String>,
+    /// Topic filters to subscribe to (`+` one level, `#` the rest).
+    pub topics: Vec<String>,
+    /// Subscription QoS: 1 (at least once, acked after delivery) or 0 (no acks, no redelivery).
+    #[serde(default = "default_qos")]
+    pub qos: u8,
+    /// `false` keeps the session at the broker while courier is away, so nothing published in
+    /// the meantime, and nothing received but not yet acked, is lost.
+    #[serde(default)]
+    pub clean_session: bool,
+    /// Non-empty: subscribe as `$share/<group>/<filter>` so replicas split the traffic.
+    #[serde(default)]
+    pub shared_group: String,
+    /// How bodies are read.
+    #[serde(default)]
+    pub format: Format,
+    /// Broker user name.
+    #[serde(default)]
+    pub username: Option<String>,
+    /// Broker password; needs `username`.
+    #[serde(default)]
+    pub password: Option<Secret>,
+    /// Ping interval when idle; the broker drops the connection after 1.5 × this without traffic.
+    #[serde(default = "default_keep_alive", with = "humantime_serde")]
+    pub keep_alive: Duration,
+}
+
+fn default_qos() -> u8 {
+    1
+}
+fn default_keep_alive() -> Duration {
+    Duration::from_secs(30)
+}
+
+impl MqttConfig {
+    /// The filters as subscribed: with the `$share/<group>/` prefix when a group is set.
+    pub fn subscriptions(&self) -> Vec<String> {
+        self.topics
+            .iter()
+            .map(|t| {
+                if self.shared_group.is_empty() {
+                    t.clone()
+                } else {
+                    format!("$share/{}/{t}", self.shared_group)
+                }
+            })
+            .collect()
+    }
+
+    pub(super) fn validate(&self) -> Result<(), ConfigError> {
+        match &self.client_id {
+            Some(id) if id.is_empty() => {
+                return Err(ConfigError::invalid("mqtt.client_id", "must not be empty"))
+            }
+            None if !self.clean_session => {
+                return Err(ConfigError::invalid(
+                    "mqtt.client_id",
+                    "is required when clean_session = false: the broker finds a persistent session by its client id",
+                ))
+            }
+            _ => {}
+        }
+        if self.topics.is_empty() {
+            return Err(ConfigError::invalid(
+                "mqtt.topics",
+                "needs at least one topic filter",
+            ));
+        }
+        for (i, filter) in self.topics.iter().enumerate() {
+            check_mqtt_filter(filter)
+                .map_err(|e| ConfigError::invalid(format!("mqtt.topics[{i}]"), e))?;
+            if !self.shared_group.is_empty() && filter.starts_with("$share/") {
+                return Err(ConfigError::invalid(
+                    format!("mqtt.topics[{i}]"),
+                    "is already a $share/ filter; set either shared_group or the prefix, not both",
+                ));
+            }
+        }
+        if self.qos > 1 {
+            return Err(ConfigError::invalid(
+                "mqtt.qos",
+                format!(
+                    "{} is not supported; use 1 (acked after delivery) or 0",
+                    self.qos
+                ),
+            ));
+        }
+        if self.shared_group.contains(['/', '+', '#']) {
+            return Err(ConfigError::invalid(
+                "mqtt.shared_group",
+                "must not contain '/', '+' or '#'",
+            ));
+        }
+        if self.password.is_some() && self.username.is_none() {
+            return Err(ConfigError::invalid(
+                "mqtt.password",
+                "is set but mqtt.username is not",
+            ));
+        }
+        if self.keep_alive < Duration::from_secs(1) && !self.keep_alive.is_zero() {
+            return Err(ConfigError::invalid(
+                "mqtt.keep_alive",
+                "must be at least 1s (or 0s to turn pings off)",
+            ));
+        }
+        // The CONNECT packet carries whole seconds in 16 bits; anything else would tell the broker
+        // a different interval from the one courier pings at, and the broker would drop it.
+        if self.keep_alive > Duration::from_secs(u16::MAX.into()) {
+            return Err(ConfigError::invalid(
+                "mqtt.keep_alive",
+                "must be at most 65535s (18h 12m 15s), the MQTT limit",
+            ));
+        }
+        if self.keep_alive.subsec_nanos() != 0 {
+            return Err(ConfigError::invalid(
+                "mqtt.keep_alive",
+                "must be a whole number of seconds",
+            ));
+        }
+        Ok(())
+    }
+}

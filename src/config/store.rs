@@ -1,0 +1,112 @@
+//! `[store]`: where the record of deliveries, retries and dead letters lives.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use super::{redact_url, ConfigError, Secret};
+
+/// The local store.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StoreConfig {
+    /// Directory of the sled database. One courier process per directory.
+    pub path: PathBuf,
+    /// How long a successful delivery is remembered to suppress a second POST of the same event.
+    #[serde(with = "humantime_serde")]
+    pub dedup_ttl: Duration,
+    /// sled's page cache in bytes; sled's own default (1 GiB) is far too much for a sidecar.
+    pub cache_capacity: u64,
+    /// How long the dedup record of a delivered, acked event may stay in memory before a
+    /// background flush makes it durable. Losing one in a crash can cost a second POST of a
+    /// redelivered copy, never an event, so these records share one flush per interval instead
+    /// of holding their messages until a flush of their own; retries and dead letters are
+    /// flushed before their ack whatever this says.
+    #[serde(with = "humantime_serde")]
+    pub dedup_flush_interval: Duration,
+    /// Where the dedup record lives: `sled` (this process's store) or `redis` (shared by replicas).
+    pub dedup: DedupBackend,
+    /// `redis://[:password@]host:6379[/db]`, for `dedup = "redis"`.
+    pub redis_url: Secret,
+    /// Prefix of the dedup keys in Redis, so several deployments can share one Redis.
+    pub redis_prefix: String,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        StoreConfig {
+            path: PathBuf::from("data/courier"),
+            dedup_ttl: Duration::from_secs(7 * 24 * 3600),
+            cache_capacity: 16 * 1024 * 1024,
+            dedup_flush_interval: Duration::from_millis(10),
+            dedup: DedupBackend::Sled,
+            redis_url: Secret::new("redis://127.0.0.1:6379"),
+            redis_prefix: "courier:dedup:".to_string(),
+        }
+    }
+}
+
+impl StoreConfig {
+    pub(super) fn validate(&self) -> Result<(), ConfigError> {
+        if self.dedup_ttl.is_zero() {
+            return Err(ConfigError::invalid(
+                "store.dedup_ttl",
+                "must be longer than 0s",
+            ));
+        }
+        if self.dedup_flush_interval > Duration::from_secs(60) {
+            return Err(ConfigError::invalid(
+                "store.dedup_flush_interval",
+                "must be at most 60s (a crash loses the dedup records of up to this long)",
+            ));
+        }
+        if self.path.as_os_str().is_empty() {
+            return Err(ConfigError::invalid("store.path", "must not be empty"));
+        }
+        if self.dedup == DedupBackend::Redis {
+            self.redis_client()
+                .map_err(|e| ConfigError::invalid("store.redis_url", e))?;
+        }
+        Ok(())
+    }
+
+    /// The Redis client of `redis_url`; the error text hides the password. Connects to nothing.
+    pub fn redis_client(&self) -> Result<redis::Client, String> {
+        let url = self.redis_url.expose();
+        let shown = redact_url(url);
+        if url.starts_with("rediss://") {
+            return Err(format!(
+                "{shown:?}: rediss:// (TLS) is not supported by this build; use redis://"
+            ));
+        }
+        if !url.starts_with("redis://") {
+            return Err(format!("{shown:?} is not a redis:// URL"));
+        }
+        redis::Client::open(url).map_err(|e| format!("{shown:?}: {e}"))
+    }
+}
+
+/// Where the dedup record lives.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DedupBackend {
+    /// The local sled tree (one replica, or replicas that never share messages).
+    #[default]
+    Sled,
+    /// Redis, shared by every replica consuming the same queue or shared subscription.
+    Redis,
+}
+
+impl<'de> Deserialize<'de> for DedupBackend {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        match text.as_str() {
+            "sled" => Ok(DedupBackend::Sled),
+            "redis" => Ok(DedupBackend::Redis),
+            other => Err(serde::de::Error::custom(format!(
+                "unknown dedup backend {other:?}, expected \"sled\" or \"redis\""
+            ))),
+        }
+    }
+}

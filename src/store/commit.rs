@@ -1,0 +1,144 @@
+//! Durability: the group commit, and the background flush behind deferred commits.
+//!
+//! Writes are cheap in-memory inserts; a commit makes them durable with one sled flush plus one
+//! `fdatasync` of its log, covering every write made before it started, so a burst of events
+//! costs one flush, not one per message.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+
+use super::db::{Db, Handles};
+use super::StoreError;
+
+/// Writes a deferred commit may leave to the background flush. Past this many, a deferred
+/// commit waits for a flush like a commit does: a disk that stalls then slows the pipeline down
+/// instead of letting unflushed records pile up.
+pub(super) const MAX_DEFERRED: u64 = 4096;
+
+/// The counts behind the group commit, and the state of the background flush.
+#[derive(Default)]
+pub(super) struct Commits {
+    /// Writes counted so far (each counted after it is in sled's memory).
+    written: AtomicU64,
+    /// How many of them the last finished flush covers.
+    flushed: AtomicU64,
+    flush_lock: tokio::sync::Mutex<()>,
+    /// Wakes the background flush.
+    deferred: tokio::sync::Notify,
+    /// Whether a background flush takes deferred commits; without one they flush themselves.
+    background: AtomicBool,
+    /// Whether the background flush's last commit failed: deferred commits then flush
+    /// themselves, so the failure reaches a caller that recovers the store.
+    background_failed: AtomicBool,
+}
+
+impl Commits {
+    /// Counts one write.
+    pub(super) fn wrote(&self) {
+        self.written.fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// Whether every write made so far is covered by a finished flush.
+    pub(super) fn all_durable(&self) -> bool {
+        self.flushed.load(Ordering::SeqCst) >= self.written.load(Ordering::SeqCst)
+    }
+
+    /// Makes every write made before this call durable. Concurrent callers share one flush: a
+    /// caller whose writes were covered by a flush that started after them returns without its
+    /// own, and so does one with nothing new to flush.
+    pub(super) async fn commit(&self, db: &Db) -> Result<(), StoreError> {
+        let wanted = self.written.load(Ordering::SeqCst);
+        if self.flushed.load(Ordering::SeqCst) >= wanted {
+            return Ok(());
+        }
+        let _guard = self.flush_lock.lock().await;
+        if self.flushed.load(Ordering::SeqCst) >= wanted {
+            return Ok(());
+        }
+        let h = db.handles()?;
+        // Each write counted by now was in sled's memory before this flush starts.
+        let covered = self.written.load(Ordering::SeqCst);
+        flush_and_sync(db, &h).await?;
+        self.flushed.store(covered, Ordering::SeqCst);
+        self.background_failed.store(false, Ordering::SeqCst);
+        Ok(())
+    }
+
+    /// A commit for writes whose loss in a crash costs at most a second POST (the dedup records
+    /// of delivered events): returns at once and leaves them to the background flush, which
+    /// makes them durable within `store.dedup_flush_interval`. Waits for a commit instead when no
+    /// background flush runs, when its last flush failed, or when more than [`MAX_DEFERRED`]
+    /// writes already wait.
+    pub(super) async fn commit_deferred(&self, db: &Db) -> Result<(), StoreError> {
+        let waiting = self
+            .written
+            .load(Ordering::SeqCst)
+            .saturating_sub(self.flushed.load(Ordering::SeqCst));
+        if waiting == 0 {
+            return Ok(());
+        }
+        if waiting <= MAX_DEFERRED
+            && self.background.load(Ordering::SeqCst)
+            && !self.background_failed.load(Ordering::SeqCst)
+        {
+            self.deferred.notify_one();
+            return Ok(());
+        }
+        self.commit(db).await
+    }
+
+    /// From now on deferred commits are left to [`Commits::flush_in_background`].
+    pub(super) fn take_deferred_commits(&self) {
+        self.background.store(true, Ordering::SeqCst);
+    }
+
+    /// The background flush: once a deferred write waits, lets `interval` go by, so the writes
+    /// of that interval share it, then commits. Until `stop`; then commits what is left and
+    /// returns, and deferred commits flush themselves again.
+    pub(super) async fn flush_in_background(
+        &self,
+        db: &Db,
+        interval: Duration,
+        stop: CancellationToken,
+    ) {
+        loop {
+            tokio::select! {
+                _ = self.deferred.notified() => {}
+                _ = stop.cancelled() => break,
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(interval) => {}
+                _ = stop.cancelled() => break,
+            }
+            if let Err(error) = self.commit(db).await {
+                // The next deferred commit flushes by itself and meets this error, and the
+                // caller's store-failure handling reopens the store.
+                self.background_failed.store(true, Ordering::SeqCst);
+                tracing::error!(%error, "background flush of dedup records failed");
+            }
+        }
+        self.background.store(false, Ordering::SeqCst);
+        // Returns at once when nothing waits.
+        if let Err(error) = self.commit(db).await {
+            tracing::error!(%error, "last background flush of dedup records failed");
+        }
+    }
+}
+
+/// sled's flush, then an `fdatasync` of its log file (see [`Handles::log`]).
+pub(super) async fn flush_and_sync(db: &Db, h: &Handles) -> Result<(), StoreError> {
+    let err = |source| StoreError::Sled {
+        path: db.path().to_string(),
+        source,
+    };
+    h.db.flush_async().await.map_err(err)?;
+    let log = h.log.clone();
+    match tokio::task::spawn_blocking(move || log.sync_data()).await {
+        Ok(synced) => synced.map_err(|e| err(sled::Error::Io(e))),
+        Err(panicked) => Err(err(sled::Error::ReportableBug(format!(
+            "fdatasync of the store log panicked: {panicked}"
+        )))),
+    }
+}

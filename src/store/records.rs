@@ -1,0 +1,204 @@
+//! The records the store keeps, as they are serialised: a pending retry, a dead letter, and the
+//! event inside both.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use base64::Engine as _;
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+
+use crate::event::{Event, SourceKind};
+
+/// Why a message ended in the dead-letter tree.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DeadLetterKind {
+    /// The body could not be parsed; there is no event to deliver.
+    BadInput,
+    /// The envelope's `destination_id` names no (acceptable) destination.
+    Unroutable,
+    /// The destination answered with a failure that is not worth retrying.
+    Failed,
+    /// Every attempt the retry policy allows failed.
+    Exhausted,
+}
+
+/// An attempt still to make: kept in the retry tree, ordered by `next_at_ms`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RetryRecord {
+    pub destination: String,
+    pub event: StoredEvent,
+    /// Attempts made so far (0 for an event parked by an open circuit before any attempt).
+    pub attempts: u32,
+    /// When to attempt next (Unix milliseconds).
+    pub next_at_ms: u64,
+    #[serde(default)]
+    pub last_status: Option<u16>,
+    #[serde(default)]
+    pub last_error: String,
+}
+
+/// The parts of an [`Event`] needed to deliver it again.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StoredEvent {
+    pub id: String,
+    pub topic: String,
+    #[serde(default)]
+    pub tenant_id: Option<String>,
+    #[serde(default)]
+    pub destination_id: Option<String>,
+    pub eligible_for_retry: bool,
+    #[serde(default)]
+    pub time: Option<String>,
+    #[serde(default)]
+    pub metadata: std::collections::BTreeMap<String, String>,
+    /// The JSON body to POST, kept as JSON rather than an escaped string.
+    pub body: Box<RawValue>,
+    pub received_at_ms: u64,
+    pub source: SourceKind,
+}
+
+impl StoredEvent {
+    /// Copies what a later delivery needs from `event`.
+    pub fn from_event(event: &Event) -> StoredEvent {
+        let body = std::str::from_utf8(&event.body)
+            .ok()
+            .and_then(|s| RawValue::from_string(s.to_string()).ok())
+            .unwrap_or_else(|| {
+                // Event bodies are validated JSON; this arm only guards against a programming error.
+                Box::<RawValue>::default()
+            });
+        StoredEvent {
+            id: event.id.clone(),
+            topic: event.topic.clone(),
+            tenant_id: event.tenant_id.clone(),
+            destination_id: event.destination_id.clone(),
+            eligible_for_retry: event.eligible_for_retry,
+            time: event.time.clone(),
+            metadata: event.metadata.clone(),
+            body,
+            received_at_ms: millis(event.received_at),
+            source: event.source,
+        }
+    }
+
+    /// The event again, as the sender needs it.
+    pub fn to_event(&self) -> Event {
+        Event {
+            id: self.id.clone(),
+            topic: self.topic.clone(),
+            tenant_id: self.tenant_id.clone(),
+            destination_id: self.destination_id.clone(),
+            eligible_for_retry: self.eligible_for_retry,
+            time: self.time.clone(),
+            metadata: self.metadata.clone(),
+            body: bytes::Bytes::copy_from_slice(self.body.get().as_bytes()),
+            received_at: UNIX_EPOCH + Duration::from_millis(self.received_at_ms),
+            source: self.source,
+        }
+    }
+}
+
+/// One dead letter: what failed, why, and what is needed to deliver it again.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DeadLetter {
+    /// Unique, time-ordered key, in hex; what `dead-letters replay --id` takes.
+    #[serde(default)]
+    pub key: String,
+    /// When it was dead-lettered (Unix milliseconds).
+    pub at_ms: u64,
+    pub kind: DeadLetterKind,
+    /// The reason, for people.
+    pub reason: String,
+    pub source: SourceKind,
+    /// The destination that failed, when there was one.
+    #[serde(default)]
+    pub destination: Option<String>,
+    #[serde(default)]
+    pub event_id: Option<String>,
+    /// The transport topic or the event topic.
+    #[serde(default)]
+    pub topic: Option<String>,
+    pub attempts: u32,
+    #[serde(default)]
+    pub last_status: Option<u16>,
+    /// The parsed event, when parsing succeeded.
+    #[serde(default)]
+    pub event: Option<StoredEvent>,
+    /// The raw body in base64, when parsing failed.
+    #[serde(default)]
+    pub raw_base64: Option<String>,
+    /// Whether `raw_base64` holds only the first `service.max_payload_bytes` of a larger body.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub raw_truncated: bool,
+}
+
+impl DeadLetter {
+    /// A message that could not be parsed: keep its bytes exactly, or their first `keep` bytes
+    /// (`service.max_payload_bytes`: a 100 MB message must not become a 133 MB record; it cannot
+    /// be replayed either way).
+    pub fn bad_input(
+        source: SourceKind,
+        topic: &str,
+        body: &[u8],
+        reason: String,
+        keep: usize,
+    ) -> DeadLetter {
+        let kept = &body[..body.len().min(keep)];
+        DeadLetter {
+            key: String::new(),
+            at_ms: millis(SystemTime::now()),
+            kind: DeadLetterKind::BadInput,
+            reason,
+            source,
+            destination: None,
+            event_id: None,
+            topic: Some(topic.to_string()),
+            attempts: 0,
+            last_status: None,
+            event: None,
+            raw_base64: Some(base64::engine::general_purpose::STANDARD.encode(kept)),
+            raw_truncated: kept.len() < body.len(),
+        }
+    }
+
+    /// A parsed event that cannot go (further) to `destination`.
+    pub fn for_event(
+        event: &Event,
+        kind: DeadLetterKind,
+        destination: Option<&str>,
+        reason: String,
+        attempts: u32,
+        last_status: Option<u16>,
+    ) -> DeadLetter {
+        DeadLetter {
+            key: String::new(),
+            at_ms: millis(SystemTime::now()),
+            kind,
+            reason,
+            source: event.source,
+            destination: destination.map(str::to_string),
+            event_id: Some(event.id.clone()),
+            topic: Some(event.topic.clone()),
+            attempts,
+            last_status,
+            event: Some(StoredEvent::from_event(event)),
+            raw_base64: None,
+            raw_truncated: false,
+        }
+    }
+
+    /// The raw body of a bad-input letter.
+    pub fn raw(&self) -> Option<Vec<u8>> {
+        self.raw_base64
+            .as_ref()
+            .and_then(|b| base64::engine::general_purpose::STANDARD.decode(b).ok())
+    }
+}
+
+/// Unix milliseconds.
+pub fn millis(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}

@@ -1,0 +1,299 @@
+use std::time::Duration;
+
+use serde_json::value::RawValue;
+
+use super::*;
+use crate::event::SourceKind;
+
+fn config(dir: &std::path::Path, ttl: Duration) -> StoreConfig {
+    StoreConfig {
+        path: dir.to_path_buf(),
+        dedup_ttl: ttl,
+        cache_capacity: 1 << 20,
+        ..StoreConfig::default()
+    }
+}
+
+#[tokio::test]
+async fn a_long_event_id_is_deduplicated_too() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = Store::open(&config(dir.path(), Duration::from_secs(3600))).expect("open");
+    let long_id = "y".repeat(300);
+    assert!(!store.is_delivered("d", &long_id).await.unwrap());
+    store.record_delivered("d", &long_id).await.unwrap();
+    assert!(store.is_delivered("d", &long_id).await.unwrap());
+    assert!(!store.is_delivered("d", &long_id[1..]).await.unwrap());
+}
+
+#[tokio::test]
+async fn dedup_survives_reopen_and_expires() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    {
+        let store = Store::open(&config(dir.path(), Duration::from_secs(3600))).expect("open");
+        assert!(!store.is_delivered("d", "e1").await.unwrap());
+        store.record_delivered("d", "e1").await.unwrap();
+        store.try_commit().await.unwrap();
+        assert!(store.is_delivered("d", "e1").await.unwrap());
+        assert!(!store.is_delivered("other", "e1").await.unwrap());
+    }
+    let store = Store::open(&config(dir.path(), Duration::from_secs(3600))).expect("reopen");
+    assert!(store.is_delivered("d", "e1").await.unwrap());
+    drop(store);
+    let store = Store::open(&config(dir.path(), Duration::from_millis(1))).expect("reopen");
+    std::thread::sleep(Duration::from_millis(5));
+    assert!(!store.is_delivered("d", "e1").await.unwrap(), "expired");
+    assert_eq!(store.sweep_expired().unwrap(), 1);
+    assert_eq!(store.delivered_count(), 0);
+}
+
+#[tokio::test]
+async fn concurrent_commits_share_flushes() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = Store::open(&config(dir.path(), Duration::from_secs(60))).expect("open");
+    let mut tasks = Vec::new();
+    for i in 0..64 {
+        let store = store.clone();
+        tasks.push(tokio::spawn(async move {
+            store.record_delivered("d", &format!("e{i}")).await.unwrap();
+            store.try_commit().await.unwrap();
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    assert_eq!(store.delivered_count(), 64);
+    assert!(store.all_durable(), "every write was followed by a commit");
+}
+
+#[tokio::test]
+async fn a_write_is_durable_only_after_a_commit() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = Store::open(&config(dir.path(), Duration::from_secs(60))).expect("open");
+    assert!(store.all_durable(), "nothing written yet");
+    store.record_delivered("d", "e1").await.unwrap();
+    assert!(!store.all_durable());
+    store.try_commit().await.unwrap();
+    assert!(store.all_durable());
+    store.remove_retry("d", "e1").unwrap();
+    assert!(!store.all_durable(), "a removal counts as a write");
+    store.try_commit().await.unwrap();
+    assert!(store.all_durable());
+}
+
+fn stored(id: &str) -> StoredEvent {
+    StoredEvent {
+        id: id.into(),
+        topic: "t".into(),
+        tenant_id: None,
+        destination_id: None,
+        eligible_for_retry: true,
+        time: None,
+        metadata: Default::default(),
+        body: RawValue::from_string("{}".into()).unwrap(),
+        received_at_ms: 0,
+        source: SourceKind::Rabbitmq,
+    }
+}
+
+#[tokio::test]
+async fn retries_are_ordered_unique_per_pair_and_survive_reopen() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    {
+        let store = Store::open(&config(dir.path(), Duration::from_secs(60))).expect("open");
+        let rec = |id: &str, at: u64, attempts: u32| RetryRecord {
+            destination: "d".into(),
+            event: stored(id),
+            attempts,
+            next_at_ms: at,
+            last_status: Some(503),
+            last_error: "HTTP 503".into(),
+        };
+        store.schedule_retry(&rec("b", 200, 1)).unwrap();
+        store.schedule_retry(&rec("a", 100, 1)).unwrap();
+        store.schedule_retry(&rec("c", 300, 1)).unwrap();
+        // Rescheduling a pair replaces its earlier entry.
+        store.schedule_retry(&rec("a", 250, 2)).unwrap();
+        let mut other = rec("z", 50, 1);
+        other.destination = "e".into();
+        store.schedule_retry(&other).unwrap();
+        assert_eq!(store.pending_retries(), 4);
+        assert_eq!(store.next_retry_at("d").unwrap(), Some(200));
+        assert_eq!(store.next_retry_at("e").unwrap(), Some(50));
+        assert_eq!(store.next_retry_at("none").unwrap(), None);
+        assert_eq!(store.retry_destinations().unwrap(), vec!["d", "e"]);
+        let due = store.due_retries("d", 260, 10, |_| false).unwrap();
+        let ids: Vec<_> = due
+            .iter()
+            .map(|r| (r.event.id.as_str(), r.attempts))
+            .collect();
+        assert_eq!(ids, vec![("b", 1), ("a", 2)]);
+        let due = store.due_retries("d", 260, 10, |id| id == "b").unwrap();
+        assert_eq!(due.len(), 1);
+        store.remove_retry("e", "z").unwrap();
+        store.remove_retry("d", "b").unwrap();
+        store.try_commit().await.unwrap();
+    }
+    let store = Store::open(&config(dir.path(), Duration::from_secs(60))).expect("reopen");
+    let all: Vec<_> = store
+        .retries()
+        .unwrap()
+        .into_iter()
+        .map(|r| r.event.id)
+        .collect();
+    assert_eq!(all, vec!["a", "c"]);
+}
+
+#[tokio::test]
+async fn a_store_that_cannot_open_waits_and_recovers() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cfg = config(dir.path(), Duration::from_secs(60));
+    let first = Store::open(&cfg).expect("open");
+    first.record_delivered("d", "e1").await.expect("write");
+    first.try_commit().await.expect("commit");
+
+    // The lock is held: the worker's store starts closed and says why.
+    let shutdown = Shutdown::new();
+    let second = Store::start(&cfg, &shutdown).await.expect("starts closed");
+    let error = second.is_delivered("d", "e1").await.expect_err("closed");
+    assert!(matches!(error, StoreError::Closed { .. }), "{error}");
+    assert!(error.to_string().contains("in use"), "{error}");
+    assert!(second.closed_reason().is_some());
+    assert!(!second.not_ready_reasons().is_empty());
+    assert!(!second.inner.db.open_if_closed().await);
+
+    drop(first);
+    tokio::time::timeout(Duration::from_secs(10), second.wait_open(&shutdown))
+        .await
+        .expect("opened once the lock was released");
+    assert!(second.closed_reason().is_none());
+    assert!(second.is_delivered("d", "e1").await.expect("open now"));
+
+    // A reopen of an open store (after a disk error) moves the epoch on and keeps what was
+    // committed.
+    let before = second.epoch();
+    let disk_error = StoreError::Sled {
+        path: "x".into(),
+        source: sled::Error::Unsupported("simulated".into()),
+    };
+    assert!(second.inner.db.recover(&disk_error, before.0).await);
+    assert!(second.reopened_since(before));
+    assert!(second.is_delivered("d", "e1").await.expect("reopened"));
+    // A caller that saw the old generation does not reopen again.
+    let after = second.epoch();
+    assert!(second.inner.db.recover(&disk_error, before.0).await);
+    assert!(!second.reopened_since(after));
+    // Errors a reopen cannot cure do not reopen.
+    assert!(!StoreError::Redis("down".into()).cured_by_reopen());
+    second.close().await.expect("close");
+}
+
+#[tokio::test]
+async fn an_unfinished_snapshot_does_not_block_opening() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cfg = config(dir.path(), Duration::from_secs(60));
+    {
+        let store = Store::open(&cfg).expect("open");
+        store.record_delivered("d", "e1").await.expect("write");
+        store.try_commit().await.expect("commit");
+    }
+    // What a snapshot write that hit a full disk leaves behind.
+    std::fs::write(dir.path().join("snap.FFFFFFFFFFFFFFFF.generating"), b"").expect("write");
+    let store = Store::open(&cfg).expect("opens despite the unfinished snapshot");
+    assert!(store.is_delivered("d", "e1").await.expect("read"));
+    assert!(!dir.path().join("snap.FFFFFFFFFFFFFFFF.generating").exists());
+}
+
+#[tokio::test]
+async fn dead_letters_round_trip() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = Store::open(&config(dir.path(), Duration::from_secs(60))).expect("open");
+    let letter = DeadLetter::bad_input(SourceKind::Rabbitmq, "t", b"\xff", "not UTF-8".into(), 16);
+    store.dead_letter(&letter).unwrap();
+    store.try_commit().await.unwrap();
+    let all = store.dead_letters().unwrap();
+    assert_eq!(all.len(), 1);
+    assert_eq!(all[0].raw().unwrap(), b"\xff");
+    assert_eq!(all[0].key.len(), 32);
+    let mut changed = all[0].clone();
+    changed.attempts = 3;
+    store.update_dead_letter(&changed).unwrap();
+    assert_eq!(store.dead_letters().unwrap()[0].attempts, 3);
+    assert!(store.remove_dead_letter(&changed.key).unwrap());
+    assert!(store.dead_letters().unwrap().is_empty());
+}
+
+/// A worker's store (with its background flush) whose flush waits `interval`.
+async fn started(dir: &std::path::Path, interval: Duration) -> Store {
+    let config = StoreConfig {
+        dedup_flush_interval: interval,
+        ..config(dir, Duration::from_secs(3600))
+    };
+    Store::start(&config, &Shutdown::new())
+        .await
+        .expect("start")
+}
+
+/// Waits up to `limit` for every write to be durable; returns how long that took.
+async fn durable_within(store: &Store, limit: Duration) -> Option<Duration> {
+    let start = std::time::Instant::now();
+    while start.elapsed() < limit {
+        if store.all_durable() {
+            return Some(start.elapsed());
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    None
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deferred_commit_returns_at_once_and_the_background_flush_follows() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = started(dir.path(), Duration::from_millis(300)).await;
+    store.record_delivered("d", "e1").await.expect("record");
+    store.commit_deferred().await;
+    assert!(
+        !store.all_durable(),
+        "the deferred commit flushed by itself"
+    );
+    let took = durable_within(&store, Duration::from_secs(5))
+        .await
+        .expect("the background flush never came");
+    assert!(
+        took >= Duration::from_millis(200),
+        "flushed after {took:?}, before the interval"
+    );
+    store.close().await.expect("close");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn closing_the_store_flushes_what_waits() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = started(dir.path(), Duration::from_secs(60)).await;
+    store.record_delivered("d", "e1").await.expect("record");
+    store.commit_deferred().await;
+    assert!(!store.all_durable());
+    store.close().await.expect("close");
+    assert!(store.all_durable(), "records left unflushed at stop");
+    // With no background flush running any more, a deferred commit flushes by itself.
+    store.record_delivered("d", "e2").await.expect("record");
+    store.commit_deferred().await;
+    assert!(store.all_durable());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn too_many_waiting_writes_make_a_deferred_commit_flush() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = started(dir.path(), Duration::from_secs(60)).await;
+    for i in 0..=commit::MAX_DEFERRED {
+        store
+            .record_delivered("d", &format!("e{i}"))
+            .await
+            .expect("record");
+    }
+    store.commit_deferred().await;
+    assert!(
+        store.all_durable(),
+        "more than MAX_DEFERRED writes waited, and the deferred commit did not flush"
+    );
+    store.close().await.expect("close");
+}

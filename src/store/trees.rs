@@ -1,0 +1,355 @@
+//! What the store's trees hold and how they are read and written: the dedup tree, the retry tree
+//! and its index, and the dead-letter tree. Each write is an in-memory insert, durable after the
+//! next commit (see `commit.rs`).
+
+use std::time::SystemTime;
+
+use super::db::Handles;
+use super::records::{millis, DeadLetter, RetryRecord};
+use super::{Store, StoreError};
+
+impl RetryRecord {
+    fn key(&self) -> Vec<u8> {
+        let mut key = retry_prefix(&self.destination);
+        key.extend_from_slice(&self.next_at_ms.to_be_bytes());
+        key.extend_from_slice(self.event.id.as_bytes());
+        key
+    }
+}
+
+fn retry_prefix(destination: &str) -> Vec<u8> {
+    let mut key = Vec::with_capacity(destination.len() + 1 + 8 + 40);
+    key.extend_from_slice(destination.as_bytes());
+    key.push(0);
+    key
+}
+
+impl Store {
+    fn handles(&self) -> Result<std::sync::Arc<Handles>, StoreError> {
+        self.inner.db.handles()
+    }
+
+    fn err(&self, source: sled::Error) -> StoreError {
+        StoreError::Sled {
+            path: self.inner.db.path().to_string(),
+            source,
+        }
+    }
+
+    fn corrupt(&self, message: String) -> StoreError {
+        StoreError::Corrupt {
+            path: self.inner.db.path().to_string(),
+            message,
+        }
+    }
+
+    fn wrote(&self) {
+        self.inner.commits.wrote();
+    }
+
+    /// Whether `event_id` was delivered with a 2xx to `destination` within the dedup TTL,
+    /// by the sled tree.
+    pub(super) fn sled_is_delivered(
+        &self,
+        destination: &str,
+        event_id: &str,
+    ) -> Result<bool, StoreError> {
+        let h = self.handles()?;
+        let found = with_dedup_key(destination, event_id, |key| h.delivered.get(key));
+        let Some(value) = found.map_err(|e| self.err(e))? else {
+            return Ok(false);
+        };
+        let at = decode_millis(&value);
+        let now = millis(SystemTime::now());
+        Ok(now.saturating_sub(at) < self.inner.dedup_ttl.as_millis() as u64)
+    }
+
+    /// Remembers a 2xx delivery in the sled tree. Durable after the next commit.
+    pub(super) fn sled_record_delivered(
+        &self,
+        destination: &str,
+        event_id: &str,
+    ) -> Result<(), StoreError> {
+        let h = self.handles()?;
+        let now = millis(SystemTime::now());
+        with_dedup_key(destination, event_id, |key| {
+            h.delivered.insert(key, &now.to_be_bytes())
+        })
+        .map_err(|e| self.err(e))?;
+        self.wrote();
+        Ok(())
+    }
+
+    /// Adds a dead letter. Durable after the next commit.
+    pub fn dead_letter(&self, letter: &DeadLetter) -> Result<(), StoreError> {
+        let h = self.handles()?;
+        let seq = h.db.generate_id().map_err(|e| self.err(e))?;
+        let mut key = [0u8; 16];
+        key[..8].copy_from_slice(&letter.at_ms.to_be_bytes());
+        key[8..].copy_from_slice(&seq.to_be_bytes());
+        let value = serde_json::to_vec(letter).map_err(|e| StoreError::Corrupt {
+            path: self.inner.db.path().to_string(),
+            message: e.to_string(),
+        })?;
+        h.dead.insert(key, value).map_err(|e| self.err(e))?;
+        self.wrote();
+        Ok(())
+    }
+
+    /// Schedules (or re-schedules) the retry of one event at one destination; an earlier pending
+    /// retry of the same pair is replaced. Durable after the next commit.
+    pub fn schedule_retry(&self, record: &RetryRecord) -> Result<(), StoreError> {
+        let h = self.handles()?;
+        let key = record.key();
+        let pair = dedup_key(&record.destination, &record.event.id);
+        let value = serde_json::to_vec(record).map_err(|e| self.corrupt(e.to_string()))?;
+        // Entry first, index second: a crash in between leaves an entry the index does not know,
+        // which the scheduler still attempts and then removes by its own key.
+        h.retries
+            .insert(key.as_slice(), value)
+            .map_err(|e| self.err(e))?;
+        if let Some(old) = h
+            .retry_index
+            .insert(pair.as_slice(), key.as_slice())
+            .map_err(|e| self.err(e))?
+        {
+            if old.as_ref() != key.as_slice() {
+                h.retries.remove(old).map_err(|e| self.err(e))?;
+            }
+        }
+        self.wrote();
+        Ok(())
+    }
+
+    /// Drops the pending retry of `event_id` at `destination`, if any.
+    pub fn remove_retry(&self, destination: &str, event_id: &str) -> Result<(), StoreError> {
+        let h = self.handles()?;
+        let pair = dedup_key(destination, event_id);
+        if let Some(key) = h.retry_index.remove(pair).map_err(|e| self.err(e))? {
+            h.retries.remove(key).map_err(|e| self.err(e))?;
+        }
+        self.wrote();
+        Ok(())
+    }
+
+    /// Drops exactly this entry (found by its own key, so also one the index lost track of) and
+    /// the index entry if it points here.
+    pub fn remove_retry_record(&self, record: &RetryRecord) -> Result<(), StoreError> {
+        let h = self.handles()?;
+        let key = record.key();
+        h.retries.remove(key.as_slice()).map_err(|e| self.err(e))?;
+        let pair = dedup_key(&record.destination, &record.event.id);
+        let _ = h
+            .retry_index
+            .compare_and_swap(pair, Some(key.as_slice()), None::<&[u8]>)
+            .map_err(|e| self.err(e))?;
+        self.wrote();
+        Ok(())
+    }
+
+    /// Up to `limit` retries of `destination` due at `now_ms`, earliest first, skipping the event
+    /// ids `skip` says are taken.
+    pub fn due_retries(
+        &self,
+        destination: &str,
+        now_ms: u64,
+        limit: usize,
+        skip: impl Fn(&str) -> bool,
+    ) -> Result<Vec<RetryRecord>, StoreError> {
+        let h = self.handles()?;
+        let start = retry_prefix(destination);
+        let mut end = start.clone();
+        end.extend_from_slice(&now_ms.saturating_add(1).to_be_bytes());
+        let mut out = Vec::new();
+        for item in h.retries.range(start..end) {
+            let (_, value) = item.map_err(|e| self.err(e))?;
+            let record: RetryRecord =
+                serde_json::from_slice(&value).map_err(|e| self.corrupt(format!("retry: {e}")))?;
+            if skip(&record.event.id) {
+                continue;
+            }
+            out.push(record);
+            if out.len() >= limit {
+                break;
+            }
+        }
+        Ok(out)
+    }
+
+    /// When `destination`'s earliest pending retry is due (Unix milliseconds).
+    pub fn next_retry_at(&self, destination: &str) -> Result<Option<u64>, StoreError> {
+        let h = self.handles()?;
+        let prefix = retry_prefix(destination);
+        match h.retries.scan_prefix(&prefix).next() {
+            Some(item) => {
+                let (key, _) = item.map_err(|e| self.err(e))?;
+                Ok(key.get(prefix.len()..prefix.len() + 8).map(decode_millis))
+            }
+            None => Ok(None),
+        }
+    }
+
+    /// Destinations that have pending retries (one pass over the index).
+    pub fn retry_destinations(&self) -> Result<Vec<String>, StoreError> {
+        let h = self.handles()?;
+        let mut out: Vec<String> = Vec::new();
+        for item in h.retry_index.iter() {
+            let (pair, _) = item.map_err(|e| self.err(e))?;
+            let name = pair.split(|b| *b == 0).next().unwrap_or(&[]);
+            let name = String::from_utf8_lossy(name).into_owned();
+            if out.last() != Some(&name) {
+                out.push(name);
+            }
+        }
+        out.dedup();
+        Ok(out)
+    }
+
+    /// Dead letters kept.
+    pub fn dead_letter_count(&self) -> usize {
+        self.handles().map(|h| h.dead.len()).unwrap_or(0)
+    }
+
+    /// Pending retries.
+    pub fn pending_retries(&self) -> usize {
+        self.handles().map(|h| h.retry_index.len()).unwrap_or(0)
+    }
+
+    /// Every pending retry, by destination and then time.
+    pub fn retries(&self) -> Result<Vec<RetryRecord>, StoreError> {
+        let h = self.handles()?;
+        let mut out = Vec::new();
+        for item in h.retries.iter() {
+            let (_, value) = item.map_err(|e| self.err(e))?;
+            out.push(
+                serde_json::from_slice(&value).map_err(|e| self.corrupt(format!("retry: {e}")))?,
+            );
+        }
+        Ok(out)
+    }
+
+    /// Replaces the dead letter stored under `key` (its hex form, as listed).
+    pub fn update_dead_letter(&self, letter: &DeadLetter) -> Result<(), StoreError> {
+        let h = self.handles()?;
+        let key = unhex(&letter.key)
+            .ok_or_else(|| self.corrupt(format!("bad dead-letter key {:?}", letter.key)))?;
+        let value = serde_json::to_vec(letter).map_err(|e| self.corrupt(e.to_string()))?;
+        h.dead.insert(key, value).map_err(|e| self.err(e))?;
+        self.wrote();
+        Ok(())
+    }
+
+    /// Removes the dead letter stored under `key` (its hex form, as listed).
+    pub fn remove_dead_letter(&self, key: &str) -> Result<bool, StoreError> {
+        let h = self.handles()?;
+        let raw = unhex(key).ok_or_else(|| self.corrupt(format!("bad dead-letter key {key:?}")))?;
+        let removed = h.dead.remove(raw).map_err(|e| self.err(e))?.is_some();
+        if removed {
+            self.wrote();
+        }
+        Ok(removed)
+    }
+
+    /// Every dead letter, oldest first.
+    pub fn dead_letters(&self) -> Result<Vec<DeadLetter>, StoreError> {
+        let h = self.handles()?;
+        let mut out = Vec::new();
+        for item in h.dead.iter() {
+            let (key, value) = item.map_err(|e| self.err(e))?;
+            let mut letter: DeadLetter =
+                serde_json::from_slice(&value).map_err(|e| StoreError::Corrupt {
+                    path: self.inner.db.path().to_string(),
+                    message: format!("dead letter {}: {e}", hex(&key)),
+                })?;
+            letter.key = hex(&key);
+            out.push(letter);
+        }
+        Ok(out)
+    }
+
+    /// Drops dedup entries older than the TTL; returns how many. Runs in the background.
+    pub fn sweep_expired(&self) -> Result<usize, StoreError> {
+        let h = self.handles()?;
+        let now = millis(SystemTime::now());
+        let ttl = self.inner.dedup_ttl.as_millis() as u64;
+        let mut removed = 0;
+        for item in h.delivered.iter() {
+            let (key, value) = item.map_err(|e| self.err(e))?;
+            if now.saturating_sub(decode_millis(&value)) >= ttl {
+                h.delivered.remove(key).map_err(|e| self.err(e))?;
+                removed += 1;
+            }
+        }
+        Ok(removed)
+    }
+
+    /// Number of remembered deliveries (for logs and tests).
+    pub fn delivered_count(&self) -> usize {
+        self.handles().map(|h| h.delivered.len()).unwrap_or(0)
+    }
+}
+
+/// Calls `f` with [`dedup_key`], built on the stack when it is short: the dedup check and record
+/// run once per delivery, and sled copies the key anyway.
+fn with_dedup_key<T>(destination: &str, event_id: &str, f: impl FnOnce(&[u8]) -> T) -> T {
+    let (d, len) = (destination.len(), destination.len() + 1 + event_id.len());
+    let mut stack = [0u8; 192];
+    match stack.get_mut(..len) {
+        Some(key) => {
+            key[..d].copy_from_slice(destination.as_bytes());
+            key[d] = 0;
+            key[d + 1..].copy_from_slice(event_id.as_bytes());
+            f(key)
+        }
+        None => f(&dedup_key(destination, event_id)),
+    }
+}
+
+fn dedup_key(destination: &str, event_id: &str) -> Vec<u8> {
+    let mut key = Vec::with_capacity(destination.len() + 1 + event_id.len());
+    key.extend_from_slice(destination.as_bytes());
+    key.push(0);
+    key.extend_from_slice(event_id.as_bytes());
+    key
+}
+
+fn decode_millis(value: &[u8]) -> u64 {
+    let mut buf = [0u8; 8];
+    if value.len() == 8 {
+        buf.copy_from_slice(value);
+    }
+    u64::from_be_bytes(buf)
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn unhex(text: &str) -> Option<Vec<u8>> {
+    if text.len() % 2 != 0 {
+        return None;
+    }
+    (0..text.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(text.get(i..i + 2)?, 16).ok())
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stack_and_heap_dedup_keys_are_the_same_bytes() {
+        let long_id = "x".repeat(500);
+        for (destination, id) in [("d", "e1"), ("partner", long_id.as_str()), ("", "")] {
+            let built = with_dedup_key(destination, id, |key| key.to_vec());
+            assert_eq!(
+                built,
+                dedup_key(destination, id),
+                "{destination:?} {}",
+                id.len()
+            );
+        }
+    }
+}
