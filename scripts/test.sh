@@ -5,10 +5,12 @@
 #    (127.0.0.1:6379) answer. A service whose port does not answer is started; a missing binary is
 #    first installed from the Debian packages (rabbitmq-server, mosquitto, redis-server). Root is needed only for that; without root
 #    the commands go through sudo.
-# 2. Runs `cargo test --all-targets`, passing on any arguments:
+# 2. Runs `cargo test --workspace --all-targets` (courier's unit tests, the integration tests in
+#    tests/it, and the tools' own tests), passing on any arguments:
 #        scripts/test.sh                 # everything
 #        scripts/test.sh -- --nocapture  # extra arguments go to cargo test
-#        scripts/test.sh --long          # the fault suite (tests/faults.rs) with 20,000 events
+#        scripts/test.sh faults::        # only the tests whose name contains faults::
+#        scripts/test.sh --long          # the fault suite (tests/it/faults.rs) with 20,000 events
 #                                        # per case instead of 3,000 (about 15 minutes more)
 #
 # When both services already answer, it prints nothing of its own and only runs the tests.
@@ -168,4 +170,4 @@ if [ "${1:-}" = "--long" ]; then
     export COURIER_FAULT_EVENTS="${COURIER_FAULT_EVENTS:-20000}"
 fi
 
-cargo test --all-targets "$@"
+cargo test --workspace --all-targets "$@"

@@ -1,14 +1,12 @@
 //! The `courier` binary: exit codes, and a clean exit on SIGTERM.
 
-mod common;
+use std::process::Command;
+use std::time::Duration;
 
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
-
-use common::*;
+use crate::support::*;
 
 fn courier() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_courier"))
+    courier_command()
 }
 
 #[test]
@@ -81,57 +79,31 @@ fn validate_exit_codes() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_drains_and_exits_zero() {
+    let _brokers = brokers().await;
     let rx = Receiver::start().await;
     rx.set_delay(Duration::from_millis(200));
     let queue = unique("sigterm");
     let dir = tempfile::tempdir().unwrap();
-    let cfg_path = dir.path().join("courier.toml");
-    std::fs::write(
-        &cfg_path,
-        format!(
-            "[service]\nshutdown_timeout = \"10s\"\n[store]\npath = \"{}\"\n[rabbitmq]\nurl = \"{AMQP_URL}\"\nqueue = \"{queue}\"\n[[destinations]]\nname = \"s\"\nurl = \"{}\"\nauth = {{ type = \"basic\", username = \"u\", password = \"${{COURIER_TEST_PW}}\" }}\n",
-            dir.path().join("store").display(),
-            rx.url("/s")
-        ),
-    )
-    .unwrap();
+    // The password comes from the environment, through the config's ${VAR} expansion.
+    let config = ConfigBuilder::new(dir.path().join("store"))
+        .shutdown_timeout(Duration::from_secs(10))
+        .rabbitmq(Rabbit::queue(&queue))
+        .destination(Dest::new("s", &rx.url("/s")).basic_auth("u", "${COURIER_TEST_PW}"));
     let pub_ = Publisher::connect().await;
     pub_.declare_queue(&queue).await;
-    for i in 0..20 {
-        pub_.to_queue(
-            &queue,
-            format!(r#"{{"id":"s{i}","topic":"t","data":{{}}}}"#).as_bytes(),
-        )
-        .await;
-    }
-    let log = dir.path().join("courier.log");
-    let mut child = courier()
-        .args(["run", "--config"])
-        .arg(&cfg_path)
-        .env("COURIER_TEST_PW", "pw-should-not-be-logged")
-        .env("RUST_LOG", "debug")
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .unwrap();
+    publish_events(&pub_, &queue, "s", 0..20).await;
+    let mut child = spawn_launch(
+        launch(&config, dir.path())
+            .env("COURIER_TEST_PW", "pw-should-not-be-logged")
+            .rust_log("debug"),
+    );
     rx.wait_for(3, Duration::from_secs(20)).await;
-    let status = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let exit = loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            break s;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "courier did not exit after SIGTERM"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
-    let logs = std::fs::read_to_string(&log).unwrap();
+    assert!(child.sigterm());
+    let exit = child
+        .wait_exit(Duration::from_secs(20))
+        .await
+        .expect("courier did not exit after SIGTERM");
+    let logs = std::fs::read_to_string(child.log()).unwrap();
     assert_eq!(exit.code(), Some(0), "logs:\n{logs}");
     assert!(logs.contains("shutdown requested"), "{logs}");
     assert!(
