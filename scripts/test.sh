@@ -67,6 +67,19 @@ wait_for_port() {
     done
 }
 
+# Runs a command that starts a daemon, with none of this script's file descriptors open but
+# stdin, stdout and stderr: a daemon keeps what it inherits for as long as it runs, such as the
+# lock of `flock LOCK scripts/test.sh`, which would then never be released.
+detached() {
+    (
+        for fd in /proc/$BASHPID/fd/*; do
+            fd=${fd##*/}
+            if [ "$fd" -gt 2 ]; then eval "exec $fd>&-"; fi
+        done 2>/dev/null
+        "$@"
+    )
+}
+
 PACKAGES_INSTALLED=0
 # Installs both brokers from the Debian packages; runs apt-get update once.
 install_packages() {
@@ -92,7 +105,7 @@ ensure_rabbitmq() {
     if ! port_open "$AMQP_PORT"; then
         log "starting RabbitMQ"
         # A node that is already booting makes this fail; the wait below sorts it out.
-        as_root rabbitmq-server -detached || log "rabbitmq-server -detached failed; waiting for a node anyway"
+        detached as_root rabbitmq-server -detached || log "rabbitmq-server -detached failed; waiting for a node anyway"
     fi
     log "waiting for RabbitMQ (at most ${WAIT_SECONDS}s)"
     local deadline=$((SECONDS + WAIT_SECONDS))
@@ -118,7 +131,7 @@ ensure_mosquitto() {
         log "starting Mosquitto"
         as_root mkdir -p /run/mosquitto
         as_root chown mosquitto /run/mosquitto
-        as_root mosquitto -d -c "$MOSQUITTO_CONF"
+        detached as_root mosquitto -d -c "$MOSQUITTO_CONF"
     fi
     wait_for_port Mosquitto "$MQTT_PORT" /var/log/mosquitto/mosquitto.log
     log "Mosquitto is up on 127.0.0.1:$MQTT_PORT"
@@ -134,7 +147,7 @@ ensure_redis() {
     if ! port_open "$REDIS_PORT"; then
         log "starting Redis"
         # Tests only need a scratch Redis: no snapshots, loopback only.
-        as_root redis-server --daemonize yes --bind 127.0.0.1 --port "$REDIS_PORT" --save "" --appendonly no
+        detached as_root redis-server --daemonize yes --bind 127.0.0.1 --port "$REDIS_PORT" --save "" --appendonly no
     fi
     wait_for_port Redis "$REDIS_PORT" "redis-server's log"
     log "Redis is up on 127.0.0.1:$REDIS_PORT"

@@ -35,6 +35,18 @@ fn wait_mosquitto_port(open: bool) {
     }
 }
 
+/// Starts Mosquitto as scripts/test.sh does, with no file descriptor of this process but stdin,
+/// stdout and stderr: a daemon keeps what it inherits for as long as it runs, such as the lock
+/// of `flock LOCK scripts/test.sh`, which would then never be released.
+const START_MOSQUITTO: &str = r#"
+for fd in /proc/$$/fd/*; do
+    fd=${fd##*/}
+    if [ "$fd" -gt 2 ]; then eval "exec $fd>&-"; fi
+done 2>/dev/null
+mkdir -p /run/mosquitto && chown mosquitto /run/mosquitto
+exec mosquitto -d -c /etc/mosquitto/mosquitto.conf
+"#;
+
 /// Stops the machine's Mosquitto with `signal` (TERM: it saves its persistent sessions first),
 /// waits `down_for`, and starts it again with the same command as scripts/test.sh. Blocking.
 pub fn restart_mosquitto(signal: &str, down_for: Duration) {
@@ -49,11 +61,8 @@ pub fn restart_mosquitto(signal: &str, down_for: Duration) {
     assert!(status.success(), "no mosquitto process to stop");
     wait_mosquitto_port(false);
     std::thread::sleep(down_for);
-    let status = std::process::Command::new("sh")
-        .args([
-            "-c",
-            "mkdir -p /run/mosquitto && chown mosquitto /run/mosquitto; mosquitto -d -c /etc/mosquitto/mosquitto.conf",
-        ])
+    let status = std::process::Command::new("bash")
+        .args(["-c", START_MOSQUITTO])
         .env("PATH", path)
         .status()
         .expect("start mosquitto");
