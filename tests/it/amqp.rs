@@ -77,10 +77,7 @@ async fn envelope_is_posted_with_the_full_contract_and_basic_auth() {
     );
 
     // Acked: nothing left in the queue.
-    eventually("queue drained", WAIT, || {
-        Publisher::counts(&queue) == (0, 0)
-    })
-    .await;
+    wait_drained(&queue, "queue drained", WAIT).await;
     courier.stop().await;
 }
 
@@ -182,10 +179,7 @@ async fn raw_object_with_api_key_and_metadata_block() {
     assert_eq!(meta["EventType"], "Equipment");
     assert_eq!(meta["EventTrigger"], "status");
 
-    eventually("queue drained", WAIT, || {
-        Publisher::counts(&queue) == (0, 0)
-    })
-    .await;
+    wait_drained(&queue, "queue drained", WAIT).await;
     let stats = courier.stop().await;
     assert_eq!(
         rx.requests().len(),
@@ -402,10 +396,7 @@ async fn message_stays_unacked_while_the_receiver_is_answering() {
     assert_eq!(courier.count(|s| &s.acked), 0);
     rx.release();
     courier.wait_count(1, WAIT, |s| &s.acked).await;
-    eventually("acked after the POST", WAIT, || {
-        Publisher::counts(&queue) == (0, 0)
-    })
-    .await;
+    wait_drained(&queue, "acked after the POST", WAIT).await;
     courier.stop().await;
 }
 
@@ -423,7 +414,7 @@ async fn non_2xx_does_not_block_the_ack_and_is_dead_lettered() {
     );
     pub_.to_queue(&queue, event("S1", "t").as_bytes()).await;
     courier.wait_count(1, WAIT, |s| &s.acked).await;
-    eventually("acked", WAIT, || Publisher::counts(&queue) == (0, 0)).await;
+    wait_drained(&queue, "acked", WAIT).await;
     courier.stop().await;
     let letters = open_store(store.path()).dead_letters().unwrap();
     assert_eq!(letters.len(), 1);
@@ -472,10 +463,7 @@ async fn poison_messages_are_dead_lettered_and_the_rest_flows() {
     courier
         .wait_count(poison.len() as u64 + 2, WAIT, |s| &s.acked)
         .await;
-    eventually("queue drained, no requeue loop", WAIT, || {
-        Publisher::counts(&queue) == (0, 0)
-    })
-    .await;
+    wait_drained(&queue, "queue drained, no requeue loop", WAIT).await;
     let stats = courier.stop().await;
     assert_eq!(rx.requests().len(), 2);
     assert_eq!(

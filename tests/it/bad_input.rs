@@ -128,10 +128,7 @@ async fn every_bad_message_is_dead_lettered_with_its_reason_and_the_rest_flows()
     }
     let total = 2 * corpus.len() as u64 + 1;
     courier.wait_count(total, WAIT, |s| &s.acked).await;
-    eventually("queue drained, nothing requeued", WAIT, || {
-        Publisher::counts(&queue) == (0, 0)
-    })
-    .await;
+    wait_drained(&queue, "queue drained, nothing requeued", WAIT).await;
     let stats = courier.stop().await;
     assert_eq!(
         stats.received.load(Ordering::SeqCst),

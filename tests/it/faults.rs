@@ -31,8 +31,36 @@ const IN_FLIGHT: usize = 16;
 /// How long a case may take to deliver everything after its fault is repaired.
 const DRAIN: Duration = Duration::from_secs(120);
 
-/// Held by each case for its whole run, taken before the brokers' guard.
+/// Held by each case for its whole run (in [`Turn`]).
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// Whether a case disturbs the brokers for the other tests.
+enum Disturbs {
+    Nothing,
+    /// Stops RabbitMQ, closes its connections or restarts Mosquitto.
+    Brokers,
+}
+
+/// A case's turn: the fault suite to itself, then the brokers (shared, or to itself alone when
+/// it disturbs them). Always taken in this order, so two cases cannot wait on each other.
+struct Turn {
+    _brokers: Brokers,
+    _serial: tokio::sync::MutexGuard<'static, ()>,
+}
+
+impl Turn {
+    async fn take(disturbs: Disturbs) -> Turn {
+        let serial = SERIAL.lock().await;
+        let brokers = match disturbs {
+            Disturbs::Nothing => brokers().await,
+            Disturbs::Brokers => brokers_exclusive().await,
+        };
+        Turn {
+            _brokers: brokers,
+            _serial: serial,
+        }
+    }
+}
 
 fn event_count() -> usize {
     std::env::var("COURIER_FAULT_EVENTS")
@@ -41,7 +69,8 @@ fn event_count() -> usize {
         .unwrap_or(3000)
 }
 
-fn ids(case: &str) -> Vec<String> {
+/// The ids of a case's events.
+fn case_ids(case: &str) -> Vec<String> {
     (0..event_count()).map(|i| format!("{case}-{i}")).collect()
 }
 
@@ -58,13 +87,12 @@ fn body(id: &str) -> Vec<u8> {
 fn partner(url: &str) -> Dest {
     Dest::new("partner", url)
         .timeout(Duration::from_secs(10))
-        .retry(
-            Retry::default()
-                .max_attempts(1000)
-                .initial_interval(Duration::from_millis(200))
-                .multiplier(2.0)
-                .max_interval(Duration::from_secs(1)),
-        )
+        .retry(Retry::backoff(
+            1000,
+            Duration::from_millis(200),
+            2.0,
+            Duration::from_secs(1),
+        ))
         .circuit(
             Circuit::default()
                 .failures(5)
@@ -198,6 +226,13 @@ impl Figures {
             log_tail(log)
         );
     }
+}
+
+/// The partner's receiver, answering every request after `delay`.
+async fn receiver(delay: Duration) -> Arc<Receiver> {
+    let rx = Receiver::start().await;
+    rx.set_delay(delay);
+    Arc::new(rx)
 }
 
 /// A TCP forwarder in front of the receiver that can go away (connection refused) and come back
@@ -359,7 +394,7 @@ async fn amqp_case<F, Fut>(
     F: FnOnce(Running) -> Fut,
     Fut: std::future::Future<Output = Running>,
 {
-    let ids = ids(case);
+    let ids = case_ids(case);
     let queue = unique(case);
     let dir = tempfile::tempdir().expect("tempdir");
     let store = dir.path().join("store");
@@ -390,11 +425,9 @@ async fn amqp_case<F, Fut>(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rabbitmq_stopped_and_started_mid_stream() {
-    let _serial = SERIAL.lock().await;
-    let _brokers = brokers_exclusive().await;
-    let rx = Receiver::start().await;
+    let _turn = Turn::take(Disturbs::Brokers).await;
     // Slow enough that the broker's stop (seconds of rabbitmqctl) lands mid-stream.
-    rx.set_delay(Duration::from_millis(50));
+    let rx = receiver(Duration::from_millis(50)).await;
     // Messages unacked at the stop come back; their outcome was committed before the ack was
     // attempted, so dedup skips them: no duplicate.
     amqp_case("rabbit-restart", &rx, &rx.url("/e"), 0, |running| async {
@@ -414,55 +447,36 @@ async fn rabbitmq_stopped_and_started_mid_stream() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rabbitmq_connections_force_closed_mid_stream() {
-    let _serial = SERIAL.lock().await;
     // Closes every connection of the default vhost, other tests' included.
-    let _brokers = brokers_exclusive().await;
-    let rx = Receiver::start().await;
-    // Slow enough that the broker's stop (seconds of rabbitmqctl) lands mid-stream.
-    rx.set_delay(Duration::from_millis(50));
-    amqp_case(
-        "rabbit-close-conns",
-        &rx,
-        &rx.url("/e"),
-        0,
-        |running| async {
-            for _ in 0..3 {
-                tokio::task::spawn_blocking(|| {
-                    rabbitmqctl(&["close_all_connections", "courier fault suite"])
-                })
+    let _turn = Turn::take(Disturbs::Brokers).await;
+    // Slow enough that the closes (seconds of rabbitmqctl) land mid-stream.
+    let rx = receiver(Duration::from_millis(50)).await;
+    let close_all = || rabbitmqctl(&["close_all_connections", "courier fault suite"]);
+    let close_thrice = |running: Running| async move {
+        for _ in 0..3 {
+            tokio::task::spawn_blocking(close_all)
                 .await
                 .expect("close connections");
-                tokio::time::sleep(Duration::from_secs(1)).await;
-            }
-            running
-        },
-    )
-    .await;
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+        running
+    };
+    amqp_case("rabbit-close-conns", &rx, &rx.url("/e"), 0, close_thrice).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn courier_sigkilled_mid_stream_amqp() {
-    let _serial = SERIAL.lock().await;
-    let _brokers = brokers().await;
-    let rx = Receiver::start().await;
-    rx.set_delay(Duration::from_millis(2));
-    amqp_case(
-        "courier-kill9-amqp",
-        &rx,
-        &rx.url("/e"),
-        IN_FLIGHT,
-        // The same store: dedup must remember what the killed process delivered.
-        |running| running.kill9_and_restart(Duration::ZERO),
-    )
-    .await;
+    let _turn = Turn::take(Disturbs::Nothing).await;
+    let rx = receiver(Duration::from_millis(2)).await;
+    // The same store: dedup must remember what the killed process delivered.
+    let kill9 = |running: Running| running.kill9_and_restart(Duration::ZERO);
+    amqp_case("courier-kill9-amqp", &rx, &rx.url("/e"), IN_FLIGHT, kill9).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn receiver_down_for_a_while() {
-    let _serial = SERIAL.lock().await;
-    let _brokers = brokers().await;
-    let rx = Receiver::start().await;
-    rx.set_delay(Duration::from_millis(2));
+    let _turn = Turn::take(Disturbs::Nothing).await;
+    let rx = receiver(Duration::from_millis(2)).await;
     let gate = Arc::new(Gate::start(rx.addr).await);
     let g = gate.clone();
     // Going down cuts the requests under way: one the receiver had already answered 2xx
@@ -483,47 +497,45 @@ async fn receiver_down_for_a_while() {
     .await;
 }
 
+/// An AMQP case whose fault is the receiver's own answer: `fault` for `lasting`, then `repair`;
+/// no duplicate allowed.
+async fn receiver_case(
+    case: &'static str,
+    lasting: Duration,
+    fault: fn(&Receiver),
+    repair: fn(&Receiver),
+) {
+    let _turn = Turn::take(Disturbs::Nothing).await;
+    let rx = receiver(Duration::from_millis(2)).await;
+    let r = rx.clone();
+    amqp_case(case, &rx, &rx.url("/e"), 0, |running| async move {
+        fault(&r);
+        tokio::time::sleep(lasting).await;
+        repair(&r);
+        running
+    })
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn receiver_slow_for_a_while() {
-    let _serial = SERIAL.lock().await;
-    let _brokers = brokers().await;
-    let rx = Arc::new(Receiver::start().await);
-    rx.set_delay(Duration::from_millis(2));
-    let r = rx.clone();
     // Two seconds per request stays inside the 10 s timeout: slow, not failed, no duplicate.
-    amqp_case(
+    receiver_case(
         "receiver-slow",
-        &rx,
-        &rx.url("/e"),
-        0,
-        |running| async move {
-            r.set_delay(Duration::from_secs(2));
-            tokio::time::sleep(Duration::from_secs(8)).await;
-            r.set_delay(Duration::from_millis(2));
-            running
-        },
+        Duration::from_secs(8),
+        |r| r.set_delay(Duration::from_secs(2)),
+        |r| r.set_delay(Duration::from_millis(2)),
     )
     .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn receiver_answers_500_for_a_while() {
-    let _serial = SERIAL.lock().await;
-    let _brokers = brokers().await;
-    let rx = Arc::new(Receiver::start().await);
-    rx.set_delay(Duration::from_millis(2));
-    let r = rx.clone();
-    amqp_case(
+    receiver_case(
         "receiver-500",
-        &rx,
-        &rx.url("/e"),
-        0,
-        |running| async move {
-            r.set_status(500);
-            tokio::time::sleep(Duration::from_secs(5)).await;
-            r.set_status(200);
-            running
-        },
+        Duration::from_secs(5),
+        |r| r.set_status(500),
+        |r| r.set_status(200),
     )
     .await;
 }
@@ -577,12 +589,10 @@ fn fill(path: &Path) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn store_disk_full_then_read_only_then_writable() {
-    let _serial = SERIAL.lock().await;
-    let _brokers = brokers().await;
-    let rx = Receiver::start().await;
-    rx.set_delay(Duration::from_millis(2));
+    let _turn = Turn::take(Disturbs::Nothing).await;
+    let rx = receiver(Duration::from_millis(2)).await;
     let case = "store-full-readonly";
-    let ids = ids(case);
+    let ids = case_ids(case);
     let queue = unique(case);
     let dir = tempfile::tempdir().expect("tempdir");
     let mount = dir.path().join("disk");
@@ -682,10 +692,7 @@ async fn store_disk_full_then_read_only_then_writable() {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    eventually("queue drained", Duration::from_secs(30), || {
-        Publisher::counts(&queue) == (0, 0)
-    })
-    .await;
+    wait_drained(&queue, "queue drained", Duration::from_secs(30)).await;
     Figures::count(case, &ids, &rx, started, repaired).check(IN_FLIGHT, &log);
     drop(courier);
     publisher.delete_queue(&queue).await;
@@ -698,9 +705,8 @@ where
     F: FnOnce(Running) -> Fut,
     Fut: std::future::Future<Output = Running>,
 {
-    let rx = Receiver::start().await;
-    rx.set_delay(Duration::from_millis(2));
-    let ids = ids(case);
+    let rx = receiver(Duration::from_millis(2)).await;
+    let ids = case_ids(case);
     let topic = unique(case);
     let dir = tempfile::tempdir().expect("tempdir");
     let store = dir.path().join("store");
@@ -733,8 +739,7 @@ where
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mosquitto_restarted_mid_stream() {
-    let _serial = SERIAL.lock().await;
-    let _brokers = brokers_exclusive().await;
+    let _turn = Turn::take(Disturbs::Brokers).await;
     // A PUBACK lost with the connection makes Mosquitto send the message again; the outcome was
     // committed before the PUBACK, so dedup skips it.
     mqtt_case("mosquitto-restart", 0, |running| async {
@@ -748,8 +753,7 @@ async fn mosquitto_restarted_mid_stream() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn courier_sigkilled_mid_stream_mqtt() {
-    let _serial = SERIAL.lock().await;
-    let _brokers = brokers().await;
+    let _turn = Turn::take(Disturbs::Nothing).await;
     mqtt_case("courier-kill9-mqtt", IN_FLIGHT, |running| {
         running.kill9_and_restart(Duration::from_secs(1))
     })

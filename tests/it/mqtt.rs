@@ -20,10 +20,8 @@ async fn publish_ids(
     prefix: &str,
     range: std::ops::Range<usize>,
 ) {
-    for i in range {
-        publisher
-            .publish(topic, mqtt_event(&format!("{prefix}{i}"), "{}"))
-            .await;
+    for id in ids(prefix, range) {
+        publisher.publish(topic, mqtt_event(&id, "{}")).await;
     }
 }
 
@@ -108,14 +106,10 @@ async fn wait_subscribed_via_stats(publisher: &MqttPublisher, topic: &str, couri
 async fn puback_waits_for_the_post_and_goes_in_arrival_order() {
     let _brokers = brokers().await;
     let rx = Receiver::start().await;
-    let topic = unique("order");
-    let client_id = unique("courier-order");
     let dir = tempfile::tempdir().unwrap();
-    let store = dir.path().join("store");
-    let config = mqtt_config(&topic, &client_id, &store).destination(Dest::new("d", &rx.url("/d")));
+    let (topic, config) = mqtt_to_receiver(&rx, "order", &dir.path().join("store"));
     let process = spawn(&config, dir.path());
-    let publisher = MqttPublisher::connect().await;
-    wait_subscribed(&publisher, &topic, &rx).await;
+    let publisher = subscribed_publisher(&topic, &rx).await;
 
     // m0 is slow; m1..m9 finish long before it. Their PUBACKs must wait for m0's.
     publisher
@@ -166,14 +160,10 @@ async fn puback_waits_for_the_post_and_goes_in_arrival_order() {
 async fn acks_are_sent_so_nothing_comes_back_after_a_clean_stop() {
     let _brokers = brokers().await;
     let rx = Receiver::start().await;
-    let topic = unique("acked");
-    let client_id = unique("courier-acked");
     let store = tempfile::tempdir().unwrap();
-    let config =
-        mqtt_config(&topic, &client_id, store.path()).destination(Dest::new("d", &rx.url("/d")));
+    let (topic, config) = mqtt_to_receiver(&rx, "acked", store.path());
     let courier = Courier::start(&config);
-    let publisher = MqttPublisher::connect().await;
-    wait_subscribed(&publisher, &topic, &rx).await;
+    let publisher = subscribed_publisher(&topic, &rx).await;
     publish_ids(&publisher, &topic, "a", 0..30).await;
     eventually("30 delivered", WAIT, || rx.delivered_with_prefix("a") == 30).await;
     courier.wait_count(30, WAIT, |s| &s.delivered).await;
@@ -197,14 +187,10 @@ async fn acks_are_sent_so_nothing_comes_back_after_a_clean_stop() {
 async fn messages_published_while_courier_is_stopped_arrive_after_restart() {
     let _brokers = brokers().await;
     let rx = Receiver::start().await;
-    let topic = unique("offline");
-    let client_id = unique("courier-offline");
     let store = tempfile::tempdir().unwrap();
-    let config =
-        mqtt_config(&topic, &client_id, store.path()).destination(Dest::new("d", &rx.url("/d")));
+    let (topic, config) = mqtt_to_receiver(&rx, "offline", store.path());
     let courier = Courier::start(&config);
-    let publisher = MqttPublisher::connect().await;
-    wait_subscribed(&publisher, &topic, &rx).await;
+    let publisher = subscribed_publisher(&topic, &rx).await;
     courier.stop().await;
 
     publish_ids(&publisher, &topic, "o", 0..100).await;
@@ -223,16 +209,11 @@ async fn kill_9_mid_stream_loses_nothing() {
     let _brokers = brokers().await;
     let rx = Receiver::start().await;
     rx.set_delay(Duration::from_millis(3));
-    let topic = unique("kill");
-    let client_id = unique("courier-kill");
     let dir = tempfile::tempdir().unwrap();
-    let store = dir.path().join("store");
-    let config = mqtt_config(&topic, &client_id, &store)
-        .max_in_flight(32)
-        .destination(Dest::new("d", &rx.url("/d")));
+    let (topic, config) = mqtt_to_receiver(&rx, "kill", &dir.path().join("store"));
+    let config = config.max_in_flight(32);
     let process = spawn(&config, dir.path());
-    let publisher = MqttPublisher::connect().await;
-    wait_subscribed(&publisher, &topic, &rx).await;
+    let publisher = subscribed_publisher(&topic, &rx).await;
     const N: usize = 600;
     // Under Mosquitto's default max_queued_messages (1,000), so the broker drops nothing.
     publish_ids(&publisher, &topic, "k", 0..N).await;
@@ -305,14 +286,10 @@ async fn shared_group_splits_the_traffic_between_replicas() {
 async fn poison_mqtt_messages_are_dead_lettered() {
     let _brokers = brokers().await;
     let rx = Receiver::start().await;
-    let topic = unique("poison");
     let store = tempfile::tempdir().unwrap();
-    let courier = Courier::start(
-        &mqtt_config(&topic, &unique("courier-poison"), store.path())
-            .destination(Dest::new("d", &rx.url("/d"))),
-    );
-    let publisher = MqttPublisher::connect().await;
-    wait_subscribed(&publisher, &topic, &rx).await;
+    let (topic, config) = mqtt_to_receiver(&rx, "poison", store.path());
+    let courier = Courier::start(&config);
+    let publisher = subscribed_publisher(&topic, &rx).await;
     publisher.publish(&topic, mqtt_event("before", "{}")).await;
     for bad in [
         &b""[..],
@@ -344,15 +321,11 @@ async fn graceful_stop_finishes_in_flight_sends_their_pubacks_and_loses_nothing(
     let _brokers = brokers().await;
     let rx = Receiver::start().await;
     rx.set_delay(Duration::from_millis(20));
-    let topic = unique("graceful");
-    let client_id = unique("courier-graceful");
     let store = tempfile::tempdir().unwrap();
-    let config = mqtt_config(&topic, &client_id, store.path())
-        .max_in_flight(16)
-        .destination(Dest::new("d", &rx.url("/d")));
+    let (topic, config) = mqtt_to_receiver(&rx, "graceful", store.path());
+    let config = config.max_in_flight(16);
     let courier = Courier::start(&config);
-    let publisher = MqttPublisher::connect().await;
-    wait_subscribed(&publisher, &topic, &rx).await;
+    let publisher = subscribed_publisher(&topic, &rx).await;
     const N: usize = 200;
     publish_ids(&publisher, &topic, "g", 0..N).await;
     publisher.wait_acked().await;
@@ -383,14 +356,10 @@ async fn graceful_stop_finishes_in_flight_sends_their_pubacks_and_loses_nothing(
 async fn a_fast_stream_arrives_complete() {
     let _brokers = brokers().await;
     let rx = Receiver::start().await;
-    let topic = unique("stream");
     let store = tempfile::tempdir().unwrap();
-    let courier = Courier::start(
-        &mqtt_config(&topic, &unique("courier-stream"), store.path())
-            .destination(Dest::new("d", &rx.url("/d"))),
-    );
-    let publisher = MqttPublisher::connect().await;
-    wait_subscribed(&publisher, &topic, &rx).await;
+    let (topic, config) = mqtt_to_receiver(&rx, "stream", store.path());
+    let courier = Courier::start(&config);
+    let publisher = subscribed_publisher(&topic, &rx).await;
     const N: usize = 3000;
     let pad = "x".repeat(400);
     for chunk in 0..N / 200 {

@@ -10,14 +10,10 @@ async fn reconnects_after_the_broker_restarts_and_loses_nothing() {
     let _brokers = brokers_exclusive().await;
     let rx = Receiver::start().await;
     rx.set_delay(Duration::from_millis(5));
-    let topic = unique("restart");
     let store = tempfile::tempdir().unwrap();
-    let courier = Courier::start(
-        &mqtt_config(&topic, &unique("courier-restart"), store.path())
-            .destination(Dest::new("d", &rx.url("/d"))),
-    );
-    let publisher = MqttPublisher::connect().await;
-    wait_subscribed(&publisher, &topic, &rx).await;
+    let (topic, config) = mqtt_to_receiver(&rx, "restart", store.path());
+    let courier = Courier::start(&config);
+    let publisher = subscribed_publisher(&topic, &rx).await;
     const N: usize = 300;
     for i in 0..N / 2 {
         publisher

@@ -293,6 +293,23 @@ async fn quorum_queues_through_queue_arguments() {
     rabbitmqctl(&["delete_queue", &queue]);
 }
 
+/// Asserts that replicas "a" and "b" (their `X-Replica` header) both POSTed some of the events
+/// whose id starts with `prefix`.
+fn assert_work_split(rx: &Receiver, prefix: &str) {
+    let by = |r: &str| {
+        rx.requests()
+            .iter()
+            .filter(|q| q.id().starts_with(prefix) && q.header("x-replica") == Some(r))
+            .count()
+    };
+    assert!(
+        by("a") > 0 && by("b") > 0,
+        "work split: a {} / b {}",
+        by("a"),
+        by("b")
+    );
+}
+
 const REDIS_URL: &str = "redis://127.0.0.1:6379";
 
 /// A Redis key prefix no other test uses.
@@ -323,18 +340,7 @@ async fn two_replicas_on_one_queue_share_dedup_in_redis_and_survive_kill_9() {
     const N: usize = 800;
     publish_events(&pub_, &queue, "n", 0..N).await;
     eventually("some delivered", WAIT, || rx.delivered_counts().len() > 200).await;
-    let by = |r: &str| {
-        rx.requests()
-            .iter()
-            .filter(|q| q.header("x-replica") == Some(r))
-            .count()
-    };
-    assert!(
-        by("a") > 0 && by("b") > 0,
-        "work split: a {} / b {}",
-        by("a"),
-        by("b")
-    );
+    assert_work_split(&rx, "n");
     let _ = a.kill9();
     eventually(
         "every event delivered by the survivor",
@@ -342,10 +348,7 @@ async fn two_replicas_on_one_queue_share_dedup_in_redis_and_survive_kill_9() {
         || rx.delivered_with_prefix("n") == N,
     )
     .await;
-    eventually("queue drained", WAIT, || {
-        Publisher::counts(&queue) == (0, 0)
-    })
-    .await;
+    wait_drained(&queue, "queue drained", WAIT).await;
     drop(b);
     let counts = rx.delivered_counts();
     let twice = counts.values().filter(|&&c| c > 1).count();
@@ -390,18 +393,7 @@ async fn two_replicas_on_one_shared_mqtt_subscription_share_dedup_in_redis() {
         rx.delivered_with_prefix("s") > 150
     })
     .await;
-    let by = |r: &str| {
-        rx.requests()
-            .iter()
-            .filter(|q| q.id().starts_with('s') && q.header("x-replica") == Some(r))
-            .count()
-    };
-    assert!(
-        by("a") > 0 && by("b") > 0,
-        "work split: a {} / b {}",
-        by("a"),
-        by("b")
-    );
+    assert_work_split(&rx, "s");
     let _ = a.kill9();
     // The killed replica's session keeps its share; it comes back (same client id) to finish.
     let a_again = spawn(&config("a"), dir.path());

@@ -12,11 +12,11 @@ const WAIT: Duration = Duration::from_secs(30);
 
 /// Four attempts, 100 ms apart at first, doubling up to 1 s.
 fn fast_retry() -> Retry {
-    Retry::default()
-        .max_attempts(4)
-        .initial_interval(Duration::from_millis(100))
-        .multiplier(2.0)
-        .max_interval(Duration::from_secs(1))
+    Retry::backoff(4, ms(100), 2.0, Duration::from_secs(1))
+}
+
+fn ms(millis: u64) -> Duration {
+    Duration::from_millis(millis)
 }
 
 async fn setup(prefix: &str) -> (String, tempfile::TempDir, Publisher) {
@@ -40,10 +40,7 @@ async fn retryable_failures_are_retried_from_the_store_after_the_ack() {
         .await;
     // The message is acked once the first attempt is recorded, not held for the retries.
     courier.wait_count(1, WAIT, |s| &s.acked).await;
-    eventually("queue drained", WAIT, || {
-        Publisher::counts(&queue) == (0, 0)
-    })
-    .await;
+    wait_drained(&queue, "queue drained", WAIT).await;
     eventually("delivered on the third attempt", WAIT, || {
         rx.delivered_counts().get("R1") == Some(&1)
     })
@@ -147,13 +144,7 @@ async fn exhausted_retries_end_in_a_dead_letter() {
     let courier = Courier::start(
         &rabbit_config(&queue, store.path()).destination(
             Dest::new("x", &rx.url("/x"))
-                .retry(
-                    Retry::default()
-                        .max_attempts(3)
-                        .initial_interval(Duration::from_millis(50))
-                        .multiplier(2.0)
-                        .max_interval(Duration::from_millis(200)),
-                )
+                .retry(Retry::backoff(3, ms(50), 2.0, ms(200)))
                 .circuit(Circuit::default().failures(100)),
         ),
     );
@@ -185,13 +176,7 @@ async fn pending_retries_survive_a_restart() {
     rx.set_status(503);
     let (queue, store, pub_) = setup("restart-retry").await;
     let config = rabbit_config(&queue, store.path()).destination(
-        Dest::new("p", &rx.url("/p")).retry(
-            Retry::default()
-                .max_attempts(5)
-                .initial_interval(Duration::from_millis(1500))
-                .multiplier(1.0)
-                .max_interval(Duration::from_millis(1500)),
-        ),
+        Dest::new("p", &rx.url("/p")).retry(Retry::backoff(5, ms(1500), 1.0, ms(1500))),
     );
     let courier = Courier::start(&config);
     pub_.to_queue(&queue, event("P1", "t").as_bytes()).await;
@@ -288,13 +273,7 @@ async fn circuit_probe_closes_it_and_parked_events_are_delivered() {
     let courier = Courier::start(
         &rabbit_config(&queue, store.path()).destination(
             Dest::new("p", &rx.url("/p"))
-                .retry(
-                    Retry::default()
-                        .max_attempts(10)
-                        .initial_interval(Duration::from_millis(100))
-                        .multiplier(1.0)
-                        .max_interval(Duration::from_millis(100)),
-                )
+                .retry(Retry::backoff(10, ms(100), 1.0, ms(100)))
                 .circuit(
                     Circuit::default()
                         .failures(2)
@@ -503,8 +482,8 @@ async fn cli_says_what_to_do_when_the_store_is_busy_and_no_admin_port_is_set() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_saturated_destination_recovers_once_it_answers_again() {
     let _brokers = brokers().await;
-    // Regression: a slot timeout on a half-open circuit used to take the probe and never give it
-    // back, so the destination stayed blocked (everything parked) until a restart.
+    // A slot timeout on a half-open circuit gives the probe back: kept, the destination would stay
+    // blocked (everything parked) until a restart.
     let rx = Receiver::start().await;
     rx.hold();
     let (queue, store, pub_) = setup("saturated").await;

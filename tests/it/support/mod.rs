@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;
 
-pub use brokers::{brokers, brokers_exclusive};
+pub use brokers::{brokers, brokers_exclusive, Brokers};
 pub use courier_testkit::*;
 
 use courier::{Config, Stats};
@@ -181,11 +181,35 @@ pub async fn publish_events(
     prefix: &str,
     range: std::ops::Range<usize>,
 ) {
-    for i in range {
-        publisher
-            .to_queue(queue, event(&format!("{prefix}{i}"), "t").as_bytes())
-            .await;
+    for id in ids(prefix, range) {
+        publisher.to_queue(queue, event(&id, "t").as_bytes()).await;
     }
+}
+
+/// `<prefix><i>` for every `i` in `range`.
+pub fn ids(prefix: &str, range: std::ops::Range<usize>) -> impl Iterator<Item = String> + '_ {
+    range.map(move |i| format!("{prefix}{i}"))
+}
+
+/// Waits until `queue` holds no message, ready or unacked; panics with `what` after `timeout`.
+pub async fn wait_drained(queue: &str, what: &str, timeout: Duration) {
+    eventually(what, timeout, || Publisher::counts(queue) == (0, 0)).await;
+}
+
+/// A courier subscribed to a topic of its own (named after `prefix`) as a client of its own,
+/// POSTing every event to `/d` on `rx`, its store in `store`: the topic and the configuration.
+pub fn mqtt_to_receiver(rx: &Receiver, prefix: &str, store: &Path) -> (String, ConfigBuilder) {
+    let topic = unique(prefix);
+    let config = mqtt_config(&topic, &unique(&format!("courier-{prefix}")), store)
+        .destination(Dest::new("d", &rx.url("/d")));
+    (topic, config)
+}
+
+/// A publisher, once courier's subscription to `topic` is in place ([`wait_subscribed`]).
+pub async fn subscribed_publisher(topic: &str, rx: &Receiver) -> MqttPublisher {
+    let publisher = MqttPublisher::connect().await;
+    wait_subscribed(&publisher, topic, rx).await;
+    publisher
 }
 
 /// Publishes probe events to `topic` until one reaches the receiver, proving courier's

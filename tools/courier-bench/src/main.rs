@@ -173,17 +173,7 @@ fn rows(r: &Results) -> Vec<Row> {
     let mut rows = Vec::new();
     let courier_rate = r.amqp.as_ref().map_or(f64::NAN, |a| a.rate);
     if let Some(a) = &r.amqp {
-        rows.push(Row {
-            case: "RabbitMQ -> HTTP",
-            figure: format!(
-                "{:.0}/s = {:.2} x L ({:.0} us CPU/event)",
-                a.rate,
-                a.rate / r.limit,
-                a.cpu_us
-            ),
-            target: ">= 0.85 x L".into(),
-            met: Some(a.rate >= 0.85 * r.limit),
-        });
+        rows.push(drain_row("RabbitMQ -> HTTP", a.rate, r.limit, a.cpu_us));
     }
     if let Some(py) = r.python {
         rows.push(Row {
@@ -194,17 +184,7 @@ fn rows(r: &Results) -> Vec<Row> {
         });
     }
     if let Some(m) = &r.mqtt {
-        rows.push(Row {
-            case: "MQTT -> HTTP",
-            figure: format!(
-                "{:.0}/s = {:.2} x L ({:.0} us CPU/event)",
-                m.rate,
-                m.rate / m.limit,
-                m.cpu_us
-            ),
-            target: ">= 0.85 x L".into(),
-            met: Some(m.rate >= 0.85 * m.limit),
-        });
+        rows.push(drain_row("MQTT -> HTTP", m.rate, m.limit, m.cpu_us));
     }
     if let Some((p50, p99, max)) = r.latency {
         rows.push(Row {
@@ -257,6 +237,19 @@ fn rows(r: &Results) -> Vec<Row> {
         });
     }
     rows
+}
+
+/// A drain case's row: its rate against its limit L, and courier's CPU per event.
+fn drain_row(case: &'static str, rate: f64, limit: f64, cpu_us: f64) -> Row {
+    Row {
+        case,
+        figure: format!(
+            "{rate:.0}/s = {:.2} x L ({cpu_us:.0} us CPU/event)",
+            rate / limit
+        ),
+        target: ">= 0.85 x L".into(),
+        met: Some(rate >= 0.85 * limit),
+    }
 }
 
 fn print_table(rows: &[Row], raw_limits: &[String]) {

@@ -426,6 +426,16 @@ pub struct Retry {
 }
 
 impl Retry {
+    /// Every key: `max_attempts` in all, the first `initial` after the first attempt, each wait
+    /// `multiplier` times the one before, up to `max`.
+    pub fn backoff(max_attempts: u32, initial: Duration, multiplier: f64, max: Duration) -> Retry {
+        Retry::default()
+            .max_attempts(max_attempts)
+            .initial_interval(initial)
+            .multiplier(multiplier)
+            .max_interval(max)
+    }
+
     /// Attempts in all, the first included.
     pub fn max_attempts(mut self, n: u32) -> Self {
         self.max_attempts = Some(n);
