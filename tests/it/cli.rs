@@ -1,13 +1,8 @@
 //! The `courier` binary: exit codes, and a clean exit on SIGTERM.
 
-use std::process::Command;
 use std::time::Duration;
 
 use crate::support::*;
-
-fn courier() -> Command {
-    courier_command()
-}
 
 #[test]
 fn validate_exit_codes() {
@@ -18,7 +13,7 @@ fn validate_exit_codes() {
         "[rabbitmq]\nurl = \"amqp://127.0.0.1\"\nqueue = \"q\"\n[[destinations]]\nname = \"a\"\nurl = \"http://127.0.0.1/\"\n",
     )
     .unwrap();
-    let out = courier()
+    let out = courier_command()
         .args(["validate", "--config"])
         .arg(&good)
         .output()
@@ -36,7 +31,7 @@ fn validate_exit_codes() {
         "[rabbitmq]\nurl = \"amqp://127.0.0.1\"\nqueue = \"q\"\n[mqtt]\nurl = \"mqtt://127.0.0.1\"\nclient_id = \"c\"\ntopics = [\"t/#\"]\n[[destinations]]\nname = \"a\"\nurl = \"http://127.0.0.1/\"\n",
     )
     .unwrap();
-    let out = courier()
+    let out = courier_command()
         .args(["validate", "--config"])
         .arg(&both)
         .output()
@@ -51,7 +46,7 @@ fn validate_exit_codes() {
     )
     .unwrap();
     for sub in ["validate", "run"] {
-        let out = courier()
+        let out = courier_command()
             .args([sub, "--config"])
             .arg(&bad)
             .output()
@@ -60,14 +55,14 @@ fn validate_exit_codes() {
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(stderr.contains("destinations[0].url"), "{sub}: {stderr}");
     }
-    let out = courier()
+    let out = courier_command()
         .args(["validate", "--config", "/nonexistent/courier.toml"])
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
 
     // Environment overrides reach the config (and are validated like the file).
-    let out = courier()
+    let out = courier_command()
         .args(["validate", "--config"])
         .arg(&good)
         .env("COURIER_SERVICE__MAX_IN_FLIGHT", "0")
