@@ -7,59 +7,35 @@ use crate::support::*;
 #[test]
 fn validate_exit_codes() {
     let dir = tempfile::tempdir().unwrap();
-    let good = dir.path().join("good.toml");
-    std::fs::write(
-        &good,
-        "[rabbitmq]\nurl = \"amqp://127.0.0.1\"\nqueue = \"q\"\n[[destinations]]\nname = \"a\"\nurl = \"http://127.0.0.1/\"\n",
-    )
-    .unwrap();
-    let out = courier_command()
-        .args(["validate", "--config"])
-        .arg(&good)
-        .output()
-        .unwrap();
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let write = |name: &str, config: ConfigBuilder| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, config.toml()).unwrap();
+        path
+    };
+    let rabbit = |url: &str| {
+        ConfigBuilder::new(dir.path().join("store"))
+            .rabbitmq(Rabbit::queue("q").url("amqp://127.0.0.1"))
+            .destination(Dest::new("a", url))
+    };
+    let good = write("good.toml", rabbit("http://127.0.0.1/"));
+    let (code, out, err) = run_cli(&["validate"], &good);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("sources: rabbitmq"));
+    let both = write(
+        "both.toml",
+        rabbit("http://127.0.0.1/").mqtt(Mqtt::new("c", "t/#")),
     );
-    assert!(String::from_utf8_lossy(&out.stdout).contains("sources: rabbitmq"));
-    let both = dir.path().join("both.toml");
-    std::fs::write(
-        &both,
-        "[rabbitmq]\nurl = \"amqp://127.0.0.1\"\nqueue = \"q\"\n[mqtt]\nurl = \"mqtt://127.0.0.1\"\nclient_id = \"c\"\ntopics = [\"t/#\"]\n[[destinations]]\nname = \"a\"\nurl = \"http://127.0.0.1/\"\n",
-    )
-    .unwrap();
-    let out = courier_command()
-        .args(["validate", "--config"])
-        .arg(&both)
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(stdout.contains("sources: rabbitmq, mqtt"), "{stdout}");
+    let (_, out, _) = run_cli(&["validate"], &both);
+    assert!(out.contains("sources: rabbitmq, mqtt"), "{out}");
 
-    let bad = dir.path().join("bad.toml");
-    std::fs::write(
-        &bad,
-        "[rabbitmq]\nurl = \"amqp://127.0.0.1\"\nqueue = \"q\"\n[[destinations]]\nname = \"a\"\nurl = \"not a url\"\n",
-    )
-    .unwrap();
+    let bad = write("bad.toml", rabbit("not a url"));
     for sub in ["validate", "run"] {
-        let out = courier_command()
-            .args([sub, "--config"])
-            .arg(&bad)
-            .output()
-            .unwrap();
-        assert_eq!(out.status.code(), Some(2), "{sub}");
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert!(stderr.contains("destinations[0].url"), "{sub}: {stderr}");
+        let (code, _, err) = run_cli(&[sub], &bad);
+        assert_eq!(code, 2, "{sub}");
+        assert!(err.contains("destinations[0].url"), "{sub}: {err}");
     }
-    let out = courier_command()
-        .args(["validate", "--config", "/nonexistent/courier.toml"])
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(2));
+    let (code, _, _) = run_cli(&["validate"], "/nonexistent/courier.toml".as_ref());
+    assert_eq!(code, 2);
 
     // Environment overrides reach the config (and are validated like the file).
     let out = courier_command()
