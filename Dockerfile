@@ -5,6 +5,9 @@ FROM rust:1-bookworm AS builder
 WORKDIR /src
 COPY Cargo.toml Cargo.lock ./
 COPY src ./src
+# The workspace's other members (the test kit and the benchmark): cargo reads their manifests,
+# though `cargo build` at the root builds courier alone.
+COPY tools ./tools
 # The cache mounts keep the crate registry and build artifacts between builds (BuildKit).
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target \

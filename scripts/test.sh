@@ -5,10 +5,12 @@
 #    (127.0.0.1:6379) answer. A service whose port does not answer is started; a missing binary is
 #    first installed from the Debian packages (rabbitmq-server, mosquitto, redis-server). Root is needed only for that; without root
 #    the commands go through sudo.
-# 2. Runs `cargo test --all-targets`, passing on any arguments:
+# 2. Runs `cargo test --workspace --all-targets` (courier's unit tests, the integration tests in
+#    tests/it, and the tools' own tests), passing on any arguments:
 #        scripts/test.sh                 # everything
 #        scripts/test.sh -- --nocapture  # extra arguments go to cargo test
-#        scripts/test.sh --long          # the fault suite (tests/faults.rs) with 20,000 events
+#        scripts/test.sh faults::        # only the tests whose name contains faults::
+#        scripts/test.sh --long          # the fault suite (tests/it/faults.rs) with 20,000 events
 #                                        # per case instead of 3,000 (about 15 minutes more)
 #
 # When both services already answer, it prints nothing of its own and only runs the tests.
@@ -65,6 +67,19 @@ wait_for_port() {
     done
 }
 
+# Runs a command that starts a daemon, with none of this script's file descriptors open but
+# stdin, stdout and stderr: a daemon keeps what it inherits for as long as it runs, such as the
+# lock of `flock LOCK scripts/test.sh`, which would then never be released.
+detached() {
+    (
+        for fd in /proc/$BASHPID/fd/*; do
+            fd=${fd##*/}
+            if [ "$fd" -gt 2 ]; then eval "exec $fd>&-"; fi
+        done 2>/dev/null
+        "$@"
+    )
+}
+
 PACKAGES_INSTALLED=0
 # Installs both brokers from the Debian packages; runs apt-get update once.
 install_packages() {
@@ -90,7 +105,7 @@ ensure_rabbitmq() {
     if ! port_open "$AMQP_PORT"; then
         log "starting RabbitMQ"
         # A node that is already booting makes this fail; the wait below sorts it out.
-        as_root rabbitmq-server -detached || log "rabbitmq-server -detached failed; waiting for a node anyway"
+        detached as_root rabbitmq-server -detached || log "rabbitmq-server -detached failed; waiting for a node anyway"
     fi
     log "waiting for RabbitMQ (at most ${WAIT_SECONDS}s)"
     local deadline=$((SECONDS + WAIT_SECONDS))
@@ -116,7 +131,7 @@ ensure_mosquitto() {
         log "starting Mosquitto"
         as_root mkdir -p /run/mosquitto
         as_root chown mosquitto /run/mosquitto
-        as_root mosquitto -d -c "$MOSQUITTO_CONF"
+        detached as_root mosquitto -d -c "$MOSQUITTO_CONF"
     fi
     wait_for_port Mosquitto "$MQTT_PORT" /var/log/mosquitto/mosquitto.log
     log "Mosquitto is up on 127.0.0.1:$MQTT_PORT"
@@ -132,7 +147,7 @@ ensure_redis() {
     if ! port_open "$REDIS_PORT"; then
         log "starting Redis"
         # Tests only need a scratch Redis: no snapshots, loopback only.
-        as_root redis-server --daemonize yes --bind 127.0.0.1 --port "$REDIS_PORT" --save "" --appendonly no
+        detached as_root redis-server --daemonize yes --bind 127.0.0.1 --port "$REDIS_PORT" --save "" --appendonly no
     fi
     wait_for_port Redis "$REDIS_PORT" "redis-server's log"
     log "Redis is up on 127.0.0.1:$REDIS_PORT"
@@ -168,4 +183,4 @@ if [ "${1:-}" = "--long" ]; then
     export COURIER_FAULT_EVENTS="${COURIER_FAULT_EVENTS:-20000}"
 fi
 
-cargo test --all-targets "$@"
+cargo test --workspace --all-targets "$@"

@@ -1,40 +1,45 @@
 //! The MQTT source against the real Mosquitto on 127.0.0.1:1883 (default limits: 20 messages in
 //! flight per client). Every test uses its own topics, client ids and store.
 
-mod common;
-
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use common::*;
+use crate::support::*;
 
 const WAIT: Duration = Duration::from_secs(30);
 
-fn event(id: &str, data: &str) -> String {
+/// An envelope with no topic (the MQTT topic name routes it) and this data.
+fn mqtt_event(id: &str, data: &str) -> String {
     format!(r#"{{"id":"{id}","data":{data}}}"#)
+}
+
+/// Publishes `<prefix><i>` with empty data for every `i` in `range`.
+async fn publish_ids(
+    publisher: &MqttPublisher,
+    topic: &str,
+    prefix: &str,
+    range: std::ops::Range<usize>,
+) {
+    for id in ids(prefix, range) {
+        publisher.publish(topic, mqtt_event(&id, "{}")).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mqtt_publish_is_posted_with_the_full_contract() {
+    let _brokers = brokers().await;
     let rx = Receiver::start().await;
     let base = unique("contract");
     let store = tempfile::tempdir().unwrap();
-    let destinations = [
-        dest(
-            "partner",
-            &rx.url("/events"),
-            "topics = [\"tempo/events/batch/+\"]\nmetadata_in_payload = true\nauth = { type = \"api_key\", header = \"X-API-Key\", key = \"k\" }",
-        ),
-        dest("other", &rx.url("/other"), "topics = [\"tempo/events/equipment/#\"]"),
-    ]
-    .concat();
-    let courier = Courier::start(mqtt_config(
-        &format!("{base}/#"),
-        &unique("courier"),
-        store.path(),
-        "",
-        &destinations,
-    ));
+    let courier = Courier::start(
+        &mqtt_config(&format!("{base}/#"), &unique("courier"), store.path()).destinations([
+            Dest::new("partner", &rx.url("/events"))
+                .topics(["tempo/events/batch/+"])
+                .metadata_in_payload()
+                .api_key("X-API-Key", "k"),
+            Dest::new("other", &rx.url("/other")).topics(["tempo/events/equipment/#"]),
+        ]),
+    );
     let publisher = MqttPublisher::connect().await;
     // Probes go to a topic no destination matches, so they are not POSTed.
     wait_subscribed_via_stats(&publisher, &format!("{base}/probe"), &courier).await;
@@ -86,43 +91,31 @@ async fn mqtt_publish_is_posted_with_the_full_contract() {
 /// Like [`wait_subscribed`], for a courier whose destinations do not match the probe topic: waits
 /// for courier to count a received message.
 async fn wait_subscribed_via_stats(publisher: &MqttPublisher, topic: &str, courier: &Courier) {
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    let mut i = 0;
-    while courier.count(|s| &s.received) == 0 {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "courier never subscribed"
-        );
-        publisher
-            .publish(topic, event(&format!("probe-{i}"), "{}"))
-            .await;
-        i += 1;
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    let subscribed = publisher
+        .probe_until(
+            topic,
+            Duration::from_millis(200),
+            Duration::from_secs(20),
+            || courier.count(|s| &s.received) > 0,
+        )
+        .await;
+    assert!(subscribed, "courier never subscribed");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn puback_waits_for_the_post_and_goes_in_arrival_order() {
+    let _brokers = brokers().await;
     let rx = Receiver::start().await;
-    let topic = unique("order");
-    let client_id = unique("courier-order");
     let dir = tempfile::tempdir().unwrap();
-    let store = dir.path().join("store");
-    let destinations = dest("d", &rx.url("/d"), "");
-    let text = mqtt_config_text(&topic, &client_id, &store, "", &destinations);
-    let process = CourierProcess::spawn(&text, dir.path());
-    let publisher = MqttPublisher::connect().await;
-    wait_subscribed(&publisher, &topic, &rx).await;
+    let (topic, config) = mqtt_to_receiver(&rx, "order", &dir.path().join("store"));
+    let process = spawn(&config, dir.path());
+    let publisher = subscribed_publisher(&topic, &rx).await;
 
     // m0 is slow; m1..m9 finish long before it. Their PUBACKs must wait for m0's.
     publisher
-        .publish(&topic, event("m0", r#"{"delay_ms":60000}"#))
+        .publish(&topic, mqtt_event("m0", r#"{"delay_ms":60000}"#))
         .await;
-    for i in 1..10 {
-        publisher
-            .publish(&topic, event(&format!("m{i}"), "{}"))
-            .await;
-    }
+    publish_ids(&publisher, &topic, "m", 1..10).await;
     publisher.wait_acked().await;
     rx.wait_arrival("m0", WAIT).await;
     eventually("m1..m9 delivered", WAIT, || {
@@ -135,9 +128,7 @@ async fn puback_waits_for_the_post_and_goes_in_arrival_order() {
     let logs = process.kill9();
 
     // Same session, same store: the broker redelivers everything that was not PUBACKed.
-    let mut cfg = courier::Config::from_toml(&text).unwrap();
-    cfg.service.shutdown_timeout = Duration::from_secs(2);
-    let courier = Courier::start(cfg.clone());
+    let courier = Courier::start(&config.shutdown_timeout(Duration::from_secs(2)));
     // m0 is delayed 60 s by the receiver: only its arrival is awaited.
     eventually("all 10 redelivered", WAIT, || {
         courier.count(|s| &s.received) >= 10
@@ -167,38 +158,21 @@ async fn puback_waits_for_the_post_and_goes_in_arrival_order() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn acks_are_sent_so_nothing_comes_back_after_a_clean_stop() {
+    let _brokers = brokers().await;
     let rx = Receiver::start().await;
-    let topic = unique("acked");
-    let client_id = unique("courier-acked");
     let store = tempfile::tempdir().unwrap();
-    let cfg = mqtt_config(
-        &topic,
-        &client_id,
-        store.path(),
-        "",
-        &dest("d", &rx.url("/d"), ""),
-    );
-    let courier = Courier::start(cfg.clone());
-    let publisher = MqttPublisher::connect().await;
-    wait_subscribed(&publisher, &topic, &rx).await;
-    for i in 0..30 {
-        publisher
-            .publish(&topic, event(&format!("a{i}"), "{}"))
-            .await;
-    }
-    eventually("30 delivered", WAIT, || {
-        rx.delivered_counts()
-            .keys()
-            .filter(|k| k.starts_with('a'))
-            .count()
-            == 30
-    })
-    .await;
+    let (topic, config) = mqtt_to_receiver(&rx, "acked", store.path());
+    let courier = Courier::start(&config);
+    let publisher = subscribed_publisher(&topic, &rx).await;
+    publish_ids(&publisher, &topic, "a", 0..30).await;
+    eventually("30 delivered", WAIT, || rx.delivered_with_prefix("a") == 30).await;
     courier.wait_count(30, WAIT, |s| &s.delivered).await;
     courier.stop().await;
 
-    let courier = Courier::start(cfg);
-    publisher.publish(&topic, event("sentinel", "{}")).await;
+    let courier = Courier::start(&config);
+    publisher
+        .publish(&topic, mqtt_event("sentinel", "{}"))
+        .await;
     rx.wait_for_id("sentinel", WAIT).await;
     courier.wait_count(1, WAIT, |s| &s.acked).await;
     let stats = courier.stop().await;
@@ -211,35 +185,19 @@ async fn acks_are_sent_so_nothing_comes_back_after_a_clean_stop() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn messages_published_while_courier_is_stopped_arrive_after_restart() {
+    let _brokers = brokers().await;
     let rx = Receiver::start().await;
-    let topic = unique("offline");
-    let client_id = unique("courier-offline");
     let store = tempfile::tempdir().unwrap();
-    let cfg = mqtt_config(
-        &topic,
-        &client_id,
-        store.path(),
-        "",
-        &dest("d", &rx.url("/d"), ""),
-    );
-    let courier = Courier::start(cfg.clone());
-    let publisher = MqttPublisher::connect().await;
-    wait_subscribed(&publisher, &topic, &rx).await;
+    let (topic, config) = mqtt_to_receiver(&rx, "offline", store.path());
+    let courier = Courier::start(&config);
+    let publisher = subscribed_publisher(&topic, &rx).await;
     courier.stop().await;
 
-    for i in 0..100 {
-        publisher
-            .publish(&topic, event(&format!("o{i}"), "{}"))
-            .await;
-    }
+    publish_ids(&publisher, &topic, "o", 0..100).await;
     publisher.wait_acked().await;
-    let courier = Courier::start(cfg);
+    let courier = Courier::start(&config);
     eventually("100 queued messages delivered", WAIT, || {
-        rx.delivered_counts()
-            .keys()
-            .filter(|k| k.starts_with('o'))
-            .count()
-            == 100
+        rx.delivered_with_prefix("o") == 100
     })
     .await;
     courier.stop().await;
@@ -248,54 +206,31 @@ async fn messages_published_while_courier_is_stopped_arrive_after_restart() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_mid_stream_loses_nothing() {
+    let _brokers = brokers().await;
     let rx = Receiver::start().await;
     rx.set_delay(Duration::from_millis(3));
-    let topic = unique("kill");
-    let client_id = unique("courier-kill");
     let dir = tempfile::tempdir().unwrap();
-    let store = dir.path().join("store");
-    let text = mqtt_config_text(
-        &topic,
-        &client_id,
-        &store,
-        "",
-        &dest("d", &rx.url("/d"), ""),
-    )
-    .replace("[service]", "[service]\nmax_in_flight = 32");
-    let process = CourierProcess::spawn(&text, dir.path());
-    let publisher = MqttPublisher::connect().await;
-    wait_subscribed(&publisher, &topic, &rx).await;
+    let (topic, config) = mqtt_to_receiver(&rx, "kill", &dir.path().join("store"));
+    let config = config.max_in_flight(32);
+    let process = spawn(&config, dir.path());
+    let publisher = subscribed_publisher(&topic, &rx).await;
     const N: usize = 600;
     // Under Mosquitto's default max_queued_messages (1,000), so the broker drops nothing.
-    for i in 0..N {
-        publisher
-            .publish(&topic, event(&format!("k{i}"), "{}"))
-            .await;
-    }
+    publish_ids(&publisher, &topic, "k", 0..N).await;
     publisher.wait_acked().await;
     eventually("some delivered", WAIT, || rx.delivered_counts().len() > 150).await;
     let _ = process.kill9();
     let delivered_before = rx.delivered_counts().len();
 
-    let courier = Courier::start(courier::Config::from_toml(&text).unwrap());
+    let courier = Courier::start(&config);
     eventually(
         "every event delivered after the restart",
         Duration::from_secs(60),
-        || {
-            rx.delivered_counts()
-                .keys()
-                .filter(|k| k.starts_with('k'))
-                .count()
-                == N
-        },
+        || rx.delivered_with_prefix("k") == N,
     )
     .await;
     let stats = courier.stop().await;
-    let counts = rx.delivered_counts();
-    let twice = counts
-        .iter()
-        .filter(|(k, &c)| k.starts_with('k') && c > 1)
-        .count();
+    let twice = rx.delivered_twice_with_prefix("k");
     println!(
         "kill -9 after {delivered_before} delivered: {N} sent, {N} received, 0 lost, {twice} POSTed twice, \
          {} redelivered and skipped by dedup",
@@ -312,55 +247,33 @@ async fn kill_9_mid_stream_loses_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shared_group_splits_the_traffic_between_replicas() {
+    let _brokers = brokers().await;
     let rx = Receiver::start().await;
     let topic = unique("shared");
     let group = unique("group");
-    let extra = format!("shared_group = \"{group}\"");
     let stores = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
-    let a = Courier::start(mqtt_config(
-        &topic,
-        &unique("replica-a"),
-        stores[0].path(),
-        &extra,
-        &dest("d", &rx.url("/d"), ""),
-    ));
-    let b = Courier::start(mqtt_config(
-        &topic,
-        &unique("replica-b"),
-        stores[1].path(),
-        &extra,
-        &dest("d", &rx.url("/d"), ""),
-    ));
+    let replica = |name: &str, store: &std::path::Path| {
+        test_defaults(store)
+            .mqtt(mqtt_source(&unique(name), &topic).shared_group(&group))
+            .destination(Dest::new("d", &rx.url("/d")))
+    };
+    let a = Courier::start(&replica("replica-a", stores[0].path()));
+    let b = Courier::start(&replica("replica-b", stores[1].path()));
     let publisher = MqttPublisher::connect().await;
     // Both must be subscribed before the count starts: probe until each has received something.
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    let mut i = 0;
-    while a.count(|s| &s.received) == 0 || b.count(|s| &s.received) == 0 {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "both replicas never got a message"
-        );
-        publisher
-            .publish(&topic, event(&format!("probe-{i}"), "{}"))
-            .await;
-        i += 1;
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let both = publisher
+        .probe_until(
+            &topic,
+            Duration::from_millis(50),
+            Duration::from_secs(20),
+            || a.count(|s| &s.received) > 0 && b.count(|s| &s.received) > 0,
+        )
+        .await;
+    assert!(both, "both replicas never got a message");
     let (a0, b0) = (a.count(|s| &s.received), b.count(|s| &s.received));
     const N: usize = 200;
-    for i in 0..N {
-        publisher
-            .publish(&topic, event(&format!("s{i}"), "{}"))
-            .await;
-    }
-    eventually("all delivered", WAIT, || {
-        rx.delivered_counts()
-            .keys()
-            .filter(|k| k.starts_with('s'))
-            .count()
-            == N
-    })
-    .await;
+    publish_ids(&publisher, &topic, "s", 0..N).await;
+    eventually("all delivered", WAIT, || rx.delivered_with_prefix("s") == N).await;
     let (a_got, b_got) = (a.count(|s| &s.received) - a0, b.count(|s| &s.received) - b0);
     a.stop().await;
     b.stop().await;
@@ -371,20 +284,13 @@ async fn shared_group_splits_the_traffic_between_replicas() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn poison_mqtt_messages_are_dead_lettered() {
+    let _brokers = brokers().await;
     let rx = Receiver::start().await;
-    let topic = unique("poison");
     let store = tempfile::tempdir().unwrap();
-    let cfg = mqtt_config(
-        &topic,
-        &unique("courier-poison"),
-        store.path(),
-        "",
-        &dest("d", &rx.url("/d"), ""),
-    );
-    let courier = Courier::start(cfg);
-    let publisher = MqttPublisher::connect().await;
-    wait_subscribed(&publisher, &topic, &rx).await;
-    publisher.publish(&topic, event("before", "{}")).await;
+    let (topic, config) = mqtt_to_receiver(&rx, "poison", store.path());
+    let courier = Courier::start(&config);
+    let publisher = subscribed_publisher(&topic, &rx).await;
+    publisher.publish(&topic, mqtt_event("before", "{}")).await;
     for bad in [
         &b""[..],
         b"\xff\xfe",
@@ -394,7 +300,7 @@ async fn poison_mqtt_messages_are_dead_lettered() {
     ] {
         publisher.publish(&topic, bad.to_vec()).await;
     }
-    publisher.publish(&topic, event("after", "{}")).await;
+    publisher.publish(&topic, mqtt_event("after", "{}")).await;
     rx.wait_for_id("after", WAIT).await;
     rx.wait_for_id("before", WAIT).await;
     courier.wait_count(5, WAIT, |s| &s.dead_lettered).await;
@@ -412,46 +318,26 @@ async fn poison_mqtt_messages_are_dead_lettered() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn graceful_stop_finishes_in_flight_sends_their_pubacks_and_loses_nothing() {
+    let _brokers = brokers().await;
     let rx = Receiver::start().await;
     rx.set_delay(Duration::from_millis(20));
-    let topic = unique("graceful");
-    let client_id = unique("courier-graceful");
     let store = tempfile::tempdir().unwrap();
-    let mut cfg = mqtt_config(
-        &topic,
-        &client_id,
-        store.path(),
-        "",
-        &dest("d", &rx.url("/d"), ""),
-    );
-    cfg.service.max_in_flight = 16;
-    let courier = Courier::start(cfg.clone());
-    let publisher = MqttPublisher::connect().await;
-    wait_subscribed(&publisher, &topic, &rx).await;
+    let (topic, config) = mqtt_to_receiver(&rx, "graceful", store.path());
+    let config = config.max_in_flight(16);
+    let courier = Courier::start(&config);
+    let publisher = subscribed_publisher(&topic, &rx).await;
     const N: usize = 200;
-    for i in 0..N {
-        publisher
-            .publish(&topic, event(&format!("g{i}"), "{}"))
-            .await;
-    }
+    publish_ids(&publisher, &topic, "g", 0..N).await;
     publisher.wait_acked().await;
     eventually("some delivered", WAIT, || rx.delivered_counts().len() > 40).await;
     let first = courier.stop_within(Duration::from_secs(15)).await;
     let acked = first.acked.load(Ordering::SeqCst) as usize;
-    let probes = rx
-        .delivered_counts()
-        .keys()
-        .filter(|k| k.starts_with("probe"))
-        .count();
+    let probes = rx.delivered_with_prefix("probe");
     assert!(acked - probes < N, "stopped mid-stream");
 
-    let courier = Courier::start(cfg);
+    let courier = Courier::start(&config);
     eventually("every event delivered", WAIT, || {
-        rx.delivered_counts()
-            .keys()
-            .filter(|k| k.starts_with('g'))
-            .count()
-            == N
+        rx.delivered_with_prefix("g") == N
     })
     .await;
     let second = courier.stop().await;
@@ -468,18 +354,12 @@ async fn graceful_stop_finishes_in_flight_sends_their_pubacks_and_loses_nothing(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fast_stream_arrives_complete() {
+    let _brokers = brokers().await;
     let rx = Receiver::start().await;
-    let topic = unique("stream");
     let store = tempfile::tempdir().unwrap();
-    let courier = Courier::start(mqtt_config(
-        &topic,
-        &unique("courier-stream"),
-        store.path(),
-        "",
-        &dest("d", &rx.url("/d"), ""),
-    ));
-    let publisher = MqttPublisher::connect().await;
-    wait_subscribed(&publisher, &topic, &rx).await;
+    let (topic, config) = mqtt_to_receiver(&rx, "stream", store.path());
+    let courier = Courier::start(&config);
+    let publisher = subscribed_publisher(&topic, &rx).await;
     const N: usize = 3000;
     let pad = "x".repeat(400);
     for chunk in 0..N / 200 {
@@ -487,7 +367,7 @@ async fn a_fast_stream_arrives_complete() {
             publisher
                 .publish(
                     &topic,
-                    event(&format!("f{i}"), &format!(r#"{{"pad":"{pad}"}}"#)),
+                    mqtt_event(&format!("f{i}"), &format!(r#"{{"pad":"{pad}"}}"#)),
                 )
                 .await;
         }
@@ -495,23 +375,12 @@ async fn a_fast_stream_arrives_complete() {
         // Stay far under Mosquitto's max_queued_messages (1,000): past it the broker drops
         // QoS 1 messages for the subscriber (its log says "Outgoing messages are being dropped").
         eventually("caught up", WAIT, || {
-            rx.delivered_counts()
-                .keys()
-                .filter(|k| k.starts_with('f'))
-                .count()
-                + 100
-                >= (chunk + 1) * 200
+            rx.delivered_with_prefix("f") + 100 >= (chunk + 1) * 200
         })
         .await;
     }
     let done = tokio::time::timeout(WAIT, async {
-        while rx
-            .delivered_counts()
-            .keys()
-            .filter(|k| k.starts_with('f'))
-            .count()
-            < N
-        {
+        while rx.delivered_with_prefix("f") < N {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     })

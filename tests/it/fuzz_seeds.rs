@@ -3,7 +3,7 @@
 //! stable toolchain, so CI keeps them fixed. The fuzzing itself is described in fuzz/README.md.
 
 #[allow(dead_code)]
-#[path = "../fuzz/checks.rs"]
+#[path = "../../fuzz/checks.rs"]
 mod checks;
 
 use std::panic::{catch_unwind, AssertUnwindSafe};

@@ -1,18 +1,23 @@
 //! Retries from the store, dead letters, circuits, signatures and TLS, over the real RabbitMQ and
 //! real HTTP(S) servers.
 
-mod common;
-
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use common::*;
 use courier::store::DeadLetterKind;
+
+use crate::support::*;
 
 const WAIT: Duration = Duration::from_secs(30);
 
-const FAST_RETRY: &str =
-    "retry = { max_attempts = 4, initial_interval = \"100ms\", multiplier = 2.0, max_interval = \"1s\" }";
+/// Four attempts, 100 ms apart at first, doubling up to 1 s.
+fn fast_retry() -> Retry {
+    Retry::backoff(4, ms(100), 2.0, Duration::from_secs(1))
+}
+
+fn ms(millis: u64) -> Duration {
+    Duration::from_millis(millis)
+}
 
 async fn setup(prefix: &str) -> (String, tempfile::TempDir, Publisher) {
     let queue = unique(prefix);
@@ -23,22 +28,19 @@ async fn setup(prefix: &str) -> (String, tempfile::TempDir, Publisher) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retryable_failures_are_retried_from_the_store_after_the_ack() {
+    let _brokers = brokers().await;
     let rx = Receiver::start().await;
     rx.fail_next(2, 503);
     let (queue, store, pub_) = setup("retry").await;
-    let courier = Courier::start(config(
-        &queue,
-        store.path(),
-        &dest("r", &rx.url("/r"), FAST_RETRY),
-    ));
+    let courier = Courier::start(
+        &rabbit_config(&queue, store.path())
+            .destination(Dest::new("r", &rx.url("/r")).retry(fast_retry())),
+    );
     pub_.to_queue(&queue, br#"{"id":"R1","topic":"t","data":{"n":1}}"#)
         .await;
     // The message is acked once the first attempt is recorded, not held for the retries.
     courier.wait_count(1, WAIT, |s| &s.acked).await;
-    eventually("queue drained", WAIT, || {
-        Publisher::counts(&queue) == (0, 0)
-    })
-    .await;
+    wait_drained(&queue, "queue drained", WAIT).await;
     eventually("delivered on the third attempt", WAIT, || {
         rx.delivered_counts().get("R1") == Some(&1)
     })
@@ -57,17 +59,16 @@ async fn retryable_failures_are_retried_from_the_store_after_the_ack() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retry_after_is_honoured() {
+    let _brokers = brokers().await;
     let rx = Receiver::start().await;
     rx.fail_next(1, 429);
     rx.set_retry_after(2);
     let (queue, store, pub_) = setup("retry-after").await;
-    let courier = Courier::start(config(
-        &queue,
-        store.path(),
-        &dest("r", &rx.url("/r"), FAST_RETRY),
-    ));
-    pub_.to_queue(&queue, br#"{"id":"RA","topic":"t","data":{}}"#)
-        .await;
+    let courier = Courier::start(
+        &rabbit_config(&queue, store.path())
+            .destination(Dest::new("r", &rx.url("/r")).retry(fast_retry())),
+    );
+    pub_.to_queue(&queue, event("RA", "t").as_bytes()).await;
     eventually("delivered after Retry-After", WAIT, || {
         rx.delivered_counts().get("RA") == Some(&1)
     })
@@ -85,25 +86,21 @@ async fn retry_after_is_honoured() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn non_retryable_status_and_ineligible_events_get_one_attempt() {
+    let _brokers = brokers().await;
     let rx = Receiver::start().await;
     let (queue, store, pub_) = setup("once").await;
-    let destinations = [
-        dest(
-            "bad-request",
-            &rx.url("/400"),
-            &format!("topics = [\"a\"]\n{FAST_RETRY}"),
-        ),
-        dest(
-            "unavailable",
-            &rx.url("/503"),
-            &format!("topics = [\"b\"]\n{FAST_RETRY}"),
-        ),
-    ]
-    .concat();
-    let courier = Courier::start(config(&queue, store.path(), &destinations));
+    let courier = Courier::start(
+        &rabbit_config(&queue, store.path()).destinations([
+            Dest::new("bad-request", &rx.url("/400"))
+                .topics(["a"])
+                .retry(fast_retry()),
+            Dest::new("unavailable", &rx.url("/503"))
+                .topics(["b"])
+                .retry(fast_retry()),
+        ]),
+    );
     rx.fail_next(1, 400);
-    pub_.to_queue(&queue, br#"{"id":"F400","topic":"a","data":{}}"#)
-        .await;
+    pub_.to_queue(&queue, event("F400", "a").as_bytes()).await;
     courier.wait_count(1, WAIT, |s| &s.acked).await;
     rx.fail_next(1, 503);
     pub_.to_queue(
@@ -140,17 +137,18 @@ async fn non_retryable_status_and_ineligible_events_get_one_attempt() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn exhausted_retries_end_in_a_dead_letter() {
+    let _brokers = brokers().await;
     let rx = Receiver::start().await;
     rx.set_status(500);
     let (queue, store, pub_) = setup("exhaust").await;
-    let retry = "retry = { max_attempts = 3, initial_interval = \"50ms\", multiplier = 2.0, max_interval = \"200ms\" }\ncircuit = { failures = 100 }";
-    let courier = Courier::start(config(
-        &queue,
-        store.path(),
-        &dest("x", &rx.url("/x"), retry),
-    ));
-    pub_.to_queue(&queue, br#"{"id":"EX","topic":"t","data":{}}"#)
-        .await;
+    let courier = Courier::start(
+        &rabbit_config(&queue, store.path()).destination(
+            Dest::new("x", &rx.url("/x"))
+                .retry(Retry::backoff(3, ms(50), 2.0, ms(200)))
+                .circuit(Circuit::default().failures(100)),
+        ),
+    );
+    pub_.to_queue(&queue, event("EX", "t").as_bytes()).await;
     courier.wait_count(1, WAIT, |s| &s.dead_lettered).await;
     courier.stop().await;
     assert_eq!(rx.arrival_times("EX").len(), 3);
@@ -173,14 +171,15 @@ async fn exhausted_retries_end_in_a_dead_letter() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pending_retries_survive_a_restart() {
+    let _brokers = brokers().await;
     let rx = Receiver::start().await;
     rx.set_status(503);
     let (queue, store, pub_) = setup("restart-retry").await;
-    let slow_retry = "retry = { max_attempts = 5, initial_interval = \"1500ms\", multiplier = 1.0, max_interval = \"1500ms\" }";
-    let cfg = config(&queue, store.path(), &dest("p", &rx.url("/p"), slow_retry));
-    let courier = Courier::start(cfg.clone());
-    pub_.to_queue(&queue, br#"{"id":"P1","topic":"t","data":{}}"#)
-        .await;
+    let config = rabbit_config(&queue, store.path()).destination(
+        Dest::new("p", &rx.url("/p")).retry(Retry::backoff(5, ms(1500), 1.0, ms(1500))),
+    );
+    let courier = Courier::start(&config);
+    pub_.to_queue(&queue, event("P1", "t").as_bytes()).await;
     courier.wait_count(1, WAIT, |s| &s.retries_scheduled).await;
     courier.stop().await;
     {
@@ -198,7 +197,7 @@ async fn pending_retries_survive_a_restart() {
         "the queue no longer holds it: the store does"
     );
     rx.set_status(200);
-    let courier = Courier::start(cfg);
+    let courier = Courier::start(&config);
     eventually("the pending retry is made after the restart", WAIT, || {
         rx.delivered_counts().get("P1") == Some(&1)
     })
@@ -209,29 +208,28 @@ async fn pending_retries_survive_a_restart() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_destination_that_never_answers_does_not_hold_back_the_others() {
+    let _brokers = brokers().await;
     let good = Receiver::start().await;
     let hole = BlackHole::start().await;
     let (queue, store, pub_) = setup("clog").await;
-    let destinations = [
-        dest("good", &good.url("/g"), ""),
-        dest(
-            "hole",
-            &hole.url("/h"),
-            "timeout = \"60s\"\nmax_concurrency = 4\ncircuit = { failures = 5, open_for = \"60s\", max_wait = \"200ms\" }",
-        ),
-    ]
-    .concat();
-    let mut cfg = config(&queue, store.path(), &destinations);
-    cfg.service.shutdown_timeout = Duration::from_secs(2);
-    let courier = Courier::start(cfg);
+    let courier = Courier::start(
+        &rabbit_config(&queue, store.path())
+            .shutdown_timeout(Duration::from_secs(2))
+            .destinations([
+                Dest::new("good", &good.url("/g")),
+                Dest::new("hole", &hole.url("/h"))
+                    .timeout(Duration::from_secs(60))
+                    .max_concurrency(4)
+                    .circuit(
+                        Circuit::default()
+                            .failures(5)
+                            .open_for(Duration::from_secs(60))
+                            .max_wait(Duration::from_millis(200)),
+                    ),
+            ]),
+    );
     const N: usize = 300;
-    for i in 0..N {
-        pub_.to_queue(
-            &queue,
-            format!(r#"{{"id":"c{i}","topic":"t","data":{{}}}}"#).as_bytes(),
-        )
-        .await;
-    }
+    publish_events(&pub_, &queue, "c", 0..N).await;
     let started = Instant::now();
     eventually("the good destination gets every event", WAIT, || {
         good.delivered_counts().len() == N
@@ -268,31 +266,25 @@ async fn a_destination_that_never_answers_does_not_hold_back_the_others() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn circuit_probe_closes_it_and_parked_events_are_delivered() {
+    let _brokers = brokers().await;
     let rx = Receiver::start().await;
     rx.set_status(503);
     let (queue, store, pub_) = setup("probe").await;
-    let extra = "retry = { max_attempts = 10, initial_interval = \"100ms\", multiplier = 1.0, max_interval = \"100ms\" }\ncircuit = { failures = 2, open_for = \"1s\" }";
-    let courier = Courier::start(config(
-        &queue,
-        store.path(),
-        &dest("p", &rx.url("/p"), extra),
-    ));
-    for i in 0..2 {
-        pub_.to_queue(
-            &queue,
-            format!(r#"{{"id":"o{i}","topic":"t","data":{{}}}}"#).as_bytes(),
-        )
-        .await;
-    }
+    let courier = Courier::start(
+        &rabbit_config(&queue, store.path()).destination(
+            Dest::new("p", &rx.url("/p"))
+                .retry(Retry::backoff(10, ms(100), 1.0, ms(100)))
+                .circuit(
+                    Circuit::default()
+                        .failures(2)
+                        .open_for(Duration::from_secs(1)),
+                ),
+        ),
+    );
+    publish_events(&pub_, &queue, "o", 0..2).await;
     courier.wait_count(2, WAIT, |s| &s.failed).await;
     // Open now: these are parked without an attempt.
-    for i in 2..20 {
-        pub_.to_queue(
-            &queue,
-            format!(r#"{{"id":"o{i}","topic":"t","data":{{}}}}"#).as_bytes(),
-        )
-        .await;
-    }
+    publish_events(&pub_, &queue, "o", 2..20).await;
     courier.wait_count(20, WAIT, |s| &s.acked).await;
     assert!(
         courier.count(|s| &s.parked) >= 18,
@@ -315,19 +307,18 @@ async fn circuit_probe_closes_it_and_parked_events_are_delivered() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn requests_are_signed_the_standard_webhooks_way() {
+    let _brokers = brokers().await;
     use hmac::Mac as _;
     let rx = Receiver::start().await;
     let (queue, store, pub_) = setup("signed").await;
     let secret = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
-    let courier = Courier::start(config(
-        &queue,
-        store.path(),
-        &dest(
-            "s",
-            &rx.url("/s"),
-            &format!("signing_secret = \"{secret}\"\nmetadata_in_payload = true"),
+    let courier = Courier::start(
+        &rabbit_config(&queue, store.path()).destination(
+            Dest::new("s", &rx.url("/s"))
+                .signing_secret(secret)
+                .metadata_in_payload(),
         ),
-    ));
+    );
     pub_.to_queue(
         &queue,
         br#"{"id":"SIG1","topic":"a.b","data":{"x":1.50},"metadata":{"webhook-id":"forged"}}"#,
@@ -363,24 +354,20 @@ async fn requests_are_signed_the_standard_webhooks_way() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn self_signed_https_is_refused_by_default_and_accepted_when_relaxed() {
+    let _brokers = brokers().await;
     let tls = Receiver::start_tls().await;
     let (queue, store, pub_) = setup("tls").await;
-    let destinations = [
-        dest(
-            "strict",
-            &tls.url("/strict"),
-            "topics = [\"a\"]\nretry = { max_attempts = 1 }",
-        ),
-        dest(
-            "relaxed",
-            &tls.url("/relaxed"),
-            "topics = [\"b\"]\ntls_verify = false",
-        ),
-    ]
-    .concat();
-    let courier = Courier::start(config(&queue, store.path(), &destinations));
-    pub_.to_queue(&queue, br#"{"id":"T1","topic":"a","data":{}}"#)
-        .await;
+    let courier = Courier::start(
+        &rabbit_config(&queue, store.path()).destinations([
+            Dest::new("strict", &tls.url("/strict"))
+                .topics(["a"])
+                .retry(Retry::default().max_attempts(1)),
+            Dest::new("relaxed", &tls.url("/relaxed"))
+                .topics(["b"])
+                .no_tls_verify(),
+        ]),
+    );
+    pub_.to_queue(&queue, event("T1", "a").as_bytes()).await;
     pub_.to_queue(
         &queue,
         br#"{"id":"T2","topic":"b","data":{"secure":"enough"}}"#,
@@ -401,47 +388,22 @@ async fn self_signed_https_is_refused_by_default_and_accepted_when_relaxed() {
     );
 }
 
-fn run_cli(args: &[&str], config: &std::path::Path) -> (i32, String, String) {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_courier"))
-        .args(args)
-        .arg("--config")
-        .arg(config)
-        .output()
-        .expect("run courier");
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dead_letter_cli_lists_replays_and_purges_offline_and_through_a_running_worker() {
+    let _brokers = brokers().await;
     let rx = Receiver::start().await;
     rx.set_status(400);
     let (queue, dir, pub_) = setup("cli").await;
-    let admin_port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let text = format!(
-        "[store]\npath = \"{}\"\n[admin]\nlisten = \"127.0.0.1:{admin_port}\"\n[rabbitmq]\nurl = \"{AMQP_URL}\"\nqueue = \"{queue}\"\n{}",
-        dir.path().join("store").display(),
-        dest("cli-dest", &rx.url("/c"), "")
-    );
+    let config = ConfigBuilder::new(dir.path().join("store"))
+        .admin(free_port())
+        .rabbitmq(Rabbit::queue(&queue))
+        .destination(Dest::new("cli-dest", &rx.url("/c")));
     let cfg_path = dir.path().join("courier.toml");
-    std::fs::write(&cfg_path, &text).unwrap();
+    std::fs::write(&cfg_path, config.toml()).unwrap();
 
     // A worker dead-letters three events (400) and a poison message.
-    let worker = CourierProcess::spawn(&text, dir.path());
-    for id in ["D1", "D2", "D3"] {
-        pub_.to_queue(
-            &queue,
-            format!(r#"{{"id":"{id}","topic":"t","data":{{}}}}"#).as_bytes(),
-        )
-        .await;
-    }
+    let worker = spawn(&config, dir.path());
+    publish_events(&pub_, &queue, "D", 1..4).await;
     pub_.to_queue(&queue, b"not json").await;
     eventually("all four settled", WAIT, || {
         Publisher::counts(&queue) == (0, 0) && rx.arrivals().len() == 3
@@ -499,16 +461,15 @@ async fn dead_letter_cli_lists_replays_and_purges_offline_and_through_a_running_
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cli_says_what_to_do_when_the_store_is_busy_and_no_admin_port_is_set() {
+    let _brokers = brokers().await;
     let rx = Receiver::start().await;
     let (queue, dir, _pub) = setup("busy").await;
-    let text = format!(
-        "[store]\npath = \"{}\"\n[rabbitmq]\nurl = \"{AMQP_URL}\"\nqueue = \"{queue}\"\n{}",
-        dir.path().join("store").display(),
-        dest("b", &rx.url("/b"), "")
-    );
+    let config = ConfigBuilder::new(dir.path().join("store"))
+        .rabbitmq(Rabbit::queue(&queue))
+        .destination(Dest::new("b", &rx.url("/b")));
     let cfg_path = dir.path().join("courier.toml");
-    std::fs::write(&cfg_path, &text).unwrap();
-    let _worker = CourierProcess::spawn(&text, dir.path());
+    std::fs::write(&cfg_path, config.toml()).unwrap();
+    let _worker = spawn(&config, dir.path());
     _pub.wait_consumers(&queue, 1).await;
     let (code, _, err) = run_cli(&["dead-letters", "list"], &cfg_path);
     assert_eq!(code, 1);
@@ -520,23 +481,33 @@ async fn cli_says_what_to_do_when_the_store_is_busy_and_no_admin_port_is_set() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_saturated_destination_recovers_once_it_answers_again() {
-    // Regression: a slot timeout on a half-open circuit used to take the probe and never give it
-    // back, so the destination stayed blocked (everything parked) until a restart.
+    let _brokers = brokers().await;
+    // A slot timeout on a half-open circuit gives the probe back: kept, the destination would stay
+    // blocked (everything parked) until a restart.
     let rx = Receiver::start().await;
     rx.hold();
     let (queue, store, pub_) = setup("saturated").await;
-    let extra = "max_concurrency = 1\ntimeout = \"1s\"\nretry = { initial_interval = \"200ms\", max_interval = \"500ms\" }\ncircuit = { failures = 5, open_for = \"300ms\", max_wait = \"100ms\" }";
-    let courier = Courier::start(config(
-        &queue,
-        store.path(),
-        &dest("s", &rx.url("/s"), extra),
-    ));
+    let courier = Courier::start(
+        &rabbit_config(&queue, store.path()).destination(
+            Dest::new("s", &rx.url("/s"))
+                .max_concurrency(1)
+                .timeout(Duration::from_secs(1))
+                .retry(
+                    Retry::default()
+                        .initial_interval(Duration::from_millis(200))
+                        .max_interval(Duration::from_millis(500)),
+                )
+                .circuit(
+                    Circuit::default()
+                        .failures(5)
+                        .open_for(Duration::from_millis(300))
+                        .max_wait(Duration::from_millis(100)),
+                ),
+        ),
+    );
     for i in 0..30 {
-        pub_.to_queue(
-            &queue,
-            format!(r#"{{"id":"s{i}","topic":"t","data":{{}}}}"#).as_bytes(),
-        )
-        .await;
+        pub_.to_queue(&queue, event(&format!("s{i}"), "t").as_bytes())
+            .await;
         // Spread over several open / half-open periods.
         tokio::time::sleep(Duration::from_millis(60)).await;
     }

@@ -2,12 +2,10 @@
 //! parser, JSON logs parsed line by line, quorum queues, and two replicas sharing dedup in the
 //! real Redis on 127.0.0.1:6379.
 
-mod common;
-
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::support::*;
 
 const WAIT: Duration = Duration::from_secs(30);
 
@@ -79,20 +77,20 @@ fn value(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn admin_port_serves_health_readiness_and_prometheus_metrics() {
+    let _brokers = brokers().await;
     let rx = Receiver::start().await;
     let queue = unique("admin");
     let store = tempfile::tempdir().unwrap();
     let port = free_port();
-    let destinations = [
-        dest("ok", &rx.url("/ok"), "topics = [\"a\"]"),
-        dest("refuses", &rx.url("/redirect/302/x"), "topics = [\"b\"]"),
-    ]
-    .concat();
-    let mut cfg = config(&queue, store.path(), &destinations);
-    cfg.admin.listen = Some(format!("127.0.0.1:{port}"));
+    let config = rabbit_config(&queue, store.path())
+        .admin(port)
+        .destinations([
+            Dest::new("ok", &rx.url("/ok")).topics(["a"]),
+            Dest::new("refuses", &rx.url("/redirect/302/x")).topics(["b"]),
+        ]);
     let pub_ = Publisher::connect().await;
     pub_.declare_queue(&queue).await;
-    let courier = Courier::start(cfg);
+    let courier = Courier::start(&config);
     let base = format!("http://127.0.0.1:{port}");
     wait_status(&format!("{base}/healthz"), 200).await;
     let ready = wait_status(&format!("{base}/readyz"), 200).await;
@@ -102,18 +100,12 @@ async fn admin_port_serves_health_readiness_and_prometheus_metrics() {
     );
 
     for i in 0..5 {
-        pub_.to_queue(
-            &queue,
-            format!(r#"{{"id":"m{i}","topic":"a","data":{{}}}}"#).as_bytes(),
-        )
-        .await;
+        pub_.to_queue(&queue, event(&format!("m{i}"), "a").as_bytes())
+            .await;
     }
     for i in 0..2 {
-        pub_.to_queue(
-            &queue,
-            format!(r#"{{"id":"r{i}","topic":"b","data":{{}}}}"#).as_bytes(),
-        )
-        .await;
+        pub_.to_queue(&queue, event(&format!("r{i}"), "b").as_bytes())
+            .await;
     }
     courier.wait_count(7, WAIT, |s| &s.acked).await;
     let (status, body) = get(&format!("{base}/metrics")).await;
@@ -156,21 +148,22 @@ async fn admin_port_serves_health_readiness_and_prometheus_metrics() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn readyz_is_503_with_a_reason_while_the_broker_is_unreachable() {
+    let _brokers = brokers().await;
     let rx = Receiver::start().await;
     let store = tempfile::tempdir().unwrap();
     let port = free_port();
-    let mut cfg = config(
-        &unique("unready"),
-        store.path(),
-        &dest("d", &rx.url("/d"), ""),
+    let queue = unique("unready");
+    let courier = Courier::start(
+        &test_defaults(store.path())
+            .admin(port)
+            // Nothing listens on port 1.
+            .rabbitmq(
+                Rabbit::queue(&queue)
+                    .connection_name(&queue)
+                    .url("amqp://guest:guest@127.0.0.1:1/%2f"),
+            )
+            .destination(Dest::new("d", &rx.url("/d"))),
     );
-    if let Some(r) = cfg.rabbitmq.as_mut() {
-        // Nothing listens on port 1.
-        r.url = courier::config::AmqpUrl::parse("amqp://guest:guest@127.0.0.1:1/%2f")
-            .expect("valid URL");
-    }
-    cfg.admin.listen = Some(format!("127.0.0.1:{port}"));
-    let courier = Courier::start(cfg);
     let base = format!("http://127.0.0.1:{port}");
     wait_status(&format!("{base}/healthz"), 200).await;
     let body = wait_status(&format!("{base}/readyz"), 503).await;
@@ -197,49 +190,37 @@ async fn readyz_is_503_with_a_reason_while_the_broker_is_unreachable() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn json_logs_are_one_object_per_line_with_the_event_span_and_no_secrets() {
+    let _brokers = brokers().await;
     let rx = Receiver::start().await;
     let queue = unique("jsonlog");
     let dir = tempfile::tempdir().unwrap();
-    let text = format!(
-        "[store]\npath = \"{}\"\n[rabbitmq]\nurl = \"{AMQP_URL}\"\nqueue = \"{queue}\"\n{}\n{}",
-        dir.path().join("store").display(),
-        dest(
-            "j",
-            &rx.url("/j"),
-            "auth = { type = \"api_key\", header = \"X-Key\", key = \"sekrit-value-123\" }"
-        ),
-        // Never matched; there to show that its relaxed TLS is announced and its secrets are not.
-        dest(
-            "insecure",
-            "https://127.0.0.1:1/x",
-            "topics = [\"never\"]\ntls_verify = false\n\
-             auth = { type = \"basic\", username = \"u\", password = \"basic-pass-456\" }\n\
-             signing_secret = \"whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw\""
-        )
+    let config = ConfigBuilder::new(dir.path().join("store"))
+        .rabbitmq(Rabbit::queue(&queue))
+        .destinations([
+            Dest::new("j", &rx.url("/j")).api_key("X-Key", "sekrit-value-123"),
+            // Never matched; there to show that its relaxed TLS is announced and its secrets
+            // are not.
+            Dest::new("insecure", "https://127.0.0.1:1/x")
+                .topics(["never"])
+                .no_tls_verify()
+                .basic_auth("u", "basic-pass-456")
+                .signing_secret("whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"),
+        ]);
+    let mut child = spawn_launch(
+        launch(&config, dir.path())
+            .global_arg("--log-format")
+            .global_arg("json")
+            .rust_log("courier=debug,info"),
     );
-    let config = dir.path().join("c.toml");
-    std::fs::write(&config, &text).unwrap();
-    let log = dir.path().join("log.jsonl");
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_courier"))
-        .args(["--log-format", "json", "run", "--config"])
-        .arg(&config)
-        .env("RUST_LOG", "courier=debug,info")
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .unwrap();
     let pub_ = Publisher::connect().await;
     pub_.wait_consumers(&queue, 1).await;
-    pub_.to_queue(&queue, br#"{"id":"J1","topic":"t.x","data":{}}"#)
-        .await;
+    pub_.to_queue(&queue, event("J1", "t.x").as_bytes()).await;
     let r = rx.wait_for_id("J1", WAIT).await;
     assert_eq!(r.header("x-key"), Some("sekrit-value-123"));
     tokio::time::sleep(Duration::from_millis(300)).await;
-    std::process::Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    let _ = child.wait();
-    let logs = std::fs::read_to_string(&log).unwrap();
+    child.sigterm();
+    let _ = child.wait_exit(Duration::from_secs(30)).await;
+    let logs = std::fs::read_to_string(child.log()).unwrap();
     for secret in [
         "sekrit-value-123",
         "basic-pass-456",
@@ -278,16 +259,19 @@ async fn json_logs_are_one_object_per_line_with_the_event_span_and_no_secrets() 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn quorum_queues_through_queue_arguments() {
+    let _brokers = brokers().await;
     let rx = Receiver::start().await;
     let queue = unique("quorum");
     let store = tempfile::tempdir().unwrap();
-    let cfg = config_with(
-        &queue,
-        store.path(),
-        "queue_arguments = { \"x-queue-type\" = \"quorum\" }",
-        &dest("q", &rx.url("/q"), ""),
+    let courier = Courier::start(
+        &test_defaults(store.path())
+            .rabbitmq(
+                Rabbit::queue(&queue)
+                    .connection_name(&queue)
+                    .queue_argument("x-queue-type", "quorum"),
+            )
+            .destination(Dest::new("q", &rx.url("/q"))),
     );
-    let courier = Courier::start(cfg);
     let pub_ = Publisher::connect().await;
     pub_.wait_consumers(&queue, 1).await;
     let listed = rabbitmqctl(&["list_queues", "-q", "--no-table-headers", "name", "type"]);
@@ -309,42 +293,13 @@ async fn quorum_queues_through_queue_arguments() {
     rabbitmqctl(&["delete_queue", &queue]);
 }
 
-fn redis_store(extra: &str) -> String {
-    format!("dedup = \"redis\"\nredis_url = \"redis://127.0.0.1:6379\"\nredis_prefix = \"{}:\"\n{extra}", unique("courier-test"))
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn two_replicas_on_one_queue_share_dedup_in_redis_and_survive_kill_9() {
-    let rx = Receiver::start().await;
-    rx.set_delay(Duration::from_millis(3));
-    let queue = unique("replicas");
-    let dir = tempfile::tempdir().unwrap();
-    let redis = redis_store("");
-    let text = |name: &str| {
-        format!(
-            "[service]\nmax_in_flight = 16\n[store]\npath = \"{}\"\n{redis}\n[rabbitmq]\nurl = \"{AMQP_URL}\"\nqueue = \"{queue}\"\nprefetch = 16\n{}",
-            dir.path().join(name).display(),
-            dest("d", &rx.url("/d"), &format!("headers = {{ \"X-Replica\" = \"{name}\" }}"))
-        )
-    };
-    let pub_ = Publisher::connect().await;
-    pub_.declare_queue(&queue).await;
-    let a = CourierProcess::spawn(&text("a"), dir.path());
-    let b = CourierProcess::spawn(&text("b"), dir.path());
-    pub_.wait_consumers(&queue, 2).await;
-    const N: usize = 800;
-    for i in 0..N {
-        pub_.to_queue(
-            &queue,
-            format!(r#"{{"id":"n{i}","topic":"t","data":{{}}}}"#).as_bytes(),
-        )
-        .await;
-    }
-    eventually("some delivered", WAIT, || rx.delivered_counts().len() > 200).await;
+/// Asserts that replicas "a" and "b" (their `X-Replica` header) both POSTed some of the events
+/// whose id starts with `prefix`.
+fn assert_work_split(rx: &Receiver, prefix: &str) {
     let by = |r: &str| {
         rx.requests()
             .iter()
-            .filter(|q| q.header("x-replica") == Some(r))
+            .filter(|q| q.id().starts_with(prefix) && q.header("x-replica") == Some(r))
             .count()
     };
     assert!(
@@ -353,23 +308,47 @@ async fn two_replicas_on_one_queue_share_dedup_in_redis_and_survive_kill_9() {
         by("a"),
         by("b")
     );
+}
+
+const REDIS_URL: &str = "redis://127.0.0.1:6379";
+
+/// A Redis key prefix no other test uses.
+fn redis_prefix() -> String {
+    format!("{}:", unique("courier-test"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replicas_on_one_queue_share_dedup_in_redis_and_survive_kill_9() {
+    let _brokers = brokers().await;
+    let rx = Receiver::start().await;
+    rx.set_delay(Duration::from_millis(3));
+    let queue = unique("replicas");
+    let dir = tempfile::tempdir().unwrap();
+    let prefix = redis_prefix();
+    let config = |name: &str| {
+        ConfigBuilder::new(dir.path().join(name))
+            .max_in_flight(16)
+            .redis_dedup(REDIS_URL, &prefix)
+            .rabbitmq(Rabbit::queue(&queue).prefetch(16))
+            .destination(Dest::new("d", &rx.url("/d")).header("X-Replica", name))
+    };
+    let pub_ = Publisher::connect().await;
+    pub_.declare_queue(&queue).await;
+    let a = spawn(&config("a"), dir.path());
+    let b = spawn(&config("b"), dir.path());
+    pub_.wait_consumers(&queue, 2).await;
+    const N: usize = 800;
+    publish_events(&pub_, &queue, "n", 0..N).await;
+    eventually("some delivered", WAIT, || rx.delivered_counts().len() > 200).await;
+    assert_work_split(&rx, "n");
     let _ = a.kill9();
     eventually(
         "every event delivered by the survivor",
         Duration::from_secs(60),
-        || {
-            rx.delivered_counts()
-                .keys()
-                .filter(|k| k.starts_with('n'))
-                .count()
-                == N
-        },
+        || rx.delivered_with_prefix("n") == N,
     )
     .await;
-    eventually("queue drained", WAIT, || {
-        Publisher::counts(&queue) == (0, 0)
-    })
-    .await;
+    wait_drained(&queue, "queue drained", WAIT).await;
     drop(b);
     let counts = rx.delivered_counts();
     let twice = counts.values().filter(|&&c| c > 1).count();
@@ -380,31 +359,24 @@ async fn two_replicas_on_one_queue_share_dedup_in_redis_and_survive_kill_9() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_replicas_on_one_shared_mqtt_subscription_share_dedup_in_redis() {
+    let _brokers = brokers().await;
     let rx = Receiver::start().await;
     rx.set_delay(Duration::from_millis(3));
     let topic = unique("mqtt-replicas");
     let group = unique("g");
     let dir = tempfile::tempdir().unwrap();
-    let redis = redis_store("");
+    let prefix = redis_prefix();
     let ids: HashMap<&str, String> =
         [("a", unique("replica-a")), ("b", unique("replica-b"))].into();
-    let text = |name: &str| {
-        mqtt_config_text(
-            &topic,
-            &ids[name],
-            &dir.path().join(name),
-            &format!("shared_group = \"{group}\""),
-            &dest(
-                "d",
-                &rx.url("/d"),
-                &format!("headers = {{ \"X-Replica\" = \"{name}\" }}"),
-            ),
-        )
-        .replace("[store]", &format!("[store]\n{redis}"))
-        .replace("[service]", "[service]\nmax_in_flight = 16")
+    let config = |name: &str| {
+        test_defaults(&dir.path().join(name))
+            .max_in_flight(16)
+            .redis_dedup(REDIS_URL, &prefix)
+            .mqtt(mqtt_source(&ids[name], &topic).shared_group(&group))
+            .destination(Dest::new("d", &rx.url("/d")).header("X-Replica", name))
     };
-    let a = CourierProcess::spawn(&text("a"), dir.path());
-    let b = CourierProcess::spawn(&text("b"), dir.path());
+    let a = spawn(&config("a"), dir.path());
+    let b = spawn(&config("b"), dir.path());
     let publisher = MqttPublisher::connect().await;
     // Both subscribed: probes until each replica has POSTed at least one (ids tell them apart
     // only by arrival, so wait for a few).
@@ -418,43 +390,20 @@ async fn two_replicas_on_one_shared_mqtt_subscription_share_dedup_in_redis() {
     }
     publisher.wait_acked().await;
     eventually("some delivered", WAIT, || {
-        rx.delivered_counts()
-            .keys()
-            .filter(|k| k.starts_with('s'))
-            .count()
-            > 150
+        rx.delivered_with_prefix("s") > 150
     })
     .await;
-    let by = |r: &str| {
-        rx.requests()
-            .iter()
-            .filter(|q| q.id().starts_with('s') && q.header("x-replica") == Some(r))
-            .count()
-    };
-    assert!(
-        by("a") > 0 && by("b") > 0,
-        "work split: a {} / b {}",
-        by("a"),
-        by("b")
-    );
+    assert_work_split(&rx, "s");
     let _ = a.kill9();
     // The killed replica's session keeps its share; it comes back (same client id) to finish.
-    let a_again = CourierProcess::spawn(&text("a"), dir.path());
+    let a_again = spawn(&config("a"), dir.path());
     eventually("every event delivered", Duration::from_secs(60), || {
-        rx.delivered_counts()
-            .keys()
-            .filter(|k| k.starts_with('s'))
-            .count()
-            == N
+        rx.delivered_with_prefix("s") == N
     })
     .await;
     drop(a_again);
     drop(b);
-    let counts = rx.delivered_counts();
-    let twice = counts
-        .iter()
-        .filter(|(k, &c)| k.starts_with('s') && c > 1)
-        .count();
+    let twice = rx.delivered_twice_with_prefix("s");
     println!(
         "two MQTT replicas, kill -9 of one: {N} sent, {N} received, 0 lost, {twice} POSTed twice"
     );
@@ -463,22 +412,21 @@ async fn two_replicas_on_one_shared_mqtt_subscription_share_dedup_in_redis() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_worker_on_the_same_store_waits_and_takes_over() {
+    let _brokers = brokers().await;
     let rx = Receiver::start().await;
     let queue = unique("takeover");
     let dir = tempfile::tempdir().unwrap();
-    let text = |admin: u16| {
-        format!(
-            "[store]\npath = \"{}\"\n[admin]\nlisten = \"127.0.0.1:{admin}\"\n\
-             [rabbitmq]\nurl = \"{AMQP_URL}\"\nqueue = \"{queue}\"\n{}",
-            dir.path().join("store").display(),
-            dest("t", &rx.url("/t"), "")
-        )
+    let config = |admin: u16| {
+        ConfigBuilder::new(dir.path().join("store"))
+            .admin(admin)
+            .rabbitmq(Rabbit::queue(&queue))
+            .destination(Dest::new("t", &rx.url("/t")))
     };
     let (first_port, second_port) = (free_port(), free_port());
-    let first = CourierProcess::spawn(&text(first_port), dir.path());
+    let first = spawn(&config(first_port), dir.path());
     let pub_ = Publisher::connect().await;
     pub_.wait_consumers(&queue, 1).await;
-    let second = CourierProcess::spawn(&text(second_port), dir.path());
+    let second = spawn(&config(second_port), dir.path());
 
     // The second one is up, not ready, and says why; it consumes nothing it could not store.
     let readyz = format!("http://127.0.0.1:{second_port}/readyz");
@@ -486,26 +434,16 @@ async fn a_second_worker_on_the_same_store_waits_and_takes_over() {
     assert!(body.contains("in use by another courier process"), "{body}");
     // Without a store it takes no messages: were it a consumer too, RabbitMQ would hand it
     // some of these, and they would wait for the takeover.
-    for i in 0..6 {
-        pub_.to_queue(
-            &queue,
-            format!(r#"{{"id":"T1-{i}","topic":"t","data":{{}}}}"#).as_bytes(),
-        )
-        .await;
-    }
+    publish_events(&pub_, &queue, "T1-", 0..6).await;
     for i in 0..6 {
         rx.wait_for_id(&format!("T1-{i}"), Duration::from_secs(10))
             .await;
     }
 
     // The first one stops; the second takes the store over and delivers.
-    std::process::Command::new("kill")
-        .args(["-TERM", &first.child.id().to_string()])
-        .status()
-        .unwrap();
+    assert!(first.sigterm());
     wait_status(&readyz, 200).await;
-    pub_.to_queue(&queue, br#"{"id":"T2","topic":"t","data":{}}"#)
-        .await;
+    pub_.to_queue(&queue, event("T2", "t").as_bytes()).await;
     rx.wait_for_id("T2", WAIT).await;
     let log = second.kill9();
     assert!(log.contains("STORE CANNOT BE OPENED"), "{log}");

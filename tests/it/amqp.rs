@@ -1,32 +1,32 @@
 //! End to end over the real RabbitMQ on 127.0.0.1:5672 and real HTTP receivers: consume → route →
 //! POST → ack. Every test uses its own queue (and exchange, vhost, store) names.
 
-mod common;
-
 use std::time::Duration;
 
 use base64::Engine as _;
-use common::*;
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::BasicProperties;
 use serde_json::json;
+
+use crate::support::*;
 
 const WAIT: Duration = Duration::from_secs(20);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn envelope_is_posted_with_the_full_contract_and_basic_auth() {
+    let _brokers = brokers().await;
     let rx = Receiver::start().await;
     let queue = unique("envelope");
     let store = tempfile::tempdir().unwrap();
-    let destinations = dest(
-        "partner",
-        &rx.url("/events"),
-        r#"headers = { "X-Source" = "tempo", "X-Static" = "static" }
-auth = { type = "basic", username = "tempo", password = "s3cret" }"#,
+    let config = rabbit_config(&queue, store.path()).destination(
+        Dest::new("partner", &rx.url("/events"))
+            .header("X-Source", "tempo")
+            .header("X-Static", "static")
+            .basic_auth("tempo", "s3cret"),
     );
     let pub_ = Publisher::connect().await;
     pub_.declare_queue(&queue).await;
-    let courier = Courier::start(config(&queue, store.path(), &destinations));
+    let courier = Courier::start(&config);
 
     let data = r#"{"user_id":"usr_789","email":"user@example.com","n":[1,2,3]}"#;
     let body = format!(
@@ -77,30 +77,31 @@ auth = { type = "basic", username = "tempo", password = "s3cret" }"#,
     );
 
     // Acked: nothing left in the queue.
-    eventually("queue drained", WAIT, || {
-        Publisher::counts(&queue) == (0, 0)
-    })
-    .await;
+    wait_drained(&queue, "queue drained", WAIT).await;
     courier.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn raw_object_with_api_key_and_metadata_block() {
+    let _brokers = brokers().await;
     let rx = Receiver::start().await;
     let queue = unique("raw");
     let exchange = unique("raw-exchange");
     let store = tempfile::tempdir().unwrap();
-    let destinations = dest(
-        "partner-raw",
-        &rx.url("/raw"),
-        r#"metadata_in_payload = true
-auth = { type = "api_key", header = "X-API-Key", key = "k-123" }"#,
-    );
-    let extra = format!(
-        "format = \"raw\"\n[[rabbitmq.bindings]]\nexchange = \"{exchange}\"\nrouting_key = \"tempo.#\""
-    );
+    let config = test_defaults(store.path())
+        .rabbitmq(
+            Rabbit::queue(&queue)
+                .connection_name(&queue)
+                .format("raw")
+                .binding(&exchange, "tempo.#"),
+        )
+        .destination(
+            Dest::new("partner-raw", &rx.url("/raw"))
+                .metadata_in_payload()
+                .api_key("X-API-Key", "k-123"),
+        );
     let pub_ = Publisher::connect().await;
-    let courier = Courier::start(config_with(&queue, store.path(), &extra, &destinations));
+    let courier = Courier::start(&config);
     pub_.wait_consumers(&queue, 1).await;
 
     // Raw: EventID is the id; the topic is the routing key; AMQP string headers are metadata.
@@ -178,10 +179,7 @@ auth = { type = "api_key", header = "X-API-Key", key = "k-123" }"#,
     assert_eq!(meta["EventType"], "Equipment");
     assert_eq!(meta["EventTrigger"], "status");
 
-    eventually("queue drained", WAIT, || {
-        Publisher::counts(&queue) == (0, 0)
-    })
-    .await;
+    wait_drained(&queue, "queue drained", WAIT).await;
     let stats = courier.stop().await;
     assert_eq!(
         rx.requests().len(),
@@ -198,13 +196,15 @@ auth = { type = "api_key", header = "X-API-Key", key = "k-123" }"#,
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn envelope_time_and_metadata_fill_the_metadata_block() {
+    let _brokers = brokers().await;
     let rx = Receiver::start().await;
     let queue = unique("metablock");
     let store = tempfile::tempdir().unwrap();
-    let destinations = dest("m", &rx.url("/m"), "metadata_in_payload = true");
+    let config = rabbit_config(&queue, store.path())
+        .destination(Dest::new("m", &rx.url("/m")).metadata_in_payload());
     let pub_ = Publisher::connect().await;
     pub_.declare_queue(&queue).await;
-    let courier = Courier::start(config(&queue, store.path(), &destinations));
+    let courier = Courier::start(&config);
     let body = json!({
         "id": "evt_m", "topic": "a.b", "time": "2026-06-18T02:00:00.5+02:00",
         "metadata": {"EventType": "Batch", "EventTrigger": "batch_run_status", "CreatedBy": "u@x.org"},
@@ -226,23 +226,21 @@ async fn envelope_time_and_metadata_fill_the_metadata_block() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn topics_fanout_destination_id_and_tenants() {
+    let _brokers = brokers().await;
     let rx = Receiver::start().await;
     let queue = unique("routing");
     let store = tempfile::tempdir().unwrap();
-    let destinations = [
-        dest("orders-one", &rx.url("/one"), r#"topics = ["orders.*"]"#),
-        dest("orders-all", &rx.url("/all"), r#"topics = ["orders/#"]"#),
-        dest("users", &rx.url("/users"), r#"topics = ["users.created"]"#),
-        dest(
-            "acme",
-            &rx.url("/acme"),
-            "topics = [\"*\"]\ntenant = \"acme\"",
-        ),
-    ]
-    .concat();
+    let config = rabbit_config(&queue, store.path()).destinations([
+        Dest::new("orders-one", &rx.url("/one")).topics(["orders.*"]),
+        Dest::new("orders-all", &rx.url("/all")).topics(["orders/#"]),
+        Dest::new("users", &rx.url("/users")).topics(["users.created"]),
+        Dest::new("acme", &rx.url("/acme"))
+            .topics(["*"])
+            .tenant("acme"),
+    ]);
     let pub_ = Publisher::connect().await;
     pub_.declare_queue(&queue).await;
-    let courier = Courier::start(config(&queue, store.path(), &destinations));
+    let courier = Courier::start(&config);
     let send = |id: &str, topic: &str, extra: serde_json::Value| {
         let mut v = json!({"id": id, "topic": topic, "data": {"id": id}});
         if let (Some(o), Some(e)) = (v.as_object_mut(), extra.as_object()) {
@@ -328,33 +326,31 @@ async fn topics_fanout_destination_id_and_tenants() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dedup_survives_a_restart_and_covers_id_less_events() {
+    let _brokers = brokers().await;
     let rx = Receiver::start().await;
     let queue = unique("dedup");
     let store = tempfile::tempdir().unwrap();
-    let destinations = [
-        dest("d1", &rx.url("/d1"), ""),
-        dest("d2", &rx.url("/d2"), ""),
-    ]
-    .concat();
+    let config = rabbit_config(&queue, store.path()).destinations([
+        Dest::new("d1", &rx.url("/d1")),
+        Dest::new("d2", &rx.url("/d2")),
+    ]);
     let pub_ = Publisher::connect().await;
     pub_.declare_queue(&queue).await;
     let id_less = r#"{"topic":"t.x","time":"2026-01-01T00:00:00Z","data":{"n":1}}"#;
 
-    let courier = Courier::start(config(&queue, store.path(), &destinations));
-    pub_.to_queue(&queue, br#"{"id":"A","topic":"t","data":{}}"#)
-        .await;
+    let courier = Courier::start(&config);
+    pub_.to_queue(&queue, event("A", "t").as_bytes()).await;
     pub_.to_queue(&queue, id_less.as_bytes()).await;
     rx.wait_for(4, WAIT).await;
     courier.wait_count(2, WAIT, |s| &s.acked).await;
     courier.stop().await;
 
     // Same events again after a restart, then a sentinel that proves the queue was worked through.
-    let courier = Courier::start(config(&queue, store.path(), &destinations));
+    let courier = Courier::start(&config);
     pub_.to_queue(&queue, br#"{"id":"A","topic":"t","data":{"changed":true}}"#)
         .await;
     pub_.to_queue(&queue, id_less.as_bytes()).await;
-    pub_.to_queue(&queue, br#"{"id":"B","topic":"t","data":{}}"#)
-        .await;
+    pub_.to_queue(&queue, event("B", "t").as_bytes()).await;
     rx.wait_for(6, WAIT).await;
     courier.wait_count(3, WAIT, |s| &s.acked).await;
     let stats = courier.stop().await;
@@ -378,19 +374,17 @@ async fn dedup_survives_a_restart_and_covers_id_less_events() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn message_stays_unacked_while_the_receiver_is_answering() {
+    let _brokers = brokers().await;
     let rx = Receiver::start().await;
     rx.hold();
     let queue = unique("held");
     let store = tempfile::tempdir().unwrap();
     let pub_ = Publisher::connect().await;
     pub_.declare_queue(&queue).await;
-    let courier = Courier::start(config(
-        &queue,
-        store.path(),
-        &dest("slow", &rx.url("/slow"), ""),
-    ));
-    pub_.to_queue(&queue, br#"{"id":"H1","topic":"t","data":{}}"#)
-        .await;
+    let courier = Courier::start(
+        &rabbit_config(&queue, store.path()).destination(Dest::new("slow", &rx.url("/slow"))),
+    );
+    pub_.to_queue(&queue, event("H1", "t").as_bytes()).await;
     rx.wait_for(1, WAIT).await;
     assert_eq!(rx.held(), 1);
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -402,30 +396,25 @@ async fn message_stays_unacked_while_the_receiver_is_answering() {
     assert_eq!(courier.count(|s| &s.acked), 0);
     rx.release();
     courier.wait_count(1, WAIT, |s| &s.acked).await;
-    eventually("acked after the POST", WAIT, || {
-        Publisher::counts(&queue) == (0, 0)
-    })
-    .await;
+    wait_drained(&queue, "acked after the POST", WAIT).await;
     courier.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn non_2xx_does_not_block_the_ack_and_is_dead_lettered() {
+    let _brokers = brokers().await;
     let rx = Receiver::start().await;
     rx.set_status(400);
     let queue = unique("status");
     let store = tempfile::tempdir().unwrap();
     let pub_ = Publisher::connect().await;
     pub_.declare_queue(&queue).await;
-    let courier = Courier::start(config(
-        &queue,
-        store.path(),
-        &dest("err", &rx.url("/err"), ""),
-    ));
-    pub_.to_queue(&queue, br#"{"id":"S1","topic":"t","data":{}}"#)
-        .await;
+    let courier = Courier::start(
+        &rabbit_config(&queue, store.path()).destination(Dest::new("err", &rx.url("/err"))),
+    );
+    pub_.to_queue(&queue, event("S1", "t").as_bytes()).await;
     courier.wait_count(1, WAIT, |s| &s.acked).await;
-    eventually("acked", WAIT, || Publisher::counts(&queue) == (0, 0)).await;
+    wait_drained(&queue, "acked", WAIT).await;
     courier.stop().await;
     let letters = open_store(store.path()).dead_letters().unwrap();
     assert_eq!(letters.len(), 1);
@@ -440,15 +429,17 @@ async fn non_2xx_does_not_block_the_ack_and_is_dead_lettered() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn poison_messages_are_dead_lettered_and_the_rest_flows() {
+    let _brokers = brokers().await;
     let rx = Receiver::start().await;
     let queue = unique("poison");
     let store = tempfile::tempdir().unwrap();
     let pub_ = Publisher::connect().await;
     pub_.declare_queue(&queue).await;
-    let extra_service = dest("p", &rx.url("/p"), "");
-    let mut cfg = config(&queue, store.path(), &extra_service);
-    cfg.service.max_payload_bytes = 4096;
-    let courier = Courier::start(cfg);
+    let courier = Courier::start(
+        &rabbit_config(&queue, store.path())
+            .max_payload_bytes(4096)
+            .destination(Dest::new("p", &rx.url("/p"))),
+    );
 
     let big = format!(r#"{{"id":"big","data":"{}"}}"#, "x".repeat(5000));
     let poison: Vec<Vec<u8>> = vec![
@@ -462,22 +453,17 @@ async fn poison_messages_are_dead_lettered_and_the_rest_flows() {
         br#"{"id":"x","topic":"a.#","data":{}}"#.to_vec(),
         b"{\"id\":\"inj\\r\\nX-Evil: 1\",\"data\":{}}".to_vec(),
     ];
-    pub_.to_queue(&queue, br#"{"id":"before","topic":"t","data":{}}"#)
-        .await;
+    pub_.to_queue(&queue, event("before", "t").as_bytes()).await;
     for p in &poison {
         pub_.to_queue(&queue, p).await;
     }
-    pub_.to_queue(&queue, br#"{"id":"after","topic":"t","data":{}}"#)
-        .await;
+    pub_.to_queue(&queue, event("after", "t").as_bytes()).await;
     rx.wait_for_id("after", WAIT).await;
     rx.wait_for_id("before", WAIT).await;
     courier
         .wait_count(poison.len() as u64 + 2, WAIT, |s| &s.acked)
         .await;
-    eventually("queue drained, no requeue loop", WAIT, || {
-        Publisher::counts(&queue) == (0, 0)
-    })
-    .await;
+    wait_drained(&queue, "queue drained, no requeue loop", WAIT).await;
     let stats = courier.stop().await;
     assert_eq!(rx.requests().len(), 2);
     assert_eq!(
@@ -514,22 +500,19 @@ async fn poison_messages_are_dead_lettered_and_the_rest_flows() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn in_flight_is_bounded_by_max_in_flight() {
+    let _brokers = brokers().await;
     let rx = Receiver::start().await;
     rx.set_delay(Duration::from_millis(300));
     let queue = unique("bounded");
     let store = tempfile::tempdir().unwrap();
     let pub_ = Publisher::connect().await;
     pub_.declare_queue(&queue).await;
-    for i in 0..12 {
-        pub_.to_queue(
-            &queue,
-            format!(r#"{{"id":"b{i}","topic":"t","data":{{}}}}"#).as_bytes(),
-        )
-        .await;
-    }
-    let mut cfg = config(&queue, store.path(), &dest("b", &rx.url("/b"), ""));
-    cfg.service.max_in_flight = 3;
-    let courier = Courier::start(cfg);
+    publish_events(&pub_, &queue, "b", 0..12).await;
+    let courier = Courier::start(
+        &rabbit_config(&queue, store.path())
+            .max_in_flight(3)
+            .destination(Dest::new("b", &rx.url("/b"))),
+    );
     rx.wait_for(12, WAIT).await;
     assert_eq!(
         rx.max_concurrent(),
@@ -541,16 +524,16 @@ async fn in_flight_is_bounded_by_max_in_flight() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redirect_307_keeps_the_post_and_body() {
+    let _brokers = brokers().await;
     let rx = Receiver::start().await;
     let queue = unique("redirect");
     let store = tempfile::tempdir().unwrap();
     let pub_ = Publisher::connect().await;
     pub_.declare_queue(&queue).await;
-    let courier = Courier::start(config(
-        &queue,
-        store.path(),
-        &dest("r", &rx.url("/redirect/307/final"), ""),
-    ));
+    let courier = Courier::start(
+        &rabbit_config(&queue, store.path())
+            .destination(Dest::new("r", &rx.url("/redirect/307/final"))),
+    );
     pub_.to_queue(&queue, br#"{"id":"R1","topic":"t","data":{"k":1}}"#)
         .await;
     let r = rx.wait_for_id("R1", WAIT).await;
@@ -562,26 +545,26 @@ async fn redirect_307_keeps_the_post_and_body() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redirects_that_would_drop_the_body_or_leave_the_origin_are_not_followed() {
+    let _brokers = brokers().await;
     let rx = Receiver::start().await;
     let elsewhere = Receiver::start().await;
     let queue = unique("redirect-refused");
     let store = tempfile::tempdir().unwrap();
     let pub_ = Publisher::connect().await;
     pub_.declare_queue(&queue).await;
-    let destinations = [
-        dest("to-get", &rx.url("/redirect/302/final"), "topics = [\"a\"]"),
-        dest(
-            "cross-origin",
-            &rx.url(&format!("/redirect/307/{}", elsewhere.url("/stolen"))),
-            "topics = [\"b\"]\nauth = { type = \"api_key\", header = \"X-API-Key\", key = \"secret\" }",
-        ),
-    ]
-    .concat();
-    let courier = Courier::start(config(&queue, store.path(), &destinations));
-    pub_.to_queue(&queue, br#"{"id":"R302","topic":"a","data":{}}"#)
-        .await;
-    pub_.to_queue(&queue, br#"{"id":"RX","topic":"b","data":{}}"#)
-        .await;
+    let courier = Courier::start(
+        &rabbit_config(&queue, store.path()).destinations([
+            Dest::new("to-get", &rx.url("/redirect/302/final")).topics(["a"]),
+            Dest::new(
+                "cross-origin",
+                &rx.url(&format!("/redirect/307/{}", elsewhere.url("/stolen"))),
+            )
+            .topics(["b"])
+            .api_key("X-API-Key", "secret"),
+        ]),
+    );
+    pub_.to_queue(&queue, event("R302", "a").as_bytes()).await;
+    pub_.to_queue(&queue, event("RX", "b").as_bytes()).await;
     courier.wait_count(2, WAIT, |s| &s.acked).await;
     courier.stop().await;
     assert!(
@@ -603,6 +586,7 @@ async fn redirects_that_would_drop_the_body_or_leave_the_origin_are_not_followed
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reconnects_after_rabbitmqctl_close_all_connections() {
+    let _brokers = brokers().await;
     // A vhost of its own, so closing all its connections touches no other test.
     let vhost = unique("courier-vhost");
     rabbitmqctl(&["add_vhost", &vhost]);
@@ -611,14 +595,14 @@ async fn reconnects_after_rabbitmqctl_close_all_connections() {
     let rx = Receiver::start().await;
     let queue = unique("reconnect");
     let store = tempfile::tempdir().unwrap();
-    let mut cfg = config(&queue, store.path(), &dest("r", &rx.url("/r"), ""));
-    if let Some(r) = cfg.rabbitmq.as_mut() {
-        r.url = courier::config::AmqpUrl::parse(&url).expect("valid URL");
-    }
-    let courier = Courier::start(cfg);
+    let courier = Courier::start(
+        &test_defaults(store.path())
+            .rabbitmq(Rabbit::queue(&queue).connection_name(&queue).url(&url))
+            .destination(Dest::new("r", &rx.url("/r"))),
+    );
     let pub_ = Publisher::connect_to(&url).await;
     pub_.wait_consumers(&queue, 1).await;
-    pub_.to_queue(&queue, br#"{"id":"before-close","topic":"t","data":{}}"#)
+    pub_.to_queue(&queue, event("before-close", "t").as_bytes())
         .await;
     rx.wait_for_id("before-close", WAIT).await;
 
@@ -630,7 +614,7 @@ async fn reconnects_after_rabbitmqctl_close_all_connections() {
     ]);
     // Our own publisher went too; courier must come back on its own.
     let pub_ = Publisher::connect_to(&url).await;
-    pub_.to_queue(&queue, br#"{"id":"after-close","topic":"t","data":{}}"#)
+    pub_.to_queue(&queue, event("after-close", "t").as_bytes())
         .await;
     rx.wait_for_id("after-close", Duration::from_secs(30)).await;
     eventually("drained after reconnect", WAIT, || {
@@ -644,6 +628,7 @@ async fn reconnects_after_rabbitmqctl_close_all_connections() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn graceful_shutdown_loses_nothing_and_posts_nothing_twice() {
+    let _brokers = brokers().await;
     let rx = Receiver::start().await;
     rx.set_delay(Duration::from_millis(20));
     let queue = unique("shutdown");
@@ -658,9 +643,10 @@ async fn graceful_shutdown_loses_nothing_and_posts_nothing_twice() {
         )
         .await;
     }
-    let mut cfg = config(&queue, store.path(), &dest("g", &rx.url("/g"), ""));
-    cfg.service.max_in_flight = 16;
-    let courier = Courier::start(cfg.clone());
+    let config = rabbit_config(&queue, store.path())
+        .max_in_flight(16)
+        .destination(Dest::new("g", &rx.url("/g")));
+    let courier = Courier::start(&config);
     rx.wait_for(60, WAIT).await;
     // Stop mid-stream: in-flight deliveries finish and are acked, the rest stay queued.
     let stats = courier.stop_within(Duration::from_secs(15)).await;
@@ -677,7 +663,7 @@ async fn graceful_shutdown_loses_nothing_and_posts_nothing_twice() {
         "everything not acked is back in the queue"
     );
 
-    let courier = Courier::start(cfg);
+    let courier = Courier::start(&config);
     eventually("every event delivered", Duration::from_secs(60), || {
         rx.delivered_counts().len() == N
     })
@@ -692,12 +678,15 @@ async fn graceful_shutdown_loses_nothing_and_posts_nothing_twice() {
 /// frames long must still arrive whole, byte for byte.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_message_of_many_frames_arrives_whole() {
+    let _brokers = brokers().await;
     let rx = Receiver::start().await;
     let queue = unique("frames");
     let store = tempfile::tempdir().unwrap();
     let pub_ = Publisher::connect().await;
     pub_.declare_queue(&queue).await;
-    let courier = Courier::start(config(&queue, store.path(), &dest("f", &rx.url("/f"), "")));
+    let courier = Courier::start(
+        &rabbit_config(&queue, store.path()).destination(Dest::new("f", &rx.url("/f"))),
+    );
     let pattern: String = (0..900_000)
         .map(|i| char::from(b'a' + (i % 26) as u8))
         .collect();

@@ -16,6 +16,7 @@ fn reference_text() -> String {
     .expect("docs/config-reference.toml exists")
 }
 
+/// Every key path of `v` (`a.b`, `list[].c`) into `out`, not descending into [`USER_MAPS`].
 fn walk_json(v: &serde_json::Value, path: String, out: &mut BTreeSet<String>) {
     match v {
         serde_json::Value::Object(map) if !USER_MAPS.contains(&path.as_str()) => {
@@ -38,28 +39,6 @@ fn walk_json(v: &serde_json::Value, path: String, out: &mut BTreeSet<String>) {
     }
 }
 
-fn walk_toml(v: &config::Value, path: String, out: &mut BTreeSet<String>) {
-    match &v.kind {
-        config::ValueKind::Table(map) if !USER_MAPS.contains(&path.as_str()) => {
-            for (k, v) in map {
-                let p = if path.is_empty() {
-                    k.clone()
-                } else {
-                    format!("{path}.{k}")
-                };
-                out.insert(p.clone());
-                walk_toml(v, p, out);
-            }
-        }
-        config::ValueKind::Array(items) => {
-            for item in items {
-                walk_toml(item, format!("{path}[]"), out);
-            }
-        }
-        _ => {}
-    }
-}
-
 #[test]
 fn the_reference_loads_and_names_exactly_the_keys_the_code_knows() {
     let text = reference_text();
@@ -73,13 +52,14 @@ fn the_reference_loads_and_names_exactly_the_keys_the_code_knows() {
         &mut code_keys,
     );
 
-    let raw: config::Value = config::Config::builder()
+    // The file as the config crate reads it, before courier's types see it.
+    let raw: serde_json::Value = config::Config::builder()
         .add_source(config::File::from_str(&text, config::FileFormat::Toml))
         .build()
         .and_then(|c| c.try_deserialize())
         .expect("reference parses as TOML");
     let mut doc_keys = BTreeSet::new();
-    walk_toml(&raw, String::new(), &mut doc_keys);
+    walk_json(&raw, String::new(), &mut doc_keys);
 
     let undocumented: Vec<_> = code_keys.difference(&doc_keys).collect();
     let unknown: Vec<_> = doc_keys.difference(&code_keys).collect();

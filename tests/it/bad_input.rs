@@ -2,12 +2,10 @@
 //! message is dead-lettered once with a reason that says what is wrong, the worker stays up, and
 //! the good event published after each bad one is delivered.
 
-mod common;
-
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use common::*;
+use crate::support::*;
 
 const WAIT: Duration = Duration::from_secs(60);
 
@@ -104,6 +102,7 @@ fn corpus() -> Vec<(&'static str, Vec<u8>, &'static str)> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_bad_message_is_dead_lettered_with_its_reason_and_the_rest_flows() {
+    let _brokers = brokers().await;
     let rx = Receiver::start().await;
     let queue = unique("badinput");
     let store = tempfile::tempdir().unwrap();
@@ -111,18 +110,17 @@ async fn every_bad_message_is_dead_lettered_with_its_reason_and_the_rest_flows()
     publisher.declare_queue(&queue).await;
     let corpus = corpus();
     publisher
-        .to_queue(&queue, br#"{"id":"good-first","topic":"t","data":{}}"#)
+        .to_queue(&queue, event("good-first", "t").as_bytes())
         .await;
     for (i, (_, body, _)) in corpus.iter().enumerate() {
         publisher.to_queue(&queue, body).await;
         publisher
-            .to_queue(
-                &queue,
-                format!(r#"{{"id":"good-{i}","topic":"t","data":{{}}}}"#).as_bytes(),
-            )
+            .to_queue(&queue, event(&format!("good-{i}"), "t").as_bytes())
             .await;
     }
-    let courier = Courier::start(config(&queue, store.path(), &dest("d", &rx.url("/d"), "")));
+    let courier = Courier::start(
+        &rabbit_config(&queue, store.path()).destination(Dest::new("d", &rx.url("/d"))),
+    );
 
     rx.wait_for_id("good-first", WAIT).await;
     for i in 0..corpus.len() {
@@ -130,10 +128,7 @@ async fn every_bad_message_is_dead_lettered_with_its_reason_and_the_rest_flows()
     }
     let total = 2 * corpus.len() as u64 + 1;
     courier.wait_count(total, WAIT, |s| &s.acked).await;
-    eventually("queue drained, nothing requeued", WAIT, || {
-        Publisher::counts(&queue) == (0, 0)
-    })
-    .await;
+    wait_drained(&queue, "queue drained, nothing requeued", WAIT).await;
     let stats = courier.stop().await;
     assert_eq!(
         stats.received.load(Ordering::SeqCst),

@@ -2,7 +2,7 @@
 
 Consumes QUEUE with a prefetch, POSTs each event's data with the same contract headers, acks after
 the POST, and exits after N messages. Run by courier-bench; by hand:
-    python3 bench/python_baseline.py AMQP_URL QUEUE TARGET_URL PREFETCH N
+    python3 tools/courier-bench/python_baseline.py AMQP_URL QUEUE TARGET_URL PREFETCH N
 """
 import asyncio
 import json

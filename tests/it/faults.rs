@@ -10,11 +10,11 @@
 //! Each case prints one line of figures (`FAULT ...`) on stderr and appends it to
 //! `target/tmp/fault-figures.txt`; docs/reliability.md carries them.
 //!
-//! The cases stop the brokers and mount a tmpfs, so they run one at a time (a lock) in a test
-//! binary of their own (cargo runs test binaries one after another). The mount needs root, or
-//! sudo without a password.
-
-mod common;
+//! The cases run one at a time ([`SERIAL`]): each sends thousands of events, and alone it keeps
+//! the machine's two cores for courier and the brokers, so its figures mean the same from run to
+//! run. The cases that stop RabbitMQ, close its connections or restart Mosquitto also hold the
+//! brokers exclusively (`support::brokers_exclusive`), so no other test of the binary runs
+//! meanwhile; the others share them. The tmpfs mount needs root, or sudo without a password.
 
 use std::collections::HashSet;
 use std::io::Write as _;
@@ -23,9 +23,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::*;
-use lapin::options::BasicPublishOptions;
-use lapin::BasicProperties;
+use crate::support::*;
 
 /// Events in flight in courier at once (also the RabbitMQ prefetch).
 const IN_FLIGHT: usize = 16;
@@ -33,7 +31,36 @@ const IN_FLIGHT: usize = 16;
 /// How long a case may take to deliver everything after its fault is repaired.
 const DRAIN: Duration = Duration::from_secs(120);
 
+/// Held by each case for its whole run (in [`Turn`]).
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// Whether a case disturbs the brokers for the other tests.
+enum Disturbs {
+    Nothing,
+    /// Stops RabbitMQ, closes its connections or restarts Mosquitto.
+    Brokers,
+}
+
+/// A case's turn: the fault suite to itself, then the brokers (shared, or to itself alone when
+/// it disturbs them). Always taken in this order, so two cases cannot wait on each other.
+struct Turn {
+    _brokers: Brokers,
+    _serial: tokio::sync::MutexGuard<'static, ()>,
+}
+
+impl Turn {
+    async fn take(disturbs: Disturbs) -> Turn {
+        let serial = SERIAL.lock().await;
+        let brokers = match disturbs {
+            Disturbs::Nothing => brokers().await,
+            Disturbs::Brokers => brokers_exclusive().await,
+        };
+        Turn {
+            _brokers: brokers,
+            _serial: serial,
+        }
+    }
+}
 
 fn event_count() -> usize {
     std::env::var("COURIER_FAULT_EVENTS")
@@ -42,7 +69,8 @@ fn event_count() -> usize {
         .unwrap_or(3000)
 }
 
-fn ids(case: &str) -> Vec<String> {
+/// The ids of a case's events.
+fn case_ids(case: &str) -> Vec<String> {
     (0..event_count()).map(|i| format!("{case}-{i}")).collect()
 }
 
@@ -54,91 +82,34 @@ fn body(id: &str) -> Vec<u8> {
     .into_bytes()
 }
 
-const DESTINATION: &str = r#"
-[[destinations]]
-name = "partner"
-url = "{url}"
-timeout = "10s"
-
-[destinations.retry]
-max_attempts = 1000
-initial_interval = "200ms"
-multiplier = 2.0
-max_interval = "1s"
-
-[destinations.circuit]
-failures = 5
-open_for = "1s"
-"#;
-
-fn amqp_config(queue: &str, store: &Path, admin: u16, url: &str) -> String {
-    format!(
-        r#"
-[service]
-max_in_flight = {IN_FLIGHT}
-shutdown_timeout = "10s"
-
-[store]
-path = "{store}"
-cache_capacity = 1048576
-
-[admin]
-listen = "127.0.0.1:{admin}"
-
-[rabbitmq]
-url = "{AMQP_URL}"
-queue = "{queue}"
-connection_name = "{queue}"
-{destination}
-"#,
-        store = store.display(),
-        destination = DESTINATION.replace("{url}", url),
-    )
-}
-
-fn mqtt_config(topic: &str, client_id: &str, store: &Path, url: &str) -> String {
-    mqtt_config_text(
-        topic,
-        client_id,
-        store,
-        "",
-        &DESTINATION.replace("{url}", url),
-    )
-    .replace(
-        "[service]\n",
-        &format!("[service]\nmax_in_flight = {IN_FLIGHT}\n"),
-    )
+/// The partner: retried for as long as any case lasts, its circuit opening for a second at a
+/// time.
+fn partner(url: &str) -> Dest {
+    Dest::new("partner", url)
+        .timeout(Duration::from_secs(10))
+        .retry(Retry::backoff(
+            1000,
+            Duration::from_millis(200),
+            2.0,
+            Duration::from_secs(1),
+        ))
+        .circuit(
+            Circuit::default()
+                .failures(5)
+                .open_for(Duration::from_secs(1)),
+        )
 }
 
 /// Publishes every id into `queue` (durable, persistent messages) and waits for the confirms.
 async fn prefill(publisher: &Publisher, queue: &str, ids: &[String]) {
     publisher.declare_queue(queue).await;
-    for chunk in ids.chunks(500) {
-        let mut confirms = Vec::with_capacity(chunk.len());
-        for id in chunk {
-            confirms.push(
-                publisher
-                    .channel
-                    .basic_publish(
-                        "".into(),
-                        queue.into(),
-                        BasicPublishOptions::default(),
-                        &body(id),
-                        BasicProperties::default().with_delivery_mode(2),
-                    )
-                    .await
-                    .expect("basic_publish"),
-            );
-        }
-        for confirm in confirms {
-            confirm.await.expect("publisher confirm");
-        }
-    }
+    publisher
+        .fill(queue, ids.iter().map(|id| body(id)), 500)
+        .await;
 }
 
-/// Publishes `ids` over MQTT QoS 1, never more than 300 ahead of what the receiver has (Mosquitto
-/// drops QoS 1 messages for a subscriber more than `max_queued_messages` behind).
-/// `before` events of this case were published earlier.
+/// Publishes `ids` over MQTT QoS 1, paced by what the receiver has (`before` events of this case
+/// were published earlier), and waits for the broker's PUBACKs.
 async fn publish_paced(
     publisher: &MqttPublisher,
     topic: &str,
@@ -146,11 +117,13 @@ async fn publish_paced(
     before: usize,
     rx: &Receiver,
 ) {
-    for (i, id) in ids.iter().enumerate() {
-        while before + i >= delivered(rx) + 300 {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-        publisher.publish(topic, body(id)).await;
+    if let Err(e) = publisher
+        .publish_paced(topic, ids.iter().map(|id| body(id)), before, || {
+            delivered(rx)
+        })
+        .await
+    {
+        panic!("MQTT publisher: {e} of {} events", ids.len());
     }
     publisher.wait_acked().await;
 }
@@ -253,6 +226,13 @@ impl Figures {
             log_tail(log)
         );
     }
+}
+
+/// The partner's receiver, answering every request after `delay`.
+async fn receiver(delay: Duration) -> Arc<Receiver> {
+    let rx = Receiver::start().await;
+    rx.set_delay(delay);
+    Arc::new(rx)
 }
 
 /// A TCP forwarder in front of the receiver that can go away (connection refused) and come back
@@ -386,7 +366,7 @@ fn assert_mid_stream(rx: &Receiver, ids: &[String], log: &Path) {
 /// A running courier process and what it takes to start it again.
 struct Running {
     courier: CourierProcess,
-    config: String,
+    config: ConfigBuilder,
     dir: PathBuf,
 }
 
@@ -396,7 +376,7 @@ impl Running {
         self.courier.kill9();
         tokio::time::sleep(down_for).await;
         Running {
-            courier: CourierProcess::spawn(&self.config, &self.dir),
+            courier: spawn(&self.config, &self.dir),
             ..self
         }
     }
@@ -414,17 +394,20 @@ async fn amqp_case<F, Fut>(
     F: FnOnce(Running) -> Fut,
     Fut: std::future::Future<Output = Running>,
 {
-    let ids = ids(case);
+    let ids = case_ids(case);
     let queue = unique(case);
     let dir = tempfile::tempdir().expect("tempdir");
     let store = dir.path().join("store");
     let publisher = Publisher::connect().await;
     prefill(&publisher, &queue, &ids).await;
     drop(publisher);
-    let config = amqp_config(&queue, &store, free_port(), url);
+    let config = rabbit_config(&queue, &store)
+        .max_in_flight(IN_FLIGHT)
+        .admin(free_port())
+        .destination(partner(url));
     let started = Instant::now();
-    let courier = CourierProcess::spawn(&config, dir.path());
-    mid_stream(rx, &ids, &courier.log).await;
+    let courier = spawn(&config, dir.path());
+    mid_stream(rx, &ids, courier.log()).await;
     let running = fault(Running {
         courier,
         config,
@@ -432,24 +415,19 @@ async fn amqp_case<F, Fut>(
     })
     .await;
     let repaired = Instant::now();
-    let log = running.courier.log.clone();
+    let log = running.courier.log().to_path_buf();
     assert_mid_stream(rx, &ids, &log);
     wait_delivered(rx, &ids, ids.len(), &log).await;
     Figures::count(case, &ids, rx, started, repaired).check(max_duplicates, &log);
     drop(running);
-    let publisher = Publisher::connect().await;
-    let _ = publisher
-        .channel
-        .queue_delete(queue.as_str().into(), Default::default())
-        .await;
+    Publisher::connect().await.delete_queue(&queue).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rabbitmq_stopped_and_started_mid_stream() {
-    let _serial = SERIAL.lock().await;
-    let rx = Receiver::start().await;
+    let _turn = Turn::take(Disturbs::Brokers).await;
     // Slow enough that the broker's stop (seconds of rabbitmqctl) lands mid-stream.
-    rx.set_delay(Duration::from_millis(50));
+    let rx = receiver(Duration::from_millis(50)).await;
     // Messages unacked at the stop come back; their outcome was committed before the ack was
     // attempted, so dedup skips them: no duplicate.
     amqp_case("rabbit-restart", &rx, &rx.url("/e"), 0, |running| async {
@@ -469,51 +447,36 @@ async fn rabbitmq_stopped_and_started_mid_stream() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rabbitmq_connections_force_closed_mid_stream() {
-    let _serial = SERIAL.lock().await;
-    let rx = Receiver::start().await;
-    // Slow enough that the broker's stop (seconds of rabbitmqctl) lands mid-stream.
-    rx.set_delay(Duration::from_millis(50));
-    amqp_case(
-        "rabbit-close-conns",
-        &rx,
-        &rx.url("/e"),
-        0,
-        |running| async {
-            for _ in 0..3 {
-                tokio::task::spawn_blocking(|| {
-                    rabbitmqctl(&["close_all_connections", "courier fault suite"])
-                })
+    // Closes every connection of the default vhost, other tests' included.
+    let _turn = Turn::take(Disturbs::Brokers).await;
+    // Slow enough that the closes (seconds of rabbitmqctl) land mid-stream.
+    let rx = receiver(Duration::from_millis(50)).await;
+    let close_all = || rabbitmqctl(&["close_all_connections", "courier fault suite"]);
+    let close_thrice = |running: Running| async move {
+        for _ in 0..3 {
+            tokio::task::spawn_blocking(close_all)
                 .await
                 .expect("close connections");
-                tokio::time::sleep(Duration::from_secs(1)).await;
-            }
-            running
-        },
-    )
-    .await;
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+        running
+    };
+    amqp_case("rabbit-close-conns", &rx, &rx.url("/e"), 0, close_thrice).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn courier_sigkilled_mid_stream_amqp() {
-    let _serial = SERIAL.lock().await;
-    let rx = Receiver::start().await;
-    rx.set_delay(Duration::from_millis(2));
-    amqp_case(
-        "courier-kill9-amqp",
-        &rx,
-        &rx.url("/e"),
-        IN_FLIGHT,
-        // The same store: dedup must remember what the killed process delivered.
-        |running| running.kill9_and_restart(Duration::ZERO),
-    )
-    .await;
+    let _turn = Turn::take(Disturbs::Nothing).await;
+    let rx = receiver(Duration::from_millis(2)).await;
+    // The same store: dedup must remember what the killed process delivered.
+    let kill9 = |running: Running| running.kill9_and_restart(Duration::ZERO);
+    amqp_case("courier-kill9-amqp", &rx, &rx.url("/e"), IN_FLIGHT, kill9).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn receiver_down_for_a_while() {
-    let _serial = SERIAL.lock().await;
-    let rx = Receiver::start().await;
-    rx.set_delay(Duration::from_millis(2));
+    let _turn = Turn::take(Disturbs::Nothing).await;
+    let rx = receiver(Duration::from_millis(2)).await;
     let gate = Arc::new(Gate::start(rx.addr).await);
     let g = gate.clone();
     // Going down cuts the requests under way: one the receiver had already answered 2xx
@@ -534,45 +497,45 @@ async fn receiver_down_for_a_while() {
     .await;
 }
 
+/// An AMQP case whose fault is the receiver's own answer: `fault` for `lasting`, then `repair`;
+/// no duplicate allowed.
+async fn receiver_case(
+    case: &'static str,
+    lasting: Duration,
+    fault: fn(&Receiver),
+    repair: fn(&Receiver),
+) {
+    let _turn = Turn::take(Disturbs::Nothing).await;
+    let rx = receiver(Duration::from_millis(2)).await;
+    let r = rx.clone();
+    amqp_case(case, &rx, &rx.url("/e"), 0, |running| async move {
+        fault(&r);
+        tokio::time::sleep(lasting).await;
+        repair(&r);
+        running
+    })
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn receiver_slow_for_a_while() {
-    let _serial = SERIAL.lock().await;
-    let rx = Arc::new(Receiver::start().await);
-    rx.set_delay(Duration::from_millis(2));
-    let r = rx.clone();
     // Two seconds per request stays inside the 10 s timeout: slow, not failed, no duplicate.
-    amqp_case(
+    receiver_case(
         "receiver-slow",
-        &rx,
-        &rx.url("/e"),
-        0,
-        |running| async move {
-            r.set_delay(Duration::from_secs(2));
-            tokio::time::sleep(Duration::from_secs(8)).await;
-            r.set_delay(Duration::from_millis(2));
-            running
-        },
+        Duration::from_secs(8),
+        |r| r.set_delay(Duration::from_secs(2)),
+        |r| r.set_delay(Duration::from_millis(2)),
     )
     .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn receiver_answers_500_for_a_while() {
-    let _serial = SERIAL.lock().await;
-    let rx = Arc::new(Receiver::start().await);
-    rx.set_delay(Duration::from_millis(2));
-    let r = rx.clone();
-    amqp_case(
+    receiver_case(
         "receiver-500",
-        &rx,
-        &rx.url("/e"),
-        0,
-        |running| async move {
-            r.set_status(500);
-            tokio::time::sleep(Duration::from_secs(5)).await;
-            r.set_status(200);
-            running
-        },
+        Duration::from_secs(5),
+        |r| r.set_status(500),
+        |r| r.set_status(200),
     )
     .await;
 }
@@ -626,11 +589,10 @@ fn fill(path: &Path) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn store_disk_full_then_read_only_then_writable() {
-    let _serial = SERIAL.lock().await;
-    let rx = Receiver::start().await;
-    rx.set_delay(Duration::from_millis(2));
+    let _turn = Turn::take(Disturbs::Nothing).await;
+    let rx = receiver(Duration::from_millis(2)).await;
     let case = "store-full-readonly";
-    let ids = ids(case);
+    let ids = case_ids(case);
     let queue = unique(case);
     let dir = tempfile::tempdir().expect("tempdir");
     let mount = dir.path().join("disk");
@@ -639,10 +601,13 @@ async fn store_disk_full_then_read_only_then_writable() {
     let publisher = Publisher::connect().await;
     prefill(&publisher, &queue, &ids).await;
     let admin = free_port();
-    let config = amqp_config(&queue, &store, admin, &rx.url("/e"));
+    let config = rabbit_config(&queue, &store)
+        .max_in_flight(IN_FLIGHT)
+        .admin(admin)
+        .destination(partner(&rx.url("/e")));
     let started = Instant::now();
-    let courier = CourierProcess::spawn(&config, dir.path());
-    let log = courier.log.clone();
+    let courier = spawn(&config, dir.path());
+    let log = courier.log().to_path_buf();
     mid_stream(&rx, &ids, &log).await;
 
     // Disk full: the next flush fails.
@@ -727,16 +692,10 @@ async fn store_disk_full_then_read_only_then_writable() {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    eventually("queue drained", Duration::from_secs(30), || {
-        Publisher::counts(&queue) == (0, 0)
-    })
-    .await;
+    wait_drained(&queue, "queue drained", Duration::from_secs(30)).await;
     Figures::count(case, &ids, &rx, started, repaired).check(IN_FLIGHT, &log);
     drop(courier);
-    let _ = publisher
-        .channel
-        .queue_delete(queue.as_str().into(), Default::default())
-        .await;
+    publisher.delete_queue(&queue).await;
 }
 
 /// An MQTT case: events published (paced) for the whole case, `fault` run once a quarter was
@@ -746,21 +705,22 @@ where
     F: FnOnce(Running) -> Fut,
     Fut: std::future::Future<Output = Running>,
 {
-    let rx = Receiver::start().await;
-    rx.set_delay(Duration::from_millis(2));
-    let ids = ids(case);
+    let rx = receiver(Duration::from_millis(2)).await;
+    let ids = case_ids(case);
     let topic = unique(case);
     let dir = tempfile::tempdir().expect("tempdir");
     let store = dir.path().join("store");
-    let config = mqtt_config(&topic, &unique(case), &store, &rx.url("/e"));
+    let config = mqtt_config(&topic, &unique(case), &store)
+        .max_in_flight(IN_FLIGHT)
+        .destination(partner(&rx.url("/e")));
     let started = Instant::now();
-    let courier = CourierProcess::spawn(&config, dir.path());
+    let courier = spawn(&config, dir.path());
     let publisher = MqttPublisher::connect().await;
     wait_subscribed(&publisher, &topic, &rx).await;
     let quarter = ids.len() / 4;
     publish_paced(&publisher, &topic, &ids[..quarter], 0, &rx).await;
     drop(publisher);
-    mid_stream(&rx, &ids, &courier.log).await;
+    mid_stream(&rx, &ids, courier.log()).await;
     let running = fault(Running {
         courier,
         config,
@@ -768,10 +728,10 @@ where
     })
     .await;
     let repaired = Instant::now();
-    assert_mid_stream(&rx, &ids, &running.courier.log);
+    assert_mid_stream(&rx, &ids, running.courier.log());
     let publisher = MqttPublisher::connect().await;
     publish_paced(&publisher, &topic, &ids[quarter..], quarter, &rx).await;
-    let log = running.courier.log.clone();
+    let log = running.courier.log().to_path_buf();
     wait_delivered(&rx, &ids, ids.len(), &log).await;
     Figures::count(case, &ids, &rx, started, repaired).check(max_duplicates, &log);
     drop(running);
@@ -779,7 +739,7 @@ where
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mosquitto_restarted_mid_stream() {
-    let _serial = SERIAL.lock().await;
+    let _turn = Turn::take(Disturbs::Brokers).await;
     // A PUBACK lost with the connection makes Mosquitto send the message again; the outcome was
     // committed before the PUBACK, so dedup skips it.
     mqtt_case("mosquitto-restart", 0, |running| async {
@@ -793,7 +753,7 @@ async fn mosquitto_restarted_mid_stream() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn courier_sigkilled_mid_stream_mqtt() {
-    let _serial = SERIAL.lock().await;
+    let _turn = Turn::take(Disturbs::Nothing).await;
     mqtt_case("courier-kill9-mqtt", IN_FLIGHT, |running| {
         running.kill9_and_restart(Duration::from_secs(1))
     })

@@ -4,15 +4,12 @@
 //! store's background flush still makes it durable. Real store, real HTTP receiver; the
 //! broker's side of an ack is replaced by a probe that looks at the store when it is called.
 
-mod common;
-
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use tokio::sync::mpsc;
 
-use common::*;
 use courier::config::Format;
 use courier::delivery::Deliverer;
 use courier::destination::Destinations;
@@ -21,7 +18,9 @@ use courier::pipeline::Pipeline;
 use courier::sender::Sender;
 use courier::sources::{AckFuture, AckHandle, Acker, Delivery};
 use courier::store::Store;
-use courier::{Config, Shutdown, Stats};
+use courier::{Shutdown, Stats};
+
+use crate::support::*;
 
 /// Records, when the pipeline acks, whether every store write so far had been flushed.
 struct Probe {
@@ -43,14 +42,13 @@ async fn durable_at_ack(status: u16, body: &str) -> (bool, bool) {
     let rx = Receiver::start().await;
     rx.set_status(status);
     let dir = tempfile::tempdir().expect("tempdir");
-    let text = format!(
-        "[store]\npath = \"{}\"\n[rabbitmq]\nurl = \"{AMQP_URL}\"\nqueue = \"unused\"\n\
-         [[destinations]]\nname = \"d\"\nurl = \"{}\"\n",
-        dir.path().join("store").display(),
-        rx.url("/d"),
+    // The pipeline is driven directly: no broker is connected to.
+    let config = load(
+        &ConfigBuilder::new(dir.path().join("store"))
+            .rabbitmq(Rabbit::queue("unused"))
+            .destination(Dest::new("d", &rx.url("/d"))),
     );
-    let config = Config::from_toml(&text).expect("config");
-    courier::install_crypto_provider();
+    install_crypto_provider();
     let shutdown = Shutdown::new();
     let store = Store::start(&config.store, &shutdown).await.expect("store");
     let stats = Arc::new(Stats::default());

@@ -1,31 +1,19 @@
 //! Mosquitto itself is stopped and started again mid-stream. This restarts the machine's broker,
-//! so it lives in a test binary of its own (cargo runs test binaries one after another).
-
-mod common;
+//! so the test holds the brokers exclusively.
 
 use std::time::Duration;
 
-use common::*;
+use crate::support::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reconnects_after_the_broker_restarts_and_loses_nothing() {
+    let _brokers = brokers_exclusive().await;
     let rx = Receiver::start().await;
     rx.set_delay(Duration::from_millis(5));
-    let topic = unique("restart");
     let store = tempfile::tempdir().unwrap();
-    let cfg = mqtt_config(
-        &topic,
-        &unique("courier-restart"),
-        store.path(),
-        "",
-        &format!(
-            "[[destinations]]\nname = \"d\"\nurl = \"{}\"\n",
-            rx.url("/d")
-        ),
-    );
-    let courier = Courier::start(cfg);
-    let publisher = MqttPublisher::connect().await;
-    wait_subscribed(&publisher, &topic, &rx).await;
+    let (topic, config) = mqtt_to_receiver(&rx, "restart", store.path());
+    let courier = Courier::start(&config);
+    let publisher = subscribed_publisher(&topic, &rx).await;
     const N: usize = 300;
     for i in 0..N / 2 {
         publisher
@@ -50,21 +38,11 @@ async fn reconnects_after_the_broker_restarts_and_loses_nothing() {
     eventually(
         "every event delivered across the broker restart",
         Duration::from_secs(60),
-        || {
-            rx.delivered_counts()
-                .keys()
-                .filter(|k| k.starts_with('r'))
-                .count()
-                == N
-        },
+        || rx.delivered_with_prefix("r") == N,
     )
     .await;
     let stats = courier.stop().await;
-    let twice = rx
-        .delivered_counts()
-        .iter()
-        .filter(|(k, &c)| k.starts_with('r') && c > 1)
-        .count();
+    let twice = rx.delivered_twice_with_prefix("r");
     println!(
         "broker restart: {N} sent, {N} received, 0 lost, {twice} POSTed twice, {} redelivered and skipped by dedup",
         stats.duplicates.load(std::sync::atomic::Ordering::SeqCst)

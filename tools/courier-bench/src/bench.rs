@@ -1,0 +1,220 @@
+//! What every case uses: the run's settings, the receiver, courier as a process, the event body
+//! and the MQTT publisher.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use courier_testkit::{
+    ConfigBuilder, CourierProcess, Dest, Launch, MqttPublisher, MqttPublisherOptions, Publisher,
+    Rabbit, Receiver, Recording,
+};
+
+use crate::Args;
+
+/// The run: its settings, the one receiver every case POSTs to, and what it found.
+pub struct Bench {
+    pub args: Args,
+    /// The courier binary under test.
+    pub exe: PathBuf,
+    pub rx: Receiver,
+    /// Events per drain run (`--events`).
+    pub n: usize,
+    /// Bytes per event.
+    pub size: usize,
+    /// This process's id, which names every queue, topic and directory of the run.
+    pub pid: u32,
+    /// The raw figures the limits were computed from, for the table's last row.
+    pub raw_limits: Vec<String>,
+    /// Lost or duplicated events, for the exit code.
+    pub failures: Vec<String>,
+}
+
+impl Bench {
+    /// Finds the courier binary and starts the receiver; prints the run's settings. `None` (with
+    /// a message) when there is no courier binary.
+    pub async fn start(args: Args) -> Option<Bench> {
+        let exe = match args.courier.clone().or_else(|| {
+            std::env::current_exe()
+                .ok()
+                .and_then(|p| p.parent().map(|d| d.join("courier")))
+        }) {
+            Some(exe) if exe.is_file() => exe,
+            other => {
+                eprintln!(
+                    "courier-bench: no courier binary at {} (cargo build --release, or --courier PATH)",
+                    other.map(|p| p.display().to_string()).unwrap_or_default()
+                );
+                return None;
+            }
+        };
+        let b = Bench {
+            n: args.events,
+            size: 512,
+            pid: std::process::id(),
+            rx: Receiver::start_with(Recording::Counts).await,
+            exe,
+            args,
+            raw_limits: Vec::new(),
+            failures: Vec::new(),
+        };
+        println!(
+            "courier-bench: {} events of {} bytes, prefetch {}, max_concurrency {}, machine: {} cores, courier {}",
+            b.n,
+            b.size,
+            b.args.prefetch,
+            b.args.max_concurrency,
+            std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(0),
+            b.exe.display()
+        );
+        Some(b)
+    }
+
+    /// A destination `name` POSTing to `path` on the receiver.
+    pub fn dest(&self, name: &str, path: &str) -> Dest {
+        Dest::new(name, &self.rx.url(path)).max_concurrency(self.args.max_concurrency)
+    }
+
+    /// courier on `queue` with the run's prefetch.
+    pub fn rabbit(&self, queue: &str) -> Rabbit {
+        Rabbit::queue(queue).prefetch(self.args.prefetch)
+    }
+
+    /// courier for the case `name`, with its store and config in a directory of its own
+    /// (`<tmp>/courier-bench-<pid>-<name>/courier.toml`, which scripts/bench_counts.sh looks
+    /// for), configured by `configure`.
+    pub fn spawn(
+        &self,
+        name: &str,
+        configure: impl FnOnce(ConfigBuilder) -> ConfigBuilder,
+    ) -> BenchCourier {
+        let dir = std::env::temp_dir().join(format!("courier-bench-{}-{name}", self.pid));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("bench dir");
+        let config = configure(
+            ConfigBuilder::new(dir.join("store"))
+                .max_in_flight(256)
+                .shutdown_timeout(Duration::from_secs(5)),
+        );
+        let process = Launch::new(&self.exe, &dir, config.toml())
+            .config_file("courier.toml")
+            .rust_log("warn")
+            .inherit_stderr()
+            .sample_memory()
+            .spawn();
+        BenchCourier { process, dir }
+    }
+
+    /// courier on `queue` with one destination, `/<name>` on the receiver.
+    pub fn spawn_amqp(&self, name: &str, queue: &str) -> BenchCourier {
+        self.spawn(name, |c| {
+            c.rabbitmq(self.rabbit(queue))
+                .destination(self.dest("d", &format!("/{name}")))
+        })
+    }
+
+    /// `n` events (ids `<prefix><i>`) published into the fresh queue `queue`.
+    pub async fn fill(&self, queue: &str, prefix: &str, n: usize) {
+        let publisher = Publisher::connect().await;
+        publisher.fresh_queue(queue).await;
+        publisher
+            .fill(
+                queue,
+                (0..n).map(|i| event(&format!("{prefix}{i}"), self.size)),
+                2000,
+            )
+            .await;
+    }
+
+    /// Waits until `path` has `n` distinct ids; `None` after `timeout`, or as soon as
+    /// `exited()` says the courier process behind them is gone, instead of waiting out the
+    /// timeout.
+    pub async fn wait_unique(
+        &self,
+        path: &str,
+        n: usize,
+        timeout: Duration,
+        exited: impl Fn() -> bool,
+    ) -> Option<Instant> {
+        let deadline = Instant::now() + timeout;
+        let mut report = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            let got = self.rx.unique(path);
+            if got >= n {
+                return Some(Instant::now());
+            }
+            if exited() {
+                eprintln!(
+                    "  ... {path}: {got} of {n}, and courier has exited (its stderr is above)"
+                );
+                return None;
+            }
+            if Instant::now() > report {
+                eprintln!("  ... {path}: {got} of {n}");
+                report = Instant::now() + Duration::from_secs(10);
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        None
+    }
+
+    /// Publishes `n` QoS 1 events (ids `<prefix><i>`) to `topic`, paced by `consumed()`, from a
+    /// client of its own; returns once the broker has PUBACKed them all (or after 60 s).
+    pub async fn publish_mqtt(
+        &self,
+        topic: &str,
+        prefix: &str,
+        n: usize,
+        consumed: impl Fn() -> usize,
+    ) {
+        let publisher = MqttPublisher::connect_with(MqttPublisherOptions {
+            client_id: format!("bench-pub-{}-{prefix}", self.pid),
+            inflight: 500,
+            capacity: 10_000,
+            max_packet_size: Some(1 << 20),
+        })
+        .await;
+        let bodies = (0..n).map(|i| event(&format!("{prefix}{i}"), self.size));
+        if let Err(e) = publisher.publish_paced(topic, bodies, 0, consumed).await {
+            println!("MQTT publisher: {e} of {n}; giving up");
+            return;
+        }
+        // publish() only queues: wait until the broker has PUBACKed every message.
+        publisher.acked_within(Duration::from_secs(60)).await;
+    }
+}
+
+/// A case's courier process and its directory, removed once it has stopped.
+pub struct BenchCourier {
+    process: CourierProcess,
+    dir: PathBuf,
+}
+
+impl std::ops::Deref for BenchCourier {
+    type Target = CourierProcess;
+    fn deref(&self) -> &CourierProcess {
+        &self.process
+    }
+}
+
+impl BenchCourier {
+    /// SIGTERM, at most 20 s for the drain, then SIGKILL; the directory goes too.
+    pub async fn stop(self) {
+        self.process.stop(Duration::from_secs(20)).await;
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// An event of about `size` bytes with id `id` and the publish time inside `data`.
+pub fn event(id: &str, size: usize) -> Vec<u8> {
+    let head = format!(
+        r#"{{"id":"{id}","topic":"bench.t","data":{{"sent_ns":{},"pad":""#,
+        courier_testkit::now_ns()
+    );
+    let pad = size.saturating_sub(head.len() + 4);
+    let mut body = head.into_bytes();
+    body.extend(std::iter::repeat_n(b'x', pad));
+    body.extend_from_slice(b"\"}}");
+    body
+}

@@ -1,0 +1,184 @@
+//! The raw limits of the machine each courier figure is divided by: how fast a bare consumer
+//! drains RabbitMQ and Mosquitto, and how fast a bare client POSTs to the receiver.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt as _;
+use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions};
+use lapin::types::FieldTable;
+
+use courier_testkit::process::cpu_seconds;
+use courier_testkit::Publisher;
+
+use crate::bench::{event, Bench};
+
+/// The raw RabbitMQ drain and POST rates at the start of the run (NaN where not measured).
+pub struct RawLimits {
+    pub drain: f64,
+    pub post: f64,
+}
+
+impl RawLimits {
+    /// L for RabbitMQ -> HTTP: one drain and one POST per event, one after the other.
+    pub fn limit(&self) -> f64 {
+        1.0 / (1.0 / self.drain + 1.0 / self.post)
+    }
+
+    /// The same model for fanout, in deliveries/s: one message drained per ten POSTs. Printed
+    /// next to the target's own ratio, because 0.5 x 10 x the single-destination rate can lie
+    /// above this limit (it does whenever the POST rate is under about 8 x the drain rate).
+    pub fn fanout_limit(&self) -> f64 {
+        1.0 / (1.0 / (10.0 * self.drain) + 1.0 / self.post)
+    }
+}
+
+/// The raw RabbitMQ drain (for the RabbitMQ cases) and the raw POST rate (for any drain case).
+/// The raw MQTT drain is measured by the MQTT case itself, right before and right after
+/// courier's run.
+pub async fn limits(b: &mut Bench, needs_amqp: bool, needs_mqtt: bool) -> RawLimits {
+    let drain = if needs_amqp {
+        let q_raw = format!("bench-raw-{}", b.pid);
+        b.fill(&q_raw, "raw", b.n).await;
+        let drain = amqp_drain(&q_raw, b.n, b.args.prefetch).await;
+        Publisher::connect().await.delete_queue(&q_raw).await;
+        println!("raw RabbitMQ drain (lapin, parse + ack): {drain:.0} events/s");
+        b.raw_limits.push(format!("RabbitMQ drain {drain:.0}/s"));
+        drain
+    } else {
+        f64::NAN
+    };
+    // This process is both the bare client and the receiver here; the fanout case measures the
+    // receiver alone, so the difference is what a bare client spends per request.
+    let post = if needs_amqp || needs_mqtt {
+        // Untimed first: the first POSTs of a process (new connections, a cold receiver) can be
+        // far slower than later ones, which would make L too low.
+        post_rate(&b.rx.url("/warm-up"), b.n.min(5_000), b.size, 64).await;
+        let cpu_before = cpu_seconds(b.pid).unwrap_or(0.0);
+        let post = post_rate(&b.rx.url("/raw-post"), b.n, b.size, 64).await;
+        let post_cpu_us = (cpu_seconds(b.pid).unwrap_or(0.0) - cpu_before) * 1e6 / b.n as f64;
+        println!("raw HTTP POST (reqwest, 64 concurrent): {post:.0} requests/s, client + receiver CPU {post_cpu_us:.1} us/request");
+        b.raw_limits.push(format!("POST {post:.0}/s"));
+        post
+    } else {
+        f64::NAN
+    };
+    RawLimits { drain, post }
+}
+
+/// A minimal lapin consumer that only parses and acks: events/s.
+async fn amqp_drain(queue: &str, n: usize, prefetch: u16) -> f64 {
+    let publisher = Publisher::connect().await;
+    let ch = publisher.conn.create_channel().await.expect("channel");
+    ch.basic_qos(prefetch, BasicQosOptions::default())
+        .await
+        .expect("qos");
+    let mut consumer = ch
+        .basic_consume(
+            queue.into(),
+            "".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .expect("consume");
+    let start = Instant::now();
+    let mut got = 0;
+    while got < n {
+        let Some(Ok(d)) = consumer.next().await else {
+            break;
+        };
+        let _: serde_json::Value = serde_json::from_slice(&d.data).unwrap_or_default();
+        let _ = d.acker.ack(BasicAckOptions::default()).await;
+        got += 1;
+    }
+    got as f64 / start.elapsed().as_secs_f64()
+}
+
+/// A bare reqwest client POSTing `n` bodies with `concurrency` workers: requests/s.
+pub async fn post_rate(url: &str, n: usize, size: usize, concurrency: usize) -> f64 {
+    let client = reqwest::Client::builder()
+        .tcp_nodelay(true)
+        .build()
+        .expect("client");
+    let next = Arc::new(AtomicU64::new(0));
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..concurrency {
+        let client = client.clone();
+        let next = next.clone();
+        let url = url.to_string();
+        tasks.push(tokio::spawn(async move {
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed) as usize;
+                if i >= n {
+                    break;
+                }
+                let body = event(&format!("p{i}"), size);
+                if let Ok(r) = client
+                    .post(&url)
+                    .header("content-type", "application/json")
+                    .header("x-request-id", format!("p{i}"))
+                    .body(body)
+                    .send()
+                    .await
+                {
+                    let _ = r.bytes().await;
+                }
+            }
+        }));
+    }
+    for t in tasks {
+        let _ = t.await;
+    }
+    n as f64 / start.elapsed().as_secs_f64()
+}
+
+/// A QoS 1 subscriber with manual acks that only parses and acks, fed by a paced publisher:
+/// events/s.
+pub async fn mqtt_drain(b: &Bench) -> f64 {
+    let (n, pid) = (b.n, b.pid);
+    let topic = format!("bench/raw/{pid}");
+    let mut o = rumqttc::MqttOptions::new(format!("bench-sub-{pid}"), "127.0.0.1", 1883);
+    o.set_manual_acks(true)
+        .set_max_packet_size(1 << 20, 1 << 20);
+    let (sub, mut sub_loop) = rumqttc::AsyncClient::new(o, 10_000);
+    sub.subscribe(&topic, rumqttc::QoS::AtLeastOnce)
+        .await
+        .expect("subscribe");
+    let received = Arc::new(AtomicU64::new(0));
+    let r = received.clone();
+    let (ready_tx, ready) = tokio::sync::oneshot::channel();
+    let mut ready_tx = Some(ready_tx);
+    let subscriber = tokio::spawn(async move {
+        loop {
+            match sub_loop.poll().await {
+                Ok(rumqttc::Event::Incoming(rumqttc::Packet::SubAck(_))) => {
+                    if let Some(t) = ready_tx.take() {
+                        let _ = t.send(());
+                    }
+                }
+                Ok(rumqttc::Event::Incoming(rumqttc::Packet::Publish(p))) => {
+                    let _: serde_json::Value =
+                        serde_json::from_slice(&p.payload).unwrap_or_default();
+                    let _ = sub.try_ack(&p);
+                    r.fetch_add(1, Ordering::Relaxed);
+                }
+                Ok(_) => {}
+                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+            }
+        }
+    });
+    let _ = ready.await;
+    let start = Instant::now();
+    b.publish_mqtt(&topic, "r", n, || received.load(Ordering::Relaxed) as usize)
+        .await;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while (received.load(Ordering::Relaxed) as usize) < n && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let rate = received.load(Ordering::Relaxed) as f64 / start.elapsed().as_secs_f64();
+    subscriber.abort();
+    rate
+}

@@ -1,0 +1,553 @@
+//! A typed builder for courier's configuration, rendered as TOML text, so that one description
+//! serves courier started in-process (`courier::Config::from_toml`), as a process (a config
+//! file) and in the benchmark. Keys left unset are left out, so courier's defaults apply.
+//!
+//! ```
+//! use std::time::Duration;
+//! use courier_testkit::{ConfigBuilder, Dest, Rabbit, Retry};
+//! let text = ConfigBuilder::new("/tmp/store")
+//!     .max_in_flight(16)
+//!     .rabbitmq(Rabbit::queue("events").prefetch(16))
+//!     .destination(
+//!         Dest::new("partner", "http://127.0.0.1:8080/events")
+//!             .topics(["orders.*"])
+//!             .retry(Retry::default().max_attempts(4).initial_interval(Duration::from_millis(100))),
+//!     )
+//!     .toml();
+//! assert!(text.contains("initial_interval = \"100ms\""));
+//! ```
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Serialize, Serializer};
+
+use crate::amqp::AMQP_URL;
+
+/// The local Mosquitto.
+pub const MQTT_URL: &str = "mqtt://127.0.0.1:1883";
+
+/// A whole configuration file.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct ConfigBuilder {
+    #[serde(skip_serializing_if = "Service::is_empty")]
+    service: Service,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    organization: Option<Organization>,
+    store: Store,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    admin: Option<Admin>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    rabbitmq: Option<Rabbit>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    mqtt: Option<Mqtt>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    destinations: Vec<Dest>,
+}
+
+#[derive(Clone, Debug, Default, Serialize)]
+struct Service {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    max_in_flight: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none", serialize_with = "duration")]
+    shutdown_timeout: Option<Duration>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    max_payload_bytes: Option<usize>,
+}
+
+impl Service {
+    fn is_empty(&self) -> bool {
+        self.max_in_flight.is_none()
+            && self.shutdown_timeout.is_none()
+            && self.max_payload_bytes.is_none()
+    }
+}
+
+#[derive(Clone, Debug, Serialize)]
+struct Organization {
+    id: String,
+    name: String,
+    url: String,
+    environment: String,
+}
+
+#[derive(Clone, Debug, Default, Serialize)]
+struct Store {
+    path: PathBuf,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    cache_capacity: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    dedup: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    redis_url: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    redis_prefix: Option<String>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+struct Admin {
+    listen: String,
+}
+
+impl ConfigBuilder {
+    /// A configuration with its store in `store` and nothing else yet.
+    pub fn new(store: impl AsRef<Path>) -> ConfigBuilder {
+        ConfigBuilder {
+            store: Store {
+                path: store.as_ref().to_path_buf(),
+                ..Store::default()
+            },
+            ..ConfigBuilder::default()
+        }
+    }
+
+    pub fn max_in_flight(mut self, n: usize) -> Self {
+        self.service.max_in_flight = Some(n);
+        self
+    }
+
+    pub fn shutdown_timeout(mut self, timeout: Duration) -> Self {
+        self.service.shutdown_timeout = Some(timeout);
+        self
+    }
+
+    pub fn max_payload_bytes(mut self, n: usize) -> Self {
+        self.service.max_payload_bytes = Some(n);
+        self
+    }
+
+    /// The `[organization]` copied into the Metadata block.
+    pub fn organization(mut self, id: &str, name: &str, url: &str, environment: &str) -> Self {
+        self.organization = Some(Organization {
+            id: id.into(),
+            name: name.into(),
+            url: url.into(),
+            environment: environment.into(),
+        });
+        self
+    }
+
+    /// sled's page cache, in bytes.
+    pub fn cache_capacity(mut self, bytes: u64) -> Self {
+        self.store.cache_capacity = Some(bytes);
+        self
+    }
+
+    /// Dedup in Redis at `url`, under `prefix`, shared by every courier with the same two.
+    pub fn redis_dedup(mut self, url: &str, prefix: &str) -> Self {
+        self.store.dedup = Some("redis".into());
+        self.store.redis_url = Some(url.into());
+        self.store.redis_prefix = Some(prefix.into());
+        self
+    }
+
+    /// The admin port on 127.0.0.1.
+    pub fn admin(mut self, port: u16) -> Self {
+        self.admin = Some(Admin {
+            listen: format!("127.0.0.1:{port}"),
+        });
+        self
+    }
+
+    pub fn rabbitmq(mut self, rabbit: Rabbit) -> Self {
+        self.rabbitmq = Some(rabbit);
+        self
+    }
+
+    pub fn mqtt(mut self, mqtt: Mqtt) -> Self {
+        self.mqtt = Some(mqtt);
+        self
+    }
+
+    /// Adds a `[[destinations]]` entry after those added before.
+    pub fn destination(mut self, dest: Dest) -> Self {
+        self.destinations.push(dest);
+        self
+    }
+
+    pub fn destinations(mut self, dests: impl IntoIterator<Item = Dest>) -> Self {
+        self.destinations.extend(dests);
+        self
+    }
+
+    /// The configuration as courier reads it from a file.
+    pub fn toml(&self) -> String {
+        toml::to_string(self).expect("a test configuration renders as TOML")
+    }
+}
+
+/// The `[rabbitmq]` source.
+#[derive(Clone, Debug, Serialize)]
+pub struct Rabbit {
+    url: String,
+    queue: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    connection_name: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    prefetch: Option<u16>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    format: Option<String>,
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    queue_arguments: BTreeMap<String, String>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    bindings: Vec<Binding>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+struct Binding {
+    exchange: String,
+    routing_key: String,
+}
+
+impl Rabbit {
+    /// `queue` on the local RabbitMQ ([`AMQP_URL`]).
+    pub fn queue(queue: &str) -> Rabbit {
+        Rabbit {
+            url: AMQP_URL.into(),
+            queue: queue.into(),
+            connection_name: None,
+            prefetch: None,
+            format: None,
+            queue_arguments: BTreeMap::new(),
+            bindings: Vec::new(),
+        }
+    }
+
+    pub fn url(mut self, url: &str) -> Self {
+        self.url = url.into();
+        self
+    }
+
+    /// The name `rabbitmqctl list_connections` shows.
+    pub fn connection_name(mut self, name: &str) -> Self {
+        self.connection_name = Some(name.into());
+        self
+    }
+
+    pub fn prefetch(mut self, prefetch: u16) -> Self {
+        self.prefetch = Some(prefetch);
+        self
+    }
+
+    /// `"auto"`, `"envelope"` or `"raw"`.
+    pub fn format(mut self, format: &str) -> Self {
+        self.format = Some(format.into());
+        self
+    }
+
+    pub fn queue_argument(mut self, name: &str, value: &str) -> Self {
+        self.queue_arguments.insert(name.into(), value.into());
+        self
+    }
+
+    /// Binds the queue to the topic exchange `exchange` with `routing_key`.
+    pub fn binding(mut self, exchange: &str, routing_key: &str) -> Self {
+        self.bindings.push(Binding {
+            exchange: exchange.into(),
+            routing_key: routing_key.into(),
+        });
+        self
+    }
+}
+
+/// The `[mqtt]` source.
+#[derive(Clone, Debug, Serialize)]
+pub struct Mqtt {
+    url: String,
+    client_id: String,
+    topics: Vec<String>,
+    #[serde(skip_serializing_if = "Option::is_none", serialize_with = "duration")]
+    keep_alive: Option<Duration>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    shared_group: Option<String>,
+}
+
+impl Mqtt {
+    /// Subscribed to `filter` on the local Mosquitto ([`MQTT_URL`]) as `client_id`.
+    pub fn new(client_id: &str, filter: &str) -> Mqtt {
+        Mqtt {
+            url: MQTT_URL.into(),
+            client_id: client_id.into(),
+            topics: vec![filter.into()],
+            keep_alive: None,
+            shared_group: None,
+        }
+    }
+
+    pub fn keep_alive(mut self, keep_alive: Duration) -> Self {
+        self.keep_alive = Some(keep_alive);
+        self
+    }
+
+    /// Subscribes as `$share/<group>/<filter>`.
+    pub fn shared_group(mut self, group: &str) -> Self {
+        self.shared_group = Some(group.into());
+        self
+    }
+}
+
+/// One `[[destinations]]` entry.
+#[derive(Clone, Debug, Serialize)]
+pub struct Dest {
+    name: String,
+    url: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    topics: Option<Vec<String>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tenant: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    metadata_in_payload: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none", serialize_with = "duration")]
+    timeout: Option<Duration>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tls_verify: Option<bool>,
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    headers: BTreeMap<String, String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    auth: Option<Auth>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    max_concurrency: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    signing_secret: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    retry: Option<Retry>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    circuit: Option<Circuit>,
+}
+
+/// A destination's `auth`.
+#[derive(Clone, Debug, Serialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Auth {
+    Basic { username: String, password: String },
+    ApiKey { header: String, key: String },
+}
+
+impl Dest {
+    pub fn new(name: &str, url: &str) -> Dest {
+        Dest {
+            name: name.into(),
+            url: url.into(),
+            topics: None,
+            tenant: None,
+            metadata_in_payload: None,
+            timeout: None,
+            tls_verify: None,
+            headers: BTreeMap::new(),
+            auth: None,
+            max_concurrency: None,
+            signing_secret: None,
+            retry: None,
+            circuit: None,
+        }
+    }
+
+    pub fn topics<S: Into<String>>(mut self, patterns: impl IntoIterator<Item = S>) -> Self {
+        self.topics = Some(patterns.into_iter().map(Into::into).collect());
+        self
+    }
+
+    pub fn tenant(mut self, tenant: &str) -> Self {
+        self.tenant = Some(tenant.into());
+        self
+    }
+
+    /// Adds the `Metadata` block to the payload.
+    pub fn metadata_in_payload(mut self) -> Self {
+        self.metadata_in_payload = Some(true);
+        self
+    }
+
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = Some(timeout);
+        self
+    }
+
+    /// Accepts any certificate.
+    pub fn no_tls_verify(mut self) -> Self {
+        self.tls_verify = Some(false);
+        self
+    }
+
+    pub fn header(mut self, name: &str, value: &str) -> Self {
+        self.headers.insert(name.into(), value.into());
+        self
+    }
+
+    pub fn basic_auth(mut self, username: &str, password: &str) -> Self {
+        self.auth = Some(Auth::Basic {
+            username: username.into(),
+            password: password.into(),
+        });
+        self
+    }
+
+    pub fn api_key(mut self, header: &str, key: &str) -> Self {
+        self.auth = Some(Auth::ApiKey {
+            header: header.into(),
+            key: key.into(),
+        });
+        self
+    }
+
+    pub fn max_concurrency(mut self, n: usize) -> Self {
+        self.max_concurrency = Some(n);
+        self
+    }
+
+    pub fn signing_secret(mut self, secret: &str) -> Self {
+        self.signing_secret = Some(secret.into());
+        self
+    }
+
+    pub fn retry(mut self, retry: Retry) -> Self {
+        self.retry = Some(retry);
+        self
+    }
+
+    pub fn circuit(mut self, circuit: Circuit) -> Self {
+        self.circuit = Some(circuit);
+        self
+    }
+}
+
+/// A destination's `retry` table; unset keys keep courier's defaults.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Retry {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    max_attempts: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none", serialize_with = "duration")]
+    initial_interval: Option<Duration>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    multiplier: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none", serialize_with = "duration")]
+    max_interval: Option<Duration>,
+}
+
+impl Retry {
+    /// Every key: `max_attempts` in all, the first `initial` after the first attempt, each wait
+    /// `multiplier` times the one before, up to `max`.
+    pub fn backoff(max_attempts: u32, initial: Duration, multiplier: f64, max: Duration) -> Retry {
+        Retry::default()
+            .max_attempts(max_attempts)
+            .initial_interval(initial)
+            .multiplier(multiplier)
+            .max_interval(max)
+    }
+
+    /// Attempts in all, the first included.
+    pub fn max_attempts(mut self, n: u32) -> Self {
+        self.max_attempts = Some(n);
+        self
+    }
+
+    pub fn initial_interval(mut self, interval: Duration) -> Self {
+        self.initial_interval = Some(interval);
+        self
+    }
+
+    pub fn multiplier(mut self, multiplier: f64) -> Self {
+        self.multiplier = Some(multiplier);
+        self
+    }
+
+    pub fn max_interval(mut self, interval: Duration) -> Self {
+        self.max_interval = Some(interval);
+        self
+    }
+}
+
+/// A destination's `circuit` table; unset keys keep courier's defaults.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Circuit {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    failures: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none", serialize_with = "duration")]
+    open_for: Option<Duration>,
+    #[serde(skip_serializing_if = "Option::is_none", serialize_with = "duration")]
+    max_wait: Option<Duration>,
+}
+
+impl Circuit {
+    /// Consecutive retryable failures that open it.
+    pub fn failures(mut self, n: u32) -> Self {
+        self.failures = Some(n);
+        self
+    }
+
+    pub fn open_for(mut self, open_for: Duration) -> Self {
+        self.open_for = Some(open_for);
+        self
+    }
+
+    /// Waiting this long for a slot opens it too.
+    pub fn max_wait(mut self, max_wait: Duration) -> Self {
+        self.max_wait = Some(max_wait);
+        self
+    }
+}
+
+/// A duration as courier's humantime strings: whole seconds as `"10s"`, anything else in ms.
+fn duration<S: Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+    match d {
+        Some(d) if d.subsec_nanos() == 0 => s.serialize_str(&format!("{}s", d.as_secs())),
+        Some(d) => s.serialize_str(&format!("{}ms", d.as_millis())),
+        None => s.serialize_none(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_every_section_as_toml_that_reads_back() {
+        let text = ConfigBuilder::new("/tmp/a \"quoted\" store")
+            .max_in_flight(16)
+            .shutdown_timeout(Duration::from_secs(10))
+            .organization("org-1", "Example Org", "https://example.org", "test")
+            .cache_capacity(1 << 20)
+            .redis_dedup("redis://127.0.0.1:6379", "p:")
+            .admin(9464)
+            .rabbitmq(
+                Rabbit::queue("q")
+                    .prefetch(8)
+                    .format("raw")
+                    .queue_argument("x-queue-type", "quorum")
+                    .binding("ex", "tempo.#"),
+            )
+            .mqtt(Mqtt::new("c", "t/#").keep_alive(Duration::from_millis(1500)))
+            .destination(
+                Dest::new("a", "http://127.0.0.1/a")
+                    .topics(["x.*"])
+                    .header("X-Source", "tempo")
+                    .basic_auth("u", "${PW}")
+                    .retry(Retry::default().max_attempts(3).multiplier(2.0))
+                    .circuit(Circuit::default().failures(5)),
+            )
+            .destination(Dest::new("b", "http://127.0.0.1/b").api_key("X-Key", "k"))
+            .toml();
+        let v: toml::Table = toml::from_str(&text).expect("valid TOML");
+        assert_eq!(v["store"]["path"].as_str(), Some("/tmp/a \"quoted\" store"));
+        assert_eq!(v["service"]["shutdown_timeout"].as_str(), Some("10s"));
+        assert_eq!(v["mqtt"]["keep_alive"].as_str(), Some("1500ms"));
+        assert_eq!(
+            v["rabbitmq"]["bindings"][0]["routing_key"].as_str(),
+            Some("tempo.#")
+        );
+        let dests = v["destinations"].as_array().expect("destinations");
+        assert_eq!(dests.len(), 2);
+        assert_eq!(dests[0]["auth"]["type"].as_str(), Some("basic"));
+        assert_eq!(dests[0]["auth"]["password"].as_str(), Some("${PW}"));
+        assert_eq!(dests[0]["retry"]["max_attempts"].as_integer(), Some(3));
+        assert_eq!(dests[1]["auth"]["type"].as_str(), Some("api_key"));
+        assert!(v.get("admin").is_some() && dests[1].get("retry").is_none());
+    }
+
+    #[test]
+    fn an_empty_service_section_is_left_out() {
+        let text = ConfigBuilder::new("s").toml();
+        assert!(!text.contains("[service]"), "{text}");
+    }
+}
