@@ -13,7 +13,7 @@ spawns one courier per case), so this reads `perf script` output directly:
 
 Build with frame pointers and line tables so the stacks are whole enough:
     RUSTFLAGS="-C force-frame-pointers=yes" CARGO_PROFILE_RELEASE_DEBUG=line-tables-only \\
-        CARGO_TARGET_DIR=target-prof cargo build --release --bins
+        CARGO_TARGET_DIR=target-prof cargo build --release -p courier -p courier-bench
 """
 import collections
 import re

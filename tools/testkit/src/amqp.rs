@@ -39,8 +39,8 @@ impl Publisher {
     }
 
     /// Declares the durable queue courier will consume, so messages published before courier
-    /// connects are kept.
-    pub async fn declare_queue(&self, queue: &str) {
+    /// connects are kept; returns how many messages are ready in it.
+    pub async fn declare_queue(&self, queue: &str) -> u32 {
         self.channel
             .queue_declare(
                 queue.into(),
@@ -51,7 +51,8 @@ impl Publisher {
                 FieldTable::default(),
             )
             .await
-            .expect("queue_declare");
+            .expect("queue_declare")
+            .message_count()
     }
 
     /// Deletes `queue` if it exists.
