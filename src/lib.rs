@@ -102,7 +102,16 @@ async fn run_on(
     shutdown: Shutdown,
     stats: Arc<Stats>,
 ) -> Result<(), Error> {
+    // Everything that can fail is built before any task starts: a task holds the store, and an
+    // early return would leave it running.
     let destinations = Arc::new(Destinations::from_config(&config, &stats)?);
+    let amqp = config.rabbitmq.clone().map(|rabbitmq| {
+        sources::amqp::AmqpSource::new(rabbitmq, config.service.max_in_flight, stats.clone())
+    });
+    let mqtt = match config.mqtt.clone() {
+        Some(mqtt) => Some(sources::mqtt::MqttSource::new(mqtt, stats.clone())?),
+        None => None,
+    };
     let sender = sender::Sender::new(config.organization.clone());
     let deliverer = Arc::new(Deliverer::new(sender, store.clone(), stats.clone()));
     let max_in_flight = config.service.max_in_flight;
@@ -142,12 +151,10 @@ async fn run_on(
 
     let (tx, rx) = mpsc::channel(max_in_flight.clamp(1, 1024));
     let mut sources = JoinSet::new();
-    if let Some(rabbitmq) = config.rabbitmq.clone() {
-        let source = sources::amqp::AmqpSource::new(rabbitmq, max_in_flight, stats.clone());
+    if let Some(source) = amqp {
         sources.spawn(source.run(tx.clone(), shutdown.clone()));
     }
-    if let Some(mqtt) = config.mqtt.clone() {
-        let source = sources::mqtt::MqttSource::new(mqtt, stats.clone())?;
+    if let Some(source) = mqtt {
         sources.spawn(source.run(tx.clone(), shutdown.clone()));
     }
     drop(tx);

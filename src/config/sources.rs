@@ -188,7 +188,7 @@ pub struct MqttUrl {
 impl MqttUrl {
     /// Parses `text`; the error text completes `mqtt.url: ...`.
     pub fn parse(text: &str) -> Result<MqttUrl, String> {
-        let url = reqwest::Url::parse(text).map_err(|e| format!("{e}: {text:?}"))?;
+        let url = reqwest::Url::parse(text).map_err(|e| format!("{e}: {:?}", redact_url(text)))?;
         let tls = match url.scheme() {
             "mqtt" | "tcp" => false,
             "mqtts" | "ssl" => true,
@@ -383,5 +383,18 @@ impl MqttConfig {
             ));
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn url_errors_hide_the_password() {
+        let mqtt = MqttUrl::parse("mqtt://user:s3cret@127.0.0.1:99999").expect_err("bad port");
+        assert!(!mqtt.contains("s3cret"), "{mqtt}");
+        let amqp = AmqpUrl::parse("amqp://user:s3cret@127.0.0.1:99999/%2f").expect_err("bad port");
+        assert!(!amqp.contains("s3cret"), "{amqp}");
     }
 }

@@ -58,6 +58,42 @@ fn bad_values_name_the_key() {
     }
 }
 
+/// A file with several mistakes is named by one, the same one every time: the first value that
+/// does not parse, in file order; then the first broken rule, section by section (the rule
+/// docs/configuration.md states).
+#[test]
+fn several_mistakes_give_the_same_first_one() {
+    let dest = |lines: &str| format!("{SOURCE}\n[[destinations]]\nname = \"a\"\n{lines}\n");
+    let cases = [
+        (
+            dest("signing_secret = \"not base64!\"\nurl = \"/relative\"\ntopics = [\"a*\"]"),
+            "destinations[0].signing_secret:",
+        ),
+        (
+            dest("topics = [\"a*\"]\nurl = \"/relative\"\nsigning_secret = \"not base64!\""),
+            "destinations[0].topics[0]:",
+        ),
+        (
+            dest("url = \"http://h/\"\nheaders = { \"Host\" = \"x\", \"X-Request-Id\" = \"y\", \"bad name\" = \"z\" }"),
+            "destinations[0].headers.Host:",
+        ),
+        (
+            format!("[service]\nmax_in_flight = 0\n{}", dest("url = \"/relative\"")),
+            "destinations[0].url:",
+        ),
+        (
+            format!("[service]\nmax_in_flight = 0\n{}", dest("url = \"http://h/\"\ntimeout = \"0s\"")),
+            "service.max_in_flight:",
+        ),
+    ];
+    for (text, want) in cases {
+        for _ in 0..20 {
+            let e = err(&text);
+            assert!(e.starts_with(want), "want {want:?} first, got: {e}\n{text}");
+        }
+    }
+}
+
 #[test]
 fn wrong_types_name_the_key() {
     let e = err(&format!(
