@@ -2,15 +2,21 @@
 //! source connected and the store working), `/metrics` (Prometheus), and the dead-letter commands
 //! of a running worker (sled lets one process open a store, so `courier dead-letters` talks to the
 //! worker here).
+//!
+//! Probes and scrapers reach the first three from anywhere. The dead-letter endpoints list partner
+//! data and change the store, so they need `Authorization: Bearer <[admin] token>`, or, without a
+//! token, a loopback listen address (where only this machine reaches them).
 
 use std::sync::Arc;
 
-use axum::extract::{Query, State};
-use axum::http::StatusCode;
+use axum::extract::{Query, Request, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Json;
 
+use crate::config::AdminConfig;
 use crate::deadletters::{self, Filter};
 use crate::delivery::Deliverer;
 use crate::destination::Destinations;
@@ -22,8 +28,10 @@ struct AdminState {
     destinations: Arc<Destinations>,
 }
 
-/// Binds `listen` now (so a taken port fails start-up) and serves until the stop is requested.
+/// Binds `[admin] listen` now (so a taken port fails start-up) and serves until the stop is
+/// requested.
 pub async fn start(
+    config: &AdminConfig,
     listen: &str,
     deliverer: Arc<Deliverer>,
     destinations: Arc<Destinations>,
@@ -31,13 +39,23 @@ pub async fn start(
 ) -> std::io::Result<tokio::task::JoinHandle<()>> {
     let listener = tokio::net::TcpListener::bind(listen).await?;
     tracing::info!(address = %listener.local_addr()?, "admin port listening");
+    let access = Access::of(config);
+    if let Access::Refused = access {
+        tracing::warn!(
+            address = %listen,
+            "the admin port listens beyond loopback without [admin] token: the dead-letter endpoints answer 403"
+        );
+    }
+    let dead_letters = axum::Router::new()
+        .route("/dead-letters", get(list))
+        .route("/dead-letters/replay", post(replay))
+        .route("/dead-letters/purge", post(purge))
+        .route_layer(middleware::from_fn_with_state(Arc::new(access), authorize));
     let app = axum::Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(ready))
         .route("/metrics", get(metrics))
-        .route("/dead-letters", get(list))
-        .route("/dead-letters/replay", post(replay))
-        .route("/dead-letters/purge", post(purge))
+        .merge(dead_letters)
         .with_state(AdminState {
             deliverer,
             destinations,
@@ -50,6 +68,70 @@ pub async fn start(
             tracing::error!(%error, "admin port stopped");
         }
     }))
+}
+
+/// Who may use the dead-letter endpoints.
+enum Access {
+    /// Whoever sends this bearer token.
+    Token(Vec<u8>),
+    /// Anyone who can connect: the port listens on loopback only.
+    Loopback,
+    /// No one: the port is reachable from other machines and no token is set.
+    Refused,
+}
+
+impl Access {
+    fn of(config: &AdminConfig) -> Access {
+        match &config.token {
+            Some(token) => Access::Token(token.expose().as_bytes().to_vec()),
+            None if config.is_loopback() => Access::Loopback,
+            None => Access::Refused,
+        }
+    }
+
+    /// Why a request with these headers is refused, as the answer to send; `None` lets it in.
+    fn refusal(&self, headers: &HeaderMap) -> Option<Response> {
+        match self {
+            Access::Loopback => None,
+            Access::Refused => Some(
+                (
+                    StatusCode::FORBIDDEN,
+                    "the dead-letter endpoints need a token when the admin port listens beyond \
+                 loopback: set [admin] token (for example token = \"${COURIER_ADMIN_TOKEN}\") and \
+                 send Authorization: Bearer <token>\n",
+                )
+                    .into_response(),
+            ),
+            Access::Token(want) => {
+                use subtle::ConstantTimeEq as _;
+                let given = headers
+                    .get(header::AUTHORIZATION)
+                    .and_then(|v| v.as_bytes().strip_prefix(b"Bearer "))
+                    .unwrap_or_default();
+                // Compared in constant time, so the answer's timing does not reveal how much of
+                // a guess was right.
+                if bool::from(given.ct_eq(want)) {
+                    None
+                } else {
+                    Some(
+                        (
+                            StatusCode::UNAUTHORIZED,
+                            [(header::WWW_AUTHENTICATE, "Bearer")],
+                            "missing or wrong Authorization: Bearer token ([admin] token)\n",
+                        )
+                            .into_response(),
+                    )
+                }
+            }
+        }
+    }
+}
+
+async fn authorize(State(access): State<Arc<Access>>, request: Request, next: Next) -> Response {
+    match access.refusal(request.headers()) {
+        None => next.run(request).await,
+        Some(refused) => refused,
+    }
 }
 
 async fn ready(State(s): State<AdminState>) -> Response {

@@ -118,6 +118,7 @@ async fn run_on(
     let admin = match &config.admin.listen {
         Some(address) => Some(
             admin::start(
+                &config.admin,
                 address,
                 deliverer.clone(),
                 destinations.clone(),

@@ -226,6 +226,18 @@ async fn dead_letters(config: Config, action: DeadLetterAction) -> Result<ExitCo
         Ok(format!("http://{host}{path}"))
     };
     let client = reqwest::Client::new();
+    // The worker's dead-letter endpoints need the admin token when one is set.
+    let token = config
+        .admin
+        .token
+        .as_ref()
+        .map(|t| t.expose().to_string())
+        .or_else(|| std::env::var("COURIER_ADMIN_TOKEN").ok())
+        .filter(|t| !t.is_empty());
+    let authorized = |request: reqwest::RequestBuilder| match &token {
+        Some(token) => request.bearer_auth(token),
+        None => request,
+    };
     match action {
         DeadLetterAction::List { destination, json } => {
             let filter = Filter {
@@ -236,7 +248,12 @@ async fn dead_letters(config: Config, action: DeadLetterAction) -> Result<ExitCo
                 Some((deliverer, _)) => {
                     deadletters::list(deliverer, &filter).map_err(|e| e.to_string())?
                 }
-                None => ask_worker(client.get(admin("/dead-letters")?).query(&filter)).await?,
+                None => {
+                    ask_worker(authorized(
+                        client.get(admin("/dead-letters")?).query(&filter),
+                    ))
+                    .await?
+                }
             };
             if json {
                 println!(
@@ -277,7 +294,10 @@ async fn dead_letters(config: Config, action: DeadLetterAction) -> Result<ExitCo
                         .map_err(|e| e.to_string())?
                 }
                 None => {
-                    ask_worker(client.post(admin("/dead-letters/replay")?).query(&filter)).await?
+                    ask_worker(authorized(
+                        client.post(admin("/dead-letters/replay")?).query(&filter),
+                    ))
+                    .await?
                 }
             };
             for r in &results {
@@ -310,9 +330,10 @@ async fn dead_letters(config: Config, action: DeadLetterAction) -> Result<ExitCo
                     .await
                     .map_err(|e| e.to_string())?,
                 None => {
-                    let answer: serde_json::Value =
-                        ask_worker(client.post(admin("/dead-letters/purge")?).query(&filter))
-                            .await?;
+                    let answer: serde_json::Value = ask_worker(authorized(
+                        client.post(admin("/dead-letters/purge")?).query(&filter),
+                    ))
+                    .await?;
                     answer["purged"].as_u64().unwrap_or(0) as usize
                 }
             };
@@ -322,15 +343,24 @@ async fn dead_letters(config: Config, action: DeadLetterAction) -> Result<ExitCo
     }
 }
 
-/// Sends a dead-letter request to the running worker's admin port and decodes its JSON answer.
+/// Sends a dead-letter request to the running worker's admin port and decodes its JSON answer;
+/// a refusal comes back with the worker's own explanation.
 async fn ask_worker<T: serde::de::DeserializeOwned>(
     request: reqwest::RequestBuilder,
 ) -> Result<T, String> {
-    request
+    let response = request
         .send()
         .await
-        .and_then(|r| r.error_for_status())
-        .map_err(|e| format!("asking the running worker: {e}"))?
+        .map_err(|e| format!("asking the running worker: {e}"))?;
+    let status = response.status();
+    if !status.is_success() {
+        let why = response.text().await.unwrap_or_default();
+        return Err(format!(
+            "the running worker answered {status}: {}",
+            why.trim()
+        ));
+    }
+    response
         .json()
         .await
         .map_err(|e| format!("reading the worker's answer: {e}"))

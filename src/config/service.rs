@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use super::{ConfigError, MAX_PERMITS};
+use super::{ConfigError, Secret, MAX_PERMITS};
 
 /// Limits for the whole worker.
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -74,6 +74,10 @@ pub struct AdminConfig {
     /// `host:port` to listen on, e.g. `127.0.0.1:9464`; absent means no admin port. The
     /// `courier dead-letters` commands use it to reach a worker that holds the store.
     pub listen: Option<String>,
+    /// The bearer token the dead-letter endpoints require (`Authorization: Bearer <token>`).
+    /// Without one they answer only on a loopback `listen` address: their bodies are partner
+    /// data, and replay and purge change the store.
+    pub token: Option<Secret>,
 }
 
 impl AdminConfig {
@@ -86,6 +90,28 @@ impl AdminConfig {
                 )
             })?;
         }
+        if let Some(token) = &self.token {
+            if token.expose().is_empty() {
+                return Err(ConfigError::invalid(
+                    "admin.token",
+                    "must not be empty; remove the key to allow the dead-letter endpoints on a loopback address only",
+                ));
+            }
+            if !token.expose().bytes().all(|b| b.is_ascii_graphic()) {
+                return Err(ConfigError::invalid(
+                    "admin.token",
+                    "must be printable ASCII without spaces (it is sent in an HTTP header)",
+                ));
+            }
+        }
         Ok(())
+    }
+
+    /// Whether `listen` is a loopback address, reachable from this machine only.
+    pub fn is_loopback(&self) -> bool {
+        self.listen
+            .as_deref()
+            .and_then(|l| l.parse::<std::net::SocketAddr>().ok())
+            .is_some_and(|a| a.ip().is_loopback())
     }
 }

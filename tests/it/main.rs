@@ -8,6 +8,7 @@
 mod support;
 
 mod ack_rule;
+mod admin;
 mod amqp;
 mod bad_input;
 mod cli;

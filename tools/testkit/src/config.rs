@@ -88,6 +88,8 @@ struct Store {
 #[derive(Clone, Debug, Serialize)]
 struct Admin {
     listen: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    token: Option<String>,
 }
 
 impl ConfigBuilder {
@@ -143,9 +145,15 @@ impl ConfigBuilder {
     }
 
     /// The admin port on 127.0.0.1.
-    pub fn admin(mut self, port: u16) -> Self {
+    pub fn admin(self, port: u16) -> Self {
+        self.admin_on(&format!("127.0.0.1:{port}"), None)
+    }
+
+    /// The admin port on `listen`, with `[admin] token` when given.
+    pub fn admin_on(mut self, listen: &str, token: Option<&str>) -> Self {
         self.admin = Some(Admin {
-            listen: format!("127.0.0.1:{port}"),
+            listen: listen.to_string(),
+            token: token.map(str::to_string),
         });
         self
     }
