@@ -10,6 +10,7 @@ const TOKEN: &str = "s3cret-admin-token";
 
 /// Status, `WWW-Authenticate` and body of `method url`, with `token` as a bearer token.
 async fn call(method: reqwest::Method, url: &str, token: Option<&str>) -> (u16, String, String) {
+    install_crypto_provider();
     let client = reqwest::Client::new();
     let mut request = client.request(method, url);
     if let Some(token) = token {
@@ -32,6 +33,7 @@ async fn get(url: &str, token: Option<&str>) -> (u16, String, String) {
 
 /// Waits for the admin port to answer /healthz.
 async fn wait_up(base: &str) {
+    install_crypto_provider();
     let deadline = Instant::now() + Duration::from_secs(30);
     while reqwest::get(format!("{base}/healthz")).await.is_err() {
         assert!(Instant::now() < deadline, "the admin port never came up");
