@@ -1,7 +1,7 @@
 //! The admin HTTP port (`[admin] listen`): `/healthz` (the process is alive), `/readyz` (every
-//! source connected and the store working), `/metrics` (Prometheus), and the dead-letter commands
-//! of a running worker (sled lets one process open a store, so `courier dead-letters` talks to the
-//! worker here).
+//! source connected, the store working, and no destination whose OAuth2 client the token endpoint
+//! refuses), `/metrics` (Prometheus), and the dead-letter commands of a running worker (sled lets
+//! one process open a store, so `courier dead-letters` talks to the worker here).
 //!
 //! Probes and scrapers reach the first three from anywhere. The dead-letter endpoints list partner
 //! data and change the store, so they need `Authorization: Bearer <[admin] token>`, or, without a
@@ -137,6 +137,12 @@ async fn authorize(State(access): State<Arc<Access>>, request: Request, next: Ne
 async fn ready(State(s): State<AdminState>) -> Response {
     let mut reasons = s.deliverer.stats().not_ready_reasons();
     reasons.extend(s.deliverer.store().not_ready_reasons());
+    reasons.extend(
+        s.destinations
+            .current()
+            .iter()
+            .filter_map(|d| d.not_ready_reason()),
+    );
     if reasons.is_empty() {
         Json(serde_json::json!({ "status": "ready" })).into_response()
     } else {

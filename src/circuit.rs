@@ -1,8 +1,9 @@
 //! One destination's circuit: closed (attempt), open (do not attempt; park for later), half-open
 //! (let exactly one probe through, and close or re-open on its result).
 //!
-//! It opens on `circuit.failures` consecutive retryable failures, or when an event waited
-//! `circuit.max_wait` for one of the destination's `max_concurrency` slots. The second rule is the
+//! It opens on `circuit.failures` consecutive retryable failures, when an event waited
+//! `circuit.max_wait` for one of the destination's `max_concurrency` slots, or at once when the
+//! destination's OAuth2 token endpoint refuses the client. The second rule is the
 //! one that matters for an endpoint that accepts connections and never answers: its failures only
 //! show after the request timeout (60 s by default), while the slots fill in milliseconds.
 
@@ -123,6 +124,27 @@ impl Circuit {
         }
     }
 
+    /// A failure that says the destination cannot take events until something outside courier
+    /// changes (its OAuth2 token endpoint refuses the client): open at once, whatever the count,
+    /// for `open_for`. A probe after that finds out whether it has changed.
+    pub fn open_now(&self, why: &str) {
+        let mut s = self.lock();
+        s.consecutive_failures = s.consecutive_failures.saturating_add(1);
+        let (was_open, was_probing) = (s.open_until.is_some(), s.probing);
+        s.probing = false;
+        s.open_until = Some(Instant::now() + self.config.open_for);
+        if !was_open {
+            tracing::warn!(
+                destination = %self.name,
+                open_for = ?self.config.open_for,
+                reason = %why,
+                "circuit opened: events for this destination are parked in the retry store until a probe succeeds"
+            );
+        } else if was_probing {
+            tracing::warn!(destination = %self.name, open_for = ?self.config.open_for, reason = %why, "circuit probe failed: staying open");
+        }
+    }
+
     /// An event waited `max_wait` for a concurrency slot: the destination is not keeping up.
     pub fn record_saturated(&self) {
         let mut s = self.lock();
@@ -192,6 +214,28 @@ mod tests {
         c.record_success();
         assert_eq!(c.gate(), Gate::Closed);
         assert!(!c.is_open());
+    }
+
+    #[test]
+    fn a_refused_client_opens_at_once_and_a_probe_finds_out() {
+        let c = circuit(5, 300);
+        c.open_now("oauth2 token endpoint refused the client: invalid_client (HTTP 401)");
+        assert!(
+            matches!(c.gate(), Gate::Open { .. }),
+            "one failure is enough"
+        );
+        std::thread::sleep(Duration::from_millis(350));
+        assert_eq!(c.gate(), Gate::Probe);
+        c.open_now("still refused");
+        assert!(
+            matches!(c.gate(), Gate::Open { .. }),
+            "a refused probe re-opens it"
+        );
+        assert!(!c.probe_ready());
+        std::thread::sleep(Duration::from_millis(350));
+        assert_eq!(c.gate(), Gate::Probe);
+        c.record_success();
+        assert_eq!(c.gate(), Gate::Closed);
     }
 
     #[test]

@@ -207,7 +207,7 @@ impl Deliverer {
         let store = &self.store;
         let name = dest.id().as_str();
         let attempts = origin.attempts_before() + 1;
-        let (status, reason, retryable, retry_after) = match outcome {
+        let (status, reason, retryable, retry_after, opens_circuit) = match outcome {
             Outcome::Delivered { status } => {
                 dest.circuit().record_success();
                 Stats::inc(&self.stats.delivered);
@@ -224,10 +224,13 @@ impl Deliverer {
                 reason,
                 retryable,
                 retry_after,
-            } => (status, reason, retryable, retry_after),
+                opens_circuit,
+            } => (status, reason, retryable, retry_after, opens_circuit),
         };
         Stats::inc(&self.stats.failed);
-        if retryable {
+        if opens_circuit {
+            dest.circuit().open_now(&reason);
+        } else if retryable {
             dest.circuit().record_failure(was_probe);
         } else {
             // The endpoint answered: it is up, just not accepting this event.

@@ -14,6 +14,7 @@ use tokio::sync::Semaphore;
 
 use crate::circuit::Circuit;
 use crate::config::{Config, DestinationConfig};
+use crate::oauth2::TokenSource;
 use crate::router::{Routable, Router};
 use crate::sender::{Clients, SenderError};
 use crate::stats::Stats;
@@ -86,6 +87,8 @@ pub struct Destination {
     circuit: Circuit,
     limit: Semaphore,
     metrics: DestinationMetrics,
+    /// The OAuth2 token, for `auth.type = "oauth2"`.
+    token: Option<TokenSource>,
 }
 
 impl Destination {
@@ -96,6 +99,13 @@ impl Destination {
             circuit: Circuit::new(&config.name, config.circuit.clone()),
             limit: Semaphore::new(config.max_concurrency),
             metrics: DestinationMetrics::new(stats, &config.name),
+            // The token endpoint is asked through the destination's own client, with its
+            // timeout and TLS settings.
+            token: config
+                .auth
+                .as_ref()
+                .and_then(|auth| auth.oauth2())
+                .map(|request| TokenSource::new(&config.name, request.clone(), client.clone())),
             client,
             config,
         }
@@ -135,6 +145,18 @@ impl Destination {
     /// Its series.
     pub fn metrics(&self) -> &DestinationMetrics {
         &self.metrics
+    }
+
+    /// Its OAuth2 token, for `auth.type = "oauth2"`.
+    pub fn token(&self) -> Option<&TokenSource> {
+        self.token.as_ref()
+    }
+
+    /// Why the destination cannot take events until something outside courier changes, for
+    /// `/readyz`: its OAuth2 token endpoint refuses the client.
+    pub fn not_ready_reason(&self) -> Option<String> {
+        let refused = self.token.as_ref()?.refused()?;
+        Some(format!("destination {:?}: {refused}", self.id.as_str()))
     }
 }
 

@@ -16,6 +16,7 @@ pub mod deadletters;
 pub mod delivery;
 pub mod destination;
 pub mod event;
+pub mod oauth2;
 pub mod pipeline;
 pub mod retry;
 pub mod router;

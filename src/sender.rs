@@ -3,18 +3,23 @@
 //!
 //! The sender knows nothing of queues or the store: it turns `(destination, event)` into an
 //! [`Outcome`]. Everything it reads of a destination was parsed when the configuration was
-//! loaded, so building a request has no error path of its own.
+//! loaded, so building a request has no error path of its own; only an OAuth2 destination's
+//! token ([`crate::oauth2`]) may be missing, which is a failed outcome like a POST without an
+//! answer.
 
 use std::fmt::Write as _;
 use std::time::{Duration, SystemTime};
 
-use reqwest::header::{HeaderMap, HeaderName, HeaderValue, CONTENT_LENGTH, CONTENT_TYPE, HOST};
-use reqwest::Client;
+use reqwest::header::{
+    HeaderMap, HeaderName, HeaderValue, AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE, HOST,
+};
+use reqwest::{Client, StatusCode};
 use serde_json::{Map, Value};
 
 use crate::config::{DestinationConfig, OrganizationConfig, RESERVED_HEADERS};
 use crate::destination::Destination;
 use crate::event::Event;
+use crate::oauth2::TokenError;
 use crate::topic;
 
 /// Headers a request gets besides the static and metadata ones: Content-Type, X-Request-Id,
@@ -31,13 +36,17 @@ const DRAIN_LIMIT: usize = 64 * 1024;
 pub enum Outcome {
     /// A 2xx answer.
     Delivered { status: u16 },
-    /// Anything else. `retryable` marks connection errors, timeouts, 408, 429 and 5xx.
+    /// Anything else. `retryable` marks connection errors, timeouts, 408, 429 and 5xx, and an
+    /// OAuth2 token that could not be had.
     Failed {
         status: Option<u16>,
         reason: String,
         retryable: bool,
         /// The server's `Retry-After` on a 429 or 503.
         retry_after: Option<Duration>,
+        /// Nothing sent to this destination can succeed until something outside courier
+        /// changes (its OAuth2 token endpoint refuses the client): open the circuit now.
+        opens_circuit: bool,
     },
 }
 
@@ -47,6 +56,19 @@ impl Outcome {
             status,
             reason,
             retryable,
+            retry_after: None,
+            opens_circuit: false,
+        }
+    }
+
+    /// No token to send: a retryable failure without an answer from the destination; a
+    /// refused client opens the circuit.
+    fn no_token(error: TokenError) -> Outcome {
+        Outcome::Failed {
+            status: None,
+            opens_circuit: error.is_refused(),
+            reason: error.reason().to_string(),
+            retryable: true,
             retry_after: None,
         }
     }
@@ -97,6 +119,16 @@ impl Sender {
             Ok(h) => h,
             Err(reason) => return Outcome::failed(None, reason, false),
         };
+        let token = match dest.token() {
+            Some(source) => match source.authorization().await {
+                Ok(token) => {
+                    headers.insert(AUTHORIZATION, token.value().clone());
+                    Some((source, token))
+                }
+                Err(error) => return Outcome::no_token(error),
+            },
+            None => None,
+        };
         let body = if config.metadata_in_payload {
             with_metadata(event, dest.id().as_str(), &self.organization)
         } else {
@@ -129,11 +161,46 @@ impl Sender {
         let mut request = reqwest::Request::new(reqwest::Method::POST, config.url.url().clone());
         *request.headers_mut() = headers;
         *request.body_mut() = Some(body.into());
-        match dest.client().execute(request).await {
+        let Some((source, token)) = token else {
+            return match send(dest, request).await {
+                Ok(response) => classify(response).await,
+                Err(outcome) => outcome,
+            };
+        };
+        // Kept for a second try with a new token; the body is shared, not copied.
+        let again = request.try_clone();
+        let mut response = match send(dest, request).await {
+            Ok(response) => response,
+            Err(outcome) => return outcome,
+        };
+        let (StatusCode::UNAUTHORIZED, Some(mut again)) = (response.status(), again) else {
+            return classify(response).await;
+        };
+        // The token was rejected (revoked, or expired early): one new token, one more try in
+        // this attempt. A second 401 is the attempt's outcome.
+        drain(&mut response).await;
+        let fresh = match source.refresh_after_401(&token).await {
+            Ok(fresh) => fresh,
+            Err(error) => return Outcome::no_token(error),
+        };
+        tracing::debug!(destination = %dest.id(), "401 to the oauth2 token: sending again with a new one");
+        again
+            .headers_mut()
+            .insert(AUTHORIZATION, fresh.value().clone());
+        match send(dest, again).await {
             Ok(response) => classify(response).await,
-            Err(e) => Outcome::failed(None, error_chain(&e), !e.is_redirect() && !e.is_builder()),
+            Err(outcome) => outcome,
         }
     }
+}
+
+/// Sends `request` through the destination's client; a request that got no answer is a failed
+/// [`Outcome`].
+async fn send(dest: &Destination, request: reqwest::Request) -> Result<reqwest::Response, Outcome> {
+    dest.client()
+        .execute(request)
+        .await
+        .map_err(|e| Outcome::failed(None, error_chain(&e), !e.is_redirect() && !e.is_builder()))
 }
 
 /// Redirects are followed only when they keep the request a POST with its body (307, 308) and
@@ -176,7 +243,7 @@ fn build_client(verify: bool, timeout: Duration) -> Result<Client, SenderError> 
 /// Static headers < event metadata < contract and auth headers. Also returns the event id as a
 /// header value, for the signature's `webhook-id`.
 fn headers(config: &DestinationConfig, event: &Event) -> Result<(HeaderMap, HeaderValue), String> {
-    let auth = config.auth.as_ref().map(|a| a.header());
+    let auth = config.auth.as_ref().and_then(|a| a.static_header());
     let mut headers = config.headers.map().clone();
     // Room for the rest up front: the clone has none to spare, and growing it on the way
     // moved every header once more per request.
@@ -246,6 +313,7 @@ async fn classify(mut response: reqwest::Response) -> Outcome {
         reason,
         retryable,
         retry_after,
+        opens_circuit: false,
     }
 }
 

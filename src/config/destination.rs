@@ -13,6 +13,7 @@ use serde::{Deserialize, Serialize};
 
 use super::expand::keyed;
 use super::{default_true, redact_url, ConfigError, Secret, MAX_PERMITS};
+use crate::oauth2::TokenRequest;
 use crate::signature::SigningKey;
 use crate::topic::TopicPattern;
 
@@ -139,7 +140,7 @@ impl DestinationConfig {
             ));
         }
         if let Some(auth) = &self.auth {
-            if let Some(written) = self.headers.written_name(auth.header().0) {
+            if let Some(written) = self.headers.written_name(auth.header_name()) {
                 return Err(ConfigError::invalid(
                     format!("{key}.headers.{written}"),
                     OVERRIDES_COURIER,
@@ -334,36 +335,128 @@ fn header_name(name: &str) -> Result<HeaderName, String> {
         .map_err(|_| format!("{name:?} is not a valid HTTP header name"))
 }
 
-/// The two auth schemes of the outbound REST contract, as written in the file.
+/// How courier authenticates to a destination, as written in the file: the two schemes of the
+/// outbound REST contract, a static bearer token, and OAuth2 client credentials.
 #[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(
     tag = "type",
     rename_all = "snake_case",
     deny_unknown_fields,
-    expecting = "a table with type = \"basic\" or type = \"api_key\""
+    expecting = "a table with type = \"basic\", \"api_key\", \"bearer\" or \"oauth2\""
 )]
 enum AuthFile {
     /// `Authorization: Basic base64(username:password)`.
     Basic { username: String, password: Secret },
     /// One custom header (`header`) carrying the key.
     ApiKey { header: String, key: Secret },
+    /// `Authorization: Bearer <token>`, the same token on every request.
+    Bearer { token: Secret },
+    /// `Authorization: Bearer <token>` with a token from an OAuth2 token endpoint (the client
+    /// credentials grant, RFC 6749 section 4.4).
+    #[serde(rename = "oauth2")]
+    OAuth2 {
+        token_url: String,
+        client_id: String,
+        client_secret: Secret,
+        #[serde(default)]
+        scope: Option<String>,
+        #[serde(default)]
+        audience: Option<String>,
+        #[serde(default)]
+        extra_params: BTreeMap<String, String>,
+        #[serde(default)]
+        client_auth: ClientAuth,
+    },
 }
 
-/// How courier authenticates to a destination: the header it adds to every request, built when
-/// the file is loaded. The value is marked sensitive, and neither `Debug` nor `Serialize` shows
-/// the secret.
+/// How an OAuth2 client authenticates to the token endpoint (RFC 6749 section 2.3.1).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(try_from = "String", into = "&'static str")]
+enum ClientAuth {
+    /// `Authorization: Basic`, with the id and the secret form-urlencoded first.
+    #[default]
+    Basic,
+    /// `client_id` and `client_secret` in the form body.
+    Body,
+}
+
+impl TryFrom<String> for ClientAuth {
+    type Error = String;
+
+    fn try_from(text: String) -> Result<ClientAuth, String> {
+        match text.as_str() {
+            "basic" => Ok(ClientAuth::Basic),
+            "body" => Ok(ClientAuth::Body),
+            _ => Err(keyed(
+                "client_auth",
+                format!("{text:?} is not \"basic\" or \"body\""),
+            )),
+        }
+    }
+}
+
+impl From<ClientAuth> for &'static str {
+    fn from(auth: ClientAuth) -> &'static str {
+        match auth {
+            ClientAuth::Basic => "basic",
+            ClientAuth::Body => "body",
+        }
+    }
+}
+
+/// Form parameters of the token request that courier sets itself.
+const OWN_TOKEN_PARAMS: &[&str] = &[
+    "grant_type",
+    "client_id",
+    "client_secret",
+    "scope",
+    "audience",
+];
+
+/// How courier authenticates to a destination, built when the file is loaded: the header it adds
+/// to every request, or the OAuth2 token request. Header values are marked sensitive, and neither
+/// `Debug` nor `Serialize` shows a secret.
 #[derive(Clone, Deserialize)]
 #[serde(try_from = "AuthFile")]
 pub struct AuthConfig {
     written: AuthFile,
-    name: HeaderName,
-    value: HeaderValue,
+    scheme: Scheme,
+}
+
+#[derive(Clone)]
+enum Scheme {
+    /// The same header on every request: Basic, API key, bearer.
+    Header {
+        name: HeaderName,
+        value: HeaderValue,
+    },
+    /// `Authorization: Bearer` with a token from this request.
+    OAuth2(TokenRequest),
 }
 
 impl AuthConfig {
-    /// The header that carries the credentials; it cannot be overridden.
-    pub fn header(&self) -> (&HeaderName, &HeaderValue) {
-        (&self.name, &self.value)
+    /// The name of the header that carries the credentials; it cannot be overridden.
+    pub fn header_name(&self) -> &HeaderName {
+        match &self.scheme {
+            Scheme::Header { name, .. } => name,
+            Scheme::OAuth2(_) => &reqwest::header::AUTHORIZATION,
+        }
+    }
+
+    /// The header sent on every request, for the schemes whose header never changes.
+    pub fn static_header(&self) -> Option<(&HeaderName, &HeaderValue)> {
+        match &self.scheme {
+            Scheme::Header { name, value } => Some((name, value)),
+            Scheme::OAuth2(_) => None,
+        }
+    }
+
+    /// The token request, for `type = "oauth2"`.
+    pub fn oauth2(&self) -> Option<&TokenRequest> {
+        match &self.scheme {
+            Scheme::Header { .. } => None,
+            Scheme::OAuth2(request) => Some(request),
+        }
     }
 }
 
@@ -405,15 +498,131 @@ impl TryFrom<AuthFile> for AuthConfig {
                 })?;
                 (name, value)
             }
+            AuthFile::Bearer { token } => {
+                let token = token.expose();
+                if token.is_empty() {
+                    return Err(keyed("token", "must not be empty"));
+                }
+                if token
+                    .get(..7)
+                    .is_some_and(|start| start.eq_ignore_ascii_case("bearer "))
+                {
+                    return Err(keyed(
+                        "token",
+                        "must be the token alone: courier adds the \"Bearer \" in front",
+                    ));
+                }
+                let value = HeaderValue::from_str(&format!("Bearer {token}")).map_err(|_| {
+                    keyed(
+                        "token",
+                        "contains characters that are not allowed in an HTTP header",
+                    )
+                })?;
+                (reqwest::header::AUTHORIZATION, value)
+            }
+            AuthFile::OAuth2 {
+                token_url,
+                client_id,
+                client_secret,
+                scope,
+                audience,
+                extra_params,
+                client_auth,
+            } => {
+                let request = token_request(
+                    token_url,
+                    client_id,
+                    client_secret,
+                    scope.as_deref(),
+                    audience.as_deref(),
+                    extra_params,
+                    *client_auth,
+                )?;
+                return Ok(AuthConfig {
+                    scheme: Scheme::OAuth2(request),
+                    written,
+                });
+            }
         };
         let mut value = value;
         value.set_sensitive(true);
         Ok(AuthConfig {
             written,
-            name,
-            value,
+            scheme: Scheme::Header { name, value },
         })
     }
+}
+
+/// Checks the keys of `type = "oauth2"` and builds the token request.
+fn token_request(
+    token_url: &str,
+    client_id: &str,
+    client_secret: &Secret,
+    scope: Option<&str>,
+    audience: Option<&str>,
+    extra_params: &BTreeMap<String, String>,
+    client_auth: ClientAuth,
+) -> Result<TokenRequest, String> {
+    let url = parse_token_url(token_url).map_err(|e| keyed("token_url", e))?;
+    if client_id.is_empty() {
+        return Err(keyed("client_id", "must not be empty"));
+    }
+    if client_secret.expose().is_empty() {
+        return Err(keyed("client_secret", "must not be empty"));
+    }
+    let mut params: Vec<(&str, &str)> = Vec::with_capacity(extra_params.len() + 2);
+    for (key, value) in [("scope", scope), ("audience", audience)] {
+        if let Some(value) = value {
+            if value.trim().is_empty() {
+                return Err(keyed(
+                    key,
+                    "must not be empty; remove the key to leave it out of the token request",
+                ));
+            }
+            params.push((key, value));
+        }
+    }
+    for (name, value) in extra_params {
+        if name.is_empty() {
+            return Err(keyed("extra_params", "a parameter name must not be empty"));
+        }
+        if OWN_TOKEN_PARAMS.contains(&name.as_str()) {
+            return Err(keyed(
+                &format!("extra_params.{name}"),
+                "is set by courier itself; use the auth keys of the same name",
+            ));
+        }
+        params.push((name, value));
+    }
+    TokenRequest::new(
+        url,
+        client_id,
+        client_secret,
+        &params,
+        client_auth == ClientAuth::Basic,
+    )
+    .map_err(|e| keyed("client_secret", e))
+}
+
+/// The token endpoint: absolute, `http` or `https`, with a host, without credentials (they go in
+/// `client_id` and `client_secret`) and without a fragment (RFC 6749 section 3.2).
+fn parse_token_url(text: &str) -> Result<Url, String> {
+    let url = Url::parse(text).map_err(|e| format!("{e}: {:?}", redact_url(text)))?;
+    if !url.username().is_empty() || url.password().is_some() {
+        return Err(
+            "must not carry credentials (user:password@); use client_id and client_secret".into(),
+        );
+    }
+    if url.scheme() != "http" && url.scheme() != "https" {
+        return Err(format!("scheme {:?} is not http or https", url.scheme()));
+    }
+    if url.host_str().is_none_or(str::is_empty) {
+        return Err("has no host".into());
+    }
+    if url.fragment().is_some() {
+        return Err("must not have a #fragment (RFC 6749 section 3.2)".into());
+    }
+    Ok(url)
 }
 
 impl fmt::Debug for AuthConfig {
@@ -541,6 +750,47 @@ mod tests {
                 "{url}"
             );
         }
+    }
+
+    /// The `auth` table written as JSON.
+    fn auth(json: &str) -> AuthConfig {
+        let written: AuthFile = serde_json::from_str(json).expect("an auth table");
+        AuthConfig::try_from(written).unwrap_or_else(|e| panic!("{json}: {e}"))
+    }
+
+    #[test]
+    fn token_auth_is_sensitive_and_never_printed() {
+        let bearer = auth(r#"{"type":"bearer","token":"tok-123"}"#);
+        let (name, value) = bearer.static_header().expect("a static header");
+        assert_eq!(name, reqwest::header::AUTHORIZATION);
+        assert_eq!(value.to_str().expect("ASCII"), "Bearer tok-123");
+        assert!(value.is_sensitive());
+        assert!(bearer.oauth2().is_none());
+        let oauth2 = auth(
+            r#"{"type":"oauth2","token_url":"https://login.example/token?tenant=a",
+                "client_id":"c","client_secret":"s3cret","extra_params":{"resource":"r"}}"#,
+        );
+        assert!(oauth2.static_header().is_none());
+        assert_eq!(oauth2.header_name(), reqwest::header::AUTHORIZATION);
+        assert_eq!(
+            oauth2.oauth2().map(|r| r.url().as_str()),
+            Some("https://login.example/token?tenant=a")
+        );
+        for shown in [
+            format!("{bearer:?}{oauth2:?}"),
+            serde_json::to_string(&(&bearer, &oauth2)).expect("serialise"),
+        ] {
+            assert!(
+                !shown.contains("tok-123") && !shown.contains("s3cret"),
+                "{shown}"
+            );
+        }
+        let written = serde_json::to_value(&oauth2).expect("serialise");
+        assert_eq!(
+            written["client_auth"], "basic",
+            "the default is written out"
+        );
+        assert_eq!(written["extra_params"]["resource"], "r");
     }
 
     #[test]

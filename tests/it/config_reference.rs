@@ -6,7 +6,11 @@ use std::collections::BTreeSet;
 use courier::Config;
 
 /// Maps whose keys are user data (header names, queue argument names), not configuration keys.
-const USER_MAPS: &[&str] = &["destinations[].headers", "rabbitmq.queue_arguments"];
+const USER_MAPS: &[&str] = &[
+    "destinations[].headers",
+    "destinations[].auth.extra_params",
+    "rabbitmq.queue_arguments",
+];
 
 fn reference_text() -> String {
     std::fs::read_to_string(concat!(
@@ -71,11 +75,15 @@ fn the_reference_loads_and_names_exactly_the_keys_the_code_knows() {
         unknown.is_empty(),
         "keys in the reference the code does not know: {unknown:?}"
     );
-    // Both auth schemes are shown.
-    assert!(
-        doc_keys.contains("destinations[].auth.key")
-            && doc_keys.contains("destinations[].auth.password")
-    );
+    // Every auth scheme is shown.
+    for key in [
+        "destinations[].auth.key",
+        "destinations[].auth.password",
+        "destinations[].auth.token",
+        "destinations[].auth.client_secret",
+    ] {
+        assert!(doc_keys.contains(key), "no {key} in the reference");
+    }
 }
 
 #[test]

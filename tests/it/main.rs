@@ -18,5 +18,6 @@ mod faults;
 mod fuzz_seeds;
 mod mqtt;
 mod mqtt_broker_restart;
+mod oauth2;
 mod operations;
 mod retries;

@@ -1,8 +1,9 @@
 //! What the integration tests share beyond `courier_testkit`: the broker lock, courier started
-//! in-process (`courier::run_with_stats`) or as the `courier` binary, test configurations, and
-//! the store opened for assertions.
+//! in-process (`courier::run_with_stats`) or as the `courier` binary, test configurations, the
+//! store opened for assertions, and an OAuth2 token endpoint.
 
 mod brokers;
+mod token_endpoint;
 
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -11,6 +12,7 @@ use std::time::{Duration, Instant};
 
 pub use brokers::{brokers, brokers_exclusive, Brokers};
 pub use courier_testkit::*;
+pub use token_endpoint::{ClientAuth, TokenEndpoint};
 
 use courier::{Config, Stats};
 

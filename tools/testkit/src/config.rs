@@ -328,8 +328,73 @@ pub struct Dest {
 #[derive(Clone, Debug, Serialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum Auth {
-    Basic { username: String, password: String },
-    ApiKey { header: String, key: String },
+    Basic {
+        username: String,
+        password: String,
+    },
+    ApiKey {
+        header: String,
+        key: String,
+    },
+    Bearer {
+        token: String,
+    },
+    #[serde(rename = "oauth2")]
+    OAuth2(OAuth2),
+}
+
+/// `auth = { type = "oauth2", ... }`: OAuth2 client credentials; unset keys keep courier's
+/// defaults.
+#[derive(Clone, Debug, Serialize)]
+pub struct OAuth2 {
+    token_url: String,
+    client_id: String,
+    client_secret: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    scope: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    audience: Option<String>,
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    extra_params: BTreeMap<String, String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    client_auth: Option<String>,
+}
+
+impl OAuth2 {
+    /// The client `client_id` with `client_secret`, asking `token_url` for tokens.
+    pub fn new(token_url: &str, client_id: &str, client_secret: &str) -> OAuth2 {
+        OAuth2 {
+            token_url: token_url.into(),
+            client_id: client_id.into(),
+            client_secret: client_secret.into(),
+            scope: None,
+            audience: None,
+            extra_params: BTreeMap::new(),
+            client_auth: None,
+        }
+    }
+
+    pub fn scope(mut self, scope: &str) -> Self {
+        self.scope = Some(scope.into());
+        self
+    }
+
+    pub fn audience(mut self, audience: &str) -> Self {
+        self.audience = Some(audience.into());
+        self
+    }
+
+    /// One more form parameter of the token request.
+    pub fn extra_param(mut self, name: &str, value: &str) -> Self {
+        self.extra_params.insert(name.into(), value.into());
+        self
+    }
+
+    /// `client_id` and `client_secret` in the form body instead of HTTP Basic.
+    pub fn client_auth_in_body(mut self) -> Self {
+        self.client_auth = Some("body".into());
+        self
+    }
 }
 
 impl Dest {
@@ -396,6 +461,20 @@ impl Dest {
             header: header.into(),
             key: key.into(),
         });
+        self
+    }
+
+    /// `Authorization: Bearer <token>`.
+    pub fn bearer(mut self, token: &str) -> Self {
+        self.auth = Some(Auth::Bearer {
+            token: token.into(),
+        });
+        self
+    }
+
+    /// A token from an OAuth2 token endpoint.
+    pub fn oauth2(mut self, oauth2: OAuth2) -> Self {
+        self.auth = Some(Auth::OAuth2(oauth2));
         self
     }
 
@@ -535,6 +614,15 @@ mod tests {
                     .circuit(Circuit::default().failures(5)),
             )
             .destination(Dest::new("b", "http://127.0.0.1/b").api_key("X-Key", "k"))
+            .destination(Dest::new("c", "http://127.0.0.1/c").bearer("${TOKEN}"))
+            .destination(
+                Dest::new("d", "http://127.0.0.1/d").oauth2(
+                    OAuth2::new("http://127.0.0.1/token", "id", "${SECRET}")
+                        .scope("a b")
+                        .extra_param("resource", "r")
+                        .client_auth_in_body(),
+                ),
+            )
             .toml();
         let v: toml::Table = toml::from_str(&text).expect("valid TOML");
         assert_eq!(v["store"]["path"].as_str(), Some("/tmp/a \"quoted\" store"));
@@ -545,7 +633,15 @@ mod tests {
             Some("tempo.#")
         );
         let dests = v["destinations"].as_array().expect("destinations");
-        assert_eq!(dests.len(), 2);
+        assert_eq!(dests.len(), 4);
+        assert_eq!(dests[2]["auth"]["type"].as_str(), Some("bearer"));
+        assert_eq!(dests[2]["auth"]["token"].as_str(), Some("${TOKEN}"));
+        let oauth2 = &dests[3]["auth"];
+        assert_eq!(oauth2["type"].as_str(), Some("oauth2"));
+        assert_eq!(oauth2["client_secret"].as_str(), Some("${SECRET}"));
+        assert_eq!(oauth2["extra_params"]["resource"].as_str(), Some("r"));
+        assert_eq!(oauth2["client_auth"].as_str(), Some("body"));
+        assert!(oauth2.get("audience").is_none());
         assert_eq!(dests[0]["auth"]["type"].as_str(), Some("basic"));
         assert_eq!(dests[0]["auth"]["password"].as_str(), Some("${PW}"));
         assert_eq!(dests[0]["retry"]["max_attempts"].as_integer(), Some(3));

@@ -19,7 +19,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 pub use amqp::{Publisher, AMQP_URL};
 pub use brokers::{rabbitmqctl, restart_mosquitto};
-pub use config::{Auth, Circuit, ConfigBuilder, Dest, Mqtt, Rabbit, Retry};
+pub use config::{Auth, Circuit, ConfigBuilder, Dest, Mqtt, OAuth2, Rabbit, Retry};
 pub use mqtt::{MqttPublisher, MqttPublisherOptions};
 pub use process::{CourierProcess, Launch};
 pub use receiver::{BlackHole, Receiver, Recorded, Recording};
