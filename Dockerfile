@@ -20,10 +20,11 @@ FROM debian:bookworm-slim
 RUN apt-get update \
     && apt-get install -y --no-install-recommends ca-certificates curl \
     && rm -rf /var/lib/apt/lists/*
-RUN useradd --system --user-group --home-dir /var/lib/courier --create-home \
+RUN useradd --system --uid 10001 --user-group --home-dir /var/lib/courier --create-home \
         --shell /usr/sbin/nologin courier
 COPY --from=builder /usr/local/bin/courier /usr/local/bin/courier
-USER courier
+# Numeric, so that Kubernetes can check runAsNonRoot (deploy/kubernetes).
+USER 10001:10001
 # The default store path (data/courier) is relative to this directory.
 WORKDIR /var/lib/courier
 # The admin port of docker/config.toml ([admin] listen = "0.0.0.0:9464"): /healthz, /readyz, /metrics.

@@ -173,10 +173,38 @@ provide_rabbitmqctl() {
 command -v cargo >/dev/null 2>&1 ||
     die "cargo not found: install Rust (https://rustup.rs), then run this script again"
 
+# The Kubernetes manifests are checked against the Kubernetes schemas offline by
+# kubernetes-validate (from PyPI), which bundles them (tests/it/deploy.rs). The tests run the
+# Python in COURIER_PYTHON: the machine's python3 when it has the package, otherwise a virtual
+# environment under target/ (Debian's own python3 refuses pip installs outside one).
+ensure_kubernetes_validate() {
+    if python3 -c 'import kubernetes_validate, yaml' >/dev/null 2>&1; then
+        export COURIER_PYTHON=python3
+        return
+    fi
+    local venv=target/python-tools
+    if [ ! -x "$venv/bin/python" ]; then
+        if ! python3 -m venv "$venv" >/dev/null 2>&1; then
+            command -v apt-get >/dev/null 2>&1 || die "python3 cannot create a virtual environment; install python3-venv"
+            log "installing python3-venv from the Debian packages"
+            as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv >/dev/null
+            rm -rf "$venv"
+            python3 -m venv "$venv"
+        fi
+    fi
+    if ! "$venv/bin/python" -c 'import kubernetes_validate, yaml' >/dev/null 2>&1; then
+        log "installing kubernetes-validate from PyPI into $venv"
+        "$venv/bin/python" -m pip install -q kubernetes-validate
+    fi
+    COURIER_PYTHON="$(pwd)/$venv/bin/python"
+    export COURIER_PYTHON
+}
+
 ensure_rabbitmq
 ensure_mosquitto
 ensure_redis
 provide_rabbitmqctl
+ensure_kubernetes_validate
 
 if [ "${1:-}" = "--long" ]; then
     shift
