@@ -25,6 +25,7 @@ pub mod signature;
 pub mod sources;
 pub mod stats;
 pub mod store;
+pub mod tls;
 pub mod topic;
 
 use std::sync::atomic::Ordering;
@@ -54,9 +55,9 @@ pub enum Error {
     /// The HTTP client could not be built.
     #[error(transparent)]
     Sender(#[from] sender::SenderError),
-    /// The MQTT source could not be set up.
+    /// TLS for a broker connection could not be set up.
     #[error(transparent)]
-    Mqtt(#[from] sources::mqtt::MqttSetupError),
+    Tls(#[from] tls::TlsSetupError),
     /// The admin port could not be opened.
     #[error("admin.listen {address}: {source}")]
     Admin {
@@ -143,7 +144,7 @@ async fn run_on(
     let (tx, rx) = mpsc::channel(max_in_flight.clamp(1, 1024));
     let mut sources = JoinSet::new();
     if let Some(rabbitmq) = config.rabbitmq.clone() {
-        let source = sources::amqp::AmqpSource::new(rabbitmq, max_in_flight, stats.clone());
+        let source = sources::amqp::AmqpSource::new(rabbitmq, max_in_flight, stats.clone())?;
         sources.spawn(source.run(tx.clone(), shutdown.clone()));
     }
     if let Some(mqtt) = config.mqtt.clone() {
