@@ -18,4 +18,6 @@ mod fuzz_seeds;
 mod mqtt;
 mod mqtt_broker_restart;
 mod operations;
+mod proxy;
 mod retries;
+mod tls;
