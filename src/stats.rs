@@ -224,3 +224,24 @@ impl Stats {
         r
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn readiness_names_the_last_connection_error_until_the_next_connect() {
+        let stats = Stats::default();
+        stats.set_connected("mqtt", false);
+        assert_eq!(stats.not_ready_reasons(), ["mqtt: not connected"]);
+        stats.reconnecting("mqtt", "received fatal alert: UnknownCA");
+        assert_eq!(
+            stats.not_ready_reasons(),
+            ["mqtt: not connected: received fatal alert: UnknownCA"]
+        );
+        stats.set_connected("mqtt", true);
+        assert!(stats.not_ready_reasons().is_empty());
+        stats.set_connected("mqtt", false);
+        assert_eq!(stats.not_ready_reasons(), ["mqtt: not connected"]);
+    }
+}

@@ -509,3 +509,112 @@ impl ServerCertVerifier for Verifier {
             .supported_schemes()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use courier_testkit::TestCa;
+
+    use super::*;
+
+    fn identity(dir: &Path) -> (Watched<IdentitySource>, PathBuf, PathBuf) {
+        let (cert, key) = (dir.join("c.pem"), dir.join("c.key"));
+        let source = IdentitySource {
+            cert: cert.clone(),
+            key: key.clone(),
+            provider: Arc::new(rustls::crypto::ring::default_provider()),
+        };
+        let watched = Watched::new(
+            "t.tls",
+            "client certificate",
+            vec![cert.clone(), key.clone()],
+            source,
+        )
+        .expect("loads");
+        (watched, cert, key)
+    }
+
+    /// Writes `text` next to `path` and renames it over, as certificate managers do.
+    fn swap(path: &Path, text: &str) {
+        let aside = path.with_extension("new");
+        std::fs::write(&aside, text).expect("write");
+        std::fs::rename(&aside, path).expect("rename");
+    }
+
+    #[test]
+    fn a_half_done_rotation_keeps_the_previous_identity_until_the_pair_matches() {
+        let dir = tempfile::tempdir().expect("dir");
+        let ca = TestCa::new("t");
+        let (first, second) = (ca.client("first"), ca.client("second"));
+        first.write(dir.path(), "c");
+        let (watched, cert, key) = identity(dir.path());
+        assert_eq!(watched.current().cert[0], first.cert_der());
+        // The certificate is new, the key not yet: the pair does not load, the old one stays.
+        swap(&cert, &second.cert_pem);
+        assert_eq!(watched.current().cert[0], first.cert_der());
+        assert_eq!(
+            watched.current().cert[0],
+            first.cert_der(),
+            "not retried until a file changes"
+        );
+        swap(&key, &second.key_pem);
+        assert_eq!(watched.current().cert[0], second.cert_der());
+        // A file that is gone for a moment keeps what is loaded.
+        std::fs::remove_file(&key).expect("remove");
+        assert_eq!(watched.current().cert[0], second.cert_der());
+    }
+
+    #[test]
+    fn a_changed_ca_file_changes_what_is_trusted() {
+        let dir = tempfile::tempdir().expect("dir");
+        let (old_ca, new_ca) = (TestCa::new("old"), TestCa::new("new"));
+        let path = old_ca.write(dir.path(), "ca.pem");
+        let source = CaSource {
+            path: path.clone(),
+            ca_only: true,
+            provider: Arc::new(rustls::crypto::ring::default_provider()),
+        };
+        let watched = Watched::new("t.tls", "CA file", vec![path.clone()], source).expect("loads");
+        let name = ServerName::try_from("127.0.0.1").expect("name");
+        let server = new_ca.server(&["127.0.0.1"]);
+        let verify = |w: &Watched<CaSource>| {
+            w.current()
+                .verify_server_cert(&server.cert_der(), &[], &name, &[], UnixTime::now())
+                .is_ok()
+        };
+        assert!(!verify(&watched), "the new CA is not trusted yet");
+        swap(&path, &new_ca.cert_pem);
+        assert!(verify(&watched));
+    }
+
+    #[test]
+    fn server_name_replaces_the_name_the_certificate_is_checked_for() {
+        let dir = tempfile::tempdir().expect("dir");
+        let ca = TestCa::new("ca");
+        let path = ca.write(dir.path(), "ca.pem");
+        let server = ca.server(&["broker.internal"]);
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let verifier = |server_name: Option<&str>| {
+            let source = CaSource {
+                path: path.clone(),
+                ca_only: true,
+                provider: provider.clone(),
+            };
+            Verifier {
+                roots: Roots::Watched(
+                    Watched::new("t.tls", "CA file", vec![path.clone()], source).expect("loads"),
+                ),
+                server_name: server_name
+                    .map(|n| ServerName::try_from(n.to_string()).expect("name")),
+                provider: provider.clone(),
+            }
+        };
+        // Reached by IP address, as a broker often is.
+        let by_ip = ServerName::try_from("10.0.0.7").expect("name");
+        let verify = |v: &Verifier| {
+            v.verify_server_cert(&server.cert_der(), &[], &by_ip, &[], UnixTime::now())
+        };
+        assert!(verify(&verifier(None)).is_err());
+        assert!(verify(&verifier(Some("broker.internal"))).is_ok());
+        assert!(verify(&verifier(Some("other.internal"))).is_err());
+    }
+}
