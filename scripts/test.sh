@@ -167,6 +167,8 @@ ensure_redis() {
 # TLS_DIR: readable by everyone (they protect nothing but a loopback test listener), except the
 # CA's key. Made once; kept as long as all the files are there.
 ensure_test_certificates() {
+    # tests/it/tls.rs runs openssl too, for the key formats rcgen does not write.
+    command -v openssl >/dev/null 2>&1 || install_packages
     local f missing=0
     for f in ca.pem server.pem server.key client.pem client.key; do
         [ -r "$TLS_DIR/$f" ] || missing=1
@@ -174,7 +176,6 @@ ensure_test_certificates() {
     if [ "$missing" -eq 0 ]; then
         return
     fi
-    command -v openssl >/dev/null 2>&1 || install_packages
     log "making the test certificates of RabbitMQ's TLS listener in $TLS_DIR"
     local work
     work=$(mktemp -d)
