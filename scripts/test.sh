@@ -3,8 +3,14 @@
 #
 # 1. Makes sure RabbitMQ (127.0.0.1:5672, guest/guest), Mosquitto (127.0.0.1:1883) and Redis
 #    (127.0.0.1:6379) answer. A service whose port does not answer is started; a missing binary is
-#    first installed from the Debian packages (rabbitmq-server, mosquitto, redis-server). Root is needed only for that; without root
-#    the commands go through sudo.
+#    first installed from the Debian packages (rabbitmq-server, mosquitto, redis-server, and
+#    openssl for the test certificates). Root is needed only for that; without root the commands
+#    go through sudo.
+#    RabbitMQ also gets a TLS listener on 127.0.0.1:5671 that requires a client certificate
+#    (verify_peer, fail_if_no_peer_cert), for tests/it/tls.rs. The first time, the script makes a
+#    test CA, the listener's certificate and a client certificate in /var/lib/courier-test/tls,
+#    adds the listener to /etc/rabbitmq/rabbitmq.conf (in a block marked as courier's) and
+#    restarts RabbitMQ once.
 # 2. Runs `cargo test --workspace --all-targets` (courier's unit tests, the integration tests in
 #    tests/it, and the tools' own tests), passing on any arguments:
 #        scripts/test.sh                 # everything
@@ -13,7 +19,7 @@
 #        scripts/test.sh --long          # the fault suite (tests/it/faults.rs) with 20,000 events
 #                                        # per case instead of 3,000 (about 15 minutes more)
 #
-# When both services already answer, it prints nothing of its own and only runs the tests.
+# When every service already answers, it prints nothing of its own and only runs the tests.
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -30,6 +36,10 @@ readonly AMQP_PORT=5672
 readonly MQTT_PORT=1883
 readonly REDIS_PORT=6379
 readonly MOSQUITTO_CONF=/etc/mosquitto/mosquitto.conf
+readonly AMQPS_PORT=5671
+readonly TLS_DIR=/var/lib/courier-test/tls
+readonly RABBITMQ_CONF=/etc/rabbitmq/rabbitmq.conf
+readonly RABBITMQ_TLS_MARK="# courier test suite: TLS listener (scripts/test.sh)"
 
 log() { printf 'scripts/test.sh: %s\n' "$*" >&2; }
 die() {
@@ -88,9 +98,9 @@ install_packages() {
     fi
     command -v apt-get >/dev/null 2>&1 ||
         die "rabbitmq-server or mosquitto is missing and apt-get is not available: install RabbitMQ and Mosquitto, or start them on 127.0.0.1:$AMQP_PORT and 127.0.0.1:$MQTT_PORT"
-    log "installing rabbitmq-server, mosquitto and redis-server from the Debian packages"
+    log "installing rabbitmq-server, mosquitto, redis-server and openssl from the Debian packages"
     as_root env DEBIAN_FRONTEND=noninteractive apt-get update -qq
-    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq rabbitmq-server mosquitto redis-server >/dev/null
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq rabbitmq-server mosquitto redis-server openssl >/dev/null
     PACKAGES_INSTALLED=1
 }
 
@@ -153,6 +163,83 @@ ensure_redis() {
     log "Redis is up on 127.0.0.1:$REDIS_PORT"
 }
 
+# The test CA, RabbitMQ's server certificate (localhost, 127.0.0.1) and a client certificate, in
+# TLS_DIR: readable by everyone (they protect nothing but a loopback test listener), except the
+# CA's key. Made once; kept as long as all the files are there.
+ensure_test_certificates() {
+    # tests/it/tls.rs runs openssl too, for the key formats rcgen does not write.
+    command -v openssl >/dev/null 2>&1 || install_packages
+    local f missing=0
+    for f in ca.pem server.pem server.key client.pem client.key; do
+        [ -r "$TLS_DIR/$f" ] || missing=1
+    done
+    if [ "$missing" -eq 0 ]; then
+        return
+    fi
+    log "making the test certificates of RabbitMQ's TLS listener in $TLS_DIR"
+    local work
+    work=$(mktemp -d)
+    (
+        cd "$work"
+        openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 3650 \
+            -subj "/CN=courier test CA" -keyout ca.key -out ca.pem 2>/dev/null
+        printf 'basicConstraints=critical,CA:FALSE\nextendedKeyUsage=serverAuth\nsubjectAltName=DNS:localhost,IP:127.0.0.1\n' >server.ext
+        printf 'basicConstraints=critical,CA:FALSE\nextendedKeyUsage=clientAuth\n' >client.ext
+        for who in server client; do
+            openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes \
+                -subj "/CN=courier test $who" -keyout "$who.key" -out "$who.csr" 2>/dev/null
+            openssl x509 -req -in "$who.csr" -CA ca.pem -CAkey ca.key -CAcreateserial \
+                -days 3650 -extfile "$who.ext" -out "$who.pem" 2>/dev/null
+        done
+    )
+    as_root mkdir -p "$TLS_DIR"
+    as_root install -m 0600 "$work/ca.key" "$TLS_DIR/ca.key"
+    for f in ca.pem server.pem server.key client.pem client.key; do
+        as_root install -m 0644 "$work/$f" "$TLS_DIR/$f"
+    done
+    as_root chmod 0755 "$TLS_DIR" "$(dirname "$TLS_DIR")"
+    rm -rf "$work"
+}
+
+# RabbitMQ's TLS listener on 127.0.0.1:5671, which requires a client certificate of the test CA.
+ensure_rabbitmq_tls() {
+    ensure_test_certificates
+    if port_open "$AMQPS_PORT"; then
+        return
+    fi
+    if ! as_root grep -qF "$RABBITMQ_TLS_MARK" "$RABBITMQ_CONF" 2>/dev/null; then
+        if as_root grep -qE '^[[:space:]]*(ssl_options\.|listeners\.ssl\.)' "$RABBITMQ_CONF" 2>/dev/null; then
+            die "$RABBITMQ_CONF has TLS settings of its own but nothing listens on 127.0.0.1:$AMQPS_PORT; add a TLS listener there with verify_peer and fail_if_no_peer_cert, using the files in $TLS_DIR"
+        fi
+        log "adding a TLS listener on 127.0.0.1:$AMQPS_PORT to $RABBITMQ_CONF"
+        printf '\n%s\nlisteners.ssl.courier = 127.0.0.1:%s\nssl_options.cacertfile = %s/ca.pem\nssl_options.certfile = %s/server.pem\nssl_options.keyfile = %s/server.key\nssl_options.verify = verify_peer\nssl_options.fail_if_no_peer_cert = true\n' \
+            "$RABBITMQ_TLS_MARK" "$AMQPS_PORT" "$TLS_DIR" "$TLS_DIR" "$TLS_DIR" |
+            as_root tee -a "$RABBITMQ_CONF" >/dev/null
+    fi
+    log "restarting RabbitMQ so that it opens 127.0.0.1:$AMQPS_PORT"
+    if command -v systemctl >/dev/null 2>&1 && systemctl is-active --quiet rabbitmq-server 2>/dev/null; then
+        as_root systemctl restart rabbitmq-server
+    else
+        as_root rabbitmqctl -q stop >/dev/null 2>&1 || log "rabbitmqctl stop failed; starting anyway"
+        local deadline=$((SECONDS + WAIT_SECONDS))
+        while port_open "$AMQP_PORT"; do
+            [ "$SECONDS" -lt "$deadline" ] || die "RabbitMQ did not stop within ${WAIT_SECONDS}s"
+            sleep 1
+        done
+        detached as_root rabbitmq-server -detached || log "rabbitmq-server -detached failed; waiting for a node anyway"
+    fi
+    local deadline=$((SECONDS + WAIT_SECONDS))
+    until as_root rabbitmqctl -q -t 10 await_startup >/dev/null 2>&1; do
+        if [ "$SECONDS" -ge "$deadline" ]; then
+            die "RabbitMQ did not start again within ${WAIT_SECONDS}s; see /var/log/rabbitmq/"
+        fi
+        sleep 2
+    done
+    wait_for_port RabbitMQ "$AMQP_PORT" /var/log/rabbitmq/
+    wait_for_port "RabbitMQ's TLS listener" "$AMQPS_PORT" /var/log/rabbitmq/
+    log "RabbitMQ is up on 127.0.0.1:$AMQP_PORT and, with TLS, 127.0.0.1:$AMQPS_PORT"
+}
+
 # The integration tests call `rabbitmqctl`. Debian's wrapper refuses to run for users other
 # than root and rabbitmq, so a non-root user gets a shim on PATH that goes through sudo.
 provide_rabbitmqctl() {
@@ -201,6 +288,7 @@ ensure_kubernetes_validate() {
 }
 
 ensure_rabbitmq
+ensure_rabbitmq_tls
 ensure_mosquitto
 ensure_redis
 provide_rabbitmqctl

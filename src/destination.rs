@@ -224,7 +224,19 @@ impl Destinations {
 pub fn build(config: &Config, stats: &Stats) -> Result<DestinationSet, SenderError> {
     let mut clients = Clients::default();
     let mut destinations = Vec::with_capacity(config.destinations.len());
-    for dest in &config.destinations {
+    if config.destinations.iter().any(|d| d.proxy.is_none()) {
+        let from_env = crate::sender::environment_proxies();
+        if !from_env.is_empty() {
+            tracing::info!(
+                variables = %from_env.join(" "),
+                "destinations without a proxy of their own follow the proxy environment variables"
+            );
+        }
+    }
+    for (i, dest) in config.destinations.iter().enumerate() {
+        if let Some(proxy) = &dest.proxy {
+            tracing::info!(destination = %dest.name, %proxy, "destination goes through its proxy");
+        }
         if !dest.tls_verify {
             tracing::warn!(
                 destination = %dest.name,
@@ -233,7 +245,7 @@ pub fn build(config: &Config, stats: &Stats) -> Result<DestinationSet, SenderErr
                  anyone on the network path can read and alter its requests"
             );
         }
-        let client = clients.for_destination(dest)?;
+        let client = clients.for_destination(&format!("destinations[{i}]"), dest)?;
         destinations.push(Arc::new(Destination::new(dest.clone(), client, stats)));
     }
     Ok(Router::new(destinations))

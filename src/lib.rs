@@ -26,6 +26,7 @@ pub mod signature;
 pub mod sources;
 pub mod stats;
 pub mod store;
+pub mod tls;
 pub mod topic;
 
 use std::sync::atomic::Ordering;
@@ -55,9 +56,9 @@ pub enum Error {
     /// The HTTP client could not be built.
     #[error(transparent)]
     Sender(#[from] sender::SenderError),
-    /// The MQTT source could not be set up.
+    /// TLS for a broker connection could not be set up.
     #[error(transparent)]
-    Mqtt(#[from] sources::mqtt::MqttSetupError),
+    Tls(#[from] tls::TlsSetupError),
     /// The admin port could not be opened.
     #[error("admin.listen {address}: {source}")]
     Admin {
@@ -106,9 +107,14 @@ async fn run_on(
     // Everything that can fail is built before any task starts: a task holds the store, and an
     // early return would leave it running.
     let destinations = Arc::new(Destinations::from_config(&config, &stats)?);
-    let amqp = config.rabbitmq.clone().map(|rabbitmq| {
-        sources::amqp::AmqpSource::new(rabbitmq, config.service.max_in_flight, stats.clone())
-    });
+    let amqp = match config.rabbitmq.clone() {
+        Some(rabbitmq) => Some(sources::amqp::AmqpSource::new(
+            rabbitmq,
+            config.service.max_in_flight,
+            stats.clone(),
+        )?),
+        None => None,
+    };
     let mqtt = match config.mqtt.clone() {
         Some(mqtt) => Some(sources::mqtt::MqttSource::new(mqtt, stats.clone())?),
         None => None,

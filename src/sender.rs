@@ -16,7 +16,7 @@ use reqwest::header::{
 use reqwest::{Client, StatusCode};
 use serde_json::{Map, Value};
 
-use crate::config::{DestinationConfig, OrganizationConfig, RESERVED_HEADERS};
+use crate::config::{DestinationConfig, OrganizationConfig, ProxyUrl, TlsConfig, RESERVED_HEADERS};
 use crate::destination::Destination;
 use crate::event::Event;
 use crate::oauth2::TokenError;
@@ -79,23 +79,42 @@ impl Outcome {
 #[error("cannot build the HTTP client: {0}")]
 pub struct SenderError(String);
 
-/// The HTTP clients of a set of destinations: one per (TLS verification, timeout), so that
-/// destinations that share both share a connection pool, and the timeout is the client's own
-/// (a request then carries none of its own to allocate).
+/// What a destination's HTTP client is built from. Destinations whose settings are equal share
+/// one client, and so one connection pool; the timeout is the client's own, so a request carries
+/// none of its own to allocate.
+#[derive(Clone, PartialEq, Eq)]
+struct ClientSettings {
+    verify: bool,
+    timeout: Duration,
+    tls: Option<TlsConfig>,
+    proxy: Option<ProxyUrl>,
+}
+
+/// The HTTP clients of a set of destinations, one per [`ClientSettings`].
 #[derive(Default)]
 pub struct Clients {
-    built: Vec<((bool, Duration), Client)>,
+    built: Vec<(ClientSettings, Client)>,
 }
 
 impl Clients {
-    /// The client for `dest`, built on first use.
-    pub fn for_destination(&mut self, dest: &DestinationConfig) -> Result<Client, SenderError> {
-        let setting = (dest.tls_verify, dest.timeout);
-        if let Some((_, client)) = self.built.iter().find(|(s, _)| *s == setting) {
+    /// The client for `dest`, built on first use; `key` (`destinations[i]`) names the
+    /// destination in a TLS set-up error and in the logs of its TLS material.
+    pub fn for_destination(
+        &mut self,
+        key: &str,
+        dest: &DestinationConfig,
+    ) -> Result<Client, SenderError> {
+        let settings = ClientSettings {
+            verify: dest.tls_verify,
+            timeout: dest.timeout,
+            tls: dest.tls.clone(),
+            proxy: dest.proxy.clone(),
+        };
+        if let Some((_, client)) = self.built.iter().find(|(s, _)| *s == settings) {
             return Ok(client.clone());
         }
-        let client = build_client(dest.tls_verify, dest.timeout)?;
-        self.built.push((setting, client.clone()));
+        let client = build_client(key, &settings)?;
+        self.built.push((settings, client.clone()));
         Ok(client)
     }
 }
@@ -223,21 +242,61 @@ fn redirect_policy() -> reqwest::redirect::Policy {
     })
 }
 
-fn build_client(verify: bool, timeout: Duration) -> Result<Client, SenderError> {
-    Client::builder()
-        .timeout(timeout)
+fn build_client(key: &str, settings: &ClientSettings) -> Result<Client, SenderError> {
+    // The one TLS set-up of courier (`crate::tls`), shared with the brokers: CA file, client
+    // certificate, `server_name`, reloading on change, and `tls_verify = false`.
+    let tls = crate::tls::client_config(
+        &format!("{key}.tls"),
+        settings.tls.as_ref(),
+        settings.verify,
+        crate::tls::HTTP_ALPN,
+    )
+    .map_err(|e| SenderError(e.to_string()))?;
+    let mut builder = Client::builder();
+    // A destination with `proxy` sends every request through it; any other follows the
+    // environment (HTTPS_PROXY, HTTP_PROXY, ALL_PROXY, NO_PROXY and their lower-case forms, as
+    // curl reads them), which reqwest reads when the client is built, that is at start-up.
+    // docs/connecting.md#proxies says why.
+    if let Some(proxy) = &settings.proxy {
+        let proxy = reqwest::Proxy::all(proxy.url().as_str())
+            .map_err(|e| SenderError(format!("{key}.proxy: {}", error_chain(&e))))?;
+        builder = builder.proxy(proxy);
+    }
+    builder
+        .timeout(settings.timeout)
         // courier's retry policy is the only one: a retry inside the HTTP client would be a
         // second POST that no metric, log or attempt count knows about. It also spares reqwest
         // a copy of every request kept for that retry.
         .retry(reqwest::retry::never().max_retries_per_request(0))
         .redirect(redirect_policy())
         .referer(false)
-        .tls_danger_accept_invalid_certs(!verify)
+        .tls_backend_preconfigured(tls)
         .tcp_nodelay(true)
         .pool_idle_timeout(Duration::from_secs(90))
         .user_agent(concat!("courier/", env!("CARGO_PKG_VERSION")))
         .build()
         .map_err(|e| SenderError(error_chain(&e)))
+}
+
+/// The proxy variables of the environment that the HTTP client reads, as `NAME=value` with any
+/// password replaced by `***`, for the start-up log.
+pub fn environment_proxies() -> Vec<String> {
+    [
+        "HTTPS_PROXY",
+        "https_proxy",
+        "HTTP_PROXY",
+        "http_proxy",
+        "ALL_PROXY",
+        "all_proxy",
+        "NO_PROXY",
+        "no_proxy",
+    ]
+    .iter()
+    .filter_map(|name| {
+        let value = std::env::var(name).ok().filter(|v| !v.is_empty())?;
+        Some(format!("{name}={}", crate::config::redact_url(&value)))
+    })
+    .collect()
 }
 
 /// Static headers < event metadata < contract and auth headers. Also returns the event id as a

@@ -76,7 +76,15 @@ pub struct Stats {
     /// Events being worked on (taken from a source, not yet acked).
     pub in_flight: Gauge,
 
-    sources: Mutex<BTreeMap<String, bool>>,
+    sources: Mutex<BTreeMap<String, SourceHealth>>,
+}
+
+/// A source's connection as `/readyz` reports it.
+#[derive(Debug, Default)]
+struct SourceHealth {
+    connected: bool,
+    /// Why the last connection failed or was lost, until the next connect.
+    last_error: Option<String>,
 }
 
 impl Default for Stats {
@@ -143,33 +151,44 @@ impl Stats {
             .clone()
     }
 
-    /// Counts a reconnect attempt of `source` and marks it disconnected.
-    pub fn reconnecting(&self, source: &str) {
+    /// Counts a reconnect attempt of `source`, marks it disconnected and keeps `error` (why the
+    /// connection failed or was lost) for `/readyz`.
+    pub fn reconnecting(&self, source: &str, error: &str) {
         self.reconnects
             .get_or_create(&SourceLabel {
                 source: source.to_string(),
             })
             .inc();
-        self.set_connected(source, false);
+        let mut sources = self.sources.lock().unwrap_or_else(|p| p.into_inner());
+        let health = sources.entry(source.to_string()).or_default();
+        health.connected = false;
+        health.last_error = Some(error.to_string());
     }
 
-    /// Registers a configured source (not connected yet) or reports its connection state.
+    /// Registers a configured source (not connected yet) or reports its connection state; a
+    /// connect forgets the last error.
     pub fn set_connected(&self, source: &str, up: bool) {
-        self.sources
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(source.to_string(), up);
+        let mut sources = self.sources.lock().unwrap_or_else(|p| p.into_inner());
+        let health = sources.entry(source.to_string()).or_default();
+        health.connected = up;
+        if up {
+            health.last_error = None;
+        }
     }
 
     /// Why courier is not ready as far as the sources go (empty when they are): a source not
-    /// connected. The store gives its own reasons.
+    /// connected, with the reason of its last failed connection when there was one. The store
+    /// gives its own reasons.
     pub fn not_ready_reasons(&self) -> Vec<String> {
         self.sources
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .iter()
-            .filter(|(_, up)| !**up)
-            .map(|(name, _)| format!("{name}: not connected"))
+            .filter(|(_, health)| !health.connected)
+            .map(|(name, health)| match &health.last_error {
+                Some(error) => format!("{name}: not connected: {error}"),
+                None => format!("{name}: not connected"),
+            })
             .collect()
     }
 
@@ -203,5 +222,26 @@ impl Stats {
             self.in_flight.clone(),
         );
         r
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn readiness_names_the_last_connection_error_until_the_next_connect() {
+        let stats = Stats::default();
+        stats.set_connected("mqtt", false);
+        assert_eq!(stats.not_ready_reasons(), ["mqtt: not connected"]);
+        stats.reconnecting("mqtt", "received fatal alert: UnknownCA");
+        assert_eq!(
+            stats.not_ready_reasons(),
+            ["mqtt: not connected: received fatal alert: UnknownCA"]
+        );
+        stats.set_connected("mqtt", true);
+        assert!(stats.not_ready_reasons().is_empty());
+        stats.set_connected("mqtt", false);
+        assert_eq!(stats.not_ready_reasons(), ["mqtt: not connected"]);
     }
 }

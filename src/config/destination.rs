@@ -12,7 +12,7 @@ use reqwest::Url;
 use serde::{Deserialize, Serialize};
 
 use super::expand::keyed;
-use super::{default_true, redact_url, ConfigError, Secret, MAX_PERMITS};
+use super::{default_true, redact_url, ConfigError, Secret, TlsConfig, MAX_PERMITS};
 use crate::oauth2::TokenRequest;
 use crate::signature::SigningKey;
 use crate::topic::TopicPattern;
@@ -55,6 +55,13 @@ pub struct DestinationConfig {
     /// Verify the server's TLS certificate. `false` is for test partners only and is logged loudly.
     #[serde(default = "default_true")]
     pub tls_verify: bool,
+    /// CA file, client certificate and verification name for an `https://` URL.
+    #[serde(default)]
+    pub tls: Option<TlsConfig>,
+    /// The HTTP proxy every request goes through; unset: the proxy from the environment
+    /// (`HTTPS_PROXY`, `HTTP_PROXY`, `ALL_PROXY`, `NO_PROXY`), if any.
+    #[serde(default)]
+    pub proxy: Option<ProxyUrl>,
     /// Static headers; event metadata overrides them, the contract headers override both.
     #[serde(default)]
     pub headers: StaticHeaders,
@@ -138,6 +145,24 @@ impl DestinationConfig {
                 format!("{key}.circuit"),
                 "failures must be at least 1 and open_for longer than 0s",
             ));
+        }
+        if let Some(tls) = &self.tls {
+            if self.url.url().scheme() != "https" {
+                return Err(ConfigError::invalid(
+                    format!("{key}.tls"),
+                    "is set, but the url is http:// (plain TCP); use https:// for TLS",
+                ));
+            }
+            let unused = tls.verification_keys();
+            if !self.tls_verify && !unused.is_empty() {
+                return Err(ConfigError::invalid(
+                    format!("{key}.tls_verify"),
+                    format!(
+                        "is false, so nothing is verified and {} would be ignored; remove one or the other",
+                        unused.join(" and ")
+                    ),
+                ));
+            }
         }
         if let Some(auth) = &self.auth {
             if let Some(written) = self.headers.written_name(auth.header_name()) {
@@ -236,6 +261,73 @@ impl<'de> Deserialize<'de> for HttpUrl {
 impl Serialize for HttpUrl {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         s.serialize_str(self.url.as_str())
+    }
+}
+
+/// A destination's `proxy`: an `http://` URL with a host, maybe with `user:password@`. It is
+/// printed and serialised with the password replaced by `***`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct ProxyUrl {
+    text: Secret,
+    url: Url,
+}
+
+impl ProxyUrl {
+    /// Parses `text`; the error text hides the password and completes `destinations[i].proxy: ...`.
+    pub fn parse(text: &str) -> Result<ProxyUrl, String> {
+        let shown = redact_url(text);
+        if !text.contains("://") {
+            return Err(format!("{shown:?} is not a URL; write http://host:port"));
+        }
+        let url = Url::parse(text).map_err(|e| format!("{e}: {shown:?}"))?;
+        if url.scheme() != "http" {
+            return Err(format!(
+                "scheme {:?} is not supported; use an http:// proxy (https:// destinations go through it in a CONNECT tunnel)",
+                url.scheme()
+            ));
+        }
+        if url.host_str().is_none_or(str::is_empty) {
+            return Err("has no host".into());
+        }
+        Ok(ProxyUrl {
+            text: Secret::new(text),
+            url,
+        })
+    }
+
+    /// The URL, credentials included; for the HTTP client only.
+    pub fn url(&self) -> &Url {
+        &self.url
+    }
+
+    /// The URL with its password replaced by `***`, for logs.
+    pub fn redacted(&self) -> String {
+        redact_url(self.text.expose())
+    }
+}
+
+impl fmt::Debug for ProxyUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&self.redacted(), f)
+    }
+}
+
+impl fmt::Display for ProxyUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.redacted())
+    }
+}
+
+impl<'de> Deserialize<'de> for ProxyUrl {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        ProxyUrl::parse(&text).map_err(serde::de::Error::custom)
+    }
+}
+
+impl Serialize for ProxyUrl {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.redacted())
     }
 }
 
@@ -802,5 +894,18 @@ mod tests {
         );
         let https = HttpUrl::parse("https://partner.example/in").expect("valid");
         assert!(https.host_header().is_none());
+    }
+
+    #[test]
+    fn a_proxy_password_is_never_shown() {
+        let proxy = ProxyUrl::parse("http://courier:s3cret@proxy.internal:3128").expect("valid");
+        assert_eq!(proxy.redacted(), "http://courier:***@proxy.internal:3128");
+        assert_eq!(proxy.url().password(), Some("s3cret"));
+        assert!(!format!("{proxy:?} {proxy}").contains("s3cret"));
+        let json = serde_json::to_string(&proxy).expect("serialise");
+        assert!(!json.contains("s3cret"), "{json}");
+        let err = ProxyUrl::parse("http://courier:s3cret@").unwrap_err();
+        assert!(!err.contains("s3cret"), "{err}");
+        assert!(ProxyUrl::parse("https://proxy.internal:3128").is_err());
     }
 }

@@ -12,6 +12,7 @@ mod expand;
 mod service;
 mod sources;
 mod store;
+mod tls;
 
 use std::collections::HashSet;
 use std::fmt;
@@ -20,7 +21,7 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 
 pub use destination::{
-    AuthConfig, CircuitConfig, DestinationConfig, HttpUrl, RetryConfig, StaticHeaders,
+    AuthConfig, CircuitConfig, DestinationConfig, HttpUrl, ProxyUrl, RetryConfig, StaticHeaders,
     RESERVED_HEADERS,
 };
 pub use service::{AdminConfig, OrganizationConfig, ServiceConfig};
@@ -28,6 +29,7 @@ pub use sources::{
     AmqpUrl, BindingConfig, Format, MqttConfig, MqttUrl, QueueArgument, RabbitMqConfig,
 };
 pub use store::{DedupBackend, StoreConfig};
+pub use tls::TlsConfig;
 
 /// A configuration problem, always phrased as `key.path: what is wrong`.
 #[derive(Debug, thiserror::Error)]
@@ -385,6 +387,26 @@ mod tests {
                 .to_string();
             assert!(e.contains(want), "want {want:?} in {e}");
         }
+    }
+
+    #[test]
+    fn tls_needs_a_tls_url() {
+        let e = Config::from_toml(&format!("{MINIMAL}\ntls = {{ server_name = \"h\" }}"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("destinations[0].tls: is set, but the url is http://"),
+            "{e}"
+        );
+        let with_rabbit_tls = MINIMAL.replace("queue = \"q\"", "queue = \"q\"\ntls = {}");
+        let e = Config::from_toml(&with_rabbit_tls).unwrap_err().to_string();
+        assert!(
+            e.starts_with("rabbitmq.tls: is set, but rabbitmq.url is amqp://"),
+            "{e}"
+        );
+        let amqps = with_rabbit_tls.replace("amqp://", "amqps://");
+        let c = Config::from_toml(&amqps).expect("an empty tls table is valid for amqps://");
+        assert!(c.rabbitmq.expect("rabbitmq").url.tls());
     }
 
     #[test]

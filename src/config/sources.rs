@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use super::{default_true, redact_url, ConfigError, Secret};
+use super::{default_true, redact_url, ConfigError, Secret, TlsConfig};
 use crate::topic::check_mqtt_filter;
 
 /// How a message body is read.
@@ -64,6 +64,11 @@ impl AmqpUrl {
         &self.uri
     }
 
+    /// Whether the connection uses TLS (`amqps://`).
+    pub fn tls(&self) -> bool {
+        self.uri.scheme == lapin::uri::AMQPScheme::AMQPS
+    }
+
     /// The URL with its password replaced by `***`, for logs.
     pub fn redacted(&self) -> String {
         redact_url(self.text.expose())
@@ -117,6 +122,9 @@ pub struct RabbitMqConfig {
     /// declaration (and courier keeps retrying, loudly).
     #[serde(default)]
     pub queue_arguments: BTreeMap<String, QueueArgument>,
+    /// CA file, client certificate and verification name for `amqps://`.
+    #[serde(default)]
+    pub tls: Option<TlsConfig>,
 }
 
 /// One queue argument value.
@@ -171,6 +179,12 @@ impl RabbitMqConfig {
                     "must not be empty (the default exchange cannot be bound)",
                 ));
             }
+        }
+        if self.tls.is_some() && !self.url.tls() {
+            return Err(ConfigError::invalid(
+                "rabbitmq.tls",
+                "is set, but rabbitmq.url is amqp:// (plain TCP); use amqps:// for TLS",
+            ));
         }
         Ok(())
     }
@@ -258,7 +272,8 @@ impl Serialize for MqttUrl {
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct MqttConfig {
-    /// `mqtt://host[:1883]` or `mqtts://host[:8883]` (TLS, verified against the system roots).
+    /// `mqtt://host[:1883]` or `mqtts://host[:8883]` (TLS, verified against the system roots
+    /// and `tls.ca_file`).
     pub url: MqttUrl,
     /// The session's key at the broker. Required when `clean_session = false`, because a
     /// persistent session is found again by its client id.
@@ -288,6 +303,9 @@ pub struct MqttConfig {
     /// Ping interval when idle; the broker drops the connection after 1.5 × this without traffic.
     #[serde(default = "default_keep_alive", with = "humantime_serde")]
     pub keep_alive: Duration,
+    /// CA file, client certificate and verification name for `mqtts://`.
+    #[serde(default)]
+    pub tls: Option<TlsConfig>,
 }
 
 fn default_qos() -> u8 {
@@ -380,6 +398,12 @@ impl MqttConfig {
             return Err(ConfigError::invalid(
                 "mqtt.keep_alive",
                 "must be a whole number of seconds",
+            ));
+        }
+        if self.tls.is_some() && !self.url.tls() {
+            return Err(ConfigError::invalid(
+                "mqtt.tls",
+                "is set, but mqtt.url is a plain TCP URL; use mqtts:// for TLS",
             ));
         }
         Ok(())

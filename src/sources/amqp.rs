@@ -20,6 +20,7 @@ use crate::config::{AmqpUrl, QueueArgument, RabbitMqConfig};
 use crate::event::{Inbound, SourceKind};
 use crate::shutdown::Shutdown;
 use crate::stats::Stats;
+use crate::tls::TlsSetupError;
 
 /// The AMQP frame size courier proposes when the URL does not set `frame_max`. lapin keeps a
 /// read and a write buffer of 32 frames each, zero-filled, for the life of the connection: at
@@ -49,12 +50,18 @@ pub struct AmqpSource {
     config: RabbitMqConfig,
     prefetch: u16,
     stats: Arc<Stats>,
+    /// For `amqps://`: the TLS settings and the server name (SNI and verification).
+    tls: Option<(lapin::tcp::RustlsConnector, String)>,
 }
 
 impl AmqpSource {
     /// The prefetch is capped at `max_in_flight`: more unacked messages than courier will work on
-    /// at once would only sit in memory.
-    pub fn new(config: RabbitMqConfig, max_in_flight: usize, stats: Arc<Stats>) -> AmqpSource {
+    /// at once would only sit in memory. Fails only when TLS is asked for and cannot be set up.
+    pub fn new(
+        config: RabbitMqConfig,
+        max_in_flight: usize,
+        stats: Arc<Stats>,
+    ) -> Result<AmqpSource, TlsSetupError> {
         let cap = u16::try_from(max_in_flight).unwrap_or(u16::MAX);
         let prefetch = config.prefetch.min(cap).max(1);
         if prefetch < config.prefetch {
@@ -65,11 +72,58 @@ impl AmqpSource {
             );
         }
         stats.set_connected("rabbitmq", false);
-        AmqpSource {
+        let tls = if config.url.tls() {
+            let tls_config =
+                crate::tls::client_config("rabbitmq.tls", config.tls.as_ref(), true, &[])?;
+            let host = &config.url.uri().authority.host;
+            let name = crate::tls::server_name(config.tls.as_ref(), host).into_owned();
+            Some((Arc::new(tls_config).into(), name))
+        } else {
+            None
+        };
+        Ok(AmqpSource {
             config,
             prefetch,
             stats,
-        }
+            tls,
+        })
+    }
+
+    /// Opens the connection. `amqps://` goes through courier's own TLS settings (see
+    /// `crate::tls`): lapin takes a TCP connection from the closure below, where the TLS
+    /// handshake uses them, at every connect.
+    async fn connect(&self, properties: ConnectionProperties) -> Result<Connection, lapin::Error> {
+        let uri = connection_uri(&self.config.url);
+        let Some((connector, server_name)) = &self.tls else {
+            return Connection::connect_uri(uri, properties).await;
+        };
+        let connector = connector.clone();
+        let server_name = server_name.clone();
+        let runtime = lapin::runtime::default_runtime()?;
+        Connection::connector(
+            uri,
+            runtime,
+            async move |uri: lapin::uri::AMQPUri, runtime| {
+                let (host, port) = (uri.authority.host.as_str(), uri.authority.port);
+                let mut last = None;
+                for addr in tokio::net::lookup_host((host, port)).await? {
+                    match lapin::AsyncTcpStream::connect(&runtime, addr).await {
+                        Ok(tcp) => return Ok(tcp.into_rustls(&connector, &server_name).await?),
+                        Err(e) => last = Some(e),
+                    }
+                }
+                Err(last
+                    .unwrap_or_else(|| {
+                        std::io::Error::new(
+                            std::io::ErrorKind::NotFound,
+                            format!("{host} has no address"),
+                        )
+                    })
+                    .into())
+            },
+            properties,
+        )
+        .await
     }
 
     /// Runs until the stop is requested: consumes into `tx`, reconnecting with capped exponential
@@ -87,7 +141,8 @@ impl AmqpSource {
                         return;
                     }
                     let delay = backoff.next_delay();
-                    self.stats.reconnecting("rabbitmq");
+                    self.stats
+                        .reconnecting("rabbitmq", &crate::sender::error_chain(&error));
                     tracing::warn!(%url, %error, retry_in = ?delay, "RabbitMQ connection failed or lost; reconnecting");
                     tokio::select! {
                         _ = tokio::time::sleep(delay) => {}
@@ -108,7 +163,7 @@ impl AmqpSource {
         let properties = ConnectionProperties::default()
             .with_connection_name(cfg.connection_name.clone().into());
         let conn = tokio::select! {
-            conn = Connection::connect_uri(connection_uri(&cfg.url), properties) => conn?,
+            conn = self.connect(properties) => conn?,
             _ = shutdown.requested() => return Ok(()),
         };
         let channel = conn.create_channel().await?;

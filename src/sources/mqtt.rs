@@ -32,6 +32,7 @@ use crate::config::MqttConfig;
 use crate::event::{Inbound, SourceKind};
 use crate::shutdown::Shutdown;
 use crate::stats::Stats;
+use crate::tls::TlsSetupError;
 
 /// The largest packet MQTT allows. Accepting it means an oversized message is dead-lettered by
 /// `service.max_payload_bytes` instead of failing the connection, which the broker would answer by
@@ -40,11 +41,6 @@ const MQTT_MAX_PACKET: usize = 268_435_455;
 /// QoS 0 messages (no acks, so no broker flow control) waiting for the pipeline beyond this are
 /// dropped; QoS 1 backlog is bounded by the broker's in-flight window instead.
 const QOS0_BACKLOG: usize = 10_000;
-
-/// The MQTT source could not be set up (TLS roots); a start-up error.
-#[derive(Debug, thiserror::Error)]
-#[error("mqtt: {0}")]
-pub struct MqttSetupError(String);
 
 /// Consumes the configured MQTT subscriptions.
 pub struct MqttSource {
@@ -56,7 +52,7 @@ pub struct MqttSource {
 
 impl MqttSource {
     /// Builds the client options; fails only when TLS is asked for and cannot be set up.
-    pub fn new(config: MqttConfig, stats: Arc<Stats>) -> Result<MqttSource, MqttSetupError> {
+    pub fn new(config: MqttConfig, stats: Arc<Stats>) -> Result<MqttSource, TlsSetupError> {
         let client_id = config.client_id.clone().unwrap_or_else(|| {
             let nanos = SystemTime::now()
                 .duration_since(SystemTime::UNIX_EPOCH)
@@ -75,9 +71,9 @@ impl MqttSource {
             options.set_credentials(user.clone(), password);
         }
         if config.url.tls() {
-            use rustls_platform_verifier::ConfigVerifierExt as _;
-            let tls_config = rustls::ClientConfig::with_platform_verifier()
-                .map_err(|e| MqttSetupError(format!("cannot set up TLS: {e}")))?;
+            // rumqttc sends the URL's host as SNI (none for an IP address); `tls.server_name`
+            // changes the name the certificate is verified against.
+            let tls_config = crate::tls::client_config("mqtt.tls", config.tls.as_ref(), true, &[])?;
             options.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(
                 Arc::new(tls_config),
             )));
@@ -277,7 +273,8 @@ async fn drive(
             Ok(_) => Ok(()),
             Err(error) => {
                 let delay = backoff.next_delay();
-                stats.reconnecting("mqtt");
+                let error = crate::sender::error_chain(&error);
+                stats.reconnecting("mqtt", &error);
                 tracing::warn!(%url, %error, retry_in = ?delay, "MQTT connection failed or lost; reconnecting");
                 tokio::select! {
                     _ = tokio::time::sleep(delay) => {}

@@ -12,12 +12,20 @@ const USER_MAPS: &[&str] = &[
     "rabbitmq.queue_arguments",
 ];
 
-fn reference_text() -> String {
-    std::fs::read_to_string(concat!(
+/// The reference, with the TLS files it names (under `/etc/courier/tls/`) made in a directory of
+/// their own; the directory lives as long as the returned guard.
+fn reference_text() -> (String, tempfile::TempDir) {
+    let text = std::fs::read_to_string(concat!(
         env!("CARGO_MANIFEST_DIR"),
         "/docs/config-reference.toml"
     ))
-    .expect("docs/config-reference.toml exists")
+    .expect("docs/config-reference.toml exists");
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let ca = courier_testkit::TestCa::new("reference CA");
+    ca.write(dir.path(), "ca.pem");
+    ca.client("courier").write(dir.path(), "courier");
+    let text = text.replace("/etc/courier/tls/", &format!("{}/", dir.path().display()));
+    (text, dir)
 }
 
 /// Every key path of `v` (`a.b`, `list[].c`) into `out`, not descending into [`USER_MAPS`].
@@ -45,7 +53,7 @@ fn walk_json(v: &serde_json::Value, path: String, out: &mut BTreeSet<String>) {
 
 #[test]
 fn the_reference_loads_and_names_exactly_the_keys_the_code_knows() {
-    let text = reference_text();
+    let (text, _files) = reference_text();
     let config =
         Config::from_toml(&text).unwrap_or_else(|e| panic!("docs/config-reference.toml: {e}"));
 
@@ -88,7 +96,8 @@ fn the_reference_loads_and_names_exactly_the_keys_the_code_knows() {
 
 #[test]
 fn serialised_config_hides_secrets() {
-    let config = Config::from_toml(&reference_text()).expect("loads");
+    let (text, _files) = reference_text();
+    let config = Config::from_toml(&text).expect("loads");
     let dumped = serde_json::to_string(&config).expect("serialise");
     assert!(
         !dumped.contains("change-me") && !dumped.contains("whsec_"),

@@ -21,4 +21,6 @@ mod mqtt;
 mod mqtt_broker_restart;
 mod oauth2;
 mod operations;
+mod proxy;
 mod retries;
+mod tls;

@@ -3,35 +3,18 @@
 //! real Redis on 127.0.0.1:6379.
 
 use std::collections::HashMap;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use crate::support::*;
 
 const WAIT: Duration = Duration::from_secs(30);
 
 async fn get(url: &str) -> (u16, String) {
-    match reqwest::get(url).await {
-        Ok(r) => {
-            let status = r.status().as_u16();
-            (status, r.text().await.unwrap_or_default())
-        }
-        Err(_) => (0, String::new()),
-    }
+    http_get(url).await
 }
 
 async fn wait_status(url: &str, want: u16) -> String {
-    let deadline = Instant::now() + WAIT;
-    loop {
-        let (status, body) = get(url).await;
-        if status == want {
-            return body;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{url} answered {status} {body}, wanted {want}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_http_status(url, want, WAIT).await
 }
 
 /// Every sample of a scrape as `(name, labels) -> value`.

@@ -3,6 +3,8 @@
 //! store opened for assertions, and an OAuth2 token endpoint.
 
 mod brokers;
+pub mod mosquitto;
+pub mod proxy;
 mod token_endpoint;
 
 use std::path::Path;
@@ -224,4 +226,31 @@ pub async fn wait_subscribed(publisher: &MqttPublisher, topic: &str, rx: &Receiv
         )
         .await;
     assert!(subscribed, "courier never subscribed to {topic}");
+}
+
+/// `GET url`: the status and the body; status 0 when nothing answered.
+pub async fn http_get(url: &str) -> (u16, String) {
+    match reqwest::get(url).await {
+        Ok(r) => {
+            let status = r.status().as_u16();
+            (status, r.text().await.unwrap_or_default())
+        }
+        Err(_) => (0, String::new()),
+    }
+}
+
+/// Polls `url` until it answers `want`; returns the body. Panics after `timeout`.
+pub async fn wait_http_status(url: &str, want: u16, timeout: Duration) -> String {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let (status, body) = http_get(url).await;
+        if status == want {
+            return body;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{url} answered {status} {body}, wanted {want}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }

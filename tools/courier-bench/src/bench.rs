@@ -173,6 +173,7 @@ impl Bench {
             inflight: 500,
             capacity: 10_000,
             max_packet_size: Some(1 << 20),
+            ..MqttPublisherOptions::default()
         })
         .await;
         let bodies = (0..n).map(|i| event(&format!("{prefix}{i}"), self.size));

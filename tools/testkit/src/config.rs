@@ -200,6 +200,8 @@ pub struct Rabbit {
     queue_arguments: BTreeMap<String, String>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     bindings: Vec<Binding>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tls: Option<Tls>,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -219,7 +221,14 @@ impl Rabbit {
             format: None,
             queue_arguments: BTreeMap::new(),
             bindings: Vec::new(),
+            tls: None,
         }
+    }
+
+    /// The `tls` table (for an `amqps://` URL).
+    pub fn tls(mut self, tls: Tls) -> Self {
+        self.tls = Some(tls);
+        self
     }
 
     pub fn url(mut self, url: &str) -> Self {
@@ -269,6 +278,8 @@ pub struct Mqtt {
     keep_alive: Option<Duration>,
     #[serde(skip_serializing_if = "Option::is_none")]
     shared_group: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tls: Option<Tls>,
 }
 
 impl Mqtt {
@@ -280,7 +291,20 @@ impl Mqtt {
             topics: vec![filter.into()],
             keep_alive: None,
             shared_group: None,
+            tls: None,
         }
+    }
+
+    /// Another broker than the local Mosquitto on 1883, such as `mqtts://127.0.0.1:8883`.
+    pub fn url(mut self, url: &str) -> Self {
+        self.url = url.into();
+        self
+    }
+
+    /// The `tls` table (for an `mqtts://` URL).
+    pub fn tls(mut self, tls: Tls) -> Self {
+        self.tls = Some(tls);
+        self
     }
 
     pub fn keep_alive(mut self, keep_alive: Duration) -> Self {
@@ -310,6 +334,10 @@ pub struct Dest {
     timeout: Option<Duration>,
     #[serde(skip_serializing_if = "Option::is_none")]
     tls_verify: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tls: Option<Tls>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    proxy: Option<String>,
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     headers: BTreeMap<String, String>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -407,6 +435,8 @@ impl Dest {
             metadata_in_payload: None,
             timeout: None,
             tls_verify: None,
+            tls: None,
+            proxy: None,
             headers: BTreeMap::new(),
             auth: None,
             max_concurrency: None,
@@ -440,6 +470,18 @@ impl Dest {
     /// Accepts any certificate.
     pub fn no_tls_verify(mut self) -> Self {
         self.tls_verify = Some(false);
+        self
+    }
+
+    /// The `tls` table (for an `https://` URL).
+    pub fn tls(mut self, tls: Tls) -> Self {
+        self.tls = Some(tls);
+        self
+    }
+
+    /// Every request goes through this HTTP proxy.
+    pub fn proxy(mut self, url: &str) -> Self {
+        self.proxy = Some(url.into());
         self
     }
 
@@ -495,6 +537,48 @@ impl Dest {
 
     pub fn circuit(mut self, circuit: Circuit) -> Self {
         self.circuit = Some(circuit);
+        self
+    }
+}
+
+/// The `tls` table of a source or a destination; unset keys keep courier's defaults.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Tls {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    ca_file: Option<PathBuf>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    ca_only: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    client_cert: Option<PathBuf>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    client_key: Option<PathBuf>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    server_name: Option<String>,
+}
+
+impl Tls {
+    /// Trust the certificates of this PEM file, besides the system roots.
+    pub fn ca_file(mut self, path: impl AsRef<Path>) -> Self {
+        self.ca_file = Some(path.as_ref().to_path_buf());
+        self
+    }
+
+    /// Trust the certificates of this PEM file only.
+    pub fn ca_only(mut self, path: impl AsRef<Path>) -> Self {
+        self.ca_only = Some(true);
+        self.ca_file(path)
+    }
+
+    /// Present this client certificate, with this key.
+    pub fn client(mut self, cert: impl AsRef<Path>, key: impl AsRef<Path>) -> Self {
+        self.client_cert = Some(cert.as_ref().to_path_buf());
+        self.client_key = Some(key.as_ref().to_path_buf());
+        self
+    }
+
+    /// Verify the server's certificate for this name.
+    pub fn server_name(mut self, name: &str) -> Self {
+        self.server_name = Some(name.into());
         self
     }
 }

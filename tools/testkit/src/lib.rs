@@ -3,6 +3,7 @@
 //!
 //! - [`receiver`]: the recording HTTP receiver partners are played by, and [`BlackHole`];
 //! - [`config`]: a typed builder that renders courier's TOML configuration;
+//! - [`pki`]: a CA, server and client certificates for TLS tests;
 //! - [`process`]: the `courier` binary as a child process (kill -9, RSS and CPU from `/proc`);
 //! - [`amqp`], [`mqtt`], [`brokers`]: publishers for the machine's RabbitMQ and Mosquitto, and
 //!   the commands that inspect or restart them.
@@ -11,6 +12,7 @@ pub mod amqp;
 pub mod brokers;
 pub mod config;
 pub mod mqtt;
+pub mod pki;
 pub mod process;
 pub mod receiver;
 
@@ -19,8 +21,9 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 pub use amqp::{Publisher, AMQP_URL};
 pub use brokers::{rabbitmqctl, restart_mosquitto};
-pub use config::{Auth, Circuit, ConfigBuilder, Dest, Mqtt, OAuth2, Rabbit, Retry};
+pub use config::{Auth, Circuit, ConfigBuilder, Dest, Mqtt, OAuth2, Rabbit, Retry, Tls};
 pub use mqtt::{MqttPublisher, MqttPublisherOptions};
+pub use pki::{Issued, TestCa};
 pub use process::{CourierProcess, Launch};
 pub use receiver::{BlackHole, Receiver, Recorded, Recording};
 

@@ -1,4 +1,5 @@
-//! A QoS 1 publisher for the machine's Mosquitto on 127.0.0.1:1883.
+//! A QoS 1 publisher for the machine's Mosquitto on 127.0.0.1:1883 (or another broker on
+//! 127.0.0.1).
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -14,6 +15,8 @@ pub struct MqttPublisherOptions {
     pub capacity: usize,
     /// The largest packet, both ways; `None` keeps rumqttc's default.
     pub max_packet_size: Option<u32>,
+    /// The broker's port on 127.0.0.1.
+    pub port: u16,
 }
 
 impl Default for MqttPublisherOptions {
@@ -23,6 +26,7 @@ impl Default for MqttPublisherOptions {
             inflight: 1000,
             capacity: 1000,
             max_packet_size: None,
+            port: 1883,
         }
     }
 }
@@ -47,7 +51,8 @@ impl MqttPublisher {
 
     /// Connects and waits (at most 10 s) for the broker's CONNACK.
     pub async fn connect_with(options: MqttPublisherOptions) -> MqttPublisher {
-        let mut mqtt = rumqttc::MqttOptions::new(options.client_id, "127.0.0.1", 1883);
+        let port = options.port;
+        let mut mqtt = rumqttc::MqttOptions::new(options.client_id, "127.0.0.1", port);
         mqtt.set_keep_alive(Duration::from_secs(10));
         mqtt.set_inflight(options.inflight);
         if let Some(max) = options.max_packet_size {
@@ -76,7 +81,7 @@ impl MqttPublisher {
         });
         tokio::time::timeout(Duration::from_secs(10), ready)
             .await
-            .expect("publisher connects to Mosquitto on 127.0.0.1:1883")
+            .unwrap_or_else(|_| panic!("publisher connects to Mosquitto on 127.0.0.1:{port}"))
             .ok();
         MqttPublisher {
             client,

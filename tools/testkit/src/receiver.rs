@@ -81,6 +81,10 @@ struct RecvState {
     max_in_flight: AtomicUsize,
     hold: Mutex<Option<Arc<tokio::sync::Semaphore>>>,
     arrived: tokio::sync::Notify,
+    /// Answers carry `Connection: close`, so every request comes on a new connection.
+    close_connections: AtomicBool,
+    /// Why TLS handshakes failed (HTTPS receivers only).
+    tls_failures: Mutex<Vec<String>>,
 }
 
 /// Locks, ignoring poison: a panicking test thread must not hide what the receiver saw.
@@ -119,6 +123,8 @@ pub struct Receiver {
     pub addr: SocketAddr,
     scheme: &'static str,
     state: Arc<RecvState>,
+    /// The TLS settings new connections get (HTTPS receivers only).
+    acceptor: Option<Arc<Mutex<tokio_rustls::TlsAcceptor>>>,
     _shutdown: tokio::sync::oneshot::Sender<()>,
 }
 
@@ -138,9 +144,6 @@ impl Receiver {
     /// The same receiver over HTTPS, with a freshly generated self-signed certificate for
     /// 127.0.0.1 that no client trusts.
     pub async fn start_tls() -> Receiver {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind receiver");
         let key = rcgen::generate_simple_self_signed(vec![
             "127.0.0.1".to_string(),
             "localhost".to_string(),
@@ -154,11 +157,45 @@ impl Receiver {
             .with_no_client_auth()
             .with_single_cert(vec![cert], private)
             .expect("server TLS config");
+        Self::start_with_tls(config).await
+    }
+
+    /// The receiver over HTTPS with `config` (see [`crate::pki::server_config`] for one that
+    /// requires client certificates).
+    pub async fn start_with_tls(config: rustls::ServerConfig) -> Receiver {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind receiver");
+        let state = Arc::new(RecvState::default());
+        let acceptor = Arc::new(Mutex::new(tokio_rustls::TlsAcceptor::from(Arc::new(
+            config,
+        ))));
         let tls = TlsListener {
             tcp: listener,
-            acceptor: tokio_rustls::TlsAcceptor::from(Arc::new(config)),
+            acceptor: acceptor.clone(),
+            state: state.clone(),
         };
-        Self::serve(tls, true, Recording::Full)
+        let mut receiver = Self::serve_with(tls, true, state);
+        receiver.acceptor = Some(acceptor);
+        receiver
+    }
+
+    /// New connections get `config` from now on (an HTTPS receiver that rotates its
+    /// certificate or the CA it requires client certificates from).
+    pub fn set_tls(&self, config: rustls::ServerConfig) {
+        let acceptor = self.acceptor.as_ref().expect("an HTTPS receiver");
+        *lock(acceptor) = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    }
+
+    /// Answers with `Connection: close`, so that the client opens a new connection (and makes
+    /// a new TLS handshake) for every request.
+    pub fn close_connections(&self) {
+        self.state.close_connections.store(true, Ordering::SeqCst);
+    }
+
+    /// Why TLS handshakes with this receiver failed, in order.
+    pub fn tls_failures(&self) -> Vec<String> {
+        lock(&self.state.tls_failures).clone()
     }
 
     fn serve<L>(listener: L, tls: bool, recording: Recording) -> Receiver
@@ -167,9 +204,16 @@ impl Receiver {
     {
         let state = Arc::new(RecvState {
             recording,
-            status: AtomicU16::new(200),
             ..Default::default()
         });
+        Self::serve_with(listener, tls, state)
+    }
+
+    fn serve_with<L>(listener: L, tls: bool, state: Arc<RecvState>) -> Receiver
+    where
+        L: axum::serve::Listener<Addr = SocketAddr>,
+    {
+        state.status.store(200, Ordering::SeqCst);
         let app = axum::Router::new()
             .fallback(handle)
             .with_state(state.clone());
@@ -186,6 +230,7 @@ impl Receiver {
             addr,
             scheme: if tls { "https" } else { "http" },
             state,
+            acceptor: None,
             _shutdown: tx,
         }
     }
@@ -386,11 +431,12 @@ impl Receiver {
     }
 }
 
-/// TLS over a TCP listener for axum; failed handshakes (a client refusing our certificate) are
-/// skipped, not fatal.
+/// TLS over a TCP listener for axum; failed handshakes (a client refusing our certificate, or
+/// not presenting one we accept) are recorded and skipped, not fatal.
 struct TlsListener {
     tcp: tokio::net::TcpListener,
-    acceptor: tokio_rustls::TlsAcceptor,
+    acceptor: Arc<Mutex<tokio_rustls::TlsAcceptor>>,
+    state: Arc<RecvState>,
 }
 
 impl axum::serve::Listener for TlsListener {
@@ -402,8 +448,10 @@ impl axum::serve::Listener for TlsListener {
             let Ok((stream, addr)) = self.tcp.accept().await else {
                 continue;
             };
-            if let Ok(tls) = self.acceptor.accept(stream).await {
-                return (tls, addr);
+            let acceptor = lock(&self.acceptor).clone();
+            match acceptor.accept(stream).await {
+                Ok(tls) => return (tls, addr),
+                Err(e) => lock(&self.state.tls_failures).push(e.to_string()),
             }
         }
     }
@@ -460,10 +508,17 @@ async fn handle(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    match state.recording {
+    let mut response = match state.recording {
         Recording::Counts => count_only(&state, &uri, &headers, &body),
         Recording::Full => record_whole(&state, method, uri, headers, body).await,
+    };
+    if state.close_connections.load(Ordering::SeqCst) {
+        response.headers_mut().insert(
+            axum::http::header::CONNECTION,
+            axum::http::HeaderValue::from_static("close"),
+        );
     }
+    response
 }
 
 /// [`Recording::Counts`]: one lock, one map entry, and a latency while those are recorded.
