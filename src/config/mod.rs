@@ -340,8 +340,9 @@ mod tests {
         let ok = format!("{base}url = \"mqtt://127.0.0.1\"\nclient_id = \"c\"\ntopics = [\"a/+/b\", \"x/#\"]\nshared_group = \"g\"");
         let c = Config::from_toml(&ok).expect("valid");
         let m = c.mqtt.expect("mqtt");
+        let url = m.url.as_ref().expect("url");
         assert_eq!(
-            (m.url.host(), m.url.port(), m.url.tls()),
+            (url.host(), url.port(), url.tls()),
             ("127.0.0.1", 1883, false)
         );
         assert_eq!(m.subscriptions(), vec!["$share/g/a/+/b", "$share/g/x/#"]);
@@ -406,7 +407,7 @@ mod tests {
         );
         let amqps = with_rabbit_tls.replace("amqp://", "amqps://");
         let c = Config::from_toml(&amqps).expect("an empty tls table is valid for amqps://");
-        assert!(c.rabbitmq.expect("rabbitmq").url.tls());
+        assert!(c.rabbitmq.expect("rabbitmq").endpoints().all(|u| u.tls()));
     }
 
     #[test]

@@ -99,7 +99,12 @@ impl Serialize for AmqpUrl {
 #[serde(deny_unknown_fields)]
 pub struct RabbitMqConfig {
     /// `amqp://user:pass@host:port/vhost` (or `amqps://`). Logs show it without the password.
-    pub url: AmqpUrl,
+    /// Give this or `urls`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub url: Option<AmqpUrl>,
+    /// The nodes of a cluster, tried in turn at every connect and reconnect. Give this or `url`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub urls: Vec<AmqpUrl>,
     /// The queue to consume.
     pub queue: String,
     /// Unacked messages the broker may push at once; capped at `service.max_in_flight`.
@@ -162,7 +167,20 @@ fn default_routing_key() -> String {
 }
 
 impl RabbitMqConfig {
+    /// The broker URLs, in the order they are tried: `url`, or the list `urls`.
+    pub fn endpoints(&self) -> impl Iterator<Item = &AmqpUrl> {
+        self.url.iter().chain(&self.urls)
+    }
+
     pub(super) fn validate(&self) -> Result<(), ConfigError> {
+        check_endpoints(
+            "rabbitmq",
+            self.url.as_ref(),
+            &self.urls,
+            AmqpUrl::tls,
+            self.tls.is_some(),
+            "amqp:// (plain TCP); use amqps://",
+        )?;
         if self.queue.trim().is_empty() {
             return Err(ConfigError::invalid("rabbitmq.queue", "must not be empty"));
         }
@@ -180,14 +198,50 @@ impl RabbitMqConfig {
                 ));
             }
         }
-        if self.tls.is_some() && !self.url.tls() {
-            return Err(ConfigError::invalid(
-                "rabbitmq.tls",
-                "is set, but rabbitmq.url is amqp:// (plain TCP); use amqps:// for TLS",
-            ));
-        }
         Ok(())
     }
+}
+
+/// The rules of `url` and `urls`, the same for both sources: one of the two, at least one URL,
+/// one scheme for every node, and TLS URLs when a `tls` table is set. `plain` completes
+/// "is set, but rabbitmq.url is ...".
+fn check_endpoints<U>(
+    section: &str,
+    url: Option<&U>,
+    urls: &[U],
+    is_tls: fn(&U) -> bool,
+    tls_set: bool,
+    plain: &str,
+) -> Result<(), ConfigError> {
+    let (key, list): (String, &[U]) = match url {
+        Some(_) if !urls.is_empty() => {
+            return Err(ConfigError::invalid(
+                format!("{section}.urls"),
+                format!("is set and so is {section}.url; give one of the two"),
+            ))
+        }
+        Some(url) => (format!("{section}.url is"), std::slice::from_ref(url)),
+        None if urls.is_empty() => {
+            return Err(ConfigError::invalid(
+                format!("{section}.url"),
+                format!("is required but missing (or give {section}.urls, a list)"),
+            ))
+        }
+        None => (format!("{section}.urls are"), urls),
+    };
+    if let Some(i) = list.iter().position(|u| is_tls(u) != is_tls(&list[0])) {
+        return Err(ConfigError::invalid(
+            format!("{section}.urls[{i}]"),
+            "does not use the scheme of urls[0]; give every node the same one (TLS or not)",
+        ));
+    }
+    if tls_set && !is_tls(&list[0]) {
+        return Err(ConfigError::invalid(
+            format!("{section}.tls"),
+            format!("is set, but {key} {plain} for TLS"),
+        ));
+    }
+    Ok(())
 }
 
 /// An `mqtt://` (or `tcp://`) or `mqtts://` (or `ssl://`) URL, reduced to what the client needs.
@@ -273,8 +327,13 @@ impl Serialize for MqttUrl {
 #[serde(deny_unknown_fields)]
 pub struct MqttConfig {
     /// `mqtt://host[:1883]` or `mqtts://host[:8883]` (TLS, verified against the system roots
-    /// and `tls.ca_file`).
-    pub url: MqttUrl,
+    /// and `tls.ca_file`). Give this or `urls`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub url: Option<MqttUrl>,
+    /// The brokers of a cluster, tried in turn at every connect and reconnect. Give this or
+    /// `url`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub urls: Vec<MqttUrl>,
     /// The session's key at the broker. Required when `clean_session = false`, because a
     /// persistent session is found again by its client id.
     #[serde(default)]
@@ -330,7 +389,20 @@ impl MqttConfig {
             .collect()
     }
 
+    /// The broker URLs, in the order they are tried: `url`, or the list `urls`.
+    pub fn endpoints(&self) -> impl Iterator<Item = &MqttUrl> {
+        self.url.iter().chain(&self.urls)
+    }
+
     pub(super) fn validate(&self) -> Result<(), ConfigError> {
+        check_endpoints(
+            "mqtt",
+            self.url.as_ref(),
+            &self.urls,
+            MqttUrl::tls,
+            self.tls.is_some(),
+            "a plain TCP URL; use mqtts://",
+        )?;
         match &self.client_id {
             Some(id) if id.is_empty() => {
                 return Err(ConfigError::invalid("mqtt.client_id", "must not be empty"))
@@ -398,12 +470,6 @@ impl MqttConfig {
             return Err(ConfigError::invalid(
                 "mqtt.keep_alive",
                 "must be a whole number of seconds",
-            ));
-        }
-        if self.tls.is_some() && !self.url.tls() {
-            return Err(ConfigError::invalid(
-                "mqtt.tls",
-                "is set, but mqtt.url is a plain TCP URL; use mqtts:// for TLS",
             ));
         }
         Ok(())

@@ -1,7 +1,7 @@
 //! The RabbitMQ source (lapin): connect, declare, set the prefetch, consume with manual acks, and
 //! reconnect forever when the connection or channel goes away.
 
-use std::time::{Duration, SystemTime};
+use std::time::SystemTime;
 
 use bytes::Bytes;
 use futures_util::StreamExt as _;
@@ -15,7 +15,8 @@ use std::sync::Arc;
 
 use tokio::sync::mpsc;
 
-use super::{AckFuture, AckHandle, Acker, Delivery, ReconnectBackoff};
+use super::failover::Failover;
+use super::{AckFuture, AckHandle, Acker, Delivery};
 use crate::config::{AmqpUrl, QueueArgument, RabbitMqConfig};
 use crate::event::{Inbound, SourceKind};
 use crate::shutdown::Shutdown;
@@ -50,6 +51,13 @@ pub struct AmqpSource {
     config: RabbitMqConfig,
     prefetch: u16,
     stats: Arc<Stats>,
+    /// The broker URLs, in the order they are tried.
+    endpoints: Vec<Endpoint>,
+}
+
+/// One broker URL and how to reach it.
+struct Endpoint {
+    url: AmqpUrl,
     /// For `amqps://`: the TLS settings and the server name (SNI and verification).
     tls: Option<(lapin::tcp::RustlsConnector, String)>,
 }
@@ -72,29 +80,52 @@ impl AmqpSource {
             );
         }
         stats.set_connected("rabbitmq", false);
-        let tls = if config.url.tls() {
-            let tls_config =
-                crate::tls::client_config("rabbitmq.tls", config.tls.as_ref(), true, &[])?;
-            let host = &config.url.uri().authority.host;
-            let name = crate::tls::server_name(config.tls.as_ref(), host).into_owned();
-            Some((Arc::new(tls_config).into(), name))
-        } else {
-            None
-        };
+        // The URLs of one cluster share the TLS settings; each has its own server name.
+        let mut tls_config = None;
+        let mut endpoints = Vec::new();
+        for url in config.endpoints() {
+            let tls = if url.tls() {
+                let connector = match &tls_config {
+                    Some(c) => Arc::clone(c),
+                    None => {
+                        let c = Arc::new(crate::tls::client_config(
+                            "rabbitmq.tls",
+                            config.tls.as_ref(),
+                            true,
+                            &[],
+                        )?);
+                        tls_config = Some(Arc::clone(&c));
+                        c
+                    }
+                };
+                let host = &url.uri().authority.host;
+                let name = crate::tls::server_name(config.tls.as_ref(), host).into_owned();
+                Some((connector.into(), name))
+            } else {
+                None
+            };
+            endpoints.push(Endpoint {
+                url: url.clone(),
+                tls,
+            });
+        }
         Ok(AmqpSource {
             config,
             prefetch,
             stats,
-            tls,
+            endpoints,
         })
     }
 
     /// Opens the connection. `amqps://` goes through courier's own TLS settings (see
     /// `crate::tls`): lapin takes a TCP connection from the closure below, where the TLS
     /// handshake uses them, at every connect.
-    async fn connect(&self, properties: ConnectionProperties) -> Result<Connection, lapin::Error> {
-        let uri = connection_uri(&self.config.url);
-        let Some((connector, server_name)) = &self.tls else {
+    async fn connect(
+        endpoint: &Endpoint,
+        properties: ConnectionProperties,
+    ) -> Result<Connection, lapin::Error> {
+        let uri = connection_uri(&endpoint.url);
+        let Some((connector, server_name)) = &endpoint.tls else {
             return Connection::connect_uri(uri, properties).await;
         };
         let connector = connector.clone();
@@ -126,24 +157,26 @@ impl AmqpSource {
         .await
     }
 
-    /// Runs until the stop is requested: consumes into `tx`, reconnecting with capped exponential
-    /// backoff. Then it cancels the consumer but keeps the connection open until the pipeline
-    /// has drained, so the pipeline can still ack what it holds; then it closes the connection.
+    /// Runs until the stop is requested: consumes into `tx`, reconnecting forever, each time to
+    /// the next of the broker URLs ([`Failover`]). Then it cancels the consumer but keeps the
+    /// connection open until the pipeline has drained, so the pipeline can still ack what it
+    /// holds; then it closes the connection.
     pub async fn run(self, tx: mpsc::Sender<Delivery>, shutdown: Shutdown) {
-        let url = self.config.url.redacted();
-        let mut backoff =
-            ReconnectBackoff::new(Duration::from_millis(200), Duration::from_secs(30));
+        let mut failover = Failover::new(self.endpoints.len());
         loop {
-            match self.session(&tx, &shutdown, &mut backoff).await {
+            let endpoint = &self.endpoints[failover.current()];
+            match self.session(endpoint, &tx, &shutdown, &mut failover).await {
                 Ok(()) => return,
                 Err(error) => {
                     if shutdown.is_requested() {
                         return;
                     }
-                    let delay = backoff.next_delay();
+                    let url = endpoint.url.redacted();
+                    let delay = failover.failed();
                     self.stats
                         .reconnecting("rabbitmq", &crate::sender::error_chain(&error));
-                    tracing::warn!(%url, %error, retry_in = ?delay, "RabbitMQ connection failed or lost; reconnecting");
+                    let next = self.endpoints[failover.current()].url.redacted();
+                    tracing::warn!(%url, %error, %next, retry_in = ?delay, "RabbitMQ connection failed or lost; reconnecting");
                     tokio::select! {
                         _ = tokio::time::sleep(delay) => {}
                         _ = shutdown.requested() => return,
@@ -155,15 +188,16 @@ impl AmqpSource {
 
     async fn session(
         &self,
+        endpoint: &Endpoint,
         tx: &mpsc::Sender<Delivery>,
         shutdown: &Shutdown,
-        backoff: &mut ReconnectBackoff,
+        failover: &mut Failover,
     ) -> Result<(), SessionError> {
         let cfg = &self.config;
         let properties = ConnectionProperties::default()
             .with_connection_name(cfg.connection_name.clone().into());
         let conn = tokio::select! {
-            conn = self.connect(properties) => conn?,
+            conn = Self::connect(endpoint, properties) => conn?,
             _ = shutdown.requested() => return Ok(()),
         };
         let channel = conn.create_channel().await?;
@@ -210,9 +244,9 @@ impl AmqpSource {
                 FieldTable::default(),
             )
             .await?;
-        tracing::info!(queue = %cfg.queue, prefetch = self.prefetch, "consuming from RabbitMQ");
+        tracing::info!(url = %endpoint.url.redacted(), queue = %cfg.queue, prefetch = self.prefetch, "consuming from RabbitMQ");
         self.stats.set_connected("rabbitmq", true);
-        backoff.reset();
+        failover.connected();
         loop {
             let next = tokio::select! {
                 _ = shutdown.requested() => break,

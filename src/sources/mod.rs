@@ -3,6 +3,7 @@
 //! a broker type; a source never sees HTTP.
 
 pub mod amqp;
+pub mod failover;
 pub mod mqtt;
 
 use std::future::Future;

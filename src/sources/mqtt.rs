@@ -27,7 +27,8 @@ use rumqttc::{
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
-use super::{AckFuture, AckHandle, Acker, Delivery, ReconnectBackoff};
+use super::failover::Failover;
+use super::{AckFuture, AckHandle, Acker, Delivery};
 use crate::config::MqttConfig;
 use crate::event::{Inbound, SourceKind};
 use crate::shutdown::Shutdown;
@@ -45,7 +46,8 @@ const QOS0_BACKLOG: usize = 10_000;
 /// Consumes the configured MQTT subscriptions.
 pub struct MqttSource {
     config: MqttConfig,
-    options: MqttOptions,
+    /// The client options of each broker URL, in the order they are tried.
+    brokers: Vec<Broker>,
     qos: QoS,
     stats: Arc<Stats>,
 }
@@ -60,24 +62,42 @@ impl MqttSource {
                 .unwrap_or(0);
             format!("courier-{}-{nanos:x}", std::process::id())
         });
-        let mut options = MqttOptions::new(client_id, config.url.host(), config.url.port());
-        options
-            .set_keep_alive(config.keep_alive)
-            .set_clean_session(config.clean_session)
-            .set_manual_acks(true)
-            .set_max_packet_size(MQTT_MAX_PACKET, MQTT_MAX_PACKET);
-        if let Some(user) = &config.username {
-            let password = config.password.as_ref().map(|p| p.expose()).unwrap_or("");
-            options.set_credentials(user.clone(), password);
-        }
-        if config.url.tls() {
-            // rumqttc sends the URL's host as SNI (none for an IP address); `tls.server_name`
-            // changes the name the certificate is verified against.
-            let tls_config = crate::tls::client_config("mqtt.tls", config.tls.as_ref(), true, &[])?;
-            options.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(
-                Arc::new(tls_config),
-            )));
-        }
+        // The URLs of one cluster share everything but the address (and the name TLS checks).
+        let tls = match config.endpoints().any(|u| u.tls()) {
+            true => Some(Arc::new(crate::tls::client_config(
+                "mqtt.tls",
+                config.tls.as_ref(),
+                true,
+                &[],
+            )?)),
+            false => None,
+        };
+        let brokers = config
+            .endpoints()
+            .map(|url| {
+                let mut options = MqttOptions::new(client_id.clone(), url.host(), url.port());
+                options
+                    .set_keep_alive(config.keep_alive)
+                    .set_clean_session(config.clean_session)
+                    .set_manual_acks(true)
+                    .set_max_packet_size(MQTT_MAX_PACKET, MQTT_MAX_PACKET);
+                if let Some(user) = &config.username {
+                    let password = config.password.as_ref().map(|p| p.expose()).unwrap_or("");
+                    options.set_credentials(user.clone(), password);
+                }
+                if let (true, Some(tls)) = (url.tls(), &tls) {
+                    // rumqttc sends the URL's host as SNI (none for an IP address);
+                    // `tls.server_name` changes the name the certificate is verified against.
+                    options.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(
+                        Arc::clone(tls),
+                    )));
+                }
+                Broker {
+                    options,
+                    url: url.to_string(),
+                }
+            })
+            .collect();
         let qos = if config.qos == 0 {
             QoS::AtMostOnce
         } else {
@@ -86,7 +106,7 @@ impl MqttSource {
         stats.set_connected("mqtt", false);
         Ok(MqttSource {
             config,
-            options,
+            brokers,
             qos,
             stats,
         })
@@ -96,7 +116,8 @@ impl MqttSource {
     /// until the pipeline has drained, sends the last PUBACKs and disconnects cleanly.
     /// Reconnects with capped backoff meanwhile.
     pub async fn run(self, tx: mpsc::Sender<Delivery>, shutdown: Shutdown) {
-        let (client, eventloop) = AsyncClient::new(self.options.clone(), 256);
+        let first = self.brokers[0].options.clone();
+        let (client, eventloop) = AsyncClient::new(first, 256);
         let (events_tx, mut events) = mpsc::unbounded_channel();
         let backlog = Arc::new(AtomicUsize::new(0));
         let finish = CancellationToken::new();
@@ -105,7 +126,7 @@ impl MqttSource {
             events_tx,
             backlog.clone(),
             finish.clone(),
-            self.config.url.to_string(),
+            self.brokers.clone(),
             self.stats.clone(),
         ));
         let (seq_tx, seq_rx) = mpsc::unbounded_channel();
@@ -121,13 +142,16 @@ impl MqttSource {
             };
             let Some(event) = event else { break };
             match event {
-                DriverEvent::Connected { session_present } => {
+                DriverEvent::Connected {
+                    session_present,
+                    url,
+                } => {
                     self.stats.set_connected("mqtt", true);
                     generation += 1;
                     next_seq = 0;
                     let _ = seq_tx.send(SeqCmd::NewSession(generation));
                     tracing::info!(
-                        url = %self.config.url,
+                        %url,
                         session_present,
                         "connected to the MQTT broker"
                     );
@@ -221,22 +245,30 @@ impl MqttSource {
 }
 
 enum DriverEvent {
-    Connected { session_present: bool },
+    Connected { session_present: bool, url: String },
     SubAck(Vec<SubscribeReasonCode>),
     Publish(Publish),
 }
 
-/// Polls the event loop forever (reconnecting on errors with backoff) and forwards what matters.
-/// Stops after our DISCONNECT went out, or when `finish` is cancelled.
+/// One broker URL: the client options that connect to it, and the URL for logs.
+#[derive(Clone)]
+struct Broker {
+    options: MqttOptions,
+    url: String,
+}
+
+/// Polls the event loop forever (reconnecting on errors, each time to the next broker URL:
+/// [`Failover`]) and forwards what matters. Stops after our DISCONNECT went out, or when `finish`
+/// is cancelled.
 async fn drive(
     mut eventloop: EventLoop,
     events: mpsc::UnboundedSender<DriverEvent>,
     backlog: Arc<AtomicUsize>,
     finish: CancellationToken,
-    url: String,
+    brokers: Vec<Broker>,
     stats: Arc<Stats>,
 ) {
-    let mut backoff = ReconnectBackoff::new(Duration::from_millis(200), Duration::from_secs(30));
+    let mut failover = Failover::new(brokers.len());
     let mut dropped_qos0 = 0u64;
     loop {
         // Cancelling poll() is only done when leaving for good, where losing its state is fine.
@@ -246,9 +278,10 @@ async fn drive(
         };
         let forwarded = match polled {
             Ok(Event::Incoming(Packet::ConnAck(ack))) if ack.code == ConnectReturnCode::Success => {
-                backoff.reset();
+                failover.connected();
                 events.send(DriverEvent::Connected {
                     session_present: ack.session_present,
+                    url: brokers[failover.current()].url.clone(),
                 })
             }
             Ok(Event::Incoming(Packet::SubAck(ack))) => {
@@ -272,10 +305,15 @@ async fn drive(
             }
             Ok(_) => Ok(()),
             Err(error) => {
-                let delay = backoff.next_delay();
+                let url = &brokers[failover.current()].url;
+                let delay = failover.failed();
+                let next = &brokers[failover.current()];
+                // The next poll connects with these options (rumqttc reads them at every
+                // connect); the session and its pending packets stay with the event loop.
+                eventloop.mqtt_options = next.options.clone();
                 let error = crate::sender::error_chain(&error);
                 stats.reconnecting("mqtt", &error);
-                tracing::warn!(%url, %error, retry_in = ?delay, "MQTT connection failed or lost; reconnecting");
+                tracing::warn!(%url, %error, next = %next.url, retry_in = ?delay, "MQTT connection failed or lost; reconnecting");
                 tokio::select! {
                     _ = tokio::time::sleep(delay) => {}
                     _ = finish.cancelled() => return,

@@ -15,6 +15,7 @@ mod cli;
 mod config_errors;
 mod config_reference;
 mod deploy;
+mod failover;
 mod faults;
 mod fuzz_seeds;
 mod mqtt;

@@ -188,7 +188,10 @@ impl ConfigBuilder {
 /// The `[rabbitmq]` source.
 #[derive(Clone, Debug, Serialize)]
 pub struct Rabbit {
-    url: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    url: Option<String>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    urls: Vec<String>,
     queue: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     connection_name: Option<String>,
@@ -214,7 +217,8 @@ impl Rabbit {
     /// `queue` on the local RabbitMQ ([`AMQP_URL`]).
     pub fn queue(queue: &str) -> Rabbit {
         Rabbit {
-            url: AMQP_URL.into(),
+            url: Some(AMQP_URL.into()),
+            urls: Vec::new(),
             queue: queue.into(),
             connection_name: None,
             prefetch: None,
@@ -232,7 +236,15 @@ impl Rabbit {
     }
 
     pub fn url(mut self, url: &str) -> Self {
-        self.url = url.into();
+        self.url = Some(url.into());
+        self.urls.clear();
+        self
+    }
+
+    /// Several broker URLs (`urls`), tried in turn, instead of one.
+    pub fn urls(mut self, urls: &[&str]) -> Self {
+        self.url = None;
+        self.urls = urls.iter().map(|u| u.to_string()).collect();
         self
     }
 
@@ -271,7 +283,10 @@ impl Rabbit {
 /// The `[mqtt]` source.
 #[derive(Clone, Debug, Serialize)]
 pub struct Mqtt {
-    url: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    url: Option<String>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    urls: Vec<String>,
     client_id: String,
     topics: Vec<String>,
     #[serde(skip_serializing_if = "Option::is_none", serialize_with = "duration")]
@@ -286,7 +301,8 @@ impl Mqtt {
     /// Subscribed to `filter` on the local Mosquitto ([`MQTT_URL`]) as `client_id`.
     pub fn new(client_id: &str, filter: &str) -> Mqtt {
         Mqtt {
-            url: MQTT_URL.into(),
+            url: Some(MQTT_URL.into()),
+            urls: Vec::new(),
             client_id: client_id.into(),
             topics: vec![filter.into()],
             keep_alive: None,
@@ -297,7 +313,15 @@ impl Mqtt {
 
     /// Another broker than the local Mosquitto on 1883, such as `mqtts://127.0.0.1:8883`.
     pub fn url(mut self, url: &str) -> Self {
-        self.url = url.into();
+        self.url = Some(url.into());
+        self.urls.clear();
+        self
+    }
+
+    /// Several broker URLs (`urls`), tried in turn, instead of one.
+    pub fn urls(mut self, urls: &[&str]) -> Self {
+        self.url = None;
+        self.urls = urls.iter().map(|u| u.to_string()).collect();
         self
     }
 
