@@ -14,6 +14,7 @@ mod bad_input;
 mod cli;
 mod config_errors;
 mod config_reference;
+mod demo;
 mod deploy;
 mod failover;
 mod faults;
