@@ -14,9 +14,9 @@ use tokio::sync::Semaphore;
 
 use crate::circuit::Circuit;
 use crate::config::{Config, DestinationConfig};
+use crate::http_client::{Clients, SenderError};
 use crate::oauth2::TokenSource;
 use crate::router::{Routable, Router};
-use crate::sender::{Clients, SenderError};
 use crate::stats::Stats;
 use crate::topic::TopicPattern;
 
@@ -225,7 +225,7 @@ pub fn build(config: &Config, stats: &Stats) -> Result<DestinationSet, SenderErr
     let mut clients = Clients::default();
     let mut destinations = Vec::with_capacity(config.destinations.len());
     if config.destinations.iter().any(|d| d.proxy.is_none()) {
-        let from_env = crate::sender::environment_proxies();
+        let from_env = crate::http_client::environment_proxies();
         if !from_env.is_empty() {
             tracing::info!(
                 variables = %from_env.join(" "),

@@ -16,6 +16,7 @@ pub mod deadletters;
 pub mod delivery;
 pub mod destination;
 pub mod event;
+pub mod http_client;
 pub mod oauth2;
 pub mod pipeline;
 pub mod retry;
@@ -55,7 +56,7 @@ pub enum Error {
     Store(#[from] store::StoreError),
     /// The HTTP client could not be built.
     #[error(transparent)]
-    Sender(#[from] sender::SenderError),
+    Sender(#[from] http_client::SenderError),
     /// TLS for a broker connection could not be set up.
     #[error(transparent)]
     Tls(#[from] tls::TlsSetupError),
@@ -66,6 +67,21 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+}
+
+/// The error and its causes on one line: "error sending request: ... : invalid peer certificate: UnknownIssuer".
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        let part = cause.to_string();
+        if !text.contains(&part) {
+            text.push_str(": ");
+            text.push_str(&part);
+        }
+        source = cause.source();
+    }
+    text
 }
 
 /// Makes ring the process-wide rustls provider (lapin, reqwest and rumqttc all use rustls);

@@ -22,7 +22,7 @@ use reqwest::{Method, Url};
 use serde_json::Value;
 
 use crate::config::Secret;
-use crate::sender::error_chain;
+use crate::error_chain;
 
 /// The most a token is replaced ahead of its expiry; short-lived tokens use half their lifetime
 /// instead ([`refresh_margin`]).

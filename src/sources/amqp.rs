@@ -174,7 +174,7 @@ impl AmqpSource {
                     let url = endpoint.url.redacted();
                     let delay = failover.failed();
                     self.stats
-                        .reconnecting("rabbitmq", &crate::sender::error_chain(&error));
+                        .reconnecting("rabbitmq", &crate::error_chain(&error));
                     let next = self.endpoints[failover.current()].url.redacted();
                     tracing::warn!(%url, %error, %next, retry_in = ?delay, "RabbitMQ connection failed or lost; reconnecting");
                     tokio::select! {

@@ -311,7 +311,7 @@ async fn drive(
                 // The next poll connects with these options (rumqttc reads them at every
                 // connect); the session and its pending packets stay with the event loop.
                 eventloop.mqtt_options = next.options.clone();
-                let error = crate::sender::error_chain(&error);
+                let error = crate::error_chain(&error);
                 stats.reconnecting("mqtt", &error);
                 tracing::warn!(%url, %error, next = %next.url, retry_in = ?delay, "MQTT connection failed or lost; reconnecting");
                 tokio::select! {
