@@ -28,6 +28,24 @@ struct AdminState {
     destinations: Arc<Destinations>,
 }
 
+/// Who may use the dead-letter endpoints of a running admin port; a configuration reload
+/// changes it when `[admin] token` changes.
+#[derive(Clone)]
+pub struct AdminAccess(Arc<std::sync::RwLock<Access>>);
+
+impl AdminAccess {
+    fn new(config: &AdminConfig) -> AdminAccess {
+        AdminAccess(Arc::new(std::sync::RwLock::new(Access::of(config))))
+    }
+
+    /// Puts the rule of `config` in force for the next request.
+    pub fn set(&self, config: &AdminConfig) {
+        let access = Access::of(config);
+        access.warn_if_refused(config.listen.as_deref().unwrap_or_default());
+        *self.0.write().unwrap_or_else(|p| p.into_inner()) = access;
+    }
+}
+
 /// Binds `[admin] listen` now (so a taken port fails start-up) and serves until the stop is
 /// requested.
 pub async fn start(
@@ -36,21 +54,20 @@ pub async fn start(
     deliverer: Arc<Deliverer>,
     destinations: Arc<Destinations>,
     shutdown: Shutdown,
-) -> std::io::Result<tokio::task::JoinHandle<()>> {
+) -> std::io::Result<(tokio::task::JoinHandle<()>, AdminAccess)> {
     let listener = tokio::net::TcpListener::bind(listen).await?;
     tracing::info!(address = %listener.local_addr()?, "admin port listening");
-    let access = Access::of(config);
-    if let Access::Refused = access {
-        tracing::warn!(
-            address = %listen,
-            "the admin port listens beyond loopback without [admin] token: the dead-letter endpoints answer 403"
-        );
-    }
+    let access = AdminAccess::new(config);
+    access
+        .0
+        .read()
+        .unwrap_or_else(|p| p.into_inner())
+        .warn_if_refused(listen);
     let dead_letters = axum::Router::new()
         .route("/dead-letters", get(list))
         .route("/dead-letters/replay", post(replay))
         .route("/dead-letters/purge", post(purge))
-        .route_layer(middleware::from_fn_with_state(Arc::new(access), authorize));
+        .route_layer(middleware::from_fn_with_state(access.clone(), authorize));
     let app = axum::Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(ready))
@@ -60,14 +77,15 @@ pub async fn start(
             deliverer,
             destinations,
         });
-    Ok(tokio::spawn(async move {
+    let served = tokio::spawn(async move {
         let served = axum::serve(listener, app)
             .with_graceful_shutdown(async move { shutdown.requested().await })
             .await;
         if let Err(error) = served {
             tracing::error!(%error, "admin port stopped");
         }
-    }))
+    });
+    Ok((served, access))
 }
 
 /// Who may use the dead-letter endpoints.
@@ -86,6 +104,15 @@ impl Access {
             Some(token) => Access::Token(token.expose().as_bytes().to_vec()),
             None if config.is_loopback() => Access::Loopback,
             None => Access::Refused,
+        }
+    }
+
+    fn warn_if_refused(&self, listen: &str) {
+        if let Access::Refused = self {
+            tracing::warn!(
+                address = %listen,
+                "the admin port listens beyond loopback without [admin] token: the dead-letter endpoints answer 403"
+            );
         }
     }
 
@@ -127,8 +154,13 @@ impl Access {
     }
 }
 
-async fn authorize(State(access): State<Arc<Access>>, request: Request, next: Next) -> Response {
-    match access.refusal(request.headers()) {
+async fn authorize(State(access): State<AdminAccess>, request: Request, next: Next) -> Response {
+    let refused = access
+        .0
+        .read()
+        .unwrap_or_else(|p| p.into_inner())
+        .refusal(request.headers());
+    match refused {
         None => next.run(request).await,
         Some(refused) => refused,
     }
@@ -165,6 +197,20 @@ async fn metrics(State(s): State<AdminState>) -> Response {
         "retries_pending",
         "Attempts waiting in the retry store",
         pending,
+    );
+    let by_destination: prometheus_client::metrics::family::Family<
+        crate::stats::DestinationLabel,
+        Gauge,
+    > = Default::default();
+    for (destination, n) in store.pending_retries_by_destination().unwrap_or_default() {
+        by_destination
+            .get_or_create(&crate::stats::DestinationLabel { destination })
+            .set(n as i64);
+    }
+    registry.register(
+        "retries_pending_by_destination",
+        "Attempts waiting in the retry store, per destination (also of destinations a reload removed, which keep them until they come back)",
+        by_destination,
     );
     let dead: Gauge = Gauge::default();
     dead.set(store.dead_letter_count() as i64);

@@ -16,7 +16,7 @@ use crate::backoff::retry_delay;
 use crate::circuit::Gate;
 use crate::destination::{Destination, DestinationId};
 use crate::event::Event;
-use crate::sender::{Outcome, Sender};
+use crate::sender::{self, Outcome};
 use crate::stats::Stats;
 use crate::store::{millis, DeadLetter, DeadLetterKind, RetryRecord, Store, StoredEvent};
 
@@ -101,17 +101,15 @@ pub enum Recorded {
 
 /// Attempts deliveries under each destination's limits and records what happened.
 pub struct Deliverer {
-    sender: Sender,
     store: Store,
     stats: Arc<Stats>,
     claims: Claims,
 }
 
 impl Deliverer {
-    /// Attempts through `sender` and records in `store`.
-    pub fn new(sender: Sender, store: Store, stats: Arc<Stats>) -> Deliverer {
+    /// Attempts deliveries and records their outcomes in `store`.
+    pub fn new(store: Store, stats: Arc<Stats>) -> Deliverer {
         Deliverer {
-            sender,
             store,
             stats,
             claims: Claims::default(),
@@ -165,7 +163,7 @@ impl Deliverer {
             Stats::inc(&self.stats.retried);
         }
         let started = Instant::now();
-        let outcome = self.sender.deliver(dest, event).await;
+        let outcome = sender::deliver(dest, event).await;
         dest.metrics()
             .latency
             .observe(started.elapsed().as_secs_f64());

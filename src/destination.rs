@@ -13,7 +13,7 @@ use prometheus_client::metrics::histogram::Histogram;
 use tokio::sync::Semaphore;
 
 use crate::circuit::Circuit;
-use crate::config::{Config, DestinationConfig};
+use crate::config::{Config, DestinationConfig, OrganizationConfig};
 use crate::http_client::{Clients, SenderError};
 use crate::oauth2::TokenSource;
 use crate::router::{Routable, Router};
@@ -83,6 +83,8 @@ impl DestinationMetrics {
 pub struct Destination {
     id: DestinationId,
     config: DestinationConfig,
+    /// Who is sending, for the `Metadata` block.
+    organization: Arc<OrganizationConfig>,
     client: reqwest::Client,
     circuit: Circuit,
     limit: Semaphore,
@@ -92,9 +94,15 @@ pub struct Destination {
 }
 
 impl Destination {
-    /// Builds the destination of `config`, sending through `client`.
-    pub fn new(config: DestinationConfig, client: reqwest::Client, stats: &Stats) -> Destination {
+    /// Builds the destination of `config`, sending through `client` on behalf of `organization`.
+    pub fn new(
+        config: DestinationConfig,
+        organization: Arc<OrganizationConfig>,
+        client: reqwest::Client,
+        stats: &Stats,
+    ) -> Destination {
         Destination {
+            organization,
             id: DestinationId::new(&config.name),
             circuit: Circuit::new(&config.name, config.circuit.clone()),
             limit: Semaphore::new(config.max_concurrency),
@@ -114,6 +122,11 @@ impl Destination {
     /// Its name, as an id.
     pub fn id(&self) -> &DestinationId {
         &self.id
+    }
+
+    /// Who is sending, for the `Metadata` block.
+    pub fn organization(&self) -> &OrganizationConfig {
+        &self.organization
     }
 
     /// Its configuration, with every value already parsed.
@@ -222,9 +235,39 @@ impl Destinations {
 
 /// Builds the destinations of `config`, in configuration order.
 pub fn build(config: &Config, stats: &Stats) -> Result<DestinationSet, SenderError> {
+    rebuild(None, config, stats).map(|(set, _)| set)
+}
+
+/// What a new configuration changed in the set of destinations, by name.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Changes {
+    pub added: Vec<String>,
+    pub changed: Vec<String>,
+    pub removed: Vec<String>,
+}
+
+/// The destinations of `config`. A destination of `current` whose configuration (and the
+/// organization) did not change is kept as it is, with its circuit, its slots, its connections
+/// and its OAuth2 token; a new or changed one is built afresh. Also says what changed.
+pub fn rebuild(
+    current: Option<&DestinationSet>,
+    config: &Config,
+    stats: &Stats,
+) -> Result<(DestinationSet, Changes), SenderError> {
     let mut clients = Clients::default();
+    let mut changes = Changes::default();
+    let organization = Arc::new(config.organization.clone());
     let mut destinations = Vec::with_capacity(config.destinations.len());
-    if config.destinations.iter().any(|d| d.proxy.is_none()) {
+    let fresh: Vec<&DestinationConfig> = config
+        .destinations
+        .iter()
+        .filter(|d| {
+            !current
+                .and_then(|set| set.get(&d.name))
+                .is_some_and(|old| old.config == **d && old.organization == organization)
+        })
+        .collect();
+    if fresh.iter().any(|d| d.proxy.is_none()) {
         let from_env = crate::http_client::environment_proxies();
         if !from_env.is_empty() {
             tracing::info!(
@@ -234,6 +277,16 @@ pub fn build(config: &Config, stats: &Stats) -> Result<DestinationSet, SenderErr
         }
     }
     for (i, dest) in config.destinations.iter().enumerate() {
+        let old = current.and_then(|set| set.get(&dest.name));
+        if let Some(old) = old.filter(|_| !fresh.iter().any(|f| std::ptr::eq(*f, dest))) {
+            destinations.push(Arc::clone(old));
+            continue;
+        }
+        match old {
+            Some(_) => changes.changed.push(dest.name.clone()),
+            None if current.is_some() => changes.added.push(dest.name.clone()),
+            None => {}
+        }
         if let Some(proxy) = &dest.proxy {
             tracing::info!(destination = %dest.name, %proxy, "destination goes through its proxy");
         }
@@ -246,9 +299,26 @@ pub fn build(config: &Config, stats: &Stats) -> Result<DestinationSet, SenderErr
             );
         }
         let client = clients.for_destination(&format!("destinations[{i}]"), dest)?;
-        destinations.push(Arc::new(Destination::new(dest.clone(), client, stats)));
+        destinations.push(Arc::new(Destination::new(
+            dest.clone(),
+            Arc::clone(&organization),
+            client,
+            stats,
+        )));
     }
-    Ok(Router::new(destinations))
+    if let Some(set) = current {
+        changes.removed = set
+            .iter()
+            .filter(|old| {
+                !config
+                    .destinations
+                    .iter()
+                    .any(|d| d.name == old.id().as_str())
+            })
+            .map(|old| old.id().to_string())
+            .collect();
+    }
+    Ok((Router::new(destinations), changes))
 }
 
 #[cfg(test)]
@@ -297,6 +367,67 @@ mod tests {
         assert_eq!(
             set.get("b").map(|d| d.max_wait()),
             Some(Duration::from_secs(1))
+        );
+    }
+
+    #[test]
+    fn a_rebuild_keeps_unchanged_destinations_and_says_what_changed() {
+        crate::install_crypto_provider();
+        let stats = Stats::default();
+        let text = |extra: &str| {
+            format!(
+                "[rabbitmq]\nurl = \"amqp://127.0.0.1\"\nqueue = \"q\"\n{extra}\
+                 [[destinations]]\nname = \"kept\"\nurl = \"http://127.0.0.1/k\"\n\
+                 [[destinations]]\nname = \"moved\"\nurl = \"http://127.0.0.1/m\"\n"
+            )
+        };
+        let first = Config::from_toml(&text("")).expect("first");
+        let (old, changes) = rebuild(None, &first, &stats).expect("built");
+        assert_eq!(
+            changes,
+            Changes::default(),
+            "a first build reports no changes"
+        );
+
+        let mut second = Config::from_toml(&text("")).expect("second");
+        second.destinations[1].url = crate::config::HttpUrl::parse("http://127.0.0.1/m2").unwrap();
+        second.destinations.push(second.destinations[0].clone());
+        second.destinations[2].name = "new".into();
+        second.destinations.remove(0);
+        let (set, changes) = rebuild(Some(&old), &second, &stats).expect("rebuilt");
+        assert_eq!(
+            changes,
+            Changes {
+                added: vec!["new".into()],
+                changed: vec!["moved".into()],
+                removed: vec!["kept".into()],
+            }
+        );
+        assert!(!Arc::ptr_eq(
+            set.get("moved").expect("moved"),
+            old.get("moved").expect("moved")
+        ));
+
+        let same = rebuild(Some(&old), &first, &stats).expect("same").0;
+        assert!(Arc::ptr_eq(
+            same.get("kept").unwrap(),
+            old.get("kept").unwrap()
+        ));
+        assert!(Arc::ptr_eq(
+            same.get("moved").unwrap(),
+            old.get("moved").unwrap()
+        ));
+
+        let renamed_org = Config::from_toml(&text("[organization]\nname = \"Other\"\n")).unwrap();
+        let (all_new, changes) = rebuild(Some(&old), &renamed_org, &stats).expect("org");
+        assert!(!Arc::ptr_eq(
+            all_new.get("kept").unwrap(),
+            old.get("kept").unwrap()
+        ));
+        assert_eq!(
+            changes.changed,
+            ["kept", "moved"],
+            "the organization is in every Metadata block"
         );
     }
 }

@@ -19,6 +19,7 @@ pub mod event;
 pub mod http_client;
 pub mod oauth2;
 pub mod pipeline;
+pub mod reload;
 pub mod retry;
 pub mod router;
 pub mod sender;
@@ -35,7 +36,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::mpsc;
-use tokio::task::JoinSet;
 
 pub use config::{Config, ConfigError};
 pub use shutdown::Shutdown;
@@ -43,6 +43,7 @@ pub use stats::Stats;
 
 use delivery::Deliverer;
 use destination::Destinations;
+use sources::supervisor::Sources;
 use store::Store;
 
 /// Why courier could not start or stopped with an error.
@@ -102,9 +103,35 @@ pub async fn run_with_stats(
     shutdown: Shutdown,
     stats: Arc<Stats>,
 ) -> Result<(), Error> {
+    run_from(config, None, shutdown, stats).await
+}
+
+/// [`run_with_stats`] with `config`, loaded from the file at `path`, which is loaded again on
+/// SIGHUP and when it changes ([`reload`]). What `courier run` does.
+pub async fn run_reloading(
+    config: Config,
+    path: &std::path::Path,
+    shutdown: Shutdown,
+    stats: Arc<Stats>,
+) -> Result<(), Error> {
+    // What the file said when `config` was loaded; a change event that leaves it as it is
+    // reloads nothing.
+    let text = std::fs::read_to_string(path).map_err(|e| ConfigError::File {
+        path: path.display().to_string(),
+        message: e.to_string(),
+    })?;
+    run_from(config, Some((path.to_path_buf(), text)), shutdown, stats).await
+}
+
+async fn run_from(
+    config: Config,
+    file: Option<(std::path::PathBuf, String)>,
+    shutdown: Shutdown,
+    stats: Arc<Stats>,
+) -> Result<(), Error> {
     install_crypto_provider();
     let store = Store::start(&config.store, &shutdown).await?;
-    let ran = run_on(config, store.clone(), shutdown, stats).await;
+    let ran = run_on(config, file, store.clone(), shutdown, stats).await;
     // Also after a failed start: the store's background tasks hold it open until it is closed,
     // and sled releases its file lock only then.
     let closed = store.close().await;
@@ -116,6 +143,7 @@ pub async fn run_with_stats(
 /// Everything of [`run_with_stats`] between opening and closing the store.
 async fn run_on(
     config: Config,
+    file: Option<(std::path::PathBuf, String)>,
     store: Store,
     shutdown: Shutdown,
     stats: Arc<Stats>,
@@ -123,20 +151,8 @@ async fn run_on(
     // Everything that can fail is built before any task starts: a task holds the store, and an
     // early return would leave it running.
     let destinations = Arc::new(Destinations::from_config(&config, &stats)?);
-    let amqp = match config.rabbitmq.clone() {
-        Some(rabbitmq) => Some(sources::amqp::AmqpSource::new(
-            rabbitmq,
-            config.service.max_in_flight,
-            stats.clone(),
-        )?),
-        None => None,
-    };
-    let mqtt = match config.mqtt.clone() {
-        Some(mqtt) => Some(sources::mqtt::MqttSource::new(mqtt, stats.clone())?),
-        None => None,
-    };
-    let sender = sender::Sender::new(config.organization.clone());
-    let deliverer = Arc::new(Deliverer::new(sender, store.clone(), stats.clone()));
+    let mut sources = Sources::build(&config, stats.clone())?;
+    let deliverer = Arc::new(Deliverer::new(store.clone(), stats.clone()));
     let max_in_flight = config.service.max_in_flight;
     let admin = match &config.admin.listen {
         Some(address) => Some(
@@ -163,7 +179,7 @@ async fn run_on(
     ));
     let scheduler = tokio::spawn(retry::run(
         deliverer.clone(),
-        destinations,
+        destinations.clone(),
         max_in_flight,
         shutdown.clone(),
         config.service.shutdown_timeout,
@@ -174,14 +190,24 @@ async fn run_on(
     store.wait_open(&shutdown).await;
 
     let (tx, rx) = mpsc::channel(max_in_flight.clamp(1, 1024));
-    let mut sources = JoinSet::new();
-    if let Some(source) = amqp {
-        sources.spawn(source.run(tx.clone(), shutdown.clone()));
-    }
-    if let Some(source) = mqtt {
-        sources.spawn(source.run(tx.clone(), shutdown.clone()));
-    }
-    drop(tx);
+    sources.start(&tx, &shutdown);
+    let sources = Arc::new(tokio::sync::Mutex::new(sources));
+    let reloading = file.map(|(path, text)| {
+        tokio::spawn(reload::run(
+            path,
+            text,
+            config.clone(),
+            reload::Running {
+                destinations,
+                sources: sources.clone(),
+                admin: admin.as_ref().map(|(_, access)| access.clone()),
+                tx,
+                store: store.clone(),
+                stats: stats.clone(),
+                shutdown: shutdown.clone(),
+            },
+        ))
+    });
     tracing::info!(
         destinations = config.destinations.len(),
         max_in_flight,
@@ -208,15 +234,16 @@ async fn run_on(
     // Every message is now acked or abandoned: the sources may close their connections.
     shutdown.mark_drained();
     let _ = scheduler.await;
-    if let Some(admin) = admin {
-        let _ = admin.await;
+    if let Some((served, _)) = admin {
+        let _ = served.await;
     }
-    let closed = tokio::time::timeout(Duration::from_secs(10), async {
-        while sources.join_next().await.is_some() {}
-    })
-    .await;
-    if closed.is_err() {
-        tracing::warn!("a source did not close within 10s; exiting anyway");
+    // The reload task holds the sources while it replaces one; it ends at the stop request.
+    if let Some(reloading) = reloading {
+        let _ = reloading.await;
+    }
+    match Arc::try_unwrap(sources) {
+        Ok(sources) => sources.into_inner().join(Duration::from_secs(10)).await,
+        Err(_) => tracing::warn!("the sources are still held; exiting without waiting for them"),
     }
     let get = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
     tracing::info!(
@@ -243,9 +270,8 @@ pub async fn open_for_commands(
     let store = Store::open(&config.store)?;
     let stats = Arc::new(Stats::default());
     let destinations = Destinations::from_config(config, &stats)?;
-    let sender = sender::Sender::new(config.organization.clone());
     Ok((
-        Arc::new(Deliverer::new(sender, store, stats)),
+        Arc::new(Deliverer::new(store, stats)),
         Arc::new(destinations),
     ))
 }

@@ -36,7 +36,8 @@ enum LogFormat {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Consume, deliver and ack until SIGINT or SIGTERM.
+    /// Consume, deliver and ack until SIGINT or SIGTERM; SIGHUP or a change of the file reloads
+    /// the configuration.
     Run {
         /// The configuration file.
         #[arg(long, short, default_value = "config.toml")]
@@ -138,12 +139,12 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Command::Run { config } => {
-            let (config, runtime) = match load_with_runtime(&config, true) {
+        Command::Run { config: path } => {
+            let (config, runtime) = match load_with_runtime(&path, true) {
                 Ok(parts) => parts,
                 Err(code) => return code,
             };
-            match runtime.block_on(run(config)) {
+            match runtime.block_on(run(config, &path)) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(Error::Config(e)) => {
                     eprintln!("courier: {e}");
@@ -179,7 +180,7 @@ fn load_with_runtime(
     Ok((config, runtime))
 }
 
-async fn run(config: Config) -> Result<(), Error> {
+async fn run(config: Config, path: &std::path::Path) -> Result<(), Error> {
     let shutdown = Shutdown::new();
     let signal = shutdown.clone();
     tokio::spawn(async move {
@@ -192,7 +193,7 @@ async fn run(config: Config) -> Result<(), Error> {
         tracing::warn!("second signal: exiting now; unacked messages will be redelivered");
         std::process::exit(130);
     });
-    courier::run(config, shutdown).await
+    courier::run_reloading(config, path, shutdown, std::sync::Arc::default()).await
 }
 
 /// Runs a dead-letter command on the store, or through the running worker's admin port.

@@ -75,97 +75,86 @@ impl Outcome {
     }
 }
 
-/// POSTs events the way the outbound REST contract says.
-pub struct Sender {
-    organization: OrganizationConfig,
-}
-
-impl Sender {
-    /// A sender that names `organization` in the `Metadata` blocks it writes.
-    pub fn new(organization: OrganizationConfig) -> Sender {
-        Sender { organization }
-    }
-
-    /// POSTs `event` to `dest` once and classifies the answer. Never panics and never returns an
-    /// error: every failure is an [`Outcome::Failed`] with a reason an operator can act on.
-    pub async fn deliver(&self, dest: &Destination, event: &Event) -> Outcome {
-        let config = dest.config();
-        let (mut headers, id) = match headers(config, event) {
-            Ok(h) => h,
-            Err(reason) => return Outcome::failed(None, reason, false),
-        };
-        let token = match dest.token() {
-            Some(source) => match source.authorization().await {
-                Ok(token) => {
-                    headers.insert(AUTHORIZATION, token.value().clone());
-                    Some((source, token))
-                }
-                Err(error) => return Outcome::no_token(error),
-            },
-            None => None,
-        };
-        let body = if config.metadata_in_payload {
-            with_metadata(event, dest.id().as_str(), &self.organization)
-        } else {
-            event.body.clone()
-        };
-        // Set here, where the map still has room, rather than by hyper and hyper-util: reqwest
-        // sends a copy of this map without spare room, and their inserts grew that copy (and
-        // formatted the host and port again) on every request.
-        if let Some(host) = config.url.host_header() {
-            headers.insert(HOST, host.clone());
-        }
-        headers.insert(CONTENT_LENGTH, HeaderValue::from(body.len()));
-        if let Some(key) = &config.signing_secret {
-            let now = SystemTime::now()
-                .duration_since(SystemTime::UNIX_EPOCH)
-                .map(|d| d.as_secs())
-                .unwrap_or(0);
-            // `v1,` and base64: always a valid header value.
-            if let Ok(signature) = HeaderValue::try_from(key.sign(&event.id, now, &body)) {
-                headers.insert(HeaderName::from_static("webhook-id"), id);
-                headers.insert(
-                    HeaderName::from_static("webhook-timestamp"),
-                    HeaderValue::from(now),
-                );
-                headers.insert(HeaderName::from_static("webhook-signature"), signature);
+/// POSTs `event` to `dest` once, the way the outbound REST contract says, and classifies the
+/// answer. Never panics and never returns an error: every failure is an [`Outcome::Failed`] with a
+/// reason an operator can act on.
+pub async fn deliver(dest: &Destination, event: &Event) -> Outcome {
+    let config = dest.config();
+    let (mut headers, id) = match headers(config, event) {
+        Ok(h) => h,
+        Err(reason) => return Outcome::failed(None, reason, false),
+    };
+    let token = match dest.token() {
+        Some(source) => match source.authorization().await {
+            Ok(token) => {
+                headers.insert(AUTHORIZATION, token.value().clone());
+                Some((source, token))
             }
-        }
-        // Built directly rather than through `RequestBuilder`, which would copy the headers
-        // into a second map.
-        let mut request = reqwest::Request::new(reqwest::Method::POST, config.url.url().clone());
-        *request.headers_mut() = headers;
-        *request.body_mut() = Some(body.into());
-        let Some((source, token)) = token else {
-            return match send(dest, request).await {
-                Ok(response) => classify(response).await,
-                Err(outcome) => outcome,
-            };
-        };
-        // Kept for a second try with a new token; the body is shared, not copied.
-        let again = request.try_clone();
-        let mut response = match send(dest, request).await {
-            Ok(response) => response,
-            Err(outcome) => return outcome,
-        };
-        let (StatusCode::UNAUTHORIZED, Some(mut again)) = (response.status(), again) else {
-            return classify(response).await;
-        };
-        // The token was rejected (revoked, or expired early): one new token, one more try in
-        // this attempt. A second 401 is the attempt's outcome.
-        drain(&mut response).await;
-        let fresh = match source.refresh_after_401(&token).await {
-            Ok(fresh) => fresh,
             Err(error) => return Outcome::no_token(error),
-        };
-        tracing::debug!(destination = %dest.id(), "401 to the oauth2 token: sending again with a new one");
-        again
-            .headers_mut()
-            .insert(AUTHORIZATION, fresh.value().clone());
-        match send(dest, again).await {
+        },
+        None => None,
+    };
+    let body = if config.metadata_in_payload {
+        with_metadata(event, dest.id().as_str(), dest.organization())
+    } else {
+        event.body.clone()
+    };
+    // Set here, where the map still has room, rather than by hyper and hyper-util: reqwest
+    // sends a copy of this map without spare room, and their inserts grew that copy (and
+    // formatted the host and port again) on every request.
+    if let Some(host) = config.url.host_header() {
+        headers.insert(HOST, host.clone());
+    }
+    headers.insert(CONTENT_LENGTH, HeaderValue::from(body.len()));
+    if let Some(key) = &config.signing_secret {
+        let now = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        // `v1,` and base64: always a valid header value.
+        if let Ok(signature) = HeaderValue::try_from(key.sign(&event.id, now, &body)) {
+            headers.insert(HeaderName::from_static("webhook-id"), id);
+            headers.insert(
+                HeaderName::from_static("webhook-timestamp"),
+                HeaderValue::from(now),
+            );
+            headers.insert(HeaderName::from_static("webhook-signature"), signature);
+        }
+    }
+    // Built directly rather than through `RequestBuilder`, which would copy the headers
+    // into a second map.
+    let mut request = reqwest::Request::new(reqwest::Method::POST, config.url.url().clone());
+    *request.headers_mut() = headers;
+    *request.body_mut() = Some(body.into());
+    let Some((source, token)) = token else {
+        return match send(dest, request).await {
             Ok(response) => classify(response).await,
             Err(outcome) => outcome,
-        }
+        };
+    };
+    // Kept for a second try with a new token; the body is shared, not copied.
+    let again = request.try_clone();
+    let mut response = match send(dest, request).await {
+        Ok(response) => response,
+        Err(outcome) => return outcome,
+    };
+    let (StatusCode::UNAUTHORIZED, Some(mut again)) = (response.status(), again) else {
+        return classify(response).await;
+    };
+    // The token was rejected (revoked, or expired early): one new token, one more try in
+    // this attempt. A second 401 is the attempt's outcome.
+    drain(&mut response).await;
+    let fresh = match source.refresh_after_401(&token).await {
+        Ok(fresh) => fresh,
+        Err(error) => return Outcome::no_token(error),
+    };
+    tracing::debug!(destination = %dest.id(), "401 to the oauth2 token: sending again with a new one");
+    again
+        .headers_mut()
+        .insert(AUTHORIZATION, fresh.value().clone());
+    match send(dest, again).await {
+        Ok(response) => classify(response).await,
+        Err(outcome) => outcome,
     }
 }
 
@@ -447,8 +436,7 @@ mod tests {
         let destinations =
             crate::destination::build(&config, &crate::Stats::default()).expect("destinations");
         let dest = destinations.get("a").expect("destination a");
-        let sender = Sender::new(config.organization.clone());
-        let outcome = sender.deliver(dest, &event(r#"{"a":"body"}"#)).await;
+        let outcome = deliver(dest, &event(r#"{"a":"body"}"#)).await;
         assert_eq!(outcome, Outcome::Delivered { status: 200 });
         let request = server.await.expect("server task");
         let values = |name: &str| -> Vec<String> {

@@ -37,6 +37,15 @@ impl Shutdown {
         self.requested.cancelled().await
     }
 
+    /// A stop of its own for one part (a source that a configuration reload replaces), which
+    /// the whole stop reaches too.
+    pub(crate) fn child(&self) -> Shutdown {
+        Shutdown {
+            requested: self.requested.child_token(),
+            drained: self.drained.child_token(),
+        }
+    }
+
     /// Every message taken is acked or abandoned. Also counts as the request, so that nothing
     /// waits for a request after the drain.
     pub(crate) fn mark_drained(&self) {

@@ -21,6 +21,12 @@ pub struct SourceLabel {
     pub source: String,
 }
 
+/// `result="..."`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabel {
+    pub result: String,
+}
+
 /// `destination="..."`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct DestinationLabel {
@@ -75,6 +81,8 @@ pub struct Stats {
     pub latency: Family<DestinationLabel, Histogram, fn() -> Histogram>,
     /// Events being worked on (taken from a source, not yet acked).
     pub in_flight: Gauge,
+    /// Configuration reloads by result (`applied`, `invalid`, `refused`, `failed`).
+    pub config_reloads: Family<ResultLabel, Counter>,
 
     sources: Mutex<BTreeMap<String, SourceHealth>>,
 }
@@ -106,6 +114,7 @@ impl Default for Stats {
             deliveries: Family::default(),
             latency: Family::new_with_constructor(latency_histogram),
             in_flight: Gauge::default(),
+            config_reloads: Family::default(),
             sources: Mutex::new(BTreeMap::new()),
         }
     }
@@ -165,6 +174,23 @@ impl Stats {
         health.last_error = Some(error.to_string());
     }
 
+    /// Counts a configuration reload that ended with `result`.
+    pub fn reloaded(&self, result: &str) {
+        self.config_reloads
+            .get_or_create(&ResultLabel {
+                result: result.to_string(),
+            })
+            .inc();
+    }
+
+    /// Forgets a source that a configuration reload removed, so readiness no longer waits for it.
+    pub fn forget_source(&self, source: &str) {
+        self.sources
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(source);
+    }
+
     /// Registers a configured source (not connected yet) or reports its connection state; a
     /// connect forgets the last error.
     pub fn set_connected(&self, source: &str, up: bool) {
@@ -200,6 +226,11 @@ impl Stats {
             "events_received",
             "Messages taken from a source",
             self.received_by_source.clone(),
+        );
+        r.register(
+            "config_reload",
+            "Configuration reloads by result: applied, invalid (the file did not load), refused (a change that needs a restart), failed (could not be put in force)",
+            self.config_reloads.clone(),
         );
         r.register(
             "source_reconnects",

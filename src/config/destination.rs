@@ -33,7 +33,7 @@ pub const RESERVED_HEADERS: &[&str] = &[
 ];
 
 /// One partner endpoint.
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct DestinationConfig {
     /// Unique name; the dedup key, `Metadata.Subscriber`, and what `destination_id` refers to.
@@ -355,6 +355,13 @@ impl StaticHeaders {
     }
 }
 
+/// Equal when written the same: the parsed map follows from it.
+impl PartialEq for StaticHeaders {
+    fn eq(&self, other: &StaticHeaders) -> bool {
+        self.written == other.written
+    }
+}
+
 impl fmt::Debug for StaticHeaders {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         fmt::Debug::fmt(&self.written, f)
@@ -429,7 +436,7 @@ fn header_name(name: &str) -> Result<HeaderName, String> {
 
 /// How courier authenticates to a destination, as written in the file: the two schemes of the
 /// outbound REST contract, a static bearer token, and OAuth2 client credentials.
-#[derive(Clone, Debug, Deserialize, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(
     tag = "type",
     rename_all = "snake_case",
@@ -549,6 +556,13 @@ impl AuthConfig {
             Scheme::Header { .. } => None,
             Scheme::OAuth2(request) => Some(request),
         }
+    }
+}
+
+/// Equal when written the same: the header or token request follows from it.
+impl PartialEq for AuthConfig {
+    fn eq(&self, other: &AuthConfig) -> bool {
+        self.written == other.written
     }
 }
 
@@ -730,7 +744,7 @@ impl Serialize for AuthConfig {
 }
 
 /// The retry schedule of one destination: exponential with jitter, capped.
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RetryConfig {
     /// Attempts in all, the first included; 1 means no retries.
@@ -781,7 +795,7 @@ impl RetryConfig {
 }
 
 /// The circuit of one destination.
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct CircuitConfig {
     /// Consecutive retryable failures (timeouts, refused connections, 5xx, 408, 429) that open it.

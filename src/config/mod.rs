@@ -94,7 +94,7 @@ impl fmt::Display for Secret {
 
 /// The whole configuration. Sections that are absent take their defaults; a source section that
 /// is absent turns that source off.
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
     /// Limits that apply to the whole worker.

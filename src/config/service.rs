@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 use super::{ConfigError, Secret, MAX_PERMITS};
 
 /// Limits for the whole worker.
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ServiceConfig {
     /// Events in delivery at once, over all sources. Bounds memory and open requests.
@@ -54,7 +54,7 @@ impl ServiceConfig {
 }
 
 /// The sender's identity, copied into the `Metadata` block when a destination asks for it.
-#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct OrganizationConfig {
     /// `Metadata.OrganizationID`.
@@ -68,7 +68,7 @@ pub struct OrganizationConfig {
 }
 
 /// The admin HTTP port: health, and the dead-letter commands of a running worker.
-#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AdminConfig {
     /// `host:port` to listen on, e.g. `127.0.0.1:9464`; absent means no admin port. The

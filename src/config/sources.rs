@@ -75,6 +75,13 @@ impl AmqpUrl {
     }
 }
 
+/// Equal when written the same: the parsed URI follows from it.
+impl PartialEq for AmqpUrl {
+    fn eq(&self, other: &AmqpUrl) -> bool {
+        self.text == other.text
+    }
+}
+
 impl fmt::Debug for AmqpUrl {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         fmt::Debug::fmt(&self.redacted(), f)
@@ -95,7 +102,7 @@ impl Serialize for AmqpUrl {
 }
 
 /// The RabbitMQ source.
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RabbitMqConfig {
     /// `amqp://user:pass@host:port/vhost` (or `amqps://`). Logs show it without the password.
@@ -152,7 +159,7 @@ fn default_connection_name() -> String {
 }
 
 /// One exchange → queue binding.
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct BindingConfig {
     /// A durable topic exchange, declared when `declare = true`.
@@ -245,7 +252,7 @@ fn check_endpoints<U>(
 }
 
 /// An `mqtt://` (or `tcp://`) or `mqtts://` (or `ssl://`) URL, reduced to what the client needs.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MqttUrl {
     text: String,
     host: String,
@@ -323,7 +330,7 @@ impl Serialize for MqttUrl {
 }
 
 /// The MQTT source (MQTT 3.1.1).
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct MqttConfig {
     /// `mqtt://host[:1883]` or `mqtts://host[:8883]` (TLS, verified against the system roots

@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 use super::{redact_url, ConfigError, Secret};
 
 /// The local store.
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct StoreConfig {
     /// Directory of the sled database. One courier process per directory.

@@ -16,7 +16,7 @@ use std::sync::Arc;
 use tokio::sync::mpsc;
 
 use super::failover::Failover;
-use super::{AckFuture, AckHandle, Acker, Delivery};
+use super::{AckFuture, AckHandle, Delivery, InFlight};
 use crate::config::{AmqpUrl, QueueArgument, RabbitMqConfig};
 use crate::event::{Inbound, SourceKind};
 use crate::shutdown::Shutdown;
@@ -53,6 +53,8 @@ pub struct AmqpSource {
     stats: Arc<Stats>,
     /// The broker URLs, in the order they are tried.
     endpoints: Vec<Endpoint>,
+    /// Its messages not yet settled.
+    in_flight: InFlight,
 }
 
 /// One broker URL and how to reach it.
@@ -114,6 +116,7 @@ impl AmqpSource {
             prefetch,
             stats,
             endpoints,
+            in_flight: InFlight::default(),
         })
     }
 
@@ -155,6 +158,11 @@ impl AmqpSource {
             properties,
         )
         .await
+    }
+
+    /// Its messages handed to the pipeline and not yet settled.
+    pub fn in_flight(&self) -> InFlight {
+        self.in_flight.clone()
     }
 
     /// Runs until the stop is requested: consumes into `tx`, reconnecting forever, each time to
@@ -257,7 +265,7 @@ impl AmqpSource {
                 Some(Err(e)) => return Err(e.into()),
                 None => return Err(SessionError::Cancelled),
             };
-            let delivery = to_delivery(delivery, cfg.format);
+            let delivery = to_delivery(delivery, cfg.format, &self.in_flight);
             tokio::select! {
                 sent = tx.send(delivery) => if sent.is_err() { break },
                 // Dropped unacked: the broker redelivers it.
@@ -292,7 +300,11 @@ fn queue_arguments(cfg: &RabbitMqConfig) -> FieldTable {
     table
 }
 
-fn to_delivery(delivery: lapin::message::Delivery, format: crate::config::Format) -> Delivery {
+fn to_delivery(
+    delivery: lapin::message::Delivery,
+    format: crate::config::Format,
+    in_flight: &InFlight,
+) -> Delivery {
     let properties = &delivery.properties;
     let message_id = properties
         .message_id()
@@ -327,7 +339,7 @@ fn to_delivery(delivery: lapin::message::Delivery, format: crate::config::Format
     };
     Delivery {
         inbound,
-        acker: Acker::new(AmqpAck(delivery.acker)),
+        acker: in_flight.acker(AmqpAck(delivery.acker)),
     }
 }
 

@@ -5,9 +5,14 @@
 pub mod amqp;
 pub mod failover;
 pub mod mqtt;
+pub mod supervisor;
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use tokio::sync::Notify;
 
 pub use crate::backoff::ReconnectBackoff;
 use crate::event::Inbound;
@@ -34,17 +39,72 @@ pub trait AckHandle: Send + 'static {
 /// `ack` consumes the acker, so a message cannot be acked twice. Dropping an acker without acking
 /// leaves the message with the broker, which redelivers it: the safe default when courier stops
 /// before a delivery finished.
-pub struct Acker(Box<dyn AckHandle>);
+pub struct Acker {
+    handle: Box<dyn AckHandle>,
+    /// Counts the message among its source's unsettled ones until it is acked or dropped.
+    _held: Option<Held>,
+}
 
 impl Acker {
     /// Wraps a source's ack handle.
     pub fn new(handle: impl AckHandle) -> Acker {
-        Acker(Box::new(handle))
+        Acker {
+            handle: Box::new(handle),
+            _held: None,
+        }
     }
 
     /// Acknowledges the message. A failure means the broker will redeliver it (its channel or
     /// session is gone), which the dedup store absorbs.
     pub async fn ack(self) -> Result<(), String> {
-        self.0.ack().await
+        let Acker { handle, _held } = self;
+        // Settled once the ack went out: a source being replaced keeps its connection until then.
+        handle.ack().await
+    }
+}
+
+/// The messages a source has handed to the pipeline and not yet settled (acked, or dropped
+/// unacked). A source that a configuration reload replaces stops taking messages, waits for
+/// these, and only then closes its connection, so the acks of its last messages still go out.
+#[derive(Clone, Default)]
+pub struct InFlight(Arc<Counter>);
+
+#[derive(Default)]
+struct Counter {
+    count: AtomicUsize,
+    settled: Notify,
+}
+
+impl InFlight {
+    /// An acker for `handle` that counts its message until it is settled.
+    pub fn acker(&self, handle: impl AckHandle) -> Acker {
+        self.0.count.fetch_add(1, Ordering::SeqCst);
+        Acker {
+            handle: Box::new(handle),
+            _held: Some(Held(Arc::clone(&self.0))),
+        }
+    }
+
+    /// Returns once no message of the source is unsettled.
+    pub async fn settled(&self) {
+        loop {
+            // Registered before the check, so a settlement in between is not missed.
+            let settled = self.0.settled.notified();
+            if self.0.count.load(Ordering::SeqCst) == 0 {
+                return;
+            }
+            settled.await;
+        }
+    }
+}
+
+/// One unsettled message of an [`InFlight`].
+struct Held(Arc<Counter>);
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        if self.0.count.fetch_sub(1, Ordering::SeqCst) == 1 {
+            self.0.settled.notify_waiters();
+        }
     }
 }

@@ -28,7 +28,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use super::failover::Failover;
-use super::{AckFuture, AckHandle, Acker, Delivery};
+use super::{AckFuture, AckHandle, Delivery, InFlight};
 use crate::config::MqttConfig;
 use crate::event::{Inbound, SourceKind};
 use crate::shutdown::Shutdown;
@@ -50,6 +50,8 @@ pub struct MqttSource {
     brokers: Vec<Broker>,
     qos: QoS,
     stats: Arc<Stats>,
+    /// Its messages not yet settled.
+    in_flight: InFlight,
 }
 
 impl MqttSource {
@@ -107,9 +109,15 @@ impl MqttSource {
         Ok(MqttSource {
             config,
             brokers,
+            in_flight: InFlight::default(),
             qos,
             stats,
         })
+    }
+
+    /// Its messages handed to the pipeline and not yet settled.
+    pub fn in_flight(&self) -> InFlight {
+        self.in_flight.clone()
     }
 
     /// Runs until the stop is requested, then keeps the session open (and PUBACKs flowing)
@@ -186,11 +194,11 @@ impl MqttSource {
                         continue;
                     }
                     let acker = match publish.qos {
-                        QoS::AtMostOnce => Acker::new(NoAck),
+                        QoS::AtMostOnce => self.in_flight.acker(NoAck),
                         _ => {
                             let seq = next_seq;
                             next_seq += 1;
-                            Acker::new(MqttAck {
+                            self.in_flight.acker(MqttAck {
                                 generation,
                                 seq,
                                 pkid: publish.pkid,

@@ -121,6 +121,10 @@ async fn retries_are_ordered_unique_per_pair_and_survive_reopen() {
         assert_eq!(store.next_retry_at("e").unwrap(), Some(50));
         assert_eq!(store.next_retry_at("none").unwrap(), None);
         assert_eq!(store.retry_destinations().unwrap(), vec!["d", "e"]);
+        assert_eq!(
+            store.pending_retries_by_destination().unwrap(),
+            vec![("d".to_string(), 3), ("e".to_string(), 1)]
+        );
         let due = store.due_retries("d", 260, 10, |_| false).unwrap();
         let ids: Vec<_> = due
             .iter()

@@ -191,17 +191,26 @@ impl Store {
 
     /// Destinations that have pending retries (one pass over the index).
     pub fn retry_destinations(&self) -> Result<Vec<String>, StoreError> {
+        Ok(self
+            .pending_retries_by_destination()?
+            .into_iter()
+            .map(|(name, _)| name)
+            .collect())
+    }
+
+    /// Pending retries per destination, by name (one pass over the index); a destination that a
+    /// reload removed is listed too, its retries kept until it comes back.
+    pub fn pending_retries_by_destination(&self) -> Result<Vec<(String, usize)>, StoreError> {
         let h = self.handles()?;
-        let mut out: Vec<String> = Vec::new();
+        let mut out: Vec<(String, usize)> = Vec::new();
         for item in h.retry_index.iter() {
             let (pair, _) = item.map_err(|e| self.err(e))?;
             let name = pair.split(|b| *b == 0).next().unwrap_or(&[]);
-            let name = String::from_utf8_lossy(name).into_owned();
-            if out.last() != Some(&name) {
-                out.push(name);
+            match out.last_mut() {
+                Some((last, n)) if last.as_bytes() == name => *n += 1,
+                _ => out.push((String::from_utf8_lossy(name).into_owned(), 1)),
             }
         }
-        out.dedup();
         Ok(out)
     }
 

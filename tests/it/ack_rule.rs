@@ -15,7 +15,6 @@ use courier::delivery::Deliverer;
 use courier::destination::Destinations;
 use courier::event::{Inbound, SourceKind};
 use courier::pipeline::Pipeline;
-use courier::sender::Sender;
 use courier::sources::{AckFuture, AckHandle, Acker, Delivery};
 use courier::store::Store;
 use courier::{Shutdown, Stats};
@@ -52,11 +51,7 @@ async fn durable_at_ack(status: u16, body: &str) -> (bool, bool) {
     let shutdown = Shutdown::new();
     let store = Store::start(&config.store, &shutdown).await.expect("store");
     let stats = Arc::new(Stats::default());
-    let deliverer = Arc::new(Deliverer::new(
-        Sender::new(config.organization.clone()),
-        store.clone(),
-        stats.clone(),
-    ));
+    let deliverer = Arc::new(Deliverer::new(store.clone(), stats.clone()));
     let pipeline = Arc::new(Pipeline::new(
         Arc::new(Destinations::from_config(&config, &stats).expect("destinations")),
         deliverer,

@@ -24,5 +24,6 @@ mod mqtt_broker_restart;
 mod oauth2;
 mod operations;
 mod proxy;
+mod reload;
 mod retries;
 mod tls;

@@ -170,6 +170,14 @@ impl CourierProcess {
             .is_ok_and(|s| s.success())
     }
 
+    /// Sends SIGHUP (courier loads its configuration file again); returns whether it was sent.
+    pub fn sighup(&self) -> bool {
+        Command::new("kill")
+            .args(["-HUP", &self.pid().to_string()])
+            .status()
+            .is_ok_and(|s| s.success())
+    }
+
     /// Waits for the process to exit; `None` if it still runs after `timeout`.
     pub async fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
         let deadline = Instant::now() + timeout;
