@@ -24,6 +24,7 @@ pub mod shutdown;
 pub mod signature;
 pub mod sources;
 pub mod stats;
+pub mod status;
 pub mod store;
 pub mod topic;
 

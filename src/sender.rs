@@ -15,6 +15,7 @@ use serde_json::{Map, Value};
 use crate::config::{DestinationConfig, OrganizationConfig, RESERVED_HEADERS};
 use crate::destination::Destination;
 use crate::event::Event;
+use crate::status::Verdict;
 use crate::topic;
 
 /// Headers a request gets besides the static and metadata ones: Content-Type, X-Request-Id,
@@ -29,9 +30,10 @@ const DRAIN_LIMIT: usize = 64 * 1024;
 /// What one POST attempt came to.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
-    /// A 2xx answer.
+    /// A 2xx answer, or one the destination's `success_on` names.
     Delivered { status: u16 },
-    /// Anything else. `retryable` marks connection errors, timeouts, 408, 429 and 5xx.
+    /// Anything else. `retryable` marks connection errors, timeouts, and the statuses that are
+    /// retryable by default (408, 429, 5xx) or by the destination's `retry_on`.
     Failed {
         status: Option<u16>,
         reason: String,
@@ -130,7 +132,7 @@ impl Sender {
         *request.headers_mut() = headers;
         *request.body_mut() = Some(body.into());
         match dest.client().execute(request).await {
-            Ok(response) => classify(response).await,
+            Ok(response) => classify(response, config).await,
             Err(e) => Outcome::failed(None, error_chain(&e), !e.is_redirect() && !e.is_builder()),
         }
     }
@@ -207,14 +209,17 @@ fn headers(config: &DestinationConfig, event: &Event) -> Result<(HeaderMap, Head
     Ok((headers, id))
 }
 
-async fn classify(mut response: reqwest::Response) -> Outcome {
+/// The outcome of an answer, by the destination's status-code rules over the default table
+/// (crate::status): 2xx delivered; 408, 429 and 5xx retryable; everything else final.
+async fn classify(mut response: reqwest::Response, config: &DestinationConfig) -> Outcome {
     let status = response.status();
     let code = status.as_u16();
-    if status.is_success() {
+    let verdict = config.status_rules().verdict(code);
+    if verdict == Verdict::Success {
         drain(&mut response).await;
         return Outcome::Delivered { status: code };
     }
-    let retryable = code == 408 || code == 429 || status.is_server_error();
+    let retryable = verdict == Verdict::Retryable;
     let retry_after = if code == 429 || code == 503 {
         response
             .headers()

@@ -14,6 +14,7 @@ use serde::{Deserialize, Serialize};
 use super::expand::keyed;
 use super::{default_true, redact_url, ConfigError, Secret, MAX_PERMITS};
 use crate::signature::SigningKey;
+use crate::status::{StatusMatch, StatusRules};
 use crate::topic::TopicPattern;
 
 /// Headers that belong to the contract and can be set by neither static headers nor metadata.
@@ -72,6 +73,15 @@ pub struct DestinationConfig {
     /// When to stop attempting a failing or saturated destination for a while.
     #[serde(default)]
     pub circuit: CircuitConfig,
+    /// Status codes and classes that are retried, whatever the default table says.
+    #[serde(default)]
+    pub retry_on: Vec<StatusMatch>,
+    /// Status codes and classes that are final failures, whatever the default table says.
+    #[serde(default)]
+    pub final_on: Vec<StatusMatch>,
+    /// Status codes and classes that mean delivered, whatever the default table says.
+    #[serde(default)]
+    pub success_on: Vec<StatusMatch>,
 }
 
 fn default_max_concurrency() -> usize {
@@ -146,7 +156,31 @@ impl DestinationConfig {
                 ));
             }
         }
+        self.validate_policy(key)
+    }
+
+    /// The checks of the delivery policy: the status-code rules.
+    fn validate_policy(&self, key: &str) -> Result<(), ConfigError> {
+        if let Some((list, entry, other)) = self.status_rules().overlap() {
+            return Err(ConfigError::invalid(
+                format!("{key}.{list}"),
+                format!(
+                    "{entry} is also in {other}; a code or class may be in only one of \
+                     retry_on, final_on and success_on (a code in one and its class in another \
+                     is fine: the code wins)"
+                ),
+            ));
+        }
         Ok(())
+    }
+
+    /// The destination's status-code rules over the default table.
+    pub fn status_rules(&self) -> StatusRules<'_> {
+        StatusRules {
+            success_on: &self.success_on,
+            retry_on: &self.retry_on,
+            final_on: &self.final_on,
+        }
     }
 }
 
@@ -483,7 +517,8 @@ impl RetryConfig {
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct CircuitConfig {
-    /// Consecutive retryable failures (timeouts, refused connections, 5xx, 408, 429) that open it.
+    /// Consecutive retryable failures (timeouts, refused connections, and the answers that are
+    /// retryable: 5xx, 408, 429 by default, or as the destination's status rules say) that open it.
     pub failures: u32,
     /// How long it stays open before one probe attempt is let through.
     #[serde(with = "humantime_serde")]

@@ -18,4 +18,5 @@ mod fuzz_seeds;
 mod mqtt;
 mod mqtt_broker_restart;
 mod operations;
+mod policy;
 mod retries;

@@ -1,0 +1,89 @@
+//! A destination's own delivery policy over the real RabbitMQ: status-code rules.
+
+use std::time::Duration;
+
+use courier::store::DeadLetterKind;
+
+use crate::support::*;
+
+const WAIT: Duration = Duration::from_secs(30);
+
+async fn setup(prefix: &str) -> (String, tempfile::TempDir, Publisher) {
+    let queue = unique(prefix);
+    let publisher = Publisher::connect().await;
+    publisher.declare_queue(&queue).await;
+    (queue, tempfile::tempdir().unwrap(), publisher)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_rules_override_the_default_table() {
+    let _brokers = brokers().await;
+    let rx = Receiver::start().await;
+    let (queue, store, publisher) = setup("rules").await;
+    let courier = Courier::start(
+        &rabbit_config(&queue, store.path()).destination(
+            Dest::new("rules", &rx.url("/rules"))
+                .retry_on(&["404", "5xx"])
+                .final_on(&["501"])
+                .success_on(&["409"])
+                .retry(Retry::backoff(
+                    4,
+                    Duration::from_millis(100),
+                    2.0,
+                    Duration::from_secs(1),
+                )),
+        ),
+    );
+
+    // 409 under success_on: delivered, and the dedup record stops a second POST.
+    rx.fail_next(1, 409);
+    publisher
+        .to_queue(&queue, event("C409", "t").as_bytes())
+        .await;
+    courier.wait_count(1, WAIT, |s| &s.delivered).await;
+    publisher
+        .to_queue(&queue, event("C409", "t").as_bytes())
+        .await;
+    courier.wait_count(1, WAIT, |s| &s.duplicates).await;
+
+    // 404 under retry_on: retried (by default a 404 is final).
+    rx.fail_next(1, 404);
+    publisher
+        .to_queue(&queue, event("R404", "t").as_bytes())
+        .await;
+    eventually("R404 delivered on its second attempt", WAIT, || {
+        rx.delivered_counts().get("R404") == Some(&1)
+    })
+    .await;
+
+    // 501 under final_on beats "5xx" under retry_on: a dead letter after one attempt.
+    rx.fail_next(1, 501);
+    publisher
+        .to_queue(&queue, event("F501", "t").as_bytes())
+        .await;
+    courier.wait_count(1, WAIT, |s| &s.dead_lettered).await;
+    // 503 is still retried through "5xx".
+    rx.fail_next(1, 503);
+    publisher
+        .to_queue(&queue, event("R503", "t").as_bytes())
+        .await;
+    eventually("R503 delivered on its second attempt", WAIT, || {
+        rx.delivered_counts().get("R503") == Some(&1)
+    })
+    .await;
+    courier.stop().await;
+
+    assert_eq!(rx.arrival_times("C409").len(), 1, "deduplicated");
+    assert_eq!(rx.arrival_times("R404").len(), 2);
+    assert_eq!(rx.arrival_times("F501").len(), 1);
+    assert_eq!(rx.arrival_times("R503").len(), 2);
+    let store = open_store(store.path());
+    assert!(store.is_delivered("rules", "C409").await.unwrap());
+    let letters = store.dead_letters().unwrap();
+    assert_eq!(letters.len(), 1, "{letters:?}");
+    assert_eq!(letters[0].event_id.as_deref(), Some("F501"));
+    assert_eq!(
+        (letters[0].kind, letters[0].last_status, letters[0].attempts),
+        (DeadLetterKind::Failed, Some(501), 1)
+    );
+}
