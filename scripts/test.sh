@@ -5,7 +5,12 @@
 #    (127.0.0.1:6379) answer. A service whose port does not answer is started; a missing binary is
 #    first installed from the Debian packages (rabbitmq-server, mosquitto, redis-server). Root is needed only for that; without root
 #    the commands go through sudo.
-# 2. Runs `cargo test --workspace --all-targets` (courier's unit tests, the integration tests in
+# 2. Makes sure the Standard Webhooks reference library (the standardwebhooks package from PyPI)
+#    can be imported, for the signature tests: installed once per machine with pip into
+#    ~/.cache/courier-test/python (python3 and pip come from the Debian packages python3 and
+#    python3-pip when missing). When it cannot be installed (no network), the tests verify with
+#    a port of the reference algorithm instead, and say so.
+# 3. Runs `cargo test --workspace --all-targets` (courier's unit tests, the integration tests in
 #    tests/it, and the tools' own tests), passing on any arguments:
 #        scripts/test.sh                 # everything
 #        scripts/test.sh -- --nocapture  # extra arguments go to cargo test
@@ -173,10 +178,36 @@ provide_rabbitmqctl() {
 command -v cargo >/dev/null 2>&1 ||
     die "cargo not found: install Rust (https://rustup.rs), then run this script again"
 
+# The signature tests verify courier's requests with the Standard Webhooks reference library.
+# `pip install --target` works on Debian's system Python too (PEP 668 guards only installs
+# into the interpreter's own environment).
+readonly PYTHON_DEPS="${XDG_CACHE_HOME:-${HOME:-/root}/.cache}/courier-test/python"
+ensure_standardwebhooks() {
+    export PYTHONPATH="$PYTHON_DEPS${PYTHONPATH:+:$PYTHONPATH}"
+    if python3 -c 'import standardwebhooks' >/dev/null 2>&1; then
+        export COURIER_REQUIRE_STANDARDWEBHOOKS=1
+        return
+    fi
+    if ! python3 -m pip --version >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then
+        log "installing python3 and python3-pip from the Debian packages"
+        as_root env DEBIAN_FRONTEND=noninteractive apt-get update -qq || true
+        as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3 python3-pip >/dev/null || true
+    fi
+    log "installing the standardwebhooks package into $PYTHON_DEPS"
+    if PIP_ROOT_USER_ACTION=ignore python3 -m pip install --quiet --disable-pip-version-check \
+        --target "$PYTHON_DEPS" standardwebhooks >&2 &&
+        python3 -c 'import standardwebhooks' >/dev/null 2>&1; then
+        export COURIER_REQUIRE_STANDARDWEBHOOKS=1
+    else
+        log "warning: standardwebhooks could not be installed; the signature tests use the reference algorithm instead"
+    fi
+}
+
 ensure_rabbitmq
 ensure_mosquitto
 ensure_redis
 provide_rabbitmqctl
+ensure_standardwebhooks
 
 if [ "${1:-}" = "--long" ]; then
     shift

@@ -15,6 +15,7 @@ use serde_json::{Map, Value};
 use crate::config::{DestinationConfig, OrganizationConfig, RESERVED_HEADERS};
 use crate::destination::Destination;
 use crate::event::Event;
+use crate::signature;
 use crate::status::Verdict;
 use crate::topic;
 
@@ -111,13 +112,15 @@ impl Sender {
             headers.insert(HOST, host.clone());
         }
         headers.insert(CONTENT_LENGTH, HeaderValue::from(body.len()));
-        if let Some(key) = &config.signing_secret {
+        let keys = config.signing_keys();
+        if !keys.is_empty() {
             let now = SystemTime::now()
                 .duration_since(SystemTime::UNIX_EPOCH)
                 .map(|d| d.as_secs())
                 .unwrap_or(0);
-            // `v1,` and base64: always a valid header value.
-            if let Ok(signature) = HeaderValue::try_from(key.sign(&event.id, now, &body)) {
+            // `v1,` and base64, space-separated: always a valid header value.
+            let signatures = signature::signature_header(keys, &event.id, now, &body);
+            if let Ok(signature) = HeaderValue::try_from(signatures) {
                 headers.insert(HeaderName::from_static("webhook-id"), id);
                 headers.insert(
                     HeaderName::from_static("webhook-timestamp"),

@@ -82,6 +82,10 @@ pub struct DestinationConfig {
     /// Status codes and classes that mean delivered, whatever the default table says.
     #[serde(default)]
     pub success_on: Vec<StatusMatch>,
+    /// Several `whsec_` secrets, one signature each (for rotating the secret); instead of
+    /// `signing_secret`.
+    #[serde(default)]
+    pub signing_secrets: Option<Vec<SigningKey>>,
 }
 
 fn default_max_concurrency() -> usize {
@@ -159,7 +163,7 @@ impl DestinationConfig {
         self.validate_policy(key)
     }
 
-    /// The checks of the delivery policy: the status-code rules.
+    /// The checks of the delivery policy: the status-code rules, the signing secrets.
     fn validate_policy(&self, key: &str) -> Result<(), ConfigError> {
         if let Some((list, entry, other)) = self.status_rules().overlap() {
             return Err(ConfigError::invalid(
@@ -171,7 +175,17 @@ impl DestinationConfig {
                 ),
             ));
         }
-        Ok(())
+        match &self.signing_secrets {
+            Some(_) if self.signing_secret.is_some() => Err(ConfigError::invalid(
+                format!("{key}.signing_secrets"),
+                "set either signing_secret or signing_secrets, not both",
+            )),
+            Some(secrets) if secrets.is_empty() => Err(ConfigError::invalid(
+                format!("{key}.signing_secrets"),
+                "is empty; list at least one secret, or remove the key to send unsigned requests",
+            )),
+            _ => Ok(()),
+        }
     }
 
     /// The destination's status-code rules over the default table.
@@ -180,6 +194,15 @@ impl DestinationConfig {
             success_on: &self.success_on,
             retry_on: &self.retry_on,
             final_on: &self.final_on,
+        }
+    }
+
+    /// The keys every request is signed with, one signature each: `signing_secret` or
+    /// `signing_secrets`; empty when requests are not signed.
+    pub fn signing_keys(&self) -> &[SigningKey] {
+        match &self.signing_secrets {
+            Some(keys) => keys,
+            None => self.signing_secret.as_slice(),
         }
     }
 }

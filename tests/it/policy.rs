@@ -1,9 +1,11 @@
-//! A destination's own delivery policy over the real RabbitMQ: status-code rules.
+//! A destination's own delivery policy over the real RabbitMQ: status-code rules and signing
+//! with several secrets.
 
 use std::time::Duration;
 
 use courier::store::DeadLetterKind;
 
+use crate::support::webhooks::{self, Verifier};
 use crate::support::*;
 
 const WAIT: Duration = Duration::from_secs(30);
@@ -86,4 +88,46 @@ async fn status_rules_override_the_default_table() {
         (letters[0].kind, letters[0].last_status, letters[0].attempts),
         (DeadLetterKind::Failed, Some(501), 1)
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_request_verifies_with_the_old_secret_and_with_the_new_one() {
+    let _brokers = brokers().await;
+    let rx = Receiver::start().await;
+    let (queue, store, publisher) = setup("rotation").await;
+    let new = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+    let old = "whsec_b2xkLXNlY3JldC1vZi10aGUtcGFydG5lcg==";
+    let courier = Courier::start(
+        &rabbit_config(&queue, store.path()).destination(
+            Dest::new("rotating", &rx.url("/rotating"))
+                .signing_secrets(&[new, old])
+                .metadata_in_payload(),
+        ),
+    );
+    publisher
+        .to_queue(&queue, br#"{"id":"ROT1","topic":"a.b","data":{"x":1.50}}"#)
+        .await;
+    let request = rx.wait_for_id("ROT1", WAIT).await;
+    courier.stop().await;
+    let signatures = request.header("webhook-signature").unwrap_or_default();
+    assert_eq!(
+        signatures
+            .split(' ')
+            .filter(|s| s.starts_with("v1,"))
+            .count(),
+        2,
+        "{signatures}"
+    );
+    // The partner still on the old secret, then the partner on the new one.
+    let (verifier, with_old) = webhooks::verify(old, &request);
+    println!("verified with {verifier:?}");
+    assert_eq!(with_old, Ok(()), "old secret");
+    let (_, with_new) = webhooks::verify(new, &request);
+    assert_eq!(with_new, Ok(()), "new secret");
+    // And a secret courier does not hold does not verify: the check is real.
+    let (_, with_other) = webhooks::verify("whsec_c29tZW9uZS1lbHNl", &request);
+    assert!(with_other.is_err(), "{with_other:?}");
+    if std::env::var_os("COURIER_REQUIRE_STANDARDWEBHOOKS").is_some() {
+        assert_eq!(verifier, Verifier::Reference);
+    }
 }

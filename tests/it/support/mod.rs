@@ -3,6 +3,7 @@
 //! the store opened for assertions.
 
 mod brokers;
+pub mod webhooks;
 
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};

@@ -320,6 +320,8 @@ pub struct Dest {
     final_on: Vec<toml::Value>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     success_on: Vec<toml::Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    signing_secrets: Option<Vec<String>>,
 }
 
 /// `"404"` as the integer 404, `"4xx"` as the string: the way a status list is written.
@@ -360,6 +362,7 @@ impl Dest {
             retry_on: Vec::new(),
             final_on: Vec::new(),
             success_on: Vec::new(),
+            signing_secrets: None,
         }
     }
 
@@ -446,6 +449,12 @@ impl Dest {
     /// `success_on`: codes and classes.
     pub fn success_on(mut self, codes: &[&str]) -> Self {
         self.success_on = statuses(codes);
+        self
+    }
+
+    /// `signing_secrets`: one signature per secret.
+    pub fn signing_secrets(mut self, secrets: &[&str]) -> Self {
+        self.signing_secrets = Some(secrets.iter().map(|s| s.to_string()).collect());
         self
     }
 }
