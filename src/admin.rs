@@ -67,7 +67,11 @@ async fn ready(State(s): State<AdminState>) -> Response {
 }
 
 async fn metrics(State(s): State<AdminState>) -> Response {
+    use prometheus_client::metrics::family::Family;
     use prometheus_client::metrics::gauge::Gauge;
+    use std::sync::atomic::AtomicU64;
+
+    use crate::stats::DestinationLabel;
     let mut registry = s.deliverer.stats().registry();
     let store = s.deliverer.store();
     // Counted at scrape time; sled counts by walking the tree, which is fine at scrape rates.
@@ -90,6 +94,22 @@ async fn metrics(State(s): State<AdminState>) -> Response {
             .count() as i64,
     );
     registry.register("circuits_open", "Destinations whose circuit is open", open);
+    let rates: Family<DestinationLabel, Gauge<f64, AtomicU64>> = Family::default();
+    let now = std::time::Instant::now();
+    for dest in s.destinations.current().iter() {
+        if let Some(limiter) = dest.rate_limit() {
+            rates
+                .get_or_create(&DestinationLabel {
+                    destination: dest.id().to_string(),
+                })
+                .set(limiter.current_rate(now));
+        }
+    }
+    registry.register(
+        "rate_limit_requests_per_second",
+        "The rate a rate-limited destination is held to now (below its configured rate after 429s)",
+        rates,
+    );
     let mut body = String::new();
     if let Err(e) = prometheus_client::encoding::text::encode(&mut body, &registry) {
         return (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response();

@@ -5,8 +5,9 @@
 
 use std::borrow::Borrow;
 use std::fmt;
+use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, RwLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::histogram::Histogram;
@@ -14,6 +15,7 @@ use tokio::sync::Semaphore;
 
 use crate::circuit::Circuit;
 use crate::config::{Config, DestinationConfig};
+use crate::ratelimit::RateLimiter;
 use crate::router::{Routable, Router};
 use crate::sender::{Clients, SenderError};
 use crate::stats::Stats;
@@ -63,6 +65,10 @@ pub struct DestinationMetrics {
     pub duplicate: Counter,
     /// Seconds from the start of a POST to its answer or failure.
     pub latency: Histogram,
+    /// Seconds attempts waited for a token of the rate limit.
+    pub rate_limit_wait: Counter<f64, AtomicU64>,
+    /// Events parked because their token was further away than `circuit.max_wait`.
+    pub rate_limit_parked: Counter,
 }
 
 impl DestinationMetrics {
@@ -74,6 +80,8 @@ impl DestinationMetrics {
             parked: stats.delivery_counter(name, "parked"),
             duplicate: stats.delivery_counter(name, "duplicate"),
             latency: stats.latency_histogram(name),
+            rate_limit_wait: stats.rate_limit_wait_counter(name),
+            rate_limit_parked: stats.rate_limit_parked_counter(name),
         }
     }
 }
@@ -86,6 +94,7 @@ pub struct Destination {
     circuit: Circuit,
     limit: Semaphore,
     metrics: DestinationMetrics,
+    rate_limit: Option<RateLimiter>,
 }
 
 impl Destination {
@@ -96,6 +105,10 @@ impl Destination {
             circuit: Circuit::new(&config.name, config.circuit.clone()),
             limit: Semaphore::new(config.max_concurrency),
             metrics: DestinationMetrics::new(stats, &config.name),
+            rate_limit: config
+                .rate_limit
+                .as_ref()
+                .map(|r| RateLimiter::new(r, Instant::now())),
             client,
             config,
         }
@@ -135,6 +148,11 @@ impl Destination {
     /// Its series.
     pub fn metrics(&self) -> &DestinationMetrics {
         &self.metrics
+    }
+
+    /// Its token bucket, when it has a `rate_limit`.
+    pub fn rate_limit(&self) -> Option<&RateLimiter> {
+        self.rate_limit.as_ref()
     }
 }
 

@@ -17,6 +17,7 @@ pub mod delivery;
 pub mod destination;
 pub mod event;
 pub mod pipeline;
+pub mod ratelimit;
 pub mod retry;
 pub mod router;
 pub mod sender;

@@ -73,6 +73,9 @@ pub struct DestinationConfig {
     /// When to stop attempting a failing or saturated destination for a while.
     #[serde(default)]
     pub circuit: CircuitConfig,
+    /// Requests per period the destination accepts; over it, events wait for their turn.
+    #[serde(default)]
+    pub rate_limit: Option<RateLimitConfig>,
     /// Status codes and classes that are retried, whatever the default table says.
     #[serde(default)]
     pub retry_on: Vec<StatusMatch>,
@@ -163,8 +166,12 @@ impl DestinationConfig {
         self.validate_policy(key)
     }
 
-    /// The checks of the delivery policy: the status-code rules, the signing secrets.
+    /// The checks of the delivery policy: the rate limit, the status-code rules, the signing
+    /// secrets.
     fn validate_policy(&self, key: &str) -> Result<(), ConfigError> {
+        if let Some(rate) = &self.rate_limit {
+            rate.validate(key)?;
+        }
         if let Some((list, entry, other)) = self.status_rules().overlap() {
             return Err(ConfigError::invalid(
                 format!("{key}.{list}"),
@@ -559,6 +566,54 @@ impl Default for CircuitConfig {
             open_for: Duration::from_secs(30),
             max_wait: Duration::from_secs(1),
         }
+    }
+}
+
+/// A destination's rate limit: `requests` per `per`, up to `burst` at once after a quiet spell.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(
+    deny_unknown_fields,
+    expecting = "a table such as { requests = 100, per = \"1s\", burst = 20 }"
+)]
+pub struct RateLimitConfig {
+    /// Requests per `per`.
+    pub requests: u32,
+    /// The period `requests` are counted over.
+    #[serde(default = "default_rate_period", with = "humantime_serde")]
+    pub per: Duration,
+    /// Requests that may go at once after the destination was quiet (the bucket's size).
+    #[serde(default = "default_burst")]
+    pub burst: u32,
+}
+
+fn default_rate_period() -> Duration {
+    Duration::from_secs(1)
+}
+fn default_burst() -> u32 {
+    1
+}
+
+impl RateLimitConfig {
+    fn validate(&self, key: &str) -> Result<(), ConfigError> {
+        if self.requests == 0 {
+            return Err(ConfigError::invalid(
+                format!("{key}.rate_limit.requests"),
+                "must be at least 1; remove rate_limit for no limit",
+            ));
+        }
+        if self.per.is_zero() {
+            return Err(ConfigError::invalid(
+                format!("{key}.rate_limit.per"),
+                "must be longer than 0s",
+            ));
+        }
+        if self.burst == 0 {
+            return Err(ConfigError::invalid(
+                format!("{key}.rate_limit.burst"),
+                "must be at least 1",
+            ));
+        }
+        Ok(())
     }
 }
 

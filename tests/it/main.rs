@@ -19,4 +19,5 @@ mod mqtt;
 mod mqtt_broker_restart;
 mod operations;
 mod policy;
+mod rate_limit;
 mod retries;

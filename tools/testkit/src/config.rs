@@ -314,6 +314,8 @@ pub struct Dest {
     retry: Option<Retry>,
     #[serde(skip_serializing_if = "Option::is_none")]
     circuit: Option<Circuit>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    rate_limit: Option<RateLimit>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     retry_on: Vec<toml::Value>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
@@ -322,6 +324,15 @@ pub struct Dest {
     success_on: Vec<toml::Value>,
     #[serde(skip_serializing_if = "Option::is_none")]
     signing_secrets: Option<Vec<String>>,
+}
+
+/// A destination's `rate_limit`.
+#[derive(Clone, Debug, Serialize)]
+struct RateLimit {
+    requests: u32,
+    #[serde(serialize_with = "duration")]
+    per: Option<Duration>,
+    burst: u32,
 }
 
 /// `"404"` as the integer 404, `"4xx"` as the string: the way a status list is written.
@@ -359,6 +370,7 @@ impl Dest {
             signing_secret: None,
             retry: None,
             circuit: None,
+            rate_limit: None,
             retry_on: Vec::new(),
             final_on: Vec::new(),
             success_on: Vec::new(),
@@ -431,6 +443,16 @@ impl Dest {
 
     pub fn circuit(mut self, circuit: Circuit) -> Self {
         self.circuit = Some(circuit);
+        self
+    }
+
+    /// `rate_limit = { requests, per, burst }`.
+    pub fn rate_limit(mut self, requests: u32, per: Duration, burst: u32) -> Self {
+        self.rate_limit = Some(RateLimit {
+            requests,
+            per: Some(per),
+            burst,
+        });
         self
     }
 
@@ -572,6 +594,7 @@ mod tests {
                     .basic_auth("u", "${PW}")
                     .retry(Retry::default().max_attempts(3).multiplier(2.0))
                     .circuit(Circuit::default().failures(5))
+                    .rate_limit(20, Duration::from_secs(1), 2)
                     .retry_on(&["404", "5xx"])
                     .success_on(&["409"]),
             )
@@ -590,6 +613,7 @@ mod tests {
         assert_eq!(dests[0]["auth"]["type"].as_str(), Some("basic"));
         assert_eq!(dests[0]["auth"]["password"].as_str(), Some("${PW}"));
         assert_eq!(dests[0]["retry"]["max_attempts"].as_integer(), Some(3));
+        assert_eq!(dests[0]["rate_limit"]["per"].as_str(), Some("1s"));
         assert_eq!(dests[0]["retry_on"][0].as_integer(), Some(404));
         assert_eq!(dests[0]["retry_on"][1].as_str(), Some("5xx"));
         assert_eq!(dests[1]["auth"]["type"].as_str(), Some("api_key"));
