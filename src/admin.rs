@@ -11,7 +11,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Json;
 
-use crate::deadletters::{self, Filter};
+use crate::deadletters::{self, Filter, ReplayOptions};
 use crate::delivery::Deliverer;
 use crate::destination::Destinations;
 use crate::shutdown::Shutdown;
@@ -135,8 +135,12 @@ async fn list(State(s): State<AdminState>, Query(filter): Query<Filter>) -> Resp
     }
 }
 
-async fn replay(State(s): State<AdminState>, Query(filter): Query<Filter>) -> Response {
-    match deadletters::replay(&s.deliverer, &s.destinations.current(), &filter).await {
+async fn replay(
+    State(s): State<AdminState>,
+    Query(filter): Query<Filter>,
+    Query(options): Query<ReplayOptions>,
+) -> Response {
+    match deadletters::replay(&s.deliverer, &s.destinations.current(), &filter, options).await {
         Ok(results) => Json(results).into_response(),
         Err(e) => store_error(e),
     }

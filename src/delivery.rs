@@ -17,7 +17,7 @@ use crate::circuit::Gate;
 use crate::destination::{Destination, DestinationId};
 use crate::event::Event;
 use crate::ratelimit::{RateLimiter, Throttle};
-use crate::sender::{Outcome, Sender};
+use crate::sender::{format_time, Outcome, Sender};
 use crate::stats::Stats;
 use crate::store::{millis, DeadLetter, DeadLetterKind, RetryRecord, Store, StoredEvent};
 
@@ -35,10 +35,11 @@ pub enum Origin<'a> {
     /// taken again on a later pass; a destination that holds every slot must not hold the
     /// scheduler's whole pool.
     Retry(&'a RetryRecord),
-    /// An operator's replay of this dead letter, now: it waits for its token and its slot as
-    /// long as it takes and goes through an open circuit. A failure keeps the letter, with the
-    /// new reason.
-    Replay(&'a DeadLetter),
+    /// An operator's replay of this dead letter, now. It waits for its token and its slot as
+    /// long as it takes; an open circuit leaves the letter as it is ([`Settled::Blocked`]).
+    /// `force` skips the circuit and the rate limit. A failure keeps the letter, with the new
+    /// reason.
+    Replay { letter: &'a DeadLetter, force: bool },
 }
 
 impl Origin<'_> {
@@ -47,8 +48,13 @@ impl Origin<'_> {
         match self {
             Origin::Message => 0,
             Origin::Retry(record) => record.attempts,
-            Origin::Replay(letter) => letter.attempts,
+            Origin::Replay { letter, .. } => letter.attempts,
         }
+    }
+
+    /// A forced replay: neither the circuit nor the rate limit applies.
+    fn forced(&self) -> bool {
+        matches!(self, Origin::Replay { force: true, .. })
     }
 }
 
@@ -72,6 +78,8 @@ pub enum Settled {
     Parked,
     /// A retry found no token or no free slot in time: its entry stays due, unchanged.
     Busy,
+    /// A replay found the circuit open: nothing was sent and the letter stays as it was.
+    Blocked { reason: String },
     /// A 2xx; the dedup record is written.
     Delivered { status: u16 },
     /// A retryable failure with attempts left: another attempt is scheduled.
@@ -87,7 +95,7 @@ impl Settled {
     /// group commit.
     pub fn recorded(&self) -> Recorded {
         match self {
-            Settled::Duplicate | Settled::Busy => Recorded::Nothing,
+            Settled::Duplicate | Settled::Busy | Settled::Blocked { .. } => Recorded::Nothing,
             Settled::Delivered { .. } => Recorded::Delivered,
             Settled::Parked
             | Settled::RetryScheduled { .. }
@@ -146,10 +154,12 @@ impl Deliverer {
             self.remove_origin(origin).await;
             return Settled::Duplicate;
         }
-        // An operator's replay goes through an open circuit.
-        let gate = match origin {
-            Origin::Replay(_) => Gate::Closed,
-            _ => dest.circuit().gate(),
+        // A forced replay goes through an open circuit and past the rate limit.
+        let forced = origin.forced();
+        let gate = if forced {
+            Gate::Closed
+        } else {
+            dest.circuit().gate()
         };
         if let Gate::Open { retry_at } = gate {
             match origin {
@@ -158,21 +168,37 @@ impl Deliverer {
                     again.next_at_ms = millis(retry_at);
                     self.reschedule(record, &again).await;
                 }
-                _ => self.park(dest, event, retry_at, Parking::Circuit).await,
+                Origin::Message => self.park(dest, event, retry_at, Parking::Circuit).await,
+                Origin::Replay { .. } => {
+                    return Settled::Blocked {
+                        reason: format!(
+                            "the destination's circuit is open until {}",
+                            format_time(retry_at)
+                        ),
+                    };
+                }
             }
             return Settled::Parked;
         }
-        if let Some(limiter) = dest.rate_limit() {
+        if let Some(limiter) = dest.rate_limit().filter(|_| !forced) {
             if let Err(due) = self.token(dest, limiter, origin).await {
                 if gate == Gate::Probe {
                     dest.circuit().release_probe();
                 }
                 match origin {
                     Origin::Retry(_) => return Settled::Busy,
-                    // A replay waits as long as it takes: only a first attempt gets here.
-                    Origin::Message | Origin::Replay(_) => {
+                    Origin::Message => {
                         self.park(dest, event, due, Parking::RateLimit).await;
                         return Settled::Parked;
+                    }
+                    // A replay waits as long as it takes, so this arm is not taken.
+                    Origin::Replay { .. } => {
+                        return Settled::Blocked {
+                            reason: format!(
+                                "no token of the rate limit before {}",
+                                format_time(due)
+                            ),
+                        };
                     }
                 }
             }
@@ -225,7 +251,7 @@ impl Deliverer {
     ) -> Result<(), SystemTime> {
         let start = Instant::now();
         let deadline = match origin {
-            Origin::Replay(_) => None,
+            Origin::Replay { .. } => None,
             Origin::Message => start.checked_add(dest.max_wait()),
             Origin::Retry(_) => start.checked_add(retry_token_wait(dest)),
         };
@@ -263,7 +289,7 @@ impl Deliverer {
             return Some(permit);
         }
         match origin {
-            Origin::Replay(_) => dest.limit().acquire().await.ok(),
+            Origin::Replay { .. } => dest.limit().acquire().await.ok(),
             Origin::Message | Origin::Retry(_) => {
                 tokio::time::timeout(dest.max_wait(), dest.limit().acquire())
                     .await
@@ -311,7 +337,7 @@ impl Deliverer {
             // The endpoint answered: it is up, just not accepting this event.
             dest.circuit().record_success();
         }
-        if let Origin::Replay(letter) = origin {
+        if let Origin::Replay { letter, .. } = origin {
             tracing::warn!(destination = %name, status, %reason, attempts, "replay failed: the dead letter stays");
             let mut letter = letter.clone();
             letter.attempts = attempts;
@@ -377,7 +403,7 @@ impl Deliverer {
                     .until_stored(|| store.remove_retry_record(record))
                     .await;
             }
-            Origin::Replay(letter) => {
+            Origin::Replay { letter, .. } => {
                 store
                     .until_stored(|| store.remove_dead_letter(&letter.key))
                     .await;

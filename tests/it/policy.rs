@@ -1,5 +1,5 @@
-//! A destination's own delivery policy over the real RabbitMQ: status-code rules and signing
-//! with several secrets.
+//! A destination's own delivery policy over the real RabbitMQ: status-code rules, signing with
+//! several secrets, and replays that respect the circuit unless forced.
 
 use std::time::Duration;
 
@@ -130,4 +130,68 @@ async fn every_request_verifies_with_the_old_secret_and_with_the_new_one() {
     if std::env::var_os("COURIER_REQUIRE_STANDARDWEBHOOKS").is_some() {
         assert_eq!(verifier, Verifier::Reference);
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replay_waits_for_an_open_circuit_unless_forced() {
+    let _brokers = brokers().await;
+    let rx = Receiver::start().await;
+    let (queue, dir, publisher) = setup("replay-policy").await;
+    let config = rabbit_config(&queue, &dir.path().join("store"))
+        .admin(free_port())
+        .destination(
+            Dest::new("guarded", &rx.url("/guarded"))
+                .retry(Retry::default().max_attempts(1))
+                .circuit(
+                    Circuit::default()
+                        .failures(1)
+                        .open_for(Duration::from_secs(120)),
+                ),
+        );
+    let cfg_path = dir.path().join("courier.toml");
+    std::fs::write(&cfg_path, config.toml()).unwrap();
+    let courier = Courier::start(&config);
+
+    // A 400 dead-letters D1 (the endpoint answered: the circuit stays closed) ...
+    rx.set_status(400);
+    publisher
+        .to_queue(&queue, event("D1", "t").as_bytes())
+        .await;
+    courier.wait_count(1, WAIT, |s| &s.dead_lettered).await;
+    // ... then a 503 opens the circuit for two minutes.
+    rx.set_status(503);
+    publisher
+        .to_queue(&queue, event("D2", "t").as_bytes())
+        .await;
+    courier.wait_count(2, WAIT, |s| &s.dead_lettered).await;
+    rx.set_status(200);
+    let attempts_before = rx.arrivals().len();
+
+    let replay = |args: &'static [&'static str]| {
+        let path = cfg_path.clone();
+        tokio::task::spawn_blocking(move || run_cli(args, &path))
+    };
+    // Through the worker's admin port, which holds the circuit: blocked, the letter stays.
+    let (code, out, err) = replay(&["dead-letters", "replay", "--id", "D1"])
+        .await
+        .unwrap();
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(
+        out.contains("blocked") && out.contains("circuit is open") && out.contains("--force"),
+        "{out}"
+    );
+    assert_eq!(rx.arrivals().len(), attempts_before, "nothing was sent");
+    // Forced: through the open circuit.
+    let (code, out, err) = replay(&["dead-letters", "replay", "--id", "D1", "--force"])
+        .await
+        .unwrap();
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("1 of 1 replayed letter(s) delivered"), "{out}");
+    assert_eq!(rx.delivered_counts().get("D1"), Some(&1));
+    courier.stop().await;
+    let letters = open_store(&dir.path().join("store"))
+        .dead_letters()
+        .unwrap();
+    let ids: Vec<_> = letters.iter().filter_map(|l| l.event_id.clone()).collect();
+    assert_eq!(ids, ["D2"], "D1 left the dead letters, D2 stayed");
 }
