@@ -11,7 +11,12 @@
 #    test CA, the listener's certificate and a client certificate in /var/lib/courier-test/tls,
 #    adds the listener to /etc/rabbitmq/rabbitmq.conf (in a block marked as courier's) and
 #    restarts RabbitMQ once.
-# 2. Runs `cargo test --workspace --all-targets` (courier's unit tests, the integration tests in
+# 2. Makes sure the Python packages some tests use can be imported: the Standard Webhooks
+#    reference library (standardwebhooks, for the signature tests), installed once per machine
+#    with pip into ~/.cache/courier-test/python (when it cannot be installed, the signature tests
+#    use a port of the reference algorithm instead, and say so), and kubernetes-validate (for
+#    the manifest test), in a virtual environment under target/ unless python3 has it already.
+# 3. Runs `cargo test --workspace --all-targets` (courier's unit tests, the integration tests in
 #    tests/it, and the tools' own tests), passing on any arguments:
 #        scripts/test.sh                 # everything
 #        scripts/test.sh -- --nocapture  # extra arguments go to cargo test
@@ -157,12 +162,38 @@ ensure_kubernetes_validate() {
     export COURIER_PYTHON
 }
 
+# The signature tests verify courier's requests with the Standard Webhooks reference library.
+# `pip install --target` works on Debian's system Python too (PEP 668 guards only installs
+# into the interpreter's own environment).
+readonly PYTHON_DEPS="${XDG_CACHE_HOME:-${HOME:-/root}/.cache}/courier-test/python"
+ensure_standardwebhooks() {
+    export PYTHONPATH="$PYTHON_DEPS${PYTHONPATH:+:$PYTHONPATH}"
+    if python3 -c 'import standardwebhooks' >/dev/null 2>&1; then
+        export COURIER_REQUIRE_STANDARDWEBHOOKS=1
+        return
+    fi
+    if ! python3 -m pip --version >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then
+        log "installing python3 and python3-pip from the Debian packages"
+        as_root env DEBIAN_FRONTEND=noninteractive apt-get update -qq || true
+        as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3 python3-pip >/dev/null || true
+    fi
+    log "installing the standardwebhooks package into $PYTHON_DEPS"
+    if PIP_ROOT_USER_ACTION=ignore python3 -m pip install --quiet --disable-pip-version-check \
+        --target "$PYTHON_DEPS" standardwebhooks >&2 &&
+        python3 -c 'import standardwebhooks' >/dev/null 2>&1; then
+        export COURIER_REQUIRE_STANDARDWEBHOOKS=1
+    else
+        log "warning: standardwebhooks could not be installed; the signature tests use the reference algorithm instead"
+    fi
+}
+
 ensure_rabbitmq
 ensure_rabbitmq_tls
 ensure_mosquitto
 ensure_redis
 provide_rabbitmqctl
 ensure_kubernetes_validate
+ensure_standardwebhooks
 
 if [ "${1:-}" = "--long" ]; then
     shift

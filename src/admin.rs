@@ -17,7 +17,7 @@ use axum::routing::{get, post};
 use axum::Json;
 
 use crate::config::AdminConfig;
-use crate::deadletters::{self, Filter};
+use crate::deadletters::{self, Filter, ReplayOptions};
 use crate::delivery::Deliverer;
 use crate::destination::Destinations;
 use crate::shutdown::Shutdown;
@@ -187,7 +187,11 @@ async fn ready(State(s): State<AdminState>) -> Response {
 }
 
 async fn metrics(State(s): State<AdminState>) -> Response {
+    use prometheus_client::metrics::family::Family;
     use prometheus_client::metrics::gauge::Gauge;
+    use std::sync::atomic::AtomicU64;
+
+    use crate::stats::DestinationLabel;
     let mut registry = s.deliverer.stats().registry();
     let store = s.deliverer.store();
     // Counted at scrape time; sled counts by walking the tree, which is fine at scrape rates.
@@ -224,6 +228,22 @@ async fn metrics(State(s): State<AdminState>) -> Response {
             .count() as i64,
     );
     registry.register("circuits_open", "Destinations whose circuit is open", open);
+    let rates: Family<DestinationLabel, Gauge<f64, AtomicU64>> = Family::default();
+    let now = std::time::Instant::now();
+    for dest in s.destinations.current().iter() {
+        if let Some(limiter) = dest.rate_limit() {
+            rates
+                .get_or_create(&DestinationLabel {
+                    destination: dest.id().to_string(),
+                })
+                .set(limiter.current_rate(now));
+        }
+    }
+    registry.register(
+        "rate_limit_requests_per_second",
+        "The rate a rate-limited destination is held to now (below its configured rate after 429s)",
+        rates,
+    );
     let mut body = String::new();
     if let Err(e) = prometheus_client::encoding::text::encode(&mut body, &registry) {
         return (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response();
@@ -249,8 +269,12 @@ async fn list(State(s): State<AdminState>, Query(filter): Query<Filter>) -> Resp
     }
 }
 
-async fn replay(State(s): State<AdminState>, Query(filter): Query<Filter>) -> Response {
-    match deadletters::replay(&s.deliverer, &s.destinations.current(), &filter).await {
+async fn replay(
+    State(s): State<AdminState>,
+    Query(filter): Query<Filter>,
+    Query(options): Query<ReplayOptions>,
+) -> Response {
+    match deadletters::replay(&s.deliverer, &s.destinations.current(), &filter, options).await {
         Ok(results) => Json(results).into_response(),
         Err(e) => store_error(e),
     }

@@ -41,7 +41,8 @@ pub struct ReplayResult {
     pub key: String,
     pub event_id: Option<String>,
     pub destination: Option<String>,
-    /// `delivered`, `failed` (kept, with the new reason) or `skipped` (cannot be replayed).
+    /// `delivered`, `failed` (kept, with the new reason), `blocked` (not attempted: the
+    /// destination's circuit is open; kept as it was) or `skipped` (cannot be replayed).
     pub outcome: String,
     pub detail: String,
 }
@@ -68,12 +69,23 @@ pub async fn purge(deliverer: &Deliverer, filter: &Filter) -> Result<usize, Stor
     Ok(removed)
 }
 
-/// Attempts every matching letter once, now. A delivered letter leaves the dead-letter tree (and
-/// enters the dedup record); a failed one stays, with its attempts, status and reason updated.
+/// How a replay treats the destination's policy.
+#[derive(Debug, Clone, Copy, Default, serde::Deserialize, Serialize)]
+#[serde(default)]
+pub struct ReplayOptions {
+    /// Go through an open circuit and past the rate limit (`--force`, `?force=true`).
+    pub force: bool,
+}
+
+/// Attempts every matching letter once, now, through its destination's circuit and rate limit
+/// (unless `options.force`). A delivered letter leaves the dead-letter tree (and enters the
+/// dedup record); a failed one stays, with its attempts, status and reason updated; one its
+/// destination's open circuit blocked stays as it was.
 pub async fn replay(
     deliverer: &Deliverer,
     destinations: &DestinationSet,
     filter: &Filter,
+    options: ReplayOptions,
 ) -> Result<Vec<ReplayResult>, StoreError> {
     let mut results = Vec::new();
     for letter in list(deliverer, filter)? {
@@ -122,18 +134,26 @@ pub async fn replay(
             continue;
         };
         result.destination = Some(dest.id().to_string());
-        let (outcome, detail) = match deliverer
-            .attempt(dest, &event, Origin::Replay(&letter))
-            .await
-        {
+        let origin = Origin::Replay {
+            letter: &letter,
+            force: options.force,
+        };
+        let (outcome, detail) = match deliverer.attempt(dest, &event, origin).await {
             Settled::Delivered { status } => ("delivered", format!("HTTP {status}")),
             Settled::Duplicate => (
                 "delivered",
                 "already delivered earlier; letter removed".into(),
             ),
             Settled::StillDead { reason, .. } => ("failed", reason),
-            // A replay waits for a slot and goes through the circuit, and its failures keep
-            // the letter: it ends in one of the three above.
+            Settled::Blocked { reason } => (
+                "blocked",
+                format!(
+                    "not attempted: {reason}; the letter stays (replay it again then, or force it \
+                     with --force, ?force=true on the admin port)"
+                ),
+            ),
+            // A replay waits for its token and its slot, and its failures keep the letter: it
+            // ends in one of the four above.
             other => ("failed", format!("{other:?}")),
         };
         result.outcome = outcome.into();

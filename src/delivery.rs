@@ -2,8 +2,8 @@
 //! attempt (the pipeline), a pending retry (the scheduler) or an operator's replay of a dead
 //! letter. All three go through [`Deliverer::attempt`], so they follow the same rules: one
 //! attempt per (destination, event) at a time in this process, the dedup check, the circuit, the
-//! destination's concurrency limit, the POST, and the outcome written to the store and counted
-//! once.
+//! destination's rate limit, its concurrency limit, the POST, and the outcome written to the
+//! store and counted once.
 
 use std::collections::HashSet;
 use std::hash::BuildHasher as _;
@@ -16,25 +16,30 @@ use crate::backoff::retry_delay;
 use crate::circuit::Gate;
 use crate::destination::{Destination, DestinationId};
 use crate::event::Event;
-use crate::sender::{self, Outcome};
+use crate::ratelimit::{RateLimiter, Throttle};
+use crate::sender::{self, format_time, Outcome};
 use crate::stats::Stats;
 use crate::store::{millis, DeadLetter, DeadLetterKind, RetryRecord, Store, StoredEvent};
 
-/// Who asked for an attempt. It decides how long the attempt may wait for a slot, whether the
-/// circuit applies, and which stored record its outcome replaces.
+/// Who asked for an attempt. It decides how long the attempt may wait for a token and a slot,
+/// whether the circuit and the rate limit apply, and which stored record its outcome replaces.
 #[derive(Debug, Clone, Copy)]
 pub enum Origin<'a> {
-    /// The first attempt for a queue message. It waits at most `circuit.max_wait` for a slot:
-    /// the broker holds the message meanwhile. When the destination cannot take it now (circuit
-    /// open, or no slot in time), the event is parked in the retry store instead.
+    /// The first attempt for a queue message. It waits at most `circuit.max_wait` for a token
+    /// of the rate limit and at most `circuit.max_wait` for a slot: the broker holds the message
+    /// meanwhile. When the destination cannot take it now (circuit open, no token or no slot in
+    /// time), the event is parked in the retry store instead.
     Message,
-    /// A later attempt of this pending retry entry, for the scheduler. Without a slot within
-    /// `circuit.max_wait`, the entry stays due and is taken again on a later pass; a
-    /// destination that holds every slot must not hold the scheduler's whole pool.
+    /// A later attempt of this pending retry entry, for the scheduler. Without a token within
+    /// [`retry_token_wait`] or a slot within `circuit.max_wait`, the entry stays due and is
+    /// taken again on a later pass; a destination that holds every slot must not hold the
+    /// scheduler's whole pool.
     Retry(&'a RetryRecord),
-    /// An operator's replay of this dead letter, now: it waits for a slot and goes through an
-    /// open circuit. A failure keeps the letter, with the new reason.
-    Replay(&'a DeadLetter),
+    /// An operator's replay of this dead letter, now. It waits for its token and its slot as
+    /// long as it takes; an open circuit leaves the letter as it is ([`Settled::Blocked`]).
+    /// `force` skips the circuit and the rate limit. A failure keeps the letter, with the new
+    /// reason.
+    Replay { letter: &'a DeadLetter, force: bool },
 }
 
 impl Origin<'_> {
@@ -43,9 +48,23 @@ impl Origin<'_> {
         match self {
             Origin::Message => 0,
             Origin::Retry(record) => record.attempts,
-            Origin::Replay(letter) => letter.attempts,
+            Origin::Replay { letter, .. } => letter.attempts,
         }
     }
+
+    /// A forced replay: neither the circuit nor the rate limit applies.
+    fn forced(&self) -> bool {
+        matches!(self, Origin::Replay { force: true, .. })
+    }
+}
+
+/// Why an event was parked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Parking {
+    /// The circuit is open, or every slot stayed busy for `circuit.max_wait`.
+    Circuit,
+    /// The rate limit had no token within `circuit.max_wait`.
+    RateLimit,
 }
 
 /// What an attempt came to, and what it left in the store.
@@ -54,11 +73,13 @@ pub enum Settled {
     /// Dedup says the destination already has the event: nothing was sent. The retry entry or
     /// dead letter the attempt came from is removed.
     Duplicate,
-    /// The destination could not take the event now (circuit open, or every slot busy): it is
-    /// in the retry store without a new attempt.
+    /// The destination could not take the event now (circuit open, no token of the rate limit
+    /// or no slot in time): it is in the retry store without a new attempt.
     Parked,
-    /// A retry found no free slot within `circuit.max_wait`: its entry stays due, unchanged.
+    /// A retry found no token or no free slot in time: its entry stays due, unchanged.
     Busy,
+    /// A replay found the circuit open: nothing was sent and the letter stays as it was.
+    Blocked { reason: String },
     /// A 2xx; the dedup record is written.
     Delivered { status: u16 },
     /// A retryable failure with attempts left: another attempt is scheduled.
@@ -74,7 +95,7 @@ impl Settled {
     /// group commit.
     pub fn recorded(&self) -> Recorded {
         match self {
-            Settled::Duplicate | Settled::Busy => Recorded::Nothing,
+            Settled::Duplicate | Settled::Busy | Settled::Blocked { .. } => Recorded::Nothing,
             Settled::Delivered { .. } => Recorded::Delivered,
             Settled::Parked
             | Settled::RetryScheduled { .. }
@@ -131,10 +152,12 @@ impl Deliverer {
             self.remove_origin(origin).await;
             return Settled::Duplicate;
         }
-        // An operator's replay goes through an open circuit.
-        let gate = match origin {
-            Origin::Replay(_) => Gate::Closed,
-            _ => dest.circuit().gate(),
+        // A forced replay goes through an open circuit and past the rate limit.
+        let forced = origin.forced();
+        let gate = if forced {
+            Gate::Closed
+        } else {
+            dest.circuit().gate()
         };
         if let Gate::Open { retry_at } = gate {
             match origin {
@@ -143,9 +166,40 @@ impl Deliverer {
                     again.next_at_ms = millis(retry_at);
                     self.reschedule(record, &again).await;
                 }
-                _ => self.park(dest, event, retry_at).await,
+                Origin::Message => self.park(dest, event, retry_at, Parking::Circuit).await,
+                Origin::Replay { .. } => {
+                    return Settled::Blocked {
+                        reason: format!(
+                            "the destination's circuit is open until {}",
+                            format_time(retry_at)
+                        ),
+                    };
+                }
             }
             return Settled::Parked;
+        }
+        if let Some(limiter) = dest.rate_limit().filter(|_| !forced) {
+            if let Err(due) = self.token(dest, limiter, origin).await {
+                if gate == Gate::Probe {
+                    dest.circuit().release_probe();
+                }
+                match origin {
+                    Origin::Retry(_) => return Settled::Busy,
+                    Origin::Message => {
+                        self.park(dest, event, due, Parking::RateLimit).await;
+                        return Settled::Parked;
+                    }
+                    // A replay waits as long as it takes, so this arm is not taken.
+                    Origin::Replay { .. } => {
+                        return Settled::Blocked {
+                            reason: format!(
+                                "no token of the rate limit before {}",
+                                format_time(due)
+                            ),
+                        };
+                    }
+                }
+            }
         }
         let Some(_permit) = self.slot(dest, origin).await else {
             if gate == Gate::Probe {
@@ -156,7 +210,8 @@ impl Deliverer {
             }
             dest.circuit().record_saturated();
             // Not gate(): on a half-open circuit that would take the probe and never give it back.
-            self.park(dest, event, dest.circuit().reopens_at()).await;
+            self.park(dest, event, dest.circuit().reopens_at(), Parking::Circuit)
+                .await;
             return Settled::Parked;
         };
         if let Origin::Retry(_) = origin {
@@ -168,8 +223,57 @@ impl Deliverer {
             .latency
             .observe(started.elapsed().as_secs_f64());
         drop(_permit);
+        if let Outcome::Failed {
+            status: Some(429),
+            retry_after,
+            ..
+        } = &outcome
+        {
+            if let Some(limiter) = dest.rate_limit() {
+                throttle(dest, limiter, started, *retry_after);
+            }
+        }
         self.settle(dest, event, origin, outcome, gate == Gate::Probe)
             .await
+    }
+
+    /// Waits for a token of `dest`'s rate limit, as long as `origin` may: at most
+    /// `circuit.max_wait` for a first attempt, [`retry_token_wait`] for a retry, however long it
+    /// takes for a replay.
+    /// `Err(due)`: no token within that time; none was taken, and one would have been due then.
+    async fn token(
+        &self,
+        dest: &Destination,
+        limiter: &RateLimiter,
+        origin: Origin<'_>,
+    ) -> Result<(), SystemTime> {
+        let start = Instant::now();
+        let deadline = match origin {
+            Origin::Replay { .. } => None,
+            Origin::Message => start.checked_add(dest.max_wait()),
+            Origin::Retry(_) => start.checked_add(retry_token_wait(dest)),
+        };
+        let got = loop {
+            let now = Instant::now();
+            let within = deadline.map(|d| d.saturating_duration_since(now));
+            match limiter.reserve(now, within) {
+                Ok(grant) => {
+                    if grant.at > now {
+                        tokio::time::sleep_until(grant.at.into()).await;
+                    }
+                    // A 429 while this one slept voids its token: it asks again, at the new pace.
+                    if limiter.holds(&grant) {
+                        break Ok(());
+                    }
+                }
+                Err(due) => break Err(SystemTime::now() + due.saturating_duration_since(now)),
+            }
+        };
+        let waited = start.elapsed();
+        if !waited.is_zero() {
+            dest.metrics().rate_limit_wait.inc_by(waited.as_secs_f64());
+        }
+        got
     }
 
     /// One of `dest`'s `max_concurrency` slots, as long as `origin` may wait for it. A free slot
@@ -183,7 +287,7 @@ impl Deliverer {
             return Some(permit);
         }
         match origin {
-            Origin::Replay(_) => dest.limit().acquire().await.ok(),
+            Origin::Replay { .. } => dest.limit().acquire().await.ok(),
             Origin::Message | Origin::Retry(_) => {
                 tokio::time::timeout(dest.max_wait(), dest.limit().acquire())
                     .await
@@ -234,7 +338,7 @@ impl Deliverer {
             // The endpoint answered: it is up, just not accepting this event.
             dest.circuit().record_success();
         }
-        if let Origin::Replay(letter) = origin {
+        if let Origin::Replay { letter, .. } = origin {
             tracing::warn!(destination = %name, status, %reason, attempts, "replay failed: the dead letter stays");
             let mut letter = letter.clone();
             letter.attempts = attempts;
@@ -300,7 +404,7 @@ impl Deliverer {
                     .until_stored(|| store.remove_retry_record(record))
                     .await;
             }
-            Origin::Replay(letter) => {
+            Origin::Replay { letter, .. } => {
                 store
                     .until_stored(|| store.remove_dead_letter(&letter.key))
                     .await;
@@ -321,17 +425,28 @@ impl Deliverer {
 
     /// Writes `event` to the retry store without an attempt: the destination cannot take it
     /// now. This is the one case where the queue message is acked before its POST was attempted.
-    async fn park(&self, dest: &Destination, event: &Event, retry_at: SystemTime) {
+    async fn park(&self, dest: &Destination, event: &Event, retry_at: SystemTime, why: Parking) {
         Stats::inc(&self.stats.parked);
         dest.metrics().parked.inc();
-        tracing::debug!(destination = %dest.id(), "circuit open: event parked for the retry scheduler");
+        let reason = match why {
+            Parking::Circuit => {
+                tracing::debug!(destination = %dest.id(), "circuit open: event parked for the retry scheduler");
+                "parked: circuit open"
+            }
+            Parking::RateLimit => {
+                Stats::inc(&self.stats.parked_for_rate);
+                dest.metrics().rate_limit_parked.inc();
+                tracing::debug!(destination = %dest.id(), "rate limit: no token within circuit.max_wait; event parked for the retry scheduler");
+                "parked: rate limit"
+            }
+        };
         let record = RetryRecord {
             destination: dest.id().to_string(),
             event: StoredEvent::from_event(event),
             attempts: 0,
             next_at_ms: millis(retry_at),
             last_status: None,
-            last_error: "parked: circuit open".to_string(),
+            last_error: reason.to_string(),
         };
         let store = &self.store;
         store.until_stored(|| store.schedule_retry(&record)).await;
@@ -345,6 +460,42 @@ impl Deliverer {
     /// The store the outcomes go to.
     pub fn store(&self) -> &Store {
         &self.store
+    }
+}
+
+/// The shortest time a retry may wait for a token, whatever `circuit.max_wait` says.
+pub const RETRY_TOKEN_WAIT_MIN: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// How long a retry may wait for a token of `dest`'s rate limit: `circuit.max_wait`, but at
+/// least [`RETRY_TOKEN_WAIT_MIN`]. A waiting retry holds no queue message, only a place in the
+/// scheduler's pool, and the scheduler gives a destination no more retries than its bucket
+/// serves within this time; so the bucket has a second of retries reserved ahead even when
+/// `max_wait` is 0 s, and no token is lost between two looks of the scheduler.
+pub fn retry_token_wait(dest: &Destination) -> std::time::Duration {
+    dest.max_wait().max(RETRY_TOKEN_WAIT_MIN)
+}
+
+/// Feeds a 429 of `dest`, to a request sent at `sent_at`, to its rate limit: a `Retry-After`
+/// pauses it (at most `retry.max_interval`), a bare 429 halves its rate.
+fn throttle(
+    dest: &Destination,
+    limiter: &RateLimiter,
+    sent_at: Instant,
+    retry_after: Option<std::time::Duration>,
+) {
+    let longest = dest.config().retry.max_interval;
+    match limiter.throttled(Instant::now(), sent_at, retry_after, longest) {
+        Throttle::Paused(pause) => tracing::warn!(
+            destination = %dest.id(),
+            ?pause,
+            "429 with Retry-After: no request to this destination until it has passed"
+        ),
+        Throttle::Halved(rate) => tracing::warn!(
+            destination = %dest.id(),
+            requests_per_second = rate,
+            "429: rate limit halved; a tenth of the configured rate comes back per period without another"
+        ),
+        Throttle::AlreadySlowed => {}
     }
 }
 

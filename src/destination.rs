@@ -5,8 +5,9 @@
 
 use std::borrow::Borrow;
 use std::fmt;
+use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, RwLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::histogram::Histogram;
@@ -16,6 +17,7 @@ use crate::circuit::Circuit;
 use crate::config::{Config, DestinationConfig, OrganizationConfig};
 use crate::http_client::{Clients, SenderError};
 use crate::oauth2::TokenSource;
+use crate::ratelimit::RateLimiter;
 use crate::router::{Routable, Router};
 use crate::stats::Stats;
 use crate::topic::TopicPattern;
@@ -64,6 +66,10 @@ pub struct DestinationMetrics {
     pub duplicate: Counter,
     /// Seconds from the start of a POST to its answer or failure.
     pub latency: Histogram,
+    /// Seconds attempts waited for a token of the rate limit.
+    pub rate_limit_wait: Counter<f64, AtomicU64>,
+    /// Events parked because their token was further away than `circuit.max_wait`.
+    pub rate_limit_parked: Counter,
 }
 
 impl DestinationMetrics {
@@ -75,6 +81,8 @@ impl DestinationMetrics {
             parked: stats.delivery_counter(name, "parked"),
             duplicate: stats.delivery_counter(name, "duplicate"),
             latency: stats.latency_histogram(name),
+            rate_limit_wait: stats.rate_limit_wait_counter(name),
+            rate_limit_parked: stats.rate_limit_parked_counter(name),
         }
     }
 }
@@ -91,6 +99,7 @@ pub struct Destination {
     metrics: DestinationMetrics,
     /// The OAuth2 token, for `auth.type = "oauth2"`.
     token: Option<TokenSource>,
+    rate_limit: Option<RateLimiter>,
 }
 
 impl Destination {
@@ -114,6 +123,10 @@ impl Destination {
                 .as_ref()
                 .and_then(|auth| auth.oauth2())
                 .map(|request| TokenSource::new(&config.name, request.clone(), client.clone())),
+            rate_limit: config
+                .rate_limit
+                .as_ref()
+                .map(|r| RateLimiter::new(r, Instant::now())),
             client,
             config,
         }
@@ -170,6 +183,11 @@ impl Destination {
     pub fn not_ready_reason(&self) -> Option<String> {
         let refused = self.token.as_ref()?.refused()?;
         Some(format!("destination {:?}: {refused}", self.id.as_str()))
+    }
+
+    /// Its token bucket, when it has a `rate_limit`.
+    pub fn rate_limit(&self) -> Option<&RateLimiter> {
+        self.rate_limit.as_ref()
     }
 }
 

@@ -72,8 +72,8 @@ enum DeadLetterAction {
         #[arg(long)]
         json: bool,
     },
-    /// Attempt matching letters again now; delivered ones leave the list. Exit 1 if any was
-    /// not delivered.
+    /// Attempt matching letters again now, through each destination's circuit and rate limit;
+    /// delivered ones leave the list. Exit 1 if any was not delivered.
     Replay {
         /// Only this destination's letters.
         #[arg(long)]
@@ -81,6 +81,9 @@ enum DeadLetterAction {
         /// Only the letter with this key (as listed) or event id.
         #[arg(long)]
         id: Option<String>,
+        /// Go through an open circuit and past the rate limit.
+        #[arg(long)]
+        force: bool,
     },
     /// Delete matching letters (all by default).
     Purge {
@@ -198,7 +201,7 @@ async fn run(config: Config, path: &std::path::Path) -> Result<(), Error> {
 
 /// Runs a dead-letter command on the store, or through the running worker's admin port.
 async fn dead_letters(config: Config, action: DeadLetterAction) -> Result<ExitCode, String> {
-    use courier::deadletters::{self, Filter, ReplayResult};
+    use courier::deadletters::{self, Filter, ReplayOptions, ReplayResult};
     use courier::store::{DeadLetter, StoreError};
 
     let local = match courier::open_for_commands(&config).await {
@@ -283,20 +286,28 @@ async fn dead_letters(config: Config, action: DeadLetterAction) -> Result<ExitCo
             }
             Ok(ExitCode::SUCCESS)
         }
-        DeadLetterAction::Replay { destination, id } => {
+        DeadLetterAction::Replay {
+            destination,
+            id,
+            force,
+        } => {
             let filter = Filter {
                 destination: destination.clone(),
                 id: id.clone(),
             };
+            let options = ReplayOptions { force };
             let results: Vec<ReplayResult> = match &local {
                 Some((deliverer, destinations)) => {
-                    deadletters::replay(deliverer, &destinations.current(), &filter)
+                    deadletters::replay(deliverer, &destinations.current(), &filter, options)
                         .await
                         .map_err(|e| e.to_string())?
                 }
                 None => {
                     ask_worker(authorized(
-                        client.post(admin("/dead-letters/replay")?).query(&filter),
+                        client
+                            .post(admin("/dead-letters/replay")?)
+                            .query(&filter)
+                            .query(&options),
                     ))
                     .await?
                 }

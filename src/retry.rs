@@ -3,16 +3,17 @@
 //! Entries are durable, so retries pending at a shutdown or crash are made after the next start.
 //!
 //! A destination whose circuit is open is not even read; when its open period ends, exactly one
-//! entry is taken as the probe, and the rest follow once the probe succeeded.
+//! entry is taken as the probe, and the rest follow once the probe succeeded. A destination with a
+//! rate limit gets no more entries at a time than its bucket can serve within `circuit.max_wait`.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 
-use crate::delivery::{Deliverer, Origin};
+use crate::delivery::{retry_token_wait, Deliverer, Origin};
 use crate::destination::{DestinationId, Destinations};
 use crate::shutdown::Shutdown;
 use crate::stats::Stats;
@@ -40,6 +41,8 @@ pub async fn run(
     let taken: Taken = Arc::default();
     let limit = Arc::new(Semaphore::new(max_in_flight.max(1)));
     let mut tasks = JoinSet::new();
+    // When each rate-limited destination that was given entries may be looked at again.
+    let mut next_look: HashMap<DestinationId, Instant> = HashMap::new();
     'outer: while !shutdown.is_requested() {
         while tasks.try_join_next().is_some() {}
         let now = millis(SystemTime::now());
@@ -50,11 +53,28 @@ pub async fn run(
             if dest.circuit().blocked() {
                 continue;
             }
-            let batch = if dest.circuit().probe_ready() {
+            let mut batch = if dest.circuit().probe_ready() {
                 1
             } else {
                 BATCH
             };
+            if let Some(limiter) = dest.rate_limit() {
+                // As many as the bucket serves within the time a retry may wait for a token, so
+                // that retries waiting for tokens never hold more of the pool than that.
+                let at = Instant::now();
+                if let Some(next) = next_look.get(dest.id()).filter(|next| at < **next) {
+                    wait = wait.min(*next - at);
+                    continue;
+                }
+                let within = retry_token_wait(dest);
+                let room = limiter.room(at, within);
+                if room == 0 {
+                    let until = limiter.room_in(at, within);
+                    wait = wait.min(until);
+                    continue;
+                }
+                batch = batch.min(room);
+            }
             let due = {
                 let taken = taken.lock().unwrap_or_else(|p| p.into_inner());
                 deliverer.store().due_retries(name, now, batch, |id| {
@@ -75,6 +95,12 @@ pub async fn run(
                     }
                 }
                 continue;
+            }
+            if dest.rate_limit().is_some() {
+                // The attempts started now take their tokens before the next look counts what
+                // is left, and they still have three quarters of the token wait (at least 1 s)
+                // reserved ahead then.
+                next_look.insert(dest.id().clone(), Instant::now() + POLL);
             }
             for record in due {
                 let permit = tokio::select! {

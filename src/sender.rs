@@ -21,6 +21,8 @@ use crate::destination::Destination;
 use crate::error_chain;
 use crate::event::Event;
 use crate::oauth2::TokenError;
+use crate::signature;
+use crate::status::Verdict;
 use crate::topic;
 
 /// Headers a request gets besides the static and metadata ones: Content-Type, X-Request-Id,
@@ -35,10 +37,11 @@ const DRAIN_LIMIT: usize = 64 * 1024;
 /// What one POST attempt came to.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
-    /// A 2xx answer.
+    /// A 2xx answer, or one the destination's `success_on` names.
     Delivered { status: u16 },
-    /// Anything else. `retryable` marks connection errors, timeouts, 408, 429 and 5xx, and an
-    /// OAuth2 token that could not be had.
+    /// Anything else. `retryable` marks connection errors, timeouts, the statuses that are
+    /// retryable by default (408, 429, 5xx) or by the destination's `retry_on`, and an OAuth2
+    /// token that could not be had.
     Failed {
         status: Option<u16>,
         reason: String,
@@ -106,13 +109,15 @@ pub async fn deliver(dest: &Destination, event: &Event) -> Outcome {
         headers.insert(HOST, host.clone());
     }
     headers.insert(CONTENT_LENGTH, HeaderValue::from(body.len()));
-    if let Some(key) = &config.signing_secret {
+    let keys = config.signing_keys();
+    if !keys.is_empty() {
         let now = SystemTime::now()
             .duration_since(SystemTime::UNIX_EPOCH)
             .map(|d| d.as_secs())
             .unwrap_or(0);
-        // `v1,` and base64: always a valid header value.
-        if let Ok(signature) = HeaderValue::try_from(key.sign(&event.id, now, &body)) {
+        // `v1,` and base64, space-separated: always a valid header value.
+        let signatures = signature::signature_header(keys, &event.id, now, &body);
+        if let Ok(signature) = HeaderValue::try_from(signatures) {
             headers.insert(HeaderName::from_static("webhook-id"), id);
             headers.insert(
                 HeaderName::from_static("webhook-timestamp"),
@@ -128,7 +133,7 @@ pub async fn deliver(dest: &Destination, event: &Event) -> Outcome {
     *request.body_mut() = Some(body.into());
     let Some((source, token)) = token else {
         return match send(dest, request).await {
-            Ok(response) => classify(response).await,
+            Ok(response) => classify(response, config).await,
             Err(outcome) => outcome,
         };
     };
@@ -139,7 +144,7 @@ pub async fn deliver(dest: &Destination, event: &Event) -> Outcome {
         Err(outcome) => return outcome,
     };
     let (StatusCode::UNAUTHORIZED, Some(mut again)) = (response.status(), again) else {
-        return classify(response).await;
+        return classify(response, config).await;
     };
     // The token was rejected (revoked, or expired early): one new token, one more try in
     // this attempt. A second 401 is the attempt's outcome.
@@ -153,7 +158,7 @@ pub async fn deliver(dest: &Destination, event: &Event) -> Outcome {
         .headers_mut()
         .insert(AUTHORIZATION, fresh.value().clone());
     match send(dest, again).await {
-        Ok(response) => classify(response).await,
+        Ok(response) => classify(response, config).await,
         Err(outcome) => outcome,
     }
 }
@@ -201,14 +206,17 @@ fn headers(config: &DestinationConfig, event: &Event) -> Result<(HeaderMap, Head
     Ok((headers, id))
 }
 
-async fn classify(mut response: reqwest::Response) -> Outcome {
+/// The outcome of an answer, by the destination's status-code rules over the default table
+/// (crate::status): 2xx delivered; 408, 429 and 5xx retryable; everything else final.
+async fn classify(mut response: reqwest::Response, config: &DestinationConfig) -> Outcome {
     let status = response.status();
     let code = status.as_u16();
-    if status.is_success() {
+    let verdict = config.status_rules().verdict(code);
+    if verdict == Verdict::Success {
         drain(&mut response).await;
         return Outcome::Delivered { status: code };
     }
-    let retryable = code == 408 || code == 429 || status.is_server_error();
+    let retryable = verdict == Verdict::Retryable;
     let retry_after = if code == 429 || code == 503 {
         response
             .headers()

@@ -52,6 +52,20 @@ impl SigningKey {
     }
 }
 
+/// The `webhook-signature` value for `keys`: one `v1,<signature>` per key, in the order given,
+/// separated by spaces as the Standard Webhooks specification allows, so a receiver that knows
+/// any one of the secrets accepts the request (a secret can be rotated without a gap).
+pub fn signature_header(keys: &[SigningKey], id: &str, timestamp: u64, body: &[u8]) -> String {
+    let mut header = String::with_capacity(keys.len() * 48);
+    for key in keys {
+        if !header.is_empty() {
+            header.push(' ');
+        }
+        header.push_str(&key.sign(id, timestamp, body));
+    }
+    header
+}
+
 impl fmt::Debug for SigningKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("\"***\"")
@@ -94,5 +108,25 @@ mod tests {
         assert!(SigningKey::parse("whsec_not base64!").is_err());
         assert!(SigningKey::parse("whsec_").is_err());
         assert_eq!(format!("{key:?}"), "\"***\"");
+    }
+
+    #[test]
+    fn one_signature_per_key_space_separated() {
+        let new = SigningKey::parse("whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw").expect("valid");
+        let old = SigningKey::parse("whsec_c2VjcmV0LW9sZA==").expect("valid");
+        let (id, ts, body) = (
+            "msg_p5jXN8AQM9LWM0D4loKWxJek",
+            1614265330,
+            br#"{"test": 2432232314}"#,
+        );
+        let header = signature_header(&[new.clone(), old.clone()], id, ts, body);
+        assert_eq!(
+            header,
+            format!("{} {}", new.sign(id, ts, body), old.sign(id, ts, body))
+        );
+        assert_eq!(
+            signature_header(std::slice::from_ref(&new), id, ts, body),
+            new.sign(id, ts, body)
+        );
     }
 }

@@ -64,8 +64,11 @@ pub struct Stats {
     pub retries_scheduled: AtomicU64,
     /// Attempts made by the retry scheduler.
     pub retried: AtomicU64,
-    /// Events written to the retry store without an attempt because the circuit was open.
+    /// Events written to the retry store without an attempt: the circuit was open, or a token
+    /// of the rate limit was further away than `circuit.max_wait`.
     pub parked: AtomicU64,
+    /// Of `parked`, those parked for the rate limit.
+    pub parked_for_rate: AtomicU64,
     /// Messages acked.
     pub acked: AtomicU64,
     /// Acks the broker did not take (the message will be redelivered).
@@ -83,6 +86,10 @@ pub struct Stats {
     pub in_flight: Gauge,
     /// Configuration reloads by result (`applied`, `invalid`, `refused`, `failed`).
     pub config_reloads: Family<ResultLabel, Counter>,
+    /// Per destination: seconds attempts waited for a token of the rate limit.
+    pub rate_limit_wait: Family<DestinationLabel, Counter<f64, AtomicU64>>,
+    /// Per destination: events parked because their token was too far away.
+    pub rate_limit_parked: Family<DestinationLabel, Counter>,
 
     sources: Mutex<BTreeMap<String, SourceHealth>>,
 }
@@ -107,6 +114,7 @@ impl Default for Stats {
             retries_scheduled: AtomicU64::default(),
             retried: AtomicU64::default(),
             parked: AtomicU64::default(),
+            parked_for_rate: AtomicU64::default(),
             acked: AtomicU64::default(),
             ack_failures: AtomicU64::default(),
             received_by_source: Family::default(),
@@ -115,6 +123,8 @@ impl Default for Stats {
             latency: Family::new_with_constructor(latency_histogram),
             in_flight: Gauge::default(),
             config_reloads: Family::default(),
+            rate_limit_wait: Family::default(),
+            rate_limit_parked: Family::default(),
             sources: Mutex::new(BTreeMap::new()),
         }
     }
@@ -145,6 +155,24 @@ impl Stats {
     /// The POST duration histogram of `destination` (a handle, as for counters).
     pub fn latency_histogram(&self, destination: &str) -> Histogram {
         self.latency
+            .get_or_create(&DestinationLabel {
+                destination: destination.to_string(),
+            })
+            .clone()
+    }
+
+    /// The seconds `destination` waited for tokens (a handle, as for counters).
+    pub fn rate_limit_wait_counter(&self, destination: &str) -> Counter<f64, AtomicU64> {
+        self.rate_limit_wait
+            .get_or_create(&DestinationLabel {
+                destination: destination.to_string(),
+            })
+            .clone()
+    }
+
+    /// The events of `destination` parked for the rate limit (a handle, as for counters).
+    pub fn rate_limit_parked_counter(&self, destination: &str) -> Counter {
+        self.rate_limit_parked
             .get_or_create(&DestinationLabel {
                 destination: destination.to_string(),
             })
@@ -246,6 +274,16 @@ impl Stats {
             "delivery_duration_seconds",
             "Time from the start of a POST to its answer or failure",
             self.latency.clone(),
+        );
+        r.register(
+            "rate_limit_wait_seconds",
+            "Seconds attempts waited for a token of their destination's rate limit",
+            self.rate_limit_wait.clone(),
+        );
+        r.register(
+            "rate_limit_parked",
+            "Events parked in the retry store because their destination's rate limit had no token within circuit.max_wait",
+            self.rate_limit_parked.clone(),
         );
         r.register(
             "in_flight",

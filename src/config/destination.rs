@@ -15,6 +15,7 @@ use super::expand::keyed;
 use super::{default_true, redact_url, ConfigError, Secret, TlsConfig, MAX_PERMITS};
 use crate::oauth2::TokenRequest;
 use crate::signature::SigningKey;
+use crate::status::{StatusMatch, StatusRules};
 use crate::topic::TopicPattern;
 
 /// Headers that belong to the contract and can be set by neither static headers nor metadata.
@@ -80,6 +81,22 @@ pub struct DestinationConfig {
     /// When to stop attempting a failing or saturated destination for a while.
     #[serde(default)]
     pub circuit: CircuitConfig,
+    /// Requests per period the destination accepts; over it, events wait for their turn.
+    #[serde(default)]
+    pub rate_limit: Option<RateLimitConfig>,
+    /// Status codes and classes that are retried, whatever the default table says.
+    #[serde(default)]
+    pub retry_on: Vec<StatusMatch>,
+    /// Status codes and classes that are final failures, whatever the default table says.
+    #[serde(default)]
+    pub final_on: Vec<StatusMatch>,
+    /// Status codes and classes that mean delivered, whatever the default table says.
+    #[serde(default)]
+    pub success_on: Vec<StatusMatch>,
+    /// Several `whsec_` secrets, one signature each (for rotating the secret); instead of
+    /// `signing_secret`.
+    #[serde(default)]
+    pub signing_secrets: Option<Vec<SigningKey>>,
 }
 
 fn default_max_concurrency() -> usize {
@@ -172,7 +189,54 @@ impl DestinationConfig {
                 ));
             }
         }
-        Ok(())
+        self.validate_policy(key)
+    }
+
+    /// The checks of the delivery policy: the rate limit, the status-code rules, the signing
+    /// secrets.
+    fn validate_policy(&self, key: &str) -> Result<(), ConfigError> {
+        if let Some(rate) = &self.rate_limit {
+            rate.validate(key)?;
+        }
+        if let Some((list, entry, other)) = self.status_rules().overlap() {
+            return Err(ConfigError::invalid(
+                format!("{key}.{list}"),
+                format!(
+                    "{entry} is also in {other}; a code or class may be in only one of \
+                     retry_on, final_on and success_on (a code in one and its class in another \
+                     is fine: the code wins)"
+                ),
+            ));
+        }
+        match &self.signing_secrets {
+            Some(_) if self.signing_secret.is_some() => Err(ConfigError::invalid(
+                format!("{key}.signing_secrets"),
+                "set either signing_secret or signing_secrets, not both",
+            )),
+            Some(secrets) if secrets.is_empty() => Err(ConfigError::invalid(
+                format!("{key}.signing_secrets"),
+                "is empty; list at least one secret, or remove the key to send unsigned requests",
+            )),
+            _ => Ok(()),
+        }
+    }
+
+    /// The destination's status-code rules over the default table.
+    pub fn status_rules(&self) -> StatusRules<'_> {
+        StatusRules {
+            success_on: &self.success_on,
+            retry_on: &self.retry_on,
+            final_on: &self.final_on,
+        }
+    }
+
+    /// The keys every request is signed with, one signature each: `signing_secret` or
+    /// `signing_secrets`; empty when requests are not signed.
+    pub fn signing_keys(&self) -> &[SigningKey] {
+        match &self.signing_secrets {
+            Some(keys) => keys,
+            None => self.signing_secret.as_slice(),
+        }
     }
 }
 
@@ -798,7 +862,8 @@ impl RetryConfig {
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct CircuitConfig {
-    /// Consecutive retryable failures (timeouts, refused connections, 5xx, 408, 429) that open it.
+    /// Consecutive retryable failures (timeouts, refused connections, and the answers that are
+    /// retryable: 5xx, 408, 429 by default, or as the destination's status rules say) that open it.
     pub failures: u32,
     /// How long it stays open before one probe attempt is let through.
     #[serde(with = "humantime_serde")]
@@ -816,6 +881,54 @@ impl Default for CircuitConfig {
             open_for: Duration::from_secs(30),
             max_wait: Duration::from_secs(1),
         }
+    }
+}
+
+/// A destination's rate limit: `requests` per `per`, up to `burst` at once after a quiet spell.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(
+    deny_unknown_fields,
+    expecting = "a table such as { requests = 100, per = \"1s\", burst = 20 }"
+)]
+pub struct RateLimitConfig {
+    /// Requests per `per`.
+    pub requests: u32,
+    /// The period `requests` are counted over.
+    #[serde(default = "default_rate_period", with = "humantime_serde")]
+    pub per: Duration,
+    /// Requests that may go at once after the destination was quiet (the bucket's size).
+    #[serde(default = "default_burst")]
+    pub burst: u32,
+}
+
+fn default_rate_period() -> Duration {
+    Duration::from_secs(1)
+}
+fn default_burst() -> u32 {
+    1
+}
+
+impl RateLimitConfig {
+    fn validate(&self, key: &str) -> Result<(), ConfigError> {
+        if self.requests == 0 {
+            return Err(ConfigError::invalid(
+                format!("{key}.rate_limit.requests"),
+                "must be at least 1; remove rate_limit for no limit",
+            ));
+        }
+        if self.per.is_zero() {
+            return Err(ConfigError::invalid(
+                format!("{key}.rate_limit.per"),
+                "must be longer than 0s",
+            ));
+        }
+        if self.burst == 0 {
+            return Err(ConfigError::invalid(
+                format!("{key}.rate_limit.burst"),
+                "must be at least 1",
+            ));
+        }
+        Ok(())
     }
 }
 

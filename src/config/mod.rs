@@ -21,8 +21,8 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 
 pub use destination::{
-    AuthConfig, CircuitConfig, DestinationConfig, HttpUrl, ProxyUrl, RetryConfig, StaticHeaders,
-    RESERVED_HEADERS,
+    AuthConfig, CircuitConfig, DestinationConfig, HttpUrl, ProxyUrl, RateLimitConfig, RetryConfig,
+    StaticHeaders, RESERVED_HEADERS,
 };
 pub use service::{AdminConfig, OrganizationConfig, ServiceConfig};
 pub use sources::{

@@ -6,6 +6,7 @@ mod brokers;
 pub mod mosquitto;
 pub mod proxy;
 mod token_endpoint;
+pub mod webhooks;
 
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};

@@ -374,6 +374,36 @@ pub struct Dest {
     retry: Option<Retry>,
     #[serde(skip_serializing_if = "Option::is_none")]
     circuit: Option<Circuit>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    rate_limit: Option<RateLimit>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    retry_on: Vec<toml::Value>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    final_on: Vec<toml::Value>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    success_on: Vec<toml::Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    signing_secrets: Option<Vec<String>>,
+}
+
+/// A destination's `rate_limit`.
+#[derive(Clone, Debug, Serialize)]
+struct RateLimit {
+    requests: u32,
+    #[serde(serialize_with = "duration")]
+    per: Option<Duration>,
+    burst: u32,
+}
+
+/// `"404"` as the integer 404, `"4xx"` as the string: the way a status list is written.
+fn statuses(codes: &[&str]) -> Vec<toml::Value> {
+    codes
+        .iter()
+        .map(|c| match c.parse::<i64>() {
+            Ok(n) => toml::Value::Integer(n),
+            Err(_) => toml::Value::String((*c).to_string()),
+        })
+        .collect()
 }
 
 /// A destination's `auth`.
@@ -467,6 +497,11 @@ impl Dest {
             signing_secret: None,
             retry: None,
             circuit: None,
+            rate_limit: None,
+            retry_on: Vec::new(),
+            final_on: Vec::new(),
+            success_on: Vec::new(),
+            signing_secrets: None,
         }
     }
 
@@ -561,6 +596,40 @@ impl Dest {
 
     pub fn circuit(mut self, circuit: Circuit) -> Self {
         self.circuit = Some(circuit);
+        self
+    }
+
+    /// `rate_limit = { requests, per, burst }`.
+    pub fn rate_limit(mut self, requests: u32, per: Duration, burst: u32) -> Self {
+        self.rate_limit = Some(RateLimit {
+            requests,
+            per: Some(per),
+            burst,
+        });
+        self
+    }
+
+    /// `retry_on`: codes (`"404"`) and classes (`"5xx"`).
+    pub fn retry_on(mut self, codes: &[&str]) -> Self {
+        self.retry_on = statuses(codes);
+        self
+    }
+
+    /// `final_on`: codes and classes.
+    pub fn final_on(mut self, codes: &[&str]) -> Self {
+        self.final_on = statuses(codes);
+        self
+    }
+
+    /// `success_on`: codes and classes.
+    pub fn success_on(mut self, codes: &[&str]) -> Self {
+        self.success_on = statuses(codes);
+        self
+    }
+
+    /// `signing_secrets`: one signature per secret.
+    pub fn signing_secrets(mut self, secrets: &[&str]) -> Self {
+        self.signing_secrets = Some(secrets.iter().map(|s| s.to_string()).collect());
         self
     }
 }
@@ -719,7 +788,10 @@ mod tests {
                     .header("X-Source", "tempo")
                     .basic_auth("u", "${PW}")
                     .retry(Retry::default().max_attempts(3).multiplier(2.0))
-                    .circuit(Circuit::default().failures(5)),
+                    .circuit(Circuit::default().failures(5))
+                    .rate_limit(20, Duration::from_secs(1), 2)
+                    .retry_on(&["404", "5xx"])
+                    .success_on(&["409"]),
             )
             .destination(Dest::new("b", "http://127.0.0.1/b").api_key("X-Key", "k"))
             .destination(Dest::new("c", "http://127.0.0.1/c").bearer("${TOKEN}"))
@@ -753,6 +825,9 @@ mod tests {
         assert_eq!(dests[0]["auth"]["type"].as_str(), Some("basic"));
         assert_eq!(dests[0]["auth"]["password"].as_str(), Some("${PW}"));
         assert_eq!(dests[0]["retry"]["max_attempts"].as_integer(), Some(3));
+        assert_eq!(dests[0]["rate_limit"]["per"].as_str(), Some("1s"));
+        assert_eq!(dests[0]["retry_on"][0].as_integer(), Some(404));
+        assert_eq!(dests[0]["retry_on"][1].as_str(), Some("5xx"));
         assert_eq!(dests[1]["auth"]["type"].as_str(), Some("api_key"));
         assert!(v.get("admin").is_some() && dests[1].get("retry").is_none());
     }

@@ -339,6 +339,11 @@ impl Receiver {
             .collect()
     }
 
+    /// Every request's `X-Request-Id` and arrival time, in arrival order (2xx or not).
+    pub fn timed_arrivals(&self) -> Vec<(String, Instant)> {
+        lock(&self.state.arrivals).clone()
+    }
+
     /// When each request for `id` arrived.
     pub fn arrival_times(&self, id: &str) -> Vec<Instant> {
         lock(&self.state.arrivals)
