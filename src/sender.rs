@@ -117,13 +117,19 @@ pub async fn deliver(dest: &Destination, event: &Event) -> Outcome {
             .unwrap_or(0);
         // `v1,` and base64, space-separated: always a valid header value.
         let signatures = signature::signature_header(keys, &event.id, now, &body);
-        if let Ok(signature) = HeaderValue::try_from(signatures) {
-            headers.insert(HeaderName::from_static("webhook-id"), id);
-            headers.insert(
-                HeaderName::from_static("webhook-timestamp"),
-                HeaderValue::from(now),
-            );
-            headers.insert(HeaderName::from_static("webhook-signature"), signature);
+        match HeaderValue::try_from(signatures) {
+            Ok(signature) => {
+                headers.insert(HeaderName::from_static("webhook-id"), id);
+                headers.insert(
+                    HeaderName::from_static("webhook-timestamp"),
+                    HeaderValue::from(now),
+                );
+                headers.insert(HeaderName::from_static("webhook-signature"), signature);
+            }
+            // Not expected (see above); said loudly, since the partner will refuse the request.
+            Err(_) => {
+                tracing::error!(event_id = %event.id, "webhook-signature is not a valid header value; sent unsigned")
+            }
         }
     }
     // Built directly rather than through `RequestBuilder`, which would copy the headers

@@ -8,10 +8,24 @@ use serde::{Deserialize, Serialize};
 
 type HmacSha256 = hmac::Hmac<sha2::Sha256>;
 
-/// The HMAC key of a destination's `signing_secret`, decoded once when the configuration is
-/// loaded. Never printed: `Debug` and `Serialize` show `***`.
-#[derive(Clone, PartialEq, Eq)]
-pub struct SigningKey(Vec<u8>);
+/// The HMAC key of a destination's `signing_secret`, decoded and keyed once when the
+/// configuration is loaded, so signing a request cannot fail. Never printed: `Debug` and
+/// `Serialize` show `***`.
+#[derive(Clone)]
+pub struct SigningKey {
+    /// The decoded secret, kept to compare keys (a reload keeps unchanged destinations).
+    key: Vec<u8>,
+    /// HMAC-SHA256 already keyed with `key`; each request signs with a copy of it.
+    mac: HmacSha256,
+}
+
+impl PartialEq for SigningKey {
+    fn eq(&self, other: &Self) -> bool {
+        self.key == other.key
+    }
+}
+
+impl Eq for SigningKey {}
 
 impl SigningKey {
     /// A Standard Webhooks secret: base64 after an optional `whsec_` prefix. The error text
@@ -27,18 +41,17 @@ impl SigningKey {
         if key.is_empty() {
             return Err("is empty".into());
         }
-        Ok(SigningKey(key))
+        use hmac::Mac as _;
+        let mac = HmacSha256::new_from_slice(&key)
+            .map_err(|e| format!("cannot key HMAC-SHA256 with it: {e}"))?;
+        Ok(SigningKey { key, mac })
     }
 
     /// `v1,<base64 HMAC-SHA256 of "{id}.{timestamp}.{body}">`, as Standard Webhooks receivers
     /// verify it.
     pub fn sign(&self, id: &str, timestamp: u64, body: &[u8]) -> String {
         use hmac::Mac as _;
-        let mut mac = match HmacSha256::new_from_slice(&self.0) {
-            Ok(m) => m,
-            // HMAC takes keys of any length, so this arm is never taken.
-            Err(_) => return String::new(),
-        };
+        let mut mac = self.mac.clone();
         mac.update(id.as_bytes());
         mac.update(b".");
         mac.update(timestamp.to_string().as_bytes());
