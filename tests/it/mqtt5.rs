@@ -332,3 +332,64 @@ async fn a_session_is_kept_for_session_expiry_and_then_gone() {
         "the expired session's message is gone"
     );
 }
+
+/// The measurement behind docs/mqtt.md ("Does receive_maximum close the drop trap?"): a
+/// subscriber that falls behind, under 3.1.1 and under MQTT 5 with two `receive_maximum`
+/// settings, against Mosquitto's default `max_queued_messages` (1,000). Run with
+/// `cargo test --test it -- --ignored --nocapture mqtt5::falling_behind`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a measurement (about 40 s); docs/mqtt.md quotes its output"]
+async fn falling_behind_loses_messages_whatever_receive_maximum_says() {
+    const N: usize = 3000;
+    let _brokers = brokers().await;
+    let mut lost = Vec::new();
+    for (protocol, receive_maximum) in [
+        (MqttProtocol::V3, None),
+        (MqttProtocol::V5, None),
+        (MqttProtocol::V5, Some(1000)),
+    ] {
+        let rx = Receiver::start().await;
+        // 8 POSTs at once, 20 ms each: at most about 400 events a second.
+        rx.set_delay(Duration::from_millis(20));
+        let store = tempfile::tempdir().unwrap();
+        let topic = unique("behind");
+        let mut source = mqtt_source_as(&unique("courier-behind"), &topic, protocol);
+        if let Some(n) = receive_maximum {
+            source = source.receive_maximum(n);
+        }
+        let config = test_defaults(store.path())
+            .mqtt(source)
+            .destination(Dest::new("d", &rx.url("/d")))
+            .max_in_flight(8);
+        let courier = Courier::start(&config);
+        let publisher = subscribed_publisher(&topic, &rx).await;
+        for id in ids("b", 0..N) {
+            publisher
+                .publish(&topic, format!(r#"{{"id":"{id}","data":{{}}}}"#))
+                .await;
+        }
+        publisher.wait_acked().await;
+        // Until nothing more arrives for 3 s.
+        let mut last = (usize::MAX, std::time::Instant::now());
+        while last.1.elapsed() < Duration::from_secs(3) {
+            let now = rx.delivered_with_prefix("b");
+            if now != last.0 {
+                last = (now, std::time::Instant::now());
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        courier.stop().await;
+        let delivered = rx.delivered_with_prefix("b");
+        println!(
+            "{protocol:?}, receive_maximum {}: {delivered} of {N} delivered, {} lost at the broker",
+            receive_maximum.map_or("default (max_in_flight = 8)".to_string(), |n| n.to_string()),
+            N - delivered
+        );
+        assert!(rx.delivered_counts().iter().all(|(_, &c)| c == 1));
+        lost.push(N - delivered);
+    }
+    assert!(
+        lost.iter().all(|&l| l > 0),
+        "docs/mqtt.md says the broker drops for a subscriber that falls behind, whatever receive_maximum: {lost:?}"
+    );
+}
