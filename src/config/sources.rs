@@ -652,6 +652,39 @@ impl MqttConfig {
 mod tests {
     use super::*;
 
+    fn mqtt(keys: &str) -> MqttConfig {
+        let text = format!(
+            "[[destinations]]\nname = \"a\"\nurl = \"http://127.0.0.1:1/x\"\n\
+             [mqtt]\nurl = \"mqtt://h\"\nclient_id = \"c\"\ntopics = [\"t\"]\n{keys}"
+        );
+        let config = crate::config::Config::from_toml(&text).expect("valid");
+        config.mqtt.expect("an [mqtt] section")
+    }
+
+    #[test]
+    fn each_protocol_says_how_long_the_session_lives() {
+        let v3 = mqtt("");
+        assert_eq!(v3.protocol, MqttProtocol::V3);
+        assert!(v3.persistent_session());
+        assert!(!mqtt("clean_session = true").persistent_session());
+        let v5 = mqtt("protocol = \"v5\"");
+        assert!(v5.persistent_session());
+        assert_eq!(v5.session_expiry(), DEFAULT_SESSION_EXPIRY);
+        assert_eq!(v5.expired(), ExpiredAction::DeadLetter);
+        assert!(!mqtt("protocol = \"v5\"\nsession_expiry = \"0s\"").persistent_session());
+    }
+
+    #[test]
+    fn receive_maximum_defaults_to_max_in_flight_within_the_mqtt_range() {
+        let v5 = mqtt("protocol = \"v5\"");
+        assert_eq!(v5.receive_maximum(256), 256);
+        assert_eq!(v5.receive_maximum(100_000), u16::MAX);
+        assert_eq!(
+            mqtt("protocol = \"v5\"\nreceive_maximum = 7").receive_maximum(256),
+            7
+        );
+    }
+
     #[test]
     fn url_errors_hide_the_password() {
         let mqtt = MqttUrl::parse("mqtt://user:s3cret@127.0.0.1:99999").expect_err("bad port");
