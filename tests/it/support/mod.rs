@@ -255,6 +255,7 @@ pub async fn wait_subscribed(publisher: &MqttPublisher, topic: &str, rx: &Receiv
 
 /// `GET url`: the status and the body; status 0 when nothing answered.
 pub async fn http_get(url: &str) -> (u16, String) {
+    install_crypto_provider();
     match reqwest::get(url).await {
         Ok(r) => {
             let status = r.status().as_u16();
