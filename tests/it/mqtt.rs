@@ -184,6 +184,11 @@ async fn puback_waits_for_the_post_and_goes_in_arrival_order(protocol: MqttProto
             "dedup kept m{i} from a second POST"
         );
     }
+    // Received again does not mean POSTed yet: wait for the POST itself.
+    eventually("m0 POSTed again", WAIT, || {
+        rx.arrivals().iter().filter(|a| *a == "m0").count() >= 2
+    })
+    .await;
     let m0_arrivals = rx.arrivals().iter().filter(|a| *a == "m0").count();
     assert_eq!(
         m0_arrivals, 2,

@@ -333,12 +333,37 @@ async fn a_session_is_kept_for_session_expiry_and_then_gone() {
     );
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_3_1_1_session_is_resumed_under_mqtt5() {
+    let _brokers = brokers().await;
+    let rx = Receiver::start().await;
+    let store = tempfile::tempdir().unwrap();
+    let topic = unique("upgrade");
+    let client = unique("courier-upgrade");
+    let config = |protocol| {
+        test_defaults(store.path())
+            .mqtt(mqtt_source_as(&client, &topic, protocol))
+            .destination(Dest::new("d", &rx.url("/d")))
+    };
+    let courier = Courier::start(&config(MqttProtocol::V3));
+    let publisher = subscribed_publisher(&topic, &rx).await;
+    courier.stop().await;
+    // Queued in the 3.1.1 session while no courier runs; the MQTT 5 courier resumes it.
+    publisher
+        .publish(&topic, r#"{"id":"queued","data":{}}"#)
+        .await;
+    publisher.wait_acked().await;
+    let courier = Courier::start(&config(MqttProtocol::V5));
+    rx.wait_for_id("queued", WAIT).await;
+    courier.stop().await;
+}
+
 /// The measurement behind docs/mqtt.md ("Does receive_maximum close the drop trap?"): a
 /// subscriber that falls behind, under 3.1.1 and under MQTT 5 with two `receive_maximum`
 /// settings, against Mosquitto's default `max_queued_messages` (1,000). Run with
 /// `cargo test --test it -- --ignored --nocapture mqtt5::falling_behind`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "a measurement (about 40 s); docs/mqtt.md quotes its output"]
+#[ignore = "a measurement (about 25 s); docs/mqtt.md quotes its output"]
 async fn falling_behind_loses_messages_whatever_receive_maximum_says() {
     const N: usize = 3000;
     let _brokers = brokers().await;
