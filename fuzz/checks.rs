@@ -74,6 +74,8 @@ pub fn check_parse(body: &[u8]) {
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
             received_at: SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000),
+            properties: None,
+            expiry: None,
         };
         let mut results = Vec::with_capacity(3);
         for format in [Format::Envelope, Format::Raw, Format::Auto] {

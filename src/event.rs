@@ -15,6 +15,7 @@ use serde_json::value::RawValue;
 use sha2::{Digest, Sha256};
 
 use crate::config::Format;
+use crate::properties::{Expiry, MessageProperties};
 use crate::topic;
 
 /// Event ids longer than this are refused: they become header values and store keys.
@@ -68,6 +69,10 @@ pub struct Inbound {
     pub headers: Vec<(String, String)>,
     /// When courier received it; the fallback for `Metadata.CreationDateTime`.
     pub received_at: SystemTime,
+    /// MQTT 5 `content-type`, `response-topic` and `correlation-data`, kept with the event.
+    pub properties: Option<Box<MessageProperties>>,
+    /// MQTT 5 `message-expiry-interval`, applied before the POST.
+    pub expiry: Option<Expiry>,
 }
 
 /// A parsed event, ready for routing and delivery.
@@ -93,6 +98,8 @@ pub struct Event {
     pub received_at: SystemTime,
     /// The transport it came from.
     pub source: SourceKind,
+    /// MQTT 5 properties kept for dead letters; never sent.
+    pub properties: Option<Box<MessageProperties>>,
 }
 
 /// JSON nested deeper than this is refused. serde_json reads at most 127 levels (its recursion
@@ -389,6 +396,7 @@ fn parse_envelope(inbound: &Inbound, env: &Fields) -> Result<Event, BadInput> {
         body: share_or_copy(&inbound.body, body),
         received_at: inbound.received_at,
         source: inbound.source,
+        properties: inbound.properties.clone(),
     })
 }
 
@@ -421,6 +429,7 @@ fn parse_raw(inbound: &Inbound, text: &str, ids: RawIds) -> Result<Event, BadInp
         body: inbound.body.clone(),
         received_at: inbound.received_at,
         source: inbound.source,
+        properties: inbound.properties.clone(),
     })
 }
 
@@ -616,6 +625,8 @@ mod tests {
             message_id: None,
             headers: vec![("x-from-header".into(), "h".into())],
             received_at: SystemTime::UNIX_EPOCH,
+            properties: None,
+            expiry: None,
         }
     }
 

@@ -19,6 +19,7 @@ pub mod event;
 pub mod http_client;
 pub mod oauth2;
 pub mod pipeline;
+pub mod properties;
 pub mod ratelimit;
 pub mod reload;
 pub mod retry;

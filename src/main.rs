@@ -281,6 +281,9 @@ async fn dead_letters(config: Config, action: DeadLetterAction) -> Result<ExitCo
                             .unwrap_or_else(|| "-".into()),
                         l.reason
                     );
+                    if let Some(properties) = &l.properties {
+                        println!("    mqtt5: {properties}");
+                    }
                 }
                 println!("{} dead letter(s)", letters.len());
             }

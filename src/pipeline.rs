@@ -17,9 +17,11 @@ use tokio::sync::{mpsc, Semaphore};
 use tokio::task::JoinSet;
 use tracing::Instrument as _;
 
+use crate::config::ExpiredAction;
 use crate::delivery::{Deliverer, Origin, Recorded};
 use crate::destination::Destinations;
 use crate::event::{self, SourceKind};
+use crate::properties::Expiry;
 use crate::shutdown::Shutdown;
 use crate::sources::{Acker, Delivery};
 use crate::stats::Stats;
@@ -137,17 +139,13 @@ impl Pipeline {
             Ok(event) => event,
             Err(bad) => {
                 tracing::warn!(reason = %bad, transport_topic = %inbound.topic, "bad input: dead-lettered and acked");
-                let letter = DeadLetter::bad_input(
-                    inbound.source,
-                    &inbound.topic,
-                    &inbound.body,
-                    bad.to_string(),
-                    self.max_payload_bytes,
-                );
-                self.dead_letter_and_ack(letter, acker).await;
+                let letter =
+                    DeadLetter::bad_input(&inbound, bad.to_string(), self.max_payload_bytes);
+                self.dead_letter_and_ack(vec![letter], acker).await;
                 return;
             }
         };
+        let expiry = inbound.expiry;
         drop(inbound);
         let span = tracing::Span::current();
         span.record("event_id", event.id.as_str());
@@ -166,7 +164,7 @@ impl Pipeline {
                     0,
                     None,
                 );
-                self.dead_letter_and_ack(letter, acker).await;
+                self.dead_letter_and_ack(vec![letter], acker).await;
                 return;
             }
         };
@@ -175,6 +173,34 @@ impl Pipeline {
             tracing::debug!("no destination matches; acked");
             self.ack(acker).await;
             return;
+        }
+        if let Some(expiry) = expiry.filter(Expiry::has_passed) {
+            if expiry.action == ExpiredAction::DeadLetter {
+                self.stats.expired("dead_lettered");
+                let reason = format!(
+                    "expired: its message-expiry-interval ({}s when courier received it) passed before the POST",
+                    expiry.interval.as_secs()
+                );
+                tracing::info!(%reason, "expired message: dead-lettered and acked");
+                // One letter per destination, as for failed deliveries, so a replay goes to each.
+                let letters = targets
+                    .iter()
+                    .map(|dest| {
+                        DeadLetter::for_event(
+                            &event,
+                            DeadLetterKind::Expired,
+                            Some(dest.id().as_str()),
+                            reason.clone(),
+                            0,
+                            None,
+                        )
+                    })
+                    .collect();
+                self.dead_letter_and_ack(letters, acker).await;
+                return;
+            }
+            self.stats.expired("delivered");
+            tracing::debug!("expired message delivered anyway (mqtt.expired = \"deliver\")");
         }
         let d = &self.deliverer;
         let store = d.store();
@@ -216,12 +242,16 @@ impl Pipeline {
         self.ack(acker).await;
     }
 
-    async fn dead_letter_and_ack(&self, letter: DeadLetter, acker: Acker) {
-        Stats::inc(&self.stats.dead_lettered);
+    async fn dead_letter_and_ack(&self, letters: Vec<DeadLetter>, acker: Acker) {
+        for _ in &letters {
+            Stats::inc(&self.stats.dead_lettered);
+        }
         let store = self.deliverer.store();
         loop {
             let epoch = store.epoch();
-            store.until_stored(|| store.dead_letter(&letter)).await;
+            for letter in &letters {
+                store.until_stored(|| store.dead_letter(letter)).await;
+            }
             store.commit().await;
             if !self.store_reopened_since(epoch) {
                 break;

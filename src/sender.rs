@@ -478,6 +478,7 @@ mod tests {
             body: bytes::Bytes::copy_from_slice(body.as_bytes()),
             received_at: SystemTime::UNIX_EPOCH,
             source: crate::event::SourceKind::Rabbitmq,
+            properties: None,
         }
     }
 

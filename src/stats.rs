@@ -27,6 +27,12 @@ pub struct ResultLabel {
     pub result: String,
 }
 
+/// `action="dead_lettered"|"delivered"`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ActionLabel {
+    pub action: String,
+}
+
 /// `destination="..."`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct DestinationLabel {
@@ -73,6 +79,8 @@ pub struct Stats {
     pub acked: AtomicU64,
     /// Acks the broker did not take (the message will be redelivered).
     pub ack_failures: AtomicU64,
+    /// MQTT 5 messages whose `message-expiry-interval` passed before their POST.
+    pub expired: AtomicU64,
 
     /// Per source: messages received.
     pub received_by_source: Family<SourceLabel, Counter>,
@@ -90,6 +98,8 @@ pub struct Stats {
     pub rate_limit_wait: Family<DestinationLabel, Counter<f64, AtomicU64>>,
     /// Per destination: events parked because their token was too far away.
     pub rate_limit_parked: Family<DestinationLabel, Counter>,
+    /// Expired MQTT 5 messages by what became of them (`mqtt.expired`).
+    pub expired_by_action: Family<ActionLabel, Counter>,
 
     sources: Mutex<BTreeMap<String, SourceHealth>>,
 }
@@ -117,6 +127,7 @@ impl Default for Stats {
             parked_for_rate: AtomicU64::default(),
             acked: AtomicU64::default(),
             ack_failures: AtomicU64::default(),
+            expired: AtomicU64::default(),
             received_by_source: Family::default(),
             reconnects: Family::default(),
             deliveries: Family::default(),
@@ -125,6 +136,7 @@ impl Default for Stats {
             config_reloads: Family::default(),
             rate_limit_wait: Family::default(),
             rate_limit_parked: Family::default(),
+            expired_by_action: Family::default(),
             sources: Mutex::new(BTreeMap::new()),
         }
     }
@@ -200,6 +212,17 @@ impl Stats {
         let health = sources.entry(source.to_string()).or_default();
         health.connected = false;
         health.last_error = Some(error.to_string());
+    }
+
+    /// Counts an MQTT 5 message that expired before its POST and was then `action`
+    /// (`dead_lettered` or `delivered`).
+    pub fn expired(&self, action: &str) {
+        Stats::inc(&self.expired);
+        self.expired_by_action
+            .get_or_create(&ActionLabel {
+                action: action.to_string(),
+            })
+            .inc();
     }
 
     /// Counts a configuration reload that ended with `result`.
@@ -284,6 +307,11 @@ impl Stats {
             "rate_limit_parked",
             "Events parked in the retry store because their destination's rate limit had no token within circuit.max_wait",
             self.rate_limit_parked.clone(),
+        );
+        r.register(
+            "mqtt_expired",
+            "MQTT 5 messages whose message-expiry-interval passed before their POST, by action (dead_lettered, delivered; mqtt.expired)",
+            self.expired_by_action.clone(),
         );
         r.register(
             "in_flight",

@@ -26,7 +26,8 @@ pub use destination::{
 };
 pub use service::{AdminConfig, OrganizationConfig, ServiceConfig};
 pub use sources::{
-    AmqpUrl, BindingConfig, Format, MqttConfig, MqttUrl, QueueArgument, RabbitMqConfig,
+    AmqpUrl, BindingConfig, ExpiredAction, Format, MqttConfig, MqttProtocol, MqttUrl,
+    QueueArgument, RabbitMqConfig,
 };
 pub use store::{DedupBackend, StoreConfig};
 pub use tls::TlsConfig;
@@ -347,7 +348,7 @@ mod tests {
         );
         assert_eq!(m.subscriptions(), vec!["$share/g/a/+/b", "$share/g/x/#"]);
         assert_eq!(m.qos, 1);
-        assert!(!m.clean_session);
+        assert!(m.persistent_session());
         let cases = [
             (
                 "url = \"mqtt://h\"\ntopics = [\"t\"]",

@@ -329,10 +329,68 @@ impl Serialize for MqttUrl {
     }
 }
 
-/// The MQTT source (MQTT 3.1.1).
+/// The MQTT version the source speaks.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub enum MqttProtocol {
+    /// MQTT 3.1.1: no properties, sessions kept with `clean_session = false`.
+    #[default]
+    #[serde(rename = "v3")]
+    V3,
+    /// MQTT 5: user properties become metadata, sessions expire after `session_expiry`, and the
+    /// broker's in-flight window is `receive_maximum`.
+    #[serde(rename = "v5")]
+    V5,
+}
+
+impl<'de> Deserialize<'de> for MqttProtocol {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        match text.as_str() {
+            "v3" => Ok(MqttProtocol::V3),
+            "v5" => Ok(MqttProtocol::V5),
+            other => Err(serde::de::Error::custom(format!(
+                "unknown protocol {other:?}, expected \"v3\" (MQTT 3.1.1) or \"v5\" (MQTT 5)"
+            ))),
+        }
+    }
+}
+
+/// What becomes of an MQTT 5 message whose `message-expiry-interval` passed before its POST.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ExpiredAction {
+    /// Delivered anyway: the interval is the producer's hint, the destinations decide.
+    Deliver,
+    /// Kept as a dead letter with reason "expired", for an operator to replay or purge.
+    #[default]
+    DeadLetter,
+}
+
+impl<'de> Deserialize<'de> for ExpiredAction {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        match text.as_str() {
+            "deliver" => Ok(ExpiredAction::Deliver),
+            "dead_letter" => Ok(ExpiredAction::DeadLetter),
+            other => Err(serde::de::Error::custom(format!(
+                "unknown action {other:?}, expected \"deliver\" or \"dead_letter\""
+            ))),
+        }
+    }
+}
+
+/// The session expiry an MQTT 5 session gets when `session_expiry` is not set: long enough to
+/// outlast a weekend of downtime, short enough that an abandoned client id does not pile up
+/// messages at the broker for ever.
+pub const DEFAULT_SESSION_EXPIRY: Duration = Duration::from_secs(7 * 24 * 3600);
+
+/// The MQTT source (MQTT 3.1.1 or 5).
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct MqttConfig {
+    /// `"v3"` (MQTT 3.1.1, the default) or `"v5"` (MQTT 5).
+    #[serde(default)]
+    pub protocol: MqttProtocol,
     /// `mqtt://host[:1883]` or `mqtts://host[:8883]` (TLS, verified against the system roots
     /// and `tls.ca_file`). Give this or `urls`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -341,8 +399,9 @@ pub struct MqttConfig {
     /// `url`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub urls: Vec<MqttUrl>,
-    /// The session's key at the broker. Required when `clean_session = false`, because a
-    /// persistent session is found again by its client id.
+    /// The session's key at the broker. Required when the session persists
+    /// (`clean_session = false`, or a `session_expiry` over zero), because a persistent session
+    /// is found again by its client id.
     #[serde(default)]
     pub client_id: Option<String>,
     /// Topic filters to subscribe to (`+` one level, `#` the rest).
@@ -350,10 +409,28 @@ pub struct MqttConfig {
     /// Subscription QoS: 1 (at least once, acked after delivery) or 0 (no acks, no redelivery).
     #[serde(default = "default_qos")]
     pub qos: u8,
-    /// `false` keeps the session at the broker while courier is away, so nothing published in
-    /// the meantime, and nothing received but not yet acked, is lost.
-    #[serde(default)]
-    pub clean_session: bool,
+    /// MQTT 3.1.1 only (default `false`): `false` keeps the session at the broker while
+    /// courier is away, so nothing published in the meantime, and nothing received but not yet
+    /// acked, is lost. MQTT 5 says this with `session_expiry`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub clean_session: Option<bool>,
+    /// MQTT 5 only (default 7 days): how long the broker keeps the session, with its queued
+    /// and unacked messages, after courier disconnects. `0s` ends the session with the
+    /// connection, as `clean_session = true` does in 3.1.1.
+    #[serde(
+        default,
+        with = "humantime_serde",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub session_expiry: Option<Duration>,
+    /// MQTT 5 only (default `service.max_in_flight`, at most 65535): the unacked QoS 1
+    /// messages the broker may send courier at once, announced in CONNECT.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub receive_maximum: Option<u32>,
+    /// MQTT 5 only (default `dead_letter`): what becomes of a message whose
+    /// `message-expiry-interval` passed before its POST.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expired: Option<ExpiredAction>,
     /// Non-empty: subscribe as `$share/<group>/<filter>` so replicas split the traffic.
     #[serde(default)]
     pub shared_group: String,
@@ -401,6 +478,89 @@ impl MqttConfig {
         self.url.iter().chain(&self.urls)
     }
 
+    /// Whether the broker keeps the session while courier is away.
+    pub fn persistent_session(&self) -> bool {
+        match self.protocol {
+            MqttProtocol::V3 => !self.clean_session.unwrap_or(false),
+            MqttProtocol::V5 => !self.session_expiry().is_zero(),
+        }
+    }
+
+    /// The MQTT 5 session expiry, the default filled in.
+    pub fn session_expiry(&self) -> Duration {
+        self.session_expiry.unwrap_or(DEFAULT_SESSION_EXPIRY)
+    }
+
+    /// The MQTT 5 receive maximum: the configured one, else `max_in_flight` (within MQTT's
+    /// 1..=65535), so the broker sends no more than the pipeline takes at once.
+    pub fn receive_maximum(&self, max_in_flight: usize) -> u16 {
+        let wanted = self.receive_maximum.map_or(max_in_flight, |n| n as usize);
+        u16::try_from(wanted.max(1)).unwrap_or(u16::MAX)
+    }
+
+    /// What to do with an expired MQTT 5 message, the default filled in.
+    pub fn expired(&self) -> ExpiredAction {
+        self.expired.unwrap_or_default()
+    }
+
+    /// The MQTT 5 keys refused under 3.1.1, and `clean_session` refused under 5: each protocol
+    /// has one way to say how long the session lives, so a file cannot say two things.
+    fn check_protocol_keys(&self) -> Result<(), ConfigError> {
+        match self.protocol {
+            MqttProtocol::V3 => {
+                let v5_only = [
+                    ("session_expiry", self.session_expiry.is_some()),
+                    ("receive_maximum", self.receive_maximum.is_some()),
+                    ("expired", self.expired.is_some()),
+                ];
+                if let Some((key, _)) = v5_only.iter().find(|(_, set)| *set) {
+                    return Err(ConfigError::invalid(
+                        format!("mqtt.{key}"),
+                        "is an MQTT 5 setting; add protocol = \"v5\" (3.1.1 has no such property)",
+                    ));
+                }
+            }
+            MqttProtocol::V5 => {
+                if self.clean_session.is_some() {
+                    return Err(ConfigError::invalid(
+                        "mqtt.clean_session",
+                        "is the MQTT 3.1.1 setting; with protocol = \"v5\" use session_expiry (\"0s\" ends the session with the connection, as clean_session = true did)",
+                    ));
+                }
+                if self.keep_alive < Duration::from_secs(5) {
+                    return Err(ConfigError::invalid(
+                        "mqtt.keep_alive",
+                        "must be at least 5s with protocol = \"v5\": the MQTT 5 client (rumqttc) refuses shorter intervals and cannot turn pings off",
+                    ));
+                }
+                if let Some(expiry) = self.session_expiry {
+                    // CONNECT carries whole seconds in 32 bits; 0xFFFFFFFF means "never".
+                    if expiry.subsec_nanos() != 0 {
+                        return Err(ConfigError::invalid(
+                            "mqtt.session_expiry",
+                            "must be a whole number of seconds",
+                        ));
+                    }
+                    if expiry.as_secs() > u64::from(u32::MAX) {
+                        return Err(ConfigError::invalid(
+                            "mqtt.session_expiry",
+                            "must be at most 4294967295s (about 136 years, which MQTT 5 reads as never)",
+                        ));
+                    }
+                }
+                if let Some(n) = self.receive_maximum {
+                    if !(1..=u32::from(u16::MAX)).contains(&n) {
+                        return Err(ConfigError::invalid(
+                            "mqtt.receive_maximum",
+                            format!("{n} is out of range; MQTT 5 allows 1 to 65535"),
+                        ));
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
     pub(super) fn validate(&self) -> Result<(), ConfigError> {
         check_endpoints(
             "mqtt",
@@ -410,15 +570,20 @@ impl MqttConfig {
             self.tls.is_some(),
             "a plain TCP URL; use mqtts://",
         )?;
+        self.check_protocol_keys()?;
         match &self.client_id {
             Some(id) if id.is_empty() => {
                 return Err(ConfigError::invalid("mqtt.client_id", "must not be empty"))
             }
-            None if !self.clean_session => {
+            None if self.persistent_session() => {
+                let mode = match self.protocol {
+                    MqttProtocol::V3 => "clean_session = false",
+                    MqttProtocol::V5 => "session_expiry is over 0s",
+                };
                 return Err(ConfigError::invalid(
                     "mqtt.client_id",
-                    "is required when clean_session = false: the broker finds a persistent session by its client id",
-                ))
+                    format!("is required when {mode}: the broker finds a persistent session by its client id"),
+                ));
             }
             _ => {}
         }
@@ -486,6 +651,39 @@ impl MqttConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn mqtt(keys: &str) -> MqttConfig {
+        let text = format!(
+            "[[destinations]]\nname = \"a\"\nurl = \"http://127.0.0.1:1/x\"\n\
+             [mqtt]\nurl = \"mqtt://h\"\nclient_id = \"c\"\ntopics = [\"t\"]\n{keys}"
+        );
+        let config = crate::config::Config::from_toml(&text).expect("valid");
+        config.mqtt.expect("an [mqtt] section")
+    }
+
+    #[test]
+    fn each_protocol_says_how_long_the_session_lives() {
+        let v3 = mqtt("");
+        assert_eq!(v3.protocol, MqttProtocol::V3);
+        assert!(v3.persistent_session());
+        assert!(!mqtt("clean_session = true").persistent_session());
+        let v5 = mqtt("protocol = \"v5\"");
+        assert!(v5.persistent_session());
+        assert_eq!(v5.session_expiry(), DEFAULT_SESSION_EXPIRY);
+        assert_eq!(v5.expired(), ExpiredAction::DeadLetter);
+        assert!(!mqtt("protocol = \"v5\"\nsession_expiry = \"0s\"").persistent_session());
+    }
+
+    #[test]
+    fn receive_maximum_defaults_to_max_in_flight_within_the_mqtt_range() {
+        let v5 = mqtt("protocol = \"v5\"");
+        assert_eq!(v5.receive_maximum(256), 256);
+        assert_eq!(v5.receive_maximum(100_000), u16::MAX);
+        assert_eq!(
+            mqtt("protocol = \"v5\"\nreceive_maximum = 7").receive_maximum(256),
+            7
+        );
+    }
 
     #[test]
     fn url_errors_hide_the_password() {

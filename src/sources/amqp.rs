@@ -336,6 +336,8 @@ fn to_delivery(
         headers,
         body: Bytes::from(delivery.data),
         received_at: SystemTime::now(),
+        properties: None,
+        expiry: None,
     };
     Delivery {
         inbound,

@@ -73,7 +73,7 @@ impl Sources {
             ),
             mqtt: Slot::built(
                 config.mqtt.clone(),
-                build_mqtt(config.mqtt.as_ref(), &stats)?,
+                build_mqtt(config.mqtt.as_ref(), max_in_flight, &stats)?,
             ),
             max_in_flight,
             stats,
@@ -100,7 +100,11 @@ impl Sources {
             false => None,
         };
         let mqtt = match config.mqtt != self.mqtt.config {
-            true => Some(build_mqtt(config.mqtt.as_ref(), &self.stats)?),
+            true => Some(build_mqtt(
+                config.mqtt.as_ref(),
+                self.max_in_flight,
+                &self.stats,
+            )?),
             false => None,
         };
         Ok(Replacement {
@@ -174,10 +178,11 @@ fn build_amqp(
 
 fn build_mqtt(
     config: Option<&MqttConfig>,
+    max_in_flight: usize,
     stats: &Arc<Stats>,
 ) -> Result<Option<MqttSource>, TlsSetupError> {
     config
-        .map(|c| MqttSource::new(c.clone(), stats.clone()))
+        .map(|c| MqttSource::new(c.clone(), max_in_flight, stats.clone()))
         .transpose()
 }
 

@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
 use crate::event::{Event, SourceKind};
+use crate::properties::MessageProperties;
 
 /// Why a message ended in the dead-letter tree.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -21,6 +22,8 @@ pub enum DeadLetterKind {
     Failed,
     /// Every attempt the retry policy allows failed.
     Exhausted,
+    /// Its MQTT 5 `message-expiry-interval` passed before the POST (`mqtt.expired`).
+    Expired,
 }
 
 /// An attempt still to make: kept in the retry tree, ordered by `next_at_ms`.
@@ -56,6 +59,9 @@ pub struct StoredEvent {
     pub body: Box<RawValue>,
     pub received_at_ms: u64,
     pub source: SourceKind,
+    /// MQTT 5 properties of the message; absent from records of other messages (and older ones).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub properties: Option<Box<MessageProperties>>,
 }
 
 impl StoredEvent {
@@ -79,6 +85,7 @@ impl StoredEvent {
             body,
             received_at_ms: millis(event.received_at),
             source: event.source,
+            properties: event.properties.clone(),
         }
     }
 
@@ -95,6 +102,7 @@ impl StoredEvent {
             body: bytes::Bytes::copy_from_slice(self.body.get().as_bytes()),
             received_at: UNIX_EPOCH + Duration::from_millis(self.received_at_ms),
             source: self.source,
+            properties: self.properties.clone(),
         }
     }
 }
@@ -131,34 +139,34 @@ pub struct DeadLetter {
     /// Whether `raw_base64` holds only the first `service.max_payload_bytes` of a larger body.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub raw_truncated: bool,
+    /// The MQTT 5 `content-type`, `response-topic` and `correlation-data` of the message, so
+    /// its producer can be answered; absent when it had none (and in older records).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub properties: Option<Box<MessageProperties>>,
 }
 
 impl DeadLetter {
     /// A message that could not be parsed: keep its bytes exactly, or their first `keep` bytes
     /// (`service.max_payload_bytes`: a 100 MB message must not become a 133 MB record; it cannot
     /// be replayed either way).
-    pub fn bad_input(
-        source: SourceKind,
-        topic: &str,
-        body: &[u8],
-        reason: String,
-        keep: usize,
-    ) -> DeadLetter {
+    pub fn bad_input(inbound: &crate::event::Inbound, reason: String, keep: usize) -> DeadLetter {
+        let body = &inbound.body[..];
         let kept = &body[..body.len().min(keep)];
         DeadLetter {
             key: String::new(),
             at_ms: millis(SystemTime::now()),
             kind: DeadLetterKind::BadInput,
             reason,
-            source,
+            source: inbound.source,
             destination: None,
             event_id: None,
-            topic: Some(topic.to_string()),
+            topic: Some(inbound.topic.clone()),
             attempts: 0,
             last_status: None,
             event: None,
             raw_base64: Some(base64::engine::general_purpose::STANDARD.encode(kept)),
             raw_truncated: kept.len() < body.len(),
+            properties: inbound.properties.clone(),
         }
     }
 
@@ -185,6 +193,7 @@ impl DeadLetter {
             event: Some(StoredEvent::from_event(event)),
             raw_base64: None,
             raw_truncated: false,
+            properties: event.properties.clone(),
         }
     }
 

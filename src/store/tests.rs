@@ -92,6 +92,7 @@ fn stored(id: &str) -> StoredEvent {
         body: RawValue::from_string("{}".into()).unwrap(),
         received_at_ms: 0,
         source: SourceKind::Rabbitmq,
+        properties: None,
     }
 }
 
@@ -211,7 +212,18 @@ async fn an_unfinished_snapshot_does_not_block_opening() {
 async fn dead_letters_round_trip() {
     let dir = tempfile::tempdir().expect("tempdir");
     let store = Store::open(&config(dir.path(), Duration::from_secs(60))).expect("open");
-    let letter = DeadLetter::bad_input(SourceKind::Rabbitmq, "t", b"\xff", "not UTF-8".into(), 16);
+    let inbound = crate::event::Inbound {
+        source: SourceKind::Rabbitmq,
+        format: crate::config::Format::Auto,
+        body: bytes::Bytes::from_static(b"\xff"),
+        topic: "t".into(),
+        message_id: None,
+        headers: Vec::new(),
+        received_at: std::time::SystemTime::now(),
+        properties: None,
+        expiry: None,
+    };
+    let letter = DeadLetter::bad_input(&inbound, "not UTF-8".into(), 16);
     store.dead_letter(&letter).unwrap();
     store.try_commit().await.unwrap();
     let all = store.dead_letters().unwrap();

@@ -69,6 +69,8 @@ async fn durable_at_ack(status: u16, body: &str) -> (bool, bool) {
             headers: Vec::new(),
             body: Bytes::copy_from_slice(body.as_bytes()),
             received_at: SystemTime::now(),
+            properties: None,
+            expiry: None,
         },
         acker: Acker::new(Probe {
             store: store.clone(),

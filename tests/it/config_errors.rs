@@ -15,6 +15,14 @@ fn err(text: &str) -> String {
     }
 }
 
+/// An `[mqtt]` section with `keys` added, and one destination.
+fn with_mqtt(keys: &str) -> String {
+    format!(
+        "[mqtt]\nurl = \"mqtt://127.0.0.1\"\nclient_id = \"c\"\ntopics = [\"t\"]\n{keys}\n\n\
+         [[destinations]]\nname = \"a\"\nurl = \"http://127.0.0.1:1/x\"\n"
+    )
+}
+
 fn with_dest(dest: &str) -> String {
     format!("{SOURCE}\n[[destinations]]\nname = \"a\"\nurl = \"http://127.0.0.1:1/x\"\n{dest}\n")
 }
@@ -47,6 +55,18 @@ fn bad_values_name_the_key() {
         (with_dest("").replace("queue = \"q\"", "queue = \"\""), "rabbitmq.queue", "must not be empty"),
         (format!("{}\n[service]\nmax_in_flight = 0\n", with_dest("")), "service.max_in_flight", "at least 1"),
         (SOURCE.to_string(), "destinations", "at least one"),
+        (with_mqtt("protocol = \"v4\""), "mqtt.protocol", "expected \"v3\" (MQTT 3.1.1) or \"v5\""),
+        (with_mqtt("session_expiry = \"1h\""), "mqtt.session_expiry", "add protocol = \"v5\""),
+        (with_mqtt("receive_maximum = 10"), "mqtt.receive_maximum", "is an MQTT 5 setting"),
+        (with_mqtt("expired = \"deliver\""), "mqtt.expired", "is an MQTT 5 setting"),
+        (with_mqtt("protocol = \"v5\"\nclean_session = false"), "mqtt.clean_session", "use session_expiry"),
+        (with_mqtt("protocol = \"v5\"\nreceive_maximum = 0"), "mqtt.receive_maximum", "1 to 65535"),
+        (with_mqtt("protocol = \"v5\"\nreceive_maximum = 65536"), "mqtt.receive_maximum", "1 to 65535"),
+        (with_mqtt("protocol = \"v5\"\nsession_expiry = \"1500ms\""), "mqtt.session_expiry", "whole number of seconds"),
+        (with_mqtt("protocol = \"v5\"\nsession_expiry = \"200years\""), "mqtt.session_expiry", "at most 4294967295s"),
+        (with_mqtt("protocol = \"v5\"\nexpired = \"drop\""), "mqtt.expired", "expected \"deliver\" or \"dead_letter\""),
+        (with_mqtt("protocol = \"v5\"\nkeep_alive = \"2s\""), "mqtt.keep_alive", "at least 5s with protocol = \"v5\""),
+        (with_mqtt("protocol = \"v5\"").replace("client_id = \"c\"\n", ""), "mqtt.client_id", "required when session_expiry is over 0s"),
         (with_dest("").replace("[rabbitmq]", "[other]"), "", "other"),
     ];
     for (text, key, what) in cases {

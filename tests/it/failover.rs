@@ -33,6 +33,15 @@ async fn rabbitmq_goes_on_to_the_next_node() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mqtt_goes_on_to_the_next_broker() {
+    mqtt_failover(MqttProtocol::V3).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mqtt5_goes_on_to_the_next_broker() {
+    mqtt_failover(MqttProtocol::V5).await
+}
+
+async fn mqtt_failover(protocol: MqttProtocol) {
     let _brokers = brokers().await;
     let rx = Receiver::start().await;
     let store = tempfile::tempdir().unwrap();
@@ -40,7 +49,7 @@ async fn mqtt_goes_on_to_the_next_broker() {
     let closed = format!("mqtt://127.0.0.1:{}", free_port());
     let config = test_defaults(store.path())
         .mqtt(
-            mqtt_source(&unique("courier-failover"), &topic)
+            mqtt_source_as(&unique("courier-failover"), &topic, protocol)
                 .urls(&[&closed, courier_testkit::config::MQTT_URL]),
         )
         .destination(Dest::new("d", &rx.url("/d")));

@@ -20,6 +20,7 @@ mod failover;
 mod faults;
 mod fuzz_seeds;
 mod mqtt;
+mod mqtt5;
 mod mqtt_broker_restart;
 mod oauth2;
 mod operations;

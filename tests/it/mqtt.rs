@@ -1,5 +1,6 @@
 //! The MQTT source against the real Mosquitto on 127.0.0.1:1883 (default limits: 20 messages in
-//! flight per client). Every test uses its own topics, client ids and store.
+//! flight per client). Every test uses its own topics, client ids and store, and runs once per
+//! protocol: `<test>::v3` (MQTT 3.1.1) and `<test>::v5` (MQTT 5), through [`both_protocols`].
 
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -7,6 +8,37 @@ use std::time::Duration;
 use crate::support::*;
 
 const WAIT: Duration = Duration::from_secs(30);
+
+/// Runs each `async fn name(protocol)` once per MQTT version, as `name::v3` and `name::v5`.
+macro_rules! both_protocols {
+    ($($name:ident),* $(,)?) => {$(
+        mod $name {
+            use super::*;
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn v3() {
+                super::$name(MqttProtocol::V3).await
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn v5() {
+                super::$name(MqttProtocol::V5).await
+            }
+        }
+    )*};
+}
+
+both_protocols!(
+    mqtt_publish_is_posted_with_the_full_contract,
+    puback_waits_for_the_post_and_goes_in_arrival_order,
+    acks_are_sent_so_nothing_comes_back_after_a_clean_stop,
+    messages_published_while_courier_is_stopped_arrive_after_restart,
+    kill_9_mid_stream_loses_nothing,
+    shared_group_splits_the_traffic_between_replicas,
+    poison_mqtt_messages_are_dead_lettered,
+    graceful_stop_finishes_in_flight_sends_their_pubacks_and_loses_nothing,
+    a_fast_stream_arrives_complete,
+);
 
 /// An envelope with no topic (the MQTT topic name routes it) and this data.
 fn mqtt_event(id: &str, data: &str) -> String {
@@ -25,20 +57,25 @@ async fn publish_ids(
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn mqtt_publish_is_posted_with_the_full_contract() {
+async fn mqtt_publish_is_posted_with_the_full_contract(protocol: MqttProtocol) {
     let _brokers = brokers().await;
     let rx = Receiver::start().await;
     let base = unique("contract");
     let store = tempfile::tempdir().unwrap();
     let courier = Courier::start(
-        &mqtt_config(&format!("{base}/#"), &unique("courier"), store.path()).destinations([
-            Dest::new("partner", &rx.url("/events"))
-                .topics(["tempo/events/batch/+"])
-                .metadata_in_payload()
-                .api_key("X-API-Key", "k"),
-            Dest::new("other", &rx.url("/other")).topics(["tempo/events/equipment/#"]),
-        ]),
+        &test_defaults(store.path())
+            .mqtt(mqtt_source_as(
+                &unique("courier"),
+                &format!("{base}/#"),
+                protocol,
+            ))
+            .destinations([
+                Dest::new("partner", &rx.url("/events"))
+                    .topics(["tempo/events/batch/+"])
+                    .metadata_in_payload()
+                    .api_key("X-API-Key", "k"),
+                Dest::new("other", &rx.url("/other")).topics(["tempo/events/equipment/#"]),
+            ]),
     );
     let publisher = MqttPublisher::connect().await;
     // Probes go to a topic no destination matches, so they are not POSTed.
@@ -102,12 +139,11 @@ async fn wait_subscribed_via_stats(publisher: &MqttPublisher, topic: &str, couri
     assert!(subscribed, "courier never subscribed");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn puback_waits_for_the_post_and_goes_in_arrival_order() {
+async fn puback_waits_for_the_post_and_goes_in_arrival_order(protocol: MqttProtocol) {
     let _brokers = brokers().await;
     let rx = Receiver::start().await;
     let dir = tempfile::tempdir().unwrap();
-    let (topic, config) = mqtt_to_receiver(&rx, "order", &dir.path().join("store"));
+    let (topic, config) = mqtt_to_receiver_as(&rx, "order", &dir.path().join("store"), protocol);
     let process = spawn(&config, dir.path());
     let publisher = subscribed_publisher(&topic, &rx).await;
 
@@ -148,6 +184,11 @@ async fn puback_waits_for_the_post_and_goes_in_arrival_order() {
             "dedup kept m{i} from a second POST"
         );
     }
+    // Received again does not mean POSTed yet: wait for the POST itself.
+    eventually("m0 POSTed again", WAIT, || {
+        rx.arrivals().iter().filter(|a| *a == "m0").count() >= 2
+    })
+    .await;
     let m0_arrivals = rx.arrivals().iter().filter(|a| *a == "m0").count();
     assert_eq!(
         m0_arrivals, 2,
@@ -156,12 +197,11 @@ async fn puback_waits_for_the_post_and_goes_in_arrival_order() {
     courier.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn acks_are_sent_so_nothing_comes_back_after_a_clean_stop() {
+async fn acks_are_sent_so_nothing_comes_back_after_a_clean_stop(protocol: MqttProtocol) {
     let _brokers = brokers().await;
     let rx = Receiver::start().await;
     let store = tempfile::tempdir().unwrap();
-    let (topic, config) = mqtt_to_receiver(&rx, "acked", store.path());
+    let (topic, config) = mqtt_to_receiver_as(&rx, "acked", store.path(), protocol);
     let courier = Courier::start(&config);
     let publisher = subscribed_publisher(&topic, &rx).await;
     publish_ids(&publisher, &topic, "a", 0..30).await;
@@ -183,12 +223,11 @@ async fn acks_are_sent_so_nothing_comes_back_after_a_clean_stop() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn messages_published_while_courier_is_stopped_arrive_after_restart() {
+async fn messages_published_while_courier_is_stopped_arrive_after_restart(protocol: MqttProtocol) {
     let _brokers = brokers().await;
     let rx = Receiver::start().await;
     let store = tempfile::tempdir().unwrap();
-    let (topic, config) = mqtt_to_receiver(&rx, "offline", store.path());
+    let (topic, config) = mqtt_to_receiver_as(&rx, "offline", store.path(), protocol);
     let courier = Courier::start(&config);
     let publisher = subscribed_publisher(&topic, &rx).await;
     courier.stop().await;
@@ -204,13 +243,12 @@ async fn messages_published_while_courier_is_stopped_arrive_after_restart() {
     assert!(rx.delivered_counts().iter().all(|(_, &c)| c == 1));
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn kill_9_mid_stream_loses_nothing() {
+async fn kill_9_mid_stream_loses_nothing(protocol: MqttProtocol) {
     let _brokers = brokers().await;
     let rx = Receiver::start().await;
     rx.set_delay(Duration::from_millis(3));
     let dir = tempfile::tempdir().unwrap();
-    let (topic, config) = mqtt_to_receiver(&rx, "kill", &dir.path().join("store"));
+    let (topic, config) = mqtt_to_receiver_as(&rx, "kill", &dir.path().join("store"), protocol);
     let config = config.max_in_flight(32);
     let process = spawn(&config, dir.path());
     let publisher = subscribed_publisher(&topic, &rx).await;
@@ -245,8 +283,7 @@ async fn kill_9_mid_stream_loses_nothing() {
     assert!(twice <= 2 * 32, "{twice} events POSTed twice");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn shared_group_splits_the_traffic_between_replicas() {
+async fn shared_group_splits_the_traffic_between_replicas(protocol: MqttProtocol) {
     let _brokers = brokers().await;
     let rx = Receiver::start().await;
     let topic = unique("shared");
@@ -254,7 +291,7 @@ async fn shared_group_splits_the_traffic_between_replicas() {
     let stores = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
     let replica = |name: &str, store: &std::path::Path| {
         test_defaults(store)
-            .mqtt(mqtt_source(&unique(name), &topic).shared_group(&group))
+            .mqtt(mqtt_source_as(&unique(name), &topic, protocol).shared_group(&group))
             .destination(Dest::new("d", &rx.url("/d")))
     };
     let a = Courier::start(&replica("replica-a", stores[0].path()));
@@ -282,12 +319,11 @@ async fn shared_group_splits_the_traffic_between_replicas() {
     assert!(rx.delivered_counts().iter().all(|(_, &c)| c == 1));
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn poison_mqtt_messages_are_dead_lettered() {
+async fn poison_mqtt_messages_are_dead_lettered(protocol: MqttProtocol) {
     let _brokers = brokers().await;
     let rx = Receiver::start().await;
     let store = tempfile::tempdir().unwrap();
-    let (topic, config) = mqtt_to_receiver(&rx, "poison", store.path());
+    let (topic, config) = mqtt_to_receiver_as(&rx, "poison", store.path(), protocol);
     let courier = Courier::start(&config);
     let publisher = subscribed_publisher(&topic, &rx).await;
     publisher.publish(&topic, mqtt_event("before", "{}")).await;
@@ -316,13 +352,14 @@ async fn poison_mqtt_messages_are_dead_lettered() {
         .all(|l| l.topic.as_deref() == Some(topic.as_str())));
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn graceful_stop_finishes_in_flight_sends_their_pubacks_and_loses_nothing() {
+async fn graceful_stop_finishes_in_flight_sends_their_pubacks_and_loses_nothing(
+    protocol: MqttProtocol,
+) {
     let _brokers = brokers().await;
     let rx = Receiver::start().await;
     rx.set_delay(Duration::from_millis(20));
     let store = tempfile::tempdir().unwrap();
-    let (topic, config) = mqtt_to_receiver(&rx, "graceful", store.path());
+    let (topic, config) = mqtt_to_receiver_as(&rx, "graceful", store.path(), protocol);
     let config = config.max_in_flight(16);
     let courier = Courier::start(&config);
     let publisher = subscribed_publisher(&topic, &rx).await;
@@ -352,12 +389,11 @@ async fn graceful_stop_finishes_in_flight_sends_their_pubacks_and_loses_nothing(
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_fast_stream_arrives_complete() {
+async fn a_fast_stream_arrives_complete(protocol: MqttProtocol) {
     let _brokers = brokers().await;
     let rx = Receiver::start().await;
     let store = tempfile::tempdir().unwrap();
-    let (topic, config) = mqtt_to_receiver(&rx, "stream", store.path());
+    let (topic, config) = mqtt_to_receiver_as(&rx, "stream", store.path(), protocol);
     let courier = Courier::start(&config);
     let publisher = subscribed_publisher(&topic, &rx).await;
     const N: usize = 3000;

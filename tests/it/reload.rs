@@ -408,3 +408,63 @@ async fn a_removed_destination_keeps_its_retries_until_it_comes_back_and_in_flig
     assert!(courier.sigterm());
     courier.wait_exit(WAIT).await.expect("courier stops");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mqtt_moves_to_mqtt5_on_a_reload_and_keeps_its_session() {
+    let _brokers = brokers().await;
+    let rx = Receiver::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let topic = unique("reload-v5");
+    let port = free_port();
+    let client = unique("courier-reload-v5");
+    let config = |protocol| {
+        test_defaults(&dir.path().join("store"))
+            .mqtt(mqtt_source_as(&client, &topic, protocol))
+            .admin(port)
+            .destination(Dest::new("d", &rx.url("/d")))
+    };
+    let (mut courier, path) = start(&config(MqttProtocol::V3), dir.path());
+    wait_ready(port).await;
+    let mqtt = subscribed_publisher(&topic, &rx).await;
+    rewrite(&path, &config(MqttProtocol::V5).toml());
+    // Published while the source reconnects: the session (same client id) keeps them.
+    for i in 0..5 {
+        mqtt.publish(&topic, event(&format!("K{i}"), "t").into_bytes())
+            .await;
+    }
+    wait_reloads(port, "applied", 1).await;
+    let mqtt5 = Mqtt5Publisher::connect().await;
+    mqtt5
+        .publish(
+            &topic,
+            event("P5", "t"),
+            rumqttc::v5::mqttbytes::v5::PublishProperties {
+                user_properties: vec![("x-from".into(), "mqtt5".into())],
+                ..Default::default()
+            },
+        )
+        .await;
+    let r = rx.wait_for_id("P5", WAIT).await;
+    assert_eq!(
+        r.header("x-from"),
+        Some("mqtt5"),
+        "the reloaded source speaks MQTT 5"
+    );
+    eventually(
+        "the events published during the reload arrive",
+        WAIT,
+        || {
+            let counts = rx.delivered_counts();
+            (0..5).all(|i| counts.contains_key(&format!("K{i}")))
+        },
+    )
+    .await;
+    assert!(courier.sigterm());
+    courier.wait_exit(WAIT).await.expect("courier stops");
+    let log = std::fs::read_to_string(courier.log()).unwrap();
+    assert_eq!(
+        log.matches("connected to the MQTT broker").count(),
+        2,
+        "connected once per protocol: {log}"
+    );
+}

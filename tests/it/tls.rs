@@ -69,6 +69,15 @@ fn broker_dir(parent: &Path) -> PathBuf {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mqtt_mutual_tls_delivers_and_a_rotated_client_certificate_is_used_without_a_restart() {
+    mqtt_mutual_tls(MqttProtocol::V3).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mqtt5_mutual_tls_delivers_and_a_rotated_client_certificate_is_used_without_a_restart() {
+    mqtt_mutual_tls(MqttProtocol::V5).await
+}
+
+async fn mqtt_mutual_tls(protocol: MqttProtocol) {
     let _brokers = brokers().await;
     let dir = tempfile::tempdir().unwrap();
     // The broker's certificate names it only by a DNS name: courier reaches it by IP address
@@ -86,7 +95,7 @@ async fn mqtt_mutual_tls_delivers_and_a_rotated_client_certificate_is_used_witho
         &test_defaults(&dir.path().join("store"))
             .admin(port)
             .mqtt(
-                mqtt_source(&unique("courier-mtls"), &topic)
+                mqtt_source_as(&unique("courier-mtls"), &topic, protocol)
                     .url(&broker.url())
                     .tls(
                         Tls::default()

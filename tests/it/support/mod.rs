@@ -47,6 +47,15 @@ pub fn mqtt_source(client_id: &str, filter: &str) -> Mqtt {
     Mqtt::new(client_id, filter).keep_alive(Duration::from_secs(5))
 }
 
+/// [`mqtt_source`] speaking `protocol`; under MQTT 5 with a one-hour `session_expiry`.
+pub fn mqtt_source_as(client_id: &str, filter: &str, protocol: MqttProtocol) -> Mqtt {
+    let source = mqtt_source(client_id, filter).protocol(protocol);
+    match protocol {
+        MqttProtocol::V3 => source,
+        MqttProtocol::V5 => source.session_expiry(Duration::from_secs(3600)),
+    }
+}
+
 /// The defaults of [`rabbit_config`] and [`mqtt_config`], with no source yet.
 pub fn test_defaults(store: &Path) -> ConfigBuilder {
     ConfigBuilder::new(store)
@@ -202,8 +211,23 @@ pub async fn wait_drained(queue: &str, what: &str, timeout: Duration) {
 /// A courier subscribed to a topic of its own (named after `prefix`) as a client of its own,
 /// POSTing every event to `/d` on `rx`, its store in `store`: the topic and the configuration.
 pub fn mqtt_to_receiver(rx: &Receiver, prefix: &str, store: &Path) -> (String, ConfigBuilder) {
+    mqtt_to_receiver_as(rx, prefix, store, MqttProtocol::V3)
+}
+
+/// [`mqtt_to_receiver`] speaking `protocol`; under MQTT 5 with a one-hour `session_expiry`.
+pub fn mqtt_to_receiver_as(
+    rx: &Receiver,
+    prefix: &str,
+    store: &Path,
+    protocol: MqttProtocol,
+) -> (String, ConfigBuilder) {
     let topic = unique(prefix);
-    let config = mqtt_config(&topic, &unique(&format!("courier-{prefix}")), store)
+    let config = test_defaults(store)
+        .mqtt(mqtt_source_as(
+            &unique(&format!("courier-{prefix}")),
+            &topic,
+            protocol,
+        ))
         .destination(Dest::new("d", &rx.url("/d")));
     (topic, config)
 }
@@ -231,6 +255,7 @@ pub async fn wait_subscribed(publisher: &MqttPublisher, topic: &str, rx: &Receiv
 
 /// `GET url`: the status and the body; status 0 when nothing answered.
 pub async fn http_get(url: &str) -> (u16, String) {
+    install_crypto_provider();
     match reqwest::get(url).await {
         Ok(r) => {
             let status = r.status().as_u16();

@@ -284,6 +284,8 @@ impl Rabbit {
 #[derive(Clone, Debug, Serialize)]
 pub struct Mqtt {
     #[serde(skip_serializing_if = "Option::is_none")]
+    protocol: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     url: Option<String>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     urls: Vec<String>,
@@ -293,22 +295,66 @@ pub struct Mqtt {
     keep_alive: Option<Duration>,
     #[serde(skip_serializing_if = "Option::is_none")]
     shared_group: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none", serialize_with = "duration")]
+    session_expiry: Option<Duration>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    receive_maximum: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    expired: Option<&'static str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     tls: Option<Tls>,
+}
+
+/// The MQTT version of the `[mqtt]` source (`protocol`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MqttProtocol {
+    V3,
+    V5,
 }
 
 impl Mqtt {
     /// Subscribed to `filter` on the local Mosquitto ([`MQTT_URL`]) as `client_id`.
     pub fn new(client_id: &str, filter: &str) -> Mqtt {
         Mqtt {
+            protocol: None,
             url: Some(MQTT_URL.into()),
             urls: Vec::new(),
             client_id: client_id.into(),
             topics: vec![filter.into()],
             keep_alive: None,
             shared_group: None,
+            session_expiry: None,
+            receive_maximum: None,
+            expired: None,
             tls: None,
         }
+    }
+
+    /// `protocol = "v5"` for [`MqttProtocol::V5`]; the default (no key) for V3.
+    pub fn protocol(mut self, protocol: MqttProtocol) -> Self {
+        self.protocol = match protocol {
+            MqttProtocol::V3 => None,
+            MqttProtocol::V5 => Some("v5"),
+        };
+        self
+    }
+
+    /// MQTT 5 `session_expiry`.
+    pub fn session_expiry(mut self, expiry: Duration) -> Self {
+        self.session_expiry = Some(expiry);
+        self
+    }
+
+    /// MQTT 5 `receive_maximum`.
+    pub fn receive_maximum(mut self, n: u32) -> Self {
+        self.receive_maximum = Some(n);
+        self
+    }
+
+    /// MQTT 5 `expired`: `"deliver"` or `"dead_letter"`.
+    pub fn expired(mut self, action: &'static str) -> Self {
+        self.expired = Some(action);
+        self
     }
 
     /// Another broker than the local Mosquitto on 1883, such as `mqtts://127.0.0.1:8883`.

@@ -21,8 +21,10 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 pub use amqp::{Publisher, AMQP_URL};
 pub use brokers::{rabbitmqctl, restart_mosquitto};
-pub use config::{Auth, Circuit, ConfigBuilder, Dest, Mqtt, OAuth2, Rabbit, Retry, Tls};
-pub use mqtt::{MqttPublisher, MqttPublisherOptions};
+pub use config::{
+    Auth, Circuit, ConfigBuilder, Dest, Mqtt, MqttProtocol, OAuth2, Rabbit, Retry, Tls,
+};
+pub use mqtt::{Mqtt5Publisher, MqttPublisher, MqttPublisherOptions};
 pub use pki::{Issued, TestCa};
 pub use process::{CourierProcess, Launch};
 pub use receiver::{BlackHole, Receiver, Recorded, Recording};

@@ -1,5 +1,5 @@
-//! A QoS 1 publisher for the machine's Mosquitto on 127.0.0.1:1883 (or another broker on
-//! 127.0.0.1).
+//! QoS 1 publishers for the machine's Mosquitto on 127.0.0.1:1883 (or another broker on
+//! 127.0.0.1): [`MqttPublisher`] speaks MQTT 3.1.1, [`Mqtt5Publisher`] MQTT 5 with properties.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -36,11 +36,42 @@ impl Default for MqttPublisherOptions {
 /// window it counts includes messages delivered but not yet PUBACKed.
 pub const PACE_AHEAD: usize = 300;
 
+/// Publishes sent and PUBACKs received, whichever protocol.
+#[derive(Default)]
+struct AckCount {
+    acked: Arc<AtomicUsize>,
+    sent: AtomicUsize,
+}
+
+impl AckCount {
+    /// Whether the broker acknowledged everything published so far within `timeout`.
+    async fn acked_within(&self, timeout: Duration) -> bool {
+        let want = self.sent.load(Ordering::SeqCst);
+        let deadline = Instant::now() + timeout;
+        while self.acked.load(Ordering::SeqCst) < want {
+            if Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        true
+    }
+
+    /// Panics unless the broker acknowledged everything published so far within 20 s.
+    async fn wait_acked(&self) {
+        assert!(
+            self.acked_within(Duration::from_secs(20)).await,
+            "broker acked {} of {} publishes",
+            self.acked.load(Ordering::SeqCst),
+            self.sent.load(Ordering::SeqCst)
+        );
+    }
+}
+
 /// A client publishing at QoS 1, counting the broker's PUBACKs.
 pub struct MqttPublisher {
     pub client: rumqttc::AsyncClient,
-    acked: Arc<AtomicUsize>,
-    sent: AtomicUsize,
+    acks: AckCount,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -59,8 +90,8 @@ impl MqttPublisher {
             mqtt.set_max_packet_size(max as usize, max as usize);
         }
         let (client, mut eventloop) = rumqttc::AsyncClient::new(mqtt, options.capacity);
-        let acked = Arc::new(AtomicUsize::new(0));
-        let counter = acked.clone();
+        let acks = AckCount::default();
+        let counter = acks.acked.clone();
         let (ready_tx, ready) = tokio::sync::oneshot::channel();
         let mut ready_tx = Some(ready_tx);
         let task = tokio::spawn(async move {
@@ -83,17 +114,12 @@ impl MqttPublisher {
             .await
             .unwrap_or_else(|_| panic!("publisher connects to Mosquitto on 127.0.0.1:{port}"))
             .ok();
-        MqttPublisher {
-            client,
-            acked,
-            sent: AtomicUsize::new(0),
-            task,
-        }
+        MqttPublisher { client, acks, task }
     }
 
     /// Publishes at QoS 1 (not retained).
     pub async fn publish(&self, topic: &str, body: impl Into<Vec<u8>>) {
-        self.sent.fetch_add(1, Ordering::SeqCst);
+        self.acks.sent.fetch_add(1, Ordering::SeqCst);
         self.client
             .publish(topic, rumqttc::QoS::AtLeastOnce, false, body.into())
             .await
@@ -128,25 +154,12 @@ impl MqttPublisher {
 
     /// Whether the broker acknowledged everything published so far within `timeout`.
     pub async fn acked_within(&self, timeout: Duration) -> bool {
-        let want = self.sent.load(Ordering::SeqCst);
-        let deadline = Instant::now() + timeout;
-        while self.acked.load(Ordering::SeqCst) < want {
-            if Instant::now() >= deadline {
-                return false;
-            }
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-        true
+        self.acks.acked_within(timeout).await
     }
 
     /// Waits until the broker acknowledged everything published so far; panics after 20 s.
     pub async fn wait_acked(&self) {
-        assert!(
-            self.acked_within(Duration::from_secs(20)).await,
-            "broker acked {} of {} publishes",
-            self.acked.load(Ordering::SeqCst),
-            self.sent.load(Ordering::SeqCst)
-        );
+        self.acks.wait_acked().await
     }
 
     /// Publishes `{"id":"probe-<i>","data":{}}` to `topic` every `every` until `done()` holds;
@@ -179,6 +192,79 @@ impl MqttPublisher {
 }
 
 impl Drop for MqttPublisher {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// An MQTT 5 client publishing at QoS 1 with properties, counting the broker's PUBACKs.
+pub struct Mqtt5Publisher {
+    client: rumqttc::v5::AsyncClient,
+    acks: AckCount,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Mqtt5Publisher {
+    /// Connects to Mosquitto on 127.0.0.1:1883 and waits (at most 10 s) for the CONNACK.
+    pub async fn connect() -> Mqtt5Publisher {
+        use rumqttc::v5::{mqttbytes::v5::Packet, Event};
+        let mut mqtt = rumqttc::v5::MqttOptions::new(crate::unique("test-pub5"), "127.0.0.1", 1883);
+        mqtt.set_keep_alive(Duration::from_secs(10));
+        let (client, mut eventloop) = rumqttc::v5::AsyncClient::new(mqtt, 1000);
+        let acks = AckCount::default();
+        let counter = acks.acked.clone();
+        let (ready_tx, ready) = tokio::sync::oneshot::channel();
+        let mut ready_tx = Some(ready_tx);
+        let task = tokio::spawn(async move {
+            loop {
+                match eventloop.poll().await {
+                    Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                        if let Some(tx) = ready_tx.take() {
+                            let _ = tx.send(());
+                        }
+                    }
+                    Ok(Event::Incoming(Packet::PubAck(_))) => {
+                        counter.fetch_add(1, Ordering::SeqCst);
+                    }
+                    Ok(_) => {}
+                    Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+                }
+            }
+        });
+        tokio::time::timeout(Duration::from_secs(10), ready)
+            .await
+            .expect("MQTT 5 publisher connects to Mosquitto on 127.0.0.1:1883")
+            .ok();
+        Mqtt5Publisher { client, acks, task }
+    }
+
+    /// Publishes at QoS 1 (not retained) with `properties`.
+    pub async fn publish(
+        &self,
+        topic: &str,
+        body: impl Into<Vec<u8>>,
+        properties: rumqttc::v5::mqttbytes::v5::PublishProperties,
+    ) {
+        self.acks.sent.fetch_add(1, Ordering::SeqCst);
+        self.client
+            .publish_with_properties(
+                topic,
+                rumqttc::v5::mqttbytes::QoS::AtLeastOnce,
+                false,
+                body.into(),
+                properties,
+            )
+            .await
+            .expect("queue MQTT 5 publish");
+    }
+
+    /// Waits until the broker acknowledged everything published so far; panics after 20 s.
+    pub async fn wait_acked(&self) {
+        self.acks.wait_acked().await
+    }
+}
+
+impl Drop for Mqtt5Publisher {
     fn drop(&mut self) {
         self.task.abort();
     }
