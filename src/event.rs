@@ -16,6 +16,7 @@ use sha2::{Digest, Sha256};
 
 use crate::config::Format;
 use crate::topic;
+use crate::trace::{self, TraceContext};
 
 /// Event ids longer than this are refused: they become header values and store keys.
 pub const MAX_ID_BYTES: usize = 512;
@@ -93,6 +94,8 @@ pub struct Event {
     pub received_at: SystemTime,
     /// The transport it came from.
     pub source: SourceKind,
+    /// The W3C trace context it arrived with ([`crate::trace`]), if a valid one came.
+    pub trace: Option<TraceContext>,
 }
 
 /// JSON nested deeper than this is refused. serde_json reads at most 127 levels (its recursion
@@ -378,6 +381,7 @@ fn parse_envelope(inbound: &Inbound, env: &Fields) -> Result<Event, BadInput> {
     if let Some(m) = env.metadata {
         merge_metadata(&mut metadata, m)?;
     }
+    let trace = trace::extract(&inbound.headers, &mut metadata);
     Ok(Event {
         id,
         topic,
@@ -389,6 +393,7 @@ fn parse_envelope(inbound: &Inbound, env: &Fields) -> Result<Event, BadInput> {
         body: share_or_copy(&inbound.body, body),
         received_at: inbound.received_at,
         source: inbound.source,
+        trace,
     })
 }
 
@@ -406,10 +411,11 @@ fn parse_raw(inbound: &Inbound, text: &str, ids: RawIds) -> Result<Event, BadInp
         Some(id) => id,
         None => fallback_id(inbound, &topic, text, None)?,
     };
-    let metadata = transport_metadata(inbound);
+    let mut metadata = transport_metadata(inbound);
     if metadata.len() > MAX_METADATA_KEYS {
         return Err(too_many_metadata(metadata.len()));
     }
+    let trace = trace::extract(&inbound.headers, &mut metadata);
     Ok(Event {
         id,
         topic,
@@ -421,6 +427,7 @@ fn parse_raw(inbound: &Inbound, text: &str, ids: RawIds) -> Result<Event, BadInp
         body: inbound.body.clone(),
         received_at: inbound.received_at,
         source: inbound.source,
+        trace,
     })
 }
 

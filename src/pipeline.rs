@@ -133,7 +133,7 @@ impl Pipeline {
         let Delivery { inbound, acker } = delivery;
         Stats::inc(&self.stats.received);
         self.received_by_source[inbound.source as usize].inc();
-        let event = match event::parse(&inbound, self.max_payload_bytes) {
+        let mut event = match event::parse(&inbound, self.max_payload_bytes) {
             Ok(event) => event,
             Err(bad) => {
                 tracing::warn!(reason = %bad, transport_topic = %inbound.topic, "bad input: dead-lettered and acked");
@@ -149,6 +149,7 @@ impl Pipeline {
             }
         };
         drop(inbound);
+        self.deliverer.telemetry().start_trace(&mut event);
         let span = tracing::Span::current();
         span.record("event_id", event.id.as_str());
         span.record("topic", event.topic.as_str());

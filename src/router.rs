@@ -258,6 +258,7 @@ mod tests {
             body: bytes::Bytes::from_static(b"{}"),
             received_at: std::time::SystemTime::UNIX_EPOCH,
             source: crate::event::SourceKind::Rabbitmq,
+            trace: None,
         }
     }
 

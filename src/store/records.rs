@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
 use crate::event::{Event, SourceKind};
+use crate::trace::{self, TraceContext};
 
 /// Why a message ended in the dead-letter tree.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -56,6 +57,10 @@ pub struct StoredEvent {
     pub body: Box<RawValue>,
     pub received_at_ms: u64,
     pub source: SourceKind,
+    /// The trace the event arrived in (or courier started), so a later attempt continues it.
+    /// Records written before courier kept it read as `None`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trace: Option<TraceContext>,
 }
 
 impl StoredEvent {
@@ -79,11 +84,16 @@ impl StoredEvent {
             body,
             received_at_ms: millis(event.received_at),
             source: event.source,
+            trace: event.trace.clone(),
         }
     }
 
-    /// The event again, as the sender needs it.
+    /// The event again, as the sender needs it. A record from before courier kept the trace
+    /// context may still hold it in its metadata: it is taken from there, so it is continued
+    /// rather than forwarded as it came.
     pub fn to_event(&self) -> Event {
+        let mut metadata = self.metadata.clone();
+        let from_metadata = trace::extract(&[], &mut metadata);
         Event {
             id: self.id.clone(),
             topic: self.topic.clone(),
@@ -91,7 +101,8 @@ impl StoredEvent {
             destination_id: self.destination_id.clone(),
             eligible_for_retry: self.eligible_for_retry,
             time: self.time.clone(),
-            metadata: self.metadata.clone(),
+            metadata,
+            trace: self.trace.clone().or(from_metadata),
             body: bytes::Bytes::copy_from_slice(self.body.get().as_bytes()),
             received_at: UNIX_EPOCH + Duration::from_millis(self.received_at_ms),
             source: self.source,

@@ -92,6 +92,7 @@ fn stored(id: &str) -> StoredEvent {
         body: RawValue::from_string("{}".into()).unwrap(),
         received_at_ms: 0,
         source: SourceKind::Rabbitmq,
+        trace: None,
     }
 }
 
