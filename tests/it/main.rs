@@ -29,3 +29,4 @@ mod rate_limit;
 mod reload;
 mod retries;
 mod tls;
+mod trace_context;

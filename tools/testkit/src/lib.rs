@@ -21,7 +21,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 pub use amqp::{Publisher, AMQP_URL};
 pub use brokers::{rabbitmqctl, restart_mosquitto};
-pub use config::{Auth, Circuit, ConfigBuilder, Dest, Mqtt, OAuth2, Rabbit, Retry, Tls};
+pub use config::{Auth, Circuit, ConfigBuilder, Dest, Mqtt, OAuth2, Rabbit, Retry, Tls, Tracing};
 pub use mqtt::{MqttPublisher, MqttPublisherOptions};
 pub use pki::{Issued, TestCa};
 pub use process::{CourierProcess, Launch};
