@@ -122,4 +122,19 @@ mod tests {
         assert!(traces_url("http://u:p@c:4318").is_err());
         assert!(traces_url("c:4318").is_err());
     }
+
+    #[test]
+    fn collector_headers_do_not_debug_print() {
+        let config = TracingConfig {
+            otlp_endpoint: Some("http://c:4318".into()),
+            headers: [("x-api-key".to_string(), Secret::new("hunter2"))].into(),
+            ..TracingConfig::default()
+        };
+        assert!(config.validate().is_ok());
+        let shown = format!("{config:?}");
+        assert!(
+            !shown.contains("hunter2") && shown.contains("x-api-key"),
+            "{shown}"
+        );
+    }
 }

@@ -213,3 +213,34 @@ pub fn millis(t: SystemTime) -> u64 {
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A record written before courier kept trace context still reads; a `traceparent` it
+    /// kept in its metadata becomes its trace context instead of a header to forward.
+    #[test]
+    fn records_without_trace_context_still_read() {
+        let old = r#"{"id":"e","topic":"t","eligible_for_retry":true,
+            "metadata":{"traceparent":"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01","x":"y"},
+            "body":{},"received_at_ms":0,"source":"rabbitmq"}"#;
+        let stored: StoredEvent = serde_json::from_str(old).expect("old record");
+        assert_eq!(stored.trace, None);
+        let event = stored.to_event();
+        let trace = event
+            .trace
+            .as_ref()
+            .expect("trace context from the metadata");
+        assert_eq!(trace.trace_id_hex(), "4bf92f3577b34da6a3ce929d0e0e4736");
+        assert_eq!(event.metadata.keys().collect::<Vec<_>>(), ["x"]);
+        let again = StoredEvent::from_event(&event);
+        let json = serde_json::to_string(&again).expect("serialise");
+        assert!(
+            json.contains(r#""trace":{"trace_id":"4bf92f3577b34da6a3ce929d0e0e4736""#),
+            "{json}"
+        );
+        let back: StoredEvent = serde_json::from_str(&json).expect("read back");
+        assert_eq!(back.to_event().trace, event.trace);
+    }
+}
