@@ -149,7 +149,6 @@ impl Pipeline {
             }
         };
         drop(inbound);
-        self.deliverer.telemetry().start_trace(&mut event);
         let span = tracing::Span::current();
         span.record("event_id", event.id.as_str());
         span.record("topic", event.topic.as_str());
@@ -177,6 +176,8 @@ impl Pipeline {
             self.ack(acker).await;
             return;
         }
+        // Only for an event that goes somewhere: a trace with nothing in it helps nobody.
+        self.deliverer.telemetry().start_trace(&mut event);
         let d = &self.deliverer;
         let store = d.store();
         loop {
