@@ -166,6 +166,12 @@ async fn main() -> ExitCode {
         routing_ns,
     };
     print_table(&rows(&results), &b.raw_limits);
+    if b.args.tracing == TraceMode::Export {
+        println!(
+            "\nOTLP/HTTP export requests answered: {}",
+            b.rx.answered("/otlp/v1/traces")
+        );
+    }
     if b.failures.is_empty() {
         println!("\nno event lost, none POSTed twice");
         ExitCode::SUCCESS
