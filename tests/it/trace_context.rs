@@ -348,3 +348,69 @@ async fn one_span_per_attempt_reaches_the_collector() {
         "every export carries [tracing] headers: {keys:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replayed_dead_letter_continues_its_trace_and_the_cli_flushes_its_span() {
+    let _brokers = brokers().await;
+    let collector = Collector::start().await;
+    let rx = Receiver::start().await;
+    rx.set_status(400);
+    let queue = unique("trace-replay");
+    let dir = tempfile::tempdir().unwrap();
+    let config = rabbit_config(&queue, &dir.path().join("store"))
+        .tracing(Tracing::export_to(&collector.endpoint()))
+        .destination(Dest::new("final", &rx.url("/r")));
+    let cfg_path = dir.path().join("courier.toml");
+    std::fs::write(&cfg_path, config.toml()).unwrap();
+    let pub_ = Publisher::connect().await;
+    pub_.declare_queue(&queue).await;
+    let courier = Courier::start(&config);
+    pub_.publish(
+        "",
+        &queue,
+        event("dead", "t").as_bytes(),
+        headers(&[("traceparent", TRACEPARENT), ("tracestate", "rojo=1")]),
+    )
+    .await;
+    let first = rx.wait_for_id("dead", WAIT).await;
+    courier.stop().await;
+
+    // The offline CLI replays the letter through the same attempt path, and exits only after
+    // its span is sent.
+    rx.set_status(200);
+    let (code, out, err) = tokio::task::spawn_blocking(move || {
+        run_cli(&["dead-letters", "replay", "--id", "dead"], &cfg_path)
+    })
+    .await
+    .unwrap();
+    assert_eq!(code, 0, "{out}\n{err}");
+    let requests = rx.requests();
+    assert_eq!(requests.len(), 2, "the first attempt and the replay");
+    let replayed = traceparent_of(&requests[1]);
+    assert_eq!(
+        replayed.trace_id_hex(),
+        TRACE_ID,
+        "the letter kept its trace"
+    );
+    assert_eq!(requests[1].header("tracestate"), Some("rojo=1"));
+    assert_ne!(
+        requests[1].header("traceparent"),
+        first.header("traceparent")
+    );
+
+    let spans = collector.wait_spans("courier.deliver", 2, WAIT).await;
+    let replay = spans
+        .iter()
+        .find(|s| s.attr("courier.origin") == Some("replay"))
+        .unwrap_or_else(|| panic!("the CLI's span: {spans:#?}"));
+    assert_eq!(replay.trace_id, TRACE_ID);
+    assert_eq!(replay.parent_span_id, PARENT_ID);
+    assert_eq!(replay.attr("courier.attempt"), Some("2"));
+    assert_eq!(replay.attr("courier.outcome"), Some("delivered"));
+    let dead = spans
+        .iter()
+        .find(|s| s.attr("courier.origin") == Some("message"))
+        .expect("the first attempt's span");
+    assert_eq!(dead.attr("courier.outcome"), Some("dead_lettered"));
+    assert_eq!(dead.attr("http.response.status_code"), Some("400"));
+}
