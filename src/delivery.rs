@@ -20,6 +20,7 @@ use crate::ratelimit::{RateLimiter, Throttle};
 use crate::sender::{self, format_time, Outcome};
 use crate::stats::Stats;
 use crate::store::{millis, DeadLetter, DeadLetterKind, RetryRecord, Store, StoredEvent};
+use crate::telemetry::{AttemptKind, Telemetry};
 
 /// Who asked for an attempt. It decides how long the attempt may wait for a token and a slot,
 /// whether the circuit and the rate limit apply, and which stored record its outcome replaces.
@@ -49,6 +50,15 @@ impl Origin<'_> {
             Origin::Message => 0,
             Origin::Retry(record) => record.attempts,
             Origin::Replay { letter, .. } => letter.attempts,
+        }
+    }
+
+    /// What the attempt's span calls its origin.
+    fn kind(&self) -> AttemptKind {
+        match self {
+            Origin::Message => AttemptKind::Message,
+            Origin::Retry(_) => AttemptKind::Retry,
+            Origin::Replay { .. } => AttemptKind::Replay,
         }
     }
 
@@ -125,16 +135,28 @@ pub struct Deliverer {
     store: Store,
     stats: Arc<Stats>,
     claims: Claims,
+    telemetry: Telemetry,
 }
 
 impl Deliverer {
-    /// Attempts deliveries and records their outcomes in `store`.
+    /// Attempts deliveries and records their outcomes in `store`, exporting no span.
     pub fn new(store: Store, stats: Arc<Stats>) -> Deliverer {
+        Deliverer::with_telemetry(store, stats, Telemetry::off())
+    }
+
+    /// [`Deliverer::new`], with the trace context and spans of `telemetry`.
+    pub fn with_telemetry(store: Store, stats: Arc<Stats>, telemetry: Telemetry) -> Deliverer {
         Deliverer {
             store,
             stats,
             claims: Claims::default(),
+            telemetry,
         }
+    }
+
+    /// Where the attempts' traces go.
+    pub fn telemetry(&self) -> &Telemetry {
+        &self.telemetry
     }
 
     /// One attempt of `event` at `dest`, for `origin`, with its outcome recorded in the store
@@ -217,8 +239,14 @@ impl Deliverer {
         if let Origin::Retry(_) = origin {
             Stats::inc(&self.stats.retried);
         }
+        let traced = self.telemetry.attempt(
+            event,
+            dest.id().as_str(),
+            origin.attempts_before() + 1,
+            origin.kind(),
+        );
         let started = Instant::now();
-        let outcome = sender::deliver(dest, event).await;
+        let outcome = sender::deliver(dest, event, traced.headers()).await;
         dest.metrics()
             .latency
             .observe(started.elapsed().as_secs_f64());
@@ -233,8 +261,11 @@ impl Deliverer {
                 throttle(dest, limiter, started, *retry_after);
             }
         }
-        self.settle(dest, event, origin, outcome, gate == Gate::Probe)
-            .await
+        let settled = self
+            .settle(dest, event, origin, outcome, gate == Gate::Probe)
+            .await;
+        traced.finish(&settled);
+        settled
     }
 
     /// Waits for a token of `dest`'s rate limit, as long as `origin` may: at most

@@ -17,6 +17,7 @@ use sha2::{Digest, Sha256};
 use crate::config::Format;
 use crate::properties::{Expiry, MessageProperties};
 use crate::topic;
+use crate::trace::{self, TraceContext};
 
 /// Event ids longer than this are refused: they become header values and store keys.
 pub const MAX_ID_BYTES: usize = 512;
@@ -100,6 +101,8 @@ pub struct Event {
     pub source: SourceKind,
     /// MQTT 5 properties kept for dead letters; never sent.
     pub properties: Option<Box<MessageProperties>>,
+    /// The W3C trace context it arrived with ([`crate::trace`]), if a valid one came.
+    pub trace: Option<TraceContext>,
 }
 
 /// JSON nested deeper than this is refused. serde_json reads at most 127 levels (its recursion
@@ -385,6 +388,7 @@ fn parse_envelope(inbound: &Inbound, env: &Fields) -> Result<Event, BadInput> {
     if let Some(m) = env.metadata {
         merge_metadata(&mut metadata, m)?;
     }
+    let trace = trace::extract(&inbound.headers, &mut metadata);
     Ok(Event {
         id,
         topic,
@@ -397,6 +401,7 @@ fn parse_envelope(inbound: &Inbound, env: &Fields) -> Result<Event, BadInput> {
         received_at: inbound.received_at,
         source: inbound.source,
         properties: inbound.properties.clone(),
+        trace,
     })
 }
 
@@ -414,10 +419,11 @@ fn parse_raw(inbound: &Inbound, text: &str, ids: RawIds) -> Result<Event, BadInp
         Some(id) => id,
         None => fallback_id(inbound, &topic, text, None)?,
     };
-    let metadata = transport_metadata(inbound);
+    let mut metadata = transport_metadata(inbound);
     if metadata.len() > MAX_METADATA_KEYS {
         return Err(too_many_metadata(metadata.len()));
     }
+    let trace = trace::extract(&inbound.headers, &mut metadata);
     Ok(Event {
         id,
         topic,
@@ -430,6 +436,7 @@ fn parse_raw(inbound: &Inbound, text: &str, ids: RawIds) -> Result<Event, BadInp
         received_at: inbound.received_at,
         source: inbound.source,
         properties: inbound.properties.clone(),
+        trace,
     })
 }
 

@@ -31,8 +31,10 @@ pub mod sources;
 pub mod stats;
 pub mod status;
 pub mod store;
+pub mod telemetry;
 pub mod tls;
 pub mod topic;
+pub mod trace;
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -64,6 +66,9 @@ pub enum Error {
     /// TLS for a broker connection could not be set up.
     #[error(transparent)]
     Tls(#[from] tls::TlsSetupError),
+    /// The span exporter could not be built.
+    #[error(transparent)]
+    Telemetry(#[from] telemetry::TelemetryError),
     /// The admin port could not be opened.
     #[error("admin.listen {address}: {source}")]
     Admin {
@@ -155,7 +160,12 @@ async fn run_on(
     // early return would leave it running.
     let destinations = Arc::new(Destinations::from_config(&config, &stats)?);
     let mut sources = Sources::build(&config, stats.clone())?;
-    let deliverer = Arc::new(Deliverer::new(store.clone(), stats.clone()));
+    let telemetry = telemetry::Telemetry::new(&config.tracing)?;
+    let deliverer = Arc::new(Deliverer::with_telemetry(
+        store.clone(),
+        stats.clone(),
+        telemetry,
+    ));
     let max_in_flight = config.service.max_in_flight;
     let admin = match &config.admin.listen {
         Some(address) => Some(
@@ -248,6 +258,8 @@ async fn run_on(
         Ok(sources) => sources.into_inner().join(Duration::from_secs(10)).await,
         Err(_) => tracing::warn!("the sources are still held; exiting without waiting for them"),
     }
+    // Every attempt has ended its span.
+    deliverer.telemetry().shutdown().await;
     let get = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
     tracing::info!(
         received = get(&stats.received),
@@ -273,8 +285,9 @@ pub async fn open_for_commands(
     let store = Store::open(&config.store)?;
     let stats = Arc::new(Stats::default());
     let destinations = Destinations::from_config(config, &stats)?;
+    let telemetry = telemetry::Telemetry::new(&config.tracing)?;
     Ok((
-        Arc::new(Deliverer::new(store, stats)),
+        Arc::new(Deliverer::with_telemetry(store, stats, telemetry)),
         Arc::new(destinations),
     ))
 }

@@ -301,9 +301,11 @@ async fn dead_letters(config: Config, action: DeadLetterAction) -> Result<ExitCo
             let options = ReplayOptions { force };
             let results: Vec<ReplayResult> = match &local {
                 Some((deliverer, destinations)) => {
-                    deadletters::replay(deliverer, &destinations.current(), &filter, options)
-                        .await
-                        .map_err(|e| e.to_string())?
+                    let replayed =
+                        deadletters::replay(deliverer, &destinations.current(), &filter, options)
+                            .await;
+                    deliverer.telemetry().shutdown().await;
+                    replayed.map_err(|e| e.to_string())?
                 }
                 None => {
                     ask_worker(authorized(

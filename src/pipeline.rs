@@ -135,7 +135,7 @@ impl Pipeline {
         let Delivery { inbound, acker } = delivery;
         Stats::inc(&self.stats.received);
         self.received_by_source[inbound.source as usize].inc();
-        let event = match event::parse(&inbound, self.max_payload_bytes) {
+        let mut event = match event::parse(&inbound, self.max_payload_bytes) {
             Ok(event) => event,
             Err(bad) => {
                 tracing::warn!(reason = %bad, transport_topic = %inbound.topic, "bad input: dead-lettered and acked");
@@ -202,6 +202,8 @@ impl Pipeline {
             self.stats.expired("delivered");
             tracing::debug!("expired message delivered anyway (mqtt.expired = \"deliver\")");
         }
+        // Only for an event that goes somewhere: a trace with nothing in it helps nobody.
+        self.deliverer.telemetry().start_trace(&mut event);
         let d = &self.deliverer;
         let store = d.store();
         loop {

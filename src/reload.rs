@@ -9,8 +9,10 @@
 //!   and resume when it comes back.
 //! - Sources: a changed `[rabbitmq]` or `[mqtt]` section reconnects that source only.
 //! - `[admin] token` changes at once.
-//! - `[store]`, `[service]` and `[admin] listen` are fixed at start: a file that changes them is
-//!   refused as a whole, with a log line naming the key.
+//! - `[store]`, `[service]`, `[admin] listen` and `[tracing]` are fixed at start: a file that
+//!   changes them is refused as a whole, with a log line naming the key. (`[tracing]` owns the
+//!   span exporter's thread and its batch of spans not yet sent; replacing it under way could
+//!   lose them.)
 //!
 //! An invalid file changes nothing: courier logs why and keeps running on the configuration in
 //! force. Every outcome is counted in `courier_config_reload_total{result}`.
@@ -212,10 +214,18 @@ fn fixed_key_changed(current: &Config, new: &Config) -> Option<&'static str> {
         ),
     ];
     let admin = [("admin.listen", current.admin.listen != new.admin.listen)];
+    let (a, b) = (&current.tracing, &new.tracing);
+    let tracing = [
+        ("tracing.otlp_endpoint", a.otlp_endpoint != b.otlp_endpoint),
+        ("tracing.start_traces", a.start_traces != b.start_traces),
+        ("tracing.service_name", a.service_name != b.service_name),
+        ("tracing.headers", a.headers != b.headers),
+    ];
     store
         .into_iter()
         .chain(service)
         .chain(admin)
+        .chain(tracing)
         .find_map(|(key, changed)| changed.then_some(key))
 }
 
@@ -298,6 +308,10 @@ mod tests {
         assert_eq!(
             fixed_key_changed(&base, &config("[admin]\nlisten = \"127.0.0.1:9\"\n")),
             Some("admin.listen")
+        );
+        assert_eq!(
+            fixed_key_changed(&base, &config("[tracing]\nstart_traces = true\n")),
+            Some("tracing.start_traces")
         );
         assert_eq!(
             fixed_key_changed(&base, &config("[organization]\nname = \"x\"\n")),

@@ -259,6 +259,7 @@ mod tests {
             received_at: std::time::SystemTime::UNIX_EPOCH,
             source: crate::event::SourceKind::Rabbitmq,
             properties: None,
+            trace: None,
         }
     }
 

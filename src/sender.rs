@@ -23,12 +23,14 @@ use crate::event::Event;
 use crate::oauth2::TokenError;
 use crate::signature;
 use crate::status::Verdict;
+use crate::telemetry::TraceHeaders;
 use crate::topic;
+use crate::trace::{TRACEPARENT, TRACESTATE};
 
 /// Headers a request gets besides the static and metadata ones: Content-Type, X-Request-Id,
 /// X-Correlation-Id, auth, Content-Length and (for `http` URLs) Host from courier, Accept and
-/// User-Agent from reqwest, and the three Standard Webhooks headers.
-const ADDED_HEADERS: usize = 11;
+/// User-Agent from reqwest, the three Standard Webhooks headers, and the trace context's two.
+const ADDED_HEADERS: usize = 13;
 /// How many bytes of an error response are kept for the dead-letter reason.
 const ERROR_BODY_SNIPPET: usize = 512;
 /// Response bodies are drained up to this much so the connection can be reused; larger ones are dropped.
@@ -81,9 +83,9 @@ impl Outcome {
 /// POSTs `event` to `dest` once, the way the outbound REST contract says, and classifies the
 /// answer. Never panics and never returns an error: every failure is an [`Outcome::Failed`] with a
 /// reason an operator can act on.
-pub async fn deliver(dest: &Destination, event: &Event) -> Outcome {
+pub async fn deliver(dest: &Destination, event: &Event, trace: Option<&TraceHeaders>) -> Outcome {
     let config = dest.config();
-    let (mut headers, id) = match headers(config, event) {
+    let (mut headers, id) = match headers(config, event, trace) {
         Ok(h) => h,
         Err(reason) => return Outcome::failed(None, reason, false),
     };
@@ -180,7 +182,11 @@ async fn send(dest: &Destination, request: reqwest::Request) -> Result<reqwest::
 
 /// Static headers < event metadata < contract and auth headers. Also returns the event id as a
 /// header value, for the signature's `webhook-id`.
-fn headers(config: &DestinationConfig, event: &Event) -> Result<(HeaderMap, HeaderValue), String> {
+fn headers(
+    config: &DestinationConfig,
+    event: &Event,
+    trace: Option<&TraceHeaders>,
+) -> Result<(HeaderMap, HeaderValue), String> {
     let auth = config.auth.as_ref().and_then(|a| a.static_header());
     let mut headers = config.headers.map().clone();
     // Room for the rest up front: the clone has none to spare, and growing it on the way
@@ -208,6 +214,15 @@ fn headers(config: &DestinationConfig, event: &Event) -> Result<(HeaderMap, Head
     headers.insert(HeaderName::from_static("x-correlation-id"), id.clone());
     if let Some((name, value)) = auth {
         headers.insert(name.clone(), value.clone());
+    }
+    if let Some(trace) = trace {
+        headers.insert(
+            HeaderName::from_static(TRACEPARENT),
+            trace.traceparent.clone(),
+        );
+        if let Some(state) = &trace.tracestate {
+            headers.insert(HeaderName::from_static(TRACESTATE), state.clone());
+        }
     }
     Ok((headers, id))
 }
@@ -450,7 +465,7 @@ mod tests {
         let destinations =
             crate::destination::build(&config, &crate::Stats::default()).expect("destinations");
         let dest = destinations.get("a").expect("destination a");
-        let outcome = deliver(dest, &event(r#"{"a":"body"}"#)).await;
+        let outcome = deliver(dest, &event(r#"{"a":"body"}"#), None).await;
         assert_eq!(outcome, Outcome::Delivered { status: 200 });
         let request = server.await.expect("server task");
         let values = |name: &str| -> Vec<String> {
@@ -479,6 +494,7 @@ mod tests {
             received_at: SystemTime::UNIX_EPOCH,
             source: crate::event::SourceKind::Rabbitmq,
             properties: None,
+            trace: None,
         }
     }
 

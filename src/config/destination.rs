@@ -19,6 +19,8 @@ use crate::status::{StatusMatch, StatusRules};
 use crate::topic::TopicPattern;
 
 /// Headers that belong to the contract and can be set by neither static headers nor metadata.
+/// `traceparent` and `tracestate` are among them: each attempt sends its own span id
+/// ([`crate::trace`]), and a fixed value would tie every request to one span.
 pub const RESERVED_HEADERS: &[&str] = &[
     "content-type",
     "content-length",
@@ -31,6 +33,8 @@ pub const RESERVED_HEADERS: &[&str] = &[
     "webhook-id",
     "webhook-timestamp",
     "webhook-signature",
+    "traceparent",
+    "tracestate",
 ];
 
 /// One partner endpoint.
@@ -241,7 +245,7 @@ impl DestinationConfig {
 }
 
 const OVERRIDES_COURIER: &str =
-    "is set by courier itself (contract or auth header) and cannot be overridden";
+    "is set by courier itself (contract, auth or trace context header) and cannot be overridden";
 
 /// A destination's URL: absolute, `http` or `https`, with a host and without credentials
 /// (reqwest would turn `user:password@` into a Basic header behind `auth`'s back, and the URL

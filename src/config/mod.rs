@@ -13,6 +13,7 @@ mod service;
 mod sources;
 mod store;
 mod tls;
+mod tracing;
 
 use std::collections::HashSet;
 use std::fmt;
@@ -31,6 +32,7 @@ pub use sources::{
 };
 pub use store::{DedupBackend, StoreConfig};
 pub use tls::TlsConfig;
+pub use tracing::TracingConfig;
 
 /// A configuration problem, always phrased as `key.path: what is wrong`.
 #[derive(Debug, thiserror::Error)]
@@ -119,6 +121,9 @@ pub struct Config {
     /// The admin HTTP port.
     #[serde(default)]
     pub admin: AdminConfig,
+    /// Trace context and the export of delivery spans.
+    #[serde(default)]
+    pub tracing: TracingConfig,
 }
 
 /// The most permits a tokio semaphore takes; more makes `Semaphore::new` panic at start-up.
@@ -207,6 +212,7 @@ impl Config {
             ));
         }
         self.admin.validate()?;
+        self.tracing.validate()?;
         let mut names = HashSet::new();
         for (i, dest) in self.destinations.iter().enumerate() {
             let key = format!("destinations[{i}]");

@@ -9,6 +9,7 @@ use serde_json::value::RawValue;
 
 use crate::event::{Event, SourceKind};
 use crate::properties::MessageProperties;
+use crate::trace::{self, TraceContext};
 
 /// Why a message ended in the dead-letter tree.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -62,6 +63,10 @@ pub struct StoredEvent {
     /// MQTT 5 properties of the message; absent from records of other messages (and older ones).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub properties: Option<Box<MessageProperties>>,
+    /// The trace the event arrived in (or courier started), so a later attempt continues it.
+    /// Records written before courier kept it read as `None`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trace: Option<TraceContext>,
 }
 
 impl StoredEvent {
@@ -86,11 +91,16 @@ impl StoredEvent {
             received_at_ms: millis(event.received_at),
             source: event.source,
             properties: event.properties.clone(),
+            trace: event.trace.clone(),
         }
     }
 
-    /// The event again, as the sender needs it.
+    /// The event again, as the sender needs it. A record from before courier kept the trace
+    /// context may still hold it in its metadata: it is taken from there, so it is continued
+    /// rather than forwarded as it came.
     pub fn to_event(&self) -> Event {
+        let mut metadata = self.metadata.clone();
+        let from_metadata = trace::extract(&[], &mut metadata);
         Event {
             id: self.id.clone(),
             topic: self.topic.clone(),
@@ -98,7 +108,8 @@ impl StoredEvent {
             destination_id: self.destination_id.clone(),
             eligible_for_retry: self.eligible_for_retry,
             time: self.time.clone(),
-            metadata: self.metadata.clone(),
+            metadata,
+            trace: self.trace.clone().or(from_metadata),
             body: bytes::Bytes::copy_from_slice(self.body.get().as_bytes()),
             received_at: UNIX_EPOCH + Duration::from_millis(self.received_at_ms),
             source: self.source,
@@ -210,4 +221,35 @@ pub fn millis(t: SystemTime) -> u64 {
     t.duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A record written before courier kept trace context still reads; a `traceparent` it
+    /// kept in its metadata becomes its trace context instead of a header to forward.
+    #[test]
+    fn records_without_trace_context_still_read() {
+        let old = r#"{"id":"e","topic":"t","eligible_for_retry":true,
+            "metadata":{"traceparent":"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01","x":"y"},
+            "body":{},"received_at_ms":0,"source":"rabbitmq"}"#;
+        let stored: StoredEvent = serde_json::from_str(old).expect("old record");
+        assert_eq!(stored.trace, None);
+        let event = stored.to_event();
+        let trace = event
+            .trace
+            .as_ref()
+            .expect("trace context from the metadata");
+        assert_eq!(trace.trace_id_hex(), "4bf92f3577b34da6a3ce929d0e0e4736");
+        assert_eq!(event.metadata.keys().collect::<Vec<_>>(), ["x"]);
+        let again = StoredEvent::from_event(&event);
+        let json = serde_json::to_string(&again).expect("serialise");
+        assert!(
+            json.contains(r#""trace":{"trace_id":"4bf92f3577b34da6a3ce929d0e0e4736""#),
+            "{json}"
+        );
+        let back: StoredEvent = serde_json::from_str(&json).expect("read back");
+        assert_eq!(back.to_event().trace, event.trace);
+    }
 }

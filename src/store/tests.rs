@@ -93,6 +93,7 @@ fn stored(id: &str) -> StoredEvent {
         received_at_ms: 0,
         source: SourceKind::Rabbitmq,
         properties: None,
+        trace: None,
     }
 }
 

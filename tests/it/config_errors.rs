@@ -68,6 +68,14 @@ fn bad_values_name_the_key() {
         (with_mqtt("protocol = \"v5\"\nkeep_alive = \"2s\""), "mqtt.keep_alive", "at least 5s with protocol = \"v5\""),
         (with_mqtt("protocol = \"v5\"").replace("client_id = \"c\"\n", ""), "mqtt.client_id", "required when session_expiry is over 0s"),
         (with_dest("").replace("[rabbitmq]", "[other]"), "", "other"),
+        (with_dest("headers = { \"traceparent\" = \"00-x\" }"), "destinations[0].headers.traceparent", "trace context header"),
+        (format!("{}\n[tracing]\notlp_endpoint = \"grpc://c:4317\"\n", with_dest("")), "tracing.otlp_endpoint", "gRPC is not supported"),
+        (format!("{}\n[tracing]\notlp_endpoint = \"http://u:pw@c:4318\"\n", with_dest("")), "tracing.otlp_endpoint", "put credentials in tracing.headers"),
+        (format!("{}\n[tracing]\notlp_endpoint = \"collector:4318\"\n", with_dest("")), "tracing.otlp_endpoint", "not an http:// or https:// URL"),
+        (format!("{}\n[tracing]\nservice_name = \" \"\n", with_dest("")), "tracing.service_name", "must not be empty"),
+        (format!("{}\n[tracing]\nheaders = {{ \"api-key\" = \"k\" }}\n", with_dest("")), "tracing.headers", "tracing.otlp_endpoint is not"),
+        (format!("{}\n[tracing]\notlp_endpoint = \"http://c:4318\"\nheaders = {{ \"bad header\" = \"k\" }}\n", with_dest("")), "tracing.headers.bad header", "not a valid HTTP header name"),
+        (format!("{}\n[tracing]\nsample_ratio = 0.5\n", with_dest("")), "sample_ratio", "tracing"),
     ];
     for (text, key, what) in cases {
         let e = err(&text);

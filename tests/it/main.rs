@@ -30,3 +30,4 @@ mod rate_limit;
 mod reload;
 mod retries;
 mod tls;
+mod trace_context;

@@ -70,6 +70,7 @@ async fn user_properties_become_headers_and_cannot_override_the_contract() {
             user_properties(&[
                 ("source", "sensor-7"),
                 ("traceparent", traceparent),
+                ("tracestate", "rojo=00f067aa0ba902b7"),
                 ("X-Static", "from-property"),
                 ("X-Request-Id", "forged"),
                 ("X-Correlation-Id", "forged"),
@@ -93,7 +94,14 @@ async fn user_properties_become_headers_and_cannot_override_the_contract() {
         Some("sensor-7"),
         "a user property as header"
     );
-    assert_eq!(r.header("traceparent"), Some(traceparent));
+    // A trace context continues: the same trace id, the attempt's own span id (trace_context.rs
+    // covers the rules; this is the MQTT 5 way in).
+    let sent = r.header("traceparent").expect("a traceparent");
+    let continued = courier::trace::TraceContext::parse(sent).expect("a valid traceparent");
+    assert_eq!(continued.trace_id_hex(), "4bf92f3577b34da6a3ce929d0e0e4736");
+    assert_eq!(&sent[..36], &traceparent[..36], "same version and trace id");
+    assert_ne!(&sent[36..52], "00f067aa0ba902b7", "a span id of its own");
+    assert_eq!(r.header("tracestate"), Some("rojo=00f067aa0ba902b7"));
     assert_eq!(
         r.header("x-static"),
         Some("from-property"),

@@ -4,6 +4,7 @@
 
 mod brokers;
 pub mod mosquitto;
+pub mod otlp;
 pub mod proxy;
 mod token_endpoint;
 pub mod webhooks;

@@ -6,10 +6,10 @@ use std::time::{Duration, Instant};
 
 use courier_testkit::{
     ConfigBuilder, CourierProcess, Dest, Launch, MqttPublisher, MqttPublisherOptions, Publisher,
-    Rabbit, Receiver, Recording,
+    Rabbit, Receiver, Recording, Tracing,
 };
 
-use crate::Args;
+use crate::{Args, TraceMode};
 
 /// The run: its settings, the one receiver every case POSTs to, and what it found.
 pub struct Bench {
@@ -92,11 +92,17 @@ impl Bench {
         let dir = std::env::temp_dir().join(format!("courier-bench-{}-{name}", self.pid));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).expect("bench dir");
-        let config = configure(
-            ConfigBuilder::new(dir.join("store"))
-                .max_in_flight(256)
-                .shutdown_timeout(Duration::from_secs(5)),
-        );
+        let base = ConfigBuilder::new(dir.join("store"))
+            .max_in_flight(256)
+            .shutdown_timeout(Duration::from_secs(5));
+        let base = match self.args.tracing {
+            TraceMode::Off => base,
+            TraceMode::Start => base.tracing(Tracing::default().start_traces(true)),
+            TraceMode::Export => {
+                base.tracing(Tracing::export_to(&self.rx.url("/otlp")).start_traces(true))
+            }
+        };
+        let config = configure(base);
         let process = Launch::new(&self.exe, &dir, config.toml())
             .config_file("courier.toml")
             .rust_log("warn")

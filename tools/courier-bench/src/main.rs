@@ -3,6 +3,7 @@
 //!
 //!     scripts/bench.sh [--events N] [--latency-seconds S] [--rate R] [--prefetch P]
 //!                      [--max-concurrency C] [--only mqtt,fanout,...] [--courier PATH]
+//!                      [--tracing off|start|export]
 //!     (= cargo build --release -p courier -p courier-bench && target/release/courier-bench ...;
 //!     --help lists the cases)
 //!
@@ -67,6 +68,22 @@ struct Args {
     /// be compared on the same machine, one run after the other.
     #[arg(long)]
     courier: Option<PathBuf>,
+    /// Trace context and span export, to measure what they cost.
+    #[arg(long, value_enum, default_value_t = TraceMode::Off)]
+    tracing: TraceMode,
+}
+
+/// How much of `[tracing]` courier runs with in every case.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum TraceMode {
+    /// No `[tracing]` section: events without trace context, nothing exported.
+    Off,
+    /// `start_traces = true`: every event starts a trace and every POST carries a
+    /// `traceparent`; nothing exported.
+    Start,
+    /// `start_traces = true` and `otlp_endpoint` at the bench's receiver: two spans per event
+    /// (the trace's root and the attempt), batched and exported over OTLP/HTTP.
+    Export,
 }
 
 impl Args {
@@ -149,6 +166,12 @@ async fn main() -> ExitCode {
         routing_ns,
     };
     print_table(&rows(&results), &b.raw_limits);
+    if b.args.tracing == TraceMode::Export {
+        println!(
+            "\nOTLP/HTTP export requests answered: {}",
+            b.rx.answered("/otlp/v1/traces")
+        );
+    }
     if b.failures.is_empty() {
         println!("\nno event lost, none POSTed twice");
         ExitCode::SUCCESS

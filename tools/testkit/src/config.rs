@@ -42,8 +42,50 @@ pub struct ConfigBuilder {
     rabbitmq: Option<Rabbit>,
     #[serde(skip_serializing_if = "Option::is_none")]
     mqtt: Option<Mqtt>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tracing: Option<Tracing>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     destinations: Vec<Dest>,
+}
+
+/// The `[tracing]` section.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Tracing {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    otlp_endpoint: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    start_traces: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    service_name: Option<String>,
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    headers: BTreeMap<String, String>,
+}
+
+impl Tracing {
+    /// Spans exported to the OTLP/HTTP collector at `endpoint`.
+    pub fn export_to(endpoint: &str) -> Tracing {
+        Tracing {
+            otlp_endpoint: Some(endpoint.to_string()),
+            ..Tracing::default()
+        }
+    }
+
+    /// `start_traces`.
+    pub fn start_traces(mut self, on: bool) -> Self {
+        self.start_traces = Some(on);
+        self
+    }
+
+    pub fn service_name(mut self, name: &str) -> Self {
+        self.service_name = Some(name.to_string());
+        self
+    }
+
+    /// A header sent with every export request.
+    pub fn header(mut self, name: &str, value: &str) -> Self {
+        self.headers.insert(name.to_string(), value.to_string());
+        self
+    }
 }
 
 #[derive(Clone, Debug, Default, Serialize)]
@@ -165,6 +207,12 @@ impl ConfigBuilder {
 
     pub fn mqtt(mut self, mqtt: Mqtt) -> Self {
         self.mqtt = Some(mqtt);
+        self
+    }
+
+    /// The `[tracing]` section.
+    pub fn tracing(mut self, tracing: Tracing) -> Self {
+        self.tracing = Some(tracing);
         self
     }
 

@@ -22,7 +22,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 pub use amqp::{Publisher, AMQP_URL};
 pub use brokers::{rabbitmqctl, restart_mosquitto};
 pub use config::{
-    Auth, Circuit, ConfigBuilder, Dest, Mqtt, MqttProtocol, OAuth2, Rabbit, Retry, Tls,
+    Auth, Circuit, ConfigBuilder, Dest, Mqtt, MqttProtocol, OAuth2, Rabbit, Retry, Tls, Tracing,
 };
 pub use mqtt::{Mqtt5Publisher, MqttPublisher, MqttPublisherOptions};
 pub use pki::{Issued, TestCa};

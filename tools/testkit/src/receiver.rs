@@ -415,6 +415,15 @@ impl Receiver {
             .unwrap_or(0)
     }
 
+    /// Requests answered with 2xx on `path`, ids or not (either recording).
+    pub fn answered(&self, path: &str) -> u64 {
+        lock(&self.state.counts)
+            .by_path
+            .get(path)
+            .map(|m| m.values().map(|&c| u64::from(c)).sum())
+            .unwrap_or(0)
+    }
+
     /// Ids answered with 2xx on `path` more than once (either recording).
     pub fn duplicates(&self, path: &str) -> usize {
         lock(&self.state.counts)
