@@ -247,18 +247,19 @@ pub async fn mqtt(b: &mut Bench, post: f64, after_amqp: bool) -> MqttFigures {
     }
 }
 
-/// Publish-to-receive latency at `--rate` events/s for `--latency-seconds`: (p50, p99, max) in
+/// Publish-to-receive latency at `rate` events/s for `--latency-seconds`: (p50, p99, max) in
 /// ms.
-pub async fn latency(b: &Bench) -> (f64, f64, f64) {
+pub async fn latency(b: &Bench, rate: u64) -> (f64, f64, f64) {
     let a = &b.args;
-    let q_lat = format!("bench-latency-{}", b.pid);
+    let q_lat = format!("bench-latency-{rate}-{}", b.pid);
     let publisher = Publisher::connect().await;
     publisher.fresh_queue(&q_lat).await;
-    let courier = b.spawn_amqp("latency", &q_lat);
+    let name = format!("latency{rate}");
+    let courier = b.spawn_amqp(&name, &q_lat);
     tokio::time::sleep(Duration::from_secs(2)).await;
     b.rx.record_latency(true);
-    let total = (a.rate * a.latency_seconds) as usize;
-    let interval = Duration::from_nanos(1_000_000_000 / a.rate.max(1));
+    let total = (rate * a.latency_seconds) as usize;
+    let interval = Duration::from_nanos(1_000_000_000 / rate.max(1));
     let start = Instant::now();
     let mut confirms = Vec::new();
     for i in 0..total {
@@ -268,7 +269,7 @@ pub async fn latency(b: &Bench) -> (f64, f64, f64) {
         }
         confirms.push(
             publisher
-                .send(&q_lat, &event(&format!("l{i}"), b.size))
+                .send(&q_lat, &event(&format!("l{rate}-{i}"), b.size))
                 .await,
         );
         if confirms.len() >= 100 {
@@ -280,8 +281,9 @@ pub async fn latency(b: &Bench) -> (f64, f64, f64) {
     for c in confirms {
         let _ = c.await;
     }
+    let offered = total as f64 / start.elapsed().as_secs_f64();
     let _ = b
-        .wait_unique("/latency", total, Duration::from_secs(60), || {
+        .wait_unique(&format!("/{name}"), total, Duration::from_secs(60), || {
             courier.exited()
         })
         .await;
@@ -301,13 +303,13 @@ pub async fn latency(b: &Bench) -> (f64, f64, f64) {
         pct(0.99),
         lat.last().copied().unwrap_or(0) as f64 / 1e6,
     );
-    println!("latency at {} events/s for {} s: p50 {p50:.2} ms, p99 {p99:.2} ms, max {max:.2} ms ({} samples)", a.rate, a.latency_seconds, lat.len());
+    println!("latency at {rate} events/s for {} s (published at {offered:.0}/s): p50 {p50:.2} ms, p99 {p99:.2} ms, max {max:.2} ms ({} samples)", a.latency_seconds, lat.len());
     (p50, p99, max)
 }
 
 /// One event to 10 destinations, a fifth of `--events` of them: deliveries/s and courier's CPU
 /// µs per delivery.
-pub async fn fanout(b: &mut Bench, courier_rate: f64, fanout_limit: f64) -> (f64, f64) {
+pub async fn fanout(b: &mut Bench, fanout_limit: f64) -> (f64, f64) {
     let fan_n = (b.n / 5).max(1000);
     let q_fan = format!("bench-fanout-{}", b.pid);
     b.fill(&q_fan, "f", fan_n).await;
@@ -342,7 +344,7 @@ pub async fn fanout(b: &mut Bench, courier_rate: f64, fanout_limit: f64) -> (f64
     if !fan_done {
         b.failures.push("fanout: not every delivery arrived".into());
     }
-    println!("fanout to 10 destinations: {fan_rate:.0} deliveries/s = {:.2} x (10 x single-destination rate) = {:.2} x L_fanout (L_fanout = {fanout_limit:.0}/s), courier CPU {fan_cpu_us:.1} us/delivery, receiver CPU {receiver_cpu_us:.1} us/delivery", fan_rate / (10.0 * courier_rate), fan_rate / fanout_limit);
+    println!("fanout to 10 destinations: {fan_rate:.0} deliveries/s = {:.2} x L_fanout (L_fanout = {fanout_limit:.0}/s), courier CPU {fan_cpu_us:.1} us/delivery, receiver CPU {receiver_cpu_us:.1} us/delivery", fan_rate / fanout_limit);
     (fan_rate, fan_cpu_us)
 }
 
