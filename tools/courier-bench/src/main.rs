@@ -158,7 +158,7 @@ async fn main() -> ExitCode {
         for run in 0..b.args.mqtt_runs {
             // The POST rate is measured again before every run but a first one that opens the
             // benchmark, so each L describes the machine during its run.
-            mqtt.push(cases::mqtt(&mut b, raw.post, needs_amqp || run > 0).await);
+            mqtt.push(cases::mqtt(&mut b, run, raw.post, needs_amqp || run > 0).await);
         }
     }
     let mut latency = Vec::new();
