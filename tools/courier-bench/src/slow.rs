@@ -102,9 +102,10 @@ pub async fn slow(b: &mut Bench, latency: Duration) -> SlowFigures {
     );
     let rate = rate.unwrap_or(0.0);
     println!(
-        "slow partner ({ms} ms, max_concurrency {}), RabbitMQ: {rate:.0} events/s = {:.2} x limit (limit = {limit:.0}/s)",
+        "slow partner ({ms} ms, max_concurrency {}), RabbitMQ: {rate:.0} events/s = {:.2} x limit (limit = {limit:.0}/s), at most {} requests at the receiver at once",
         b.args.max_concurrency,
-        rate / limit
+        rate / limit,
+        rx.max_concurrent()
     );
     SlowFigures {
         latency_ms: ms,
