@@ -53,13 +53,15 @@ async fn slow_receiver(b: &Bench, latency: Duration) -> (Receiver, f64, usize) {
     (rx, limit, n)
 }
 
-/// Events/s from the first arrival at `path` to the `n`th, counting from the arrivals seen at
-/// the first one (the first answers come together, one per slot). `None` when they did not all
-/// arrive within `timeout`.
+/// Events/s from the first arrival at `path` to the `n`th, not counting the first answers, which
+/// come together (one per slot): they are counted `settle` after the first one, so that a burst
+/// still arriving is not counted as taking no time. `None` when they did not all arrive within
+/// `timeout`.
 async fn rate_from_first(
     rx: &Receiver,
     path: &str,
     n: usize,
+    settle: Duration,
     timeout: Duration,
     exited: impl Fn() -> bool,
 ) -> Option<f64> {
@@ -70,7 +72,9 @@ async fn rate_from_first(
         }
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
-    let (t0, seen) = (Instant::now(), rx.unique(path));
+    let t0 = Instant::now();
+    tokio::time::sleep(settle).await;
+    let seen = rx.unique(path);
     let done = wait_unique_on(rx, path, n, deadline - Instant::now(), exited).await?;
     Some(n.saturating_sub(seen) as f64 / (done - t0).as_secs_f64())
 }
@@ -86,9 +90,14 @@ pub async fn slow(b: &mut Bench, latency: Duration) -> SlowFigures {
             Dest::new("slow", &rx.url("/slow")).max_concurrency(b.args.max_concurrency),
         )
     });
-    let rate = rate_from_first(&rx, "/slow", n, Duration::from_secs(300), || {
-        courier.exited()
-    })
+    let rate = rate_from_first(
+        &rx,
+        "/slow",
+        n,
+        latency / 4,
+        Duration::from_secs(300),
+        || courier.exited(),
+    )
     .await;
     courier.stop().await;
     Publisher::connect().await.delete_queue(&q).await;
@@ -181,11 +190,19 @@ pub async fn mix(b: &mut Bench, source: Source, latency: Duration) -> MixFigures
     let exited = || courier.exited();
     let slow_and_fast = async {
         tokio::join!(
-            rate_from_first(&slow_rx, "/slow", n, Duration::from_secs(300), exited),
+            rate_from_first(
+                &slow_rx,
+                "/slow",
+                n,
+                latency / 4,
+                Duration::from_secs(300),
+                exited
+            ),
             rate_from_first(
                 &b.rx,
                 &fast_path,
                 n + probes,
+                latency / 4,
                 Duration::from_secs(300),
                 exited
             ),
