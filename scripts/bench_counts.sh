@@ -21,7 +21,7 @@ if nm "$courier" 2>/dev/null | grep ' T _rjem_malloc$' >/dev/null; then
     perf probe -q -x "$courier" --add _rjem_malloc 2>/dev/null || true
     malloc_event=probe_courier:_rjem_malloc
 fi
-"${BENCH:-target/release/courier-bench}" --events "$events" --latency-seconds 1 --only "$case_name" \
+"${BENCH:-target/release/courier-bench}" --events "$events" --latency-seconds 1 --mqtt-runs 1 --only "$case_name" \
     --courier "$courier" > /tmp/bench_counts.$$.out 2>&1 &
 bench=$!
 pid=""

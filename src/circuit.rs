@@ -2,10 +2,12 @@
 //! (let exactly one probe through, and close or re-open on its result).
 //!
 //! It opens on `circuit.failures` consecutive retryable failures, when an event waited
-//! `circuit.max_wait` for one of the destination's `max_concurrency` slots, or at once when the
-//! destination's OAuth2 token endpoint refuses the client. The second rule is the
-//! one that matters for an endpoint that accepts connections and never answers: its failures only
-//! show after the request timeout (60 s by default), while the slots fill in milliseconds.
+//! `circuit.max_wait` for one of the destination's `max_concurrency` slots and the destination
+//! answered nothing in that time, or at once when the destination's OAuth2 token endpoint
+//! refuses the client. The second rule is the one that matters for an endpoint that accepts
+//! connections and never answers: its failures only show after the request timeout (60 s by
+//! default), while the slots fill in milliseconds. An endpoint that is merely slow keeps
+//! answering, so its full slots do not open the circuit: it gets all of its `max_concurrency`.
 
 use std::sync::Mutex;
 use std::time::{Duration, Instant, SystemTime};
@@ -28,6 +30,9 @@ struct State {
     consecutive_failures: u32,
     open_until: Option<Instant>,
     probing: bool,
+    /// The last answer that closed the circuit: a destination that answered within `max_wait`
+    /// is slow, not hanging, and full slots do not open its circuit.
+    last_answer: Option<Instant>,
 }
 
 /// The circuit of one destination.
@@ -102,7 +107,10 @@ impl Circuit {
         if s.open_until.is_some() {
             tracing::info!(destination = %self.name, "circuit closed: the destination answers again");
         }
-        *s = State::default();
+        *s = State {
+            last_answer: Some(Instant::now()),
+            ..State::default()
+        };
     }
 
     /// A retryable failure (no answer, timeout, 5xx, 408, 429).
@@ -146,9 +154,13 @@ impl Circuit {
     }
 
     /// An event waited `max_wait` for a concurrency slot: the destination is not keeping up.
+    /// Opens unless it answered during that wait (it is slow, not hanging).
     pub fn record_saturated(&self) {
         let mut s = self.lock();
-        if s.open_until.is_none() {
+        let answering = s
+            .last_answer
+            .is_some_and(|at| at.elapsed() < self.config.max_wait);
+        if s.open_until.is_none() && !answering {
             s.open_until = Some(Instant::now() + self.config.open_for);
             tracing::warn!(
                 destination = %self.name,
@@ -244,5 +256,20 @@ mod tests {
         c.record_saturated();
         assert!(c.is_open());
         assert!(matches!(c.gate(), Gate::Open { .. }));
+    }
+
+    #[test]
+    fn saturation_of_a_destination_that_answers_does_not_open() {
+        let c = circuit(100, 1000);
+        c.record_success();
+        c.record_saturated();
+        assert!(
+            !c.is_open(),
+            "it answered within max_wait: slow, not hanging"
+        );
+        // No answer for longer than max_wait (10 ms): hanging.
+        std::thread::sleep(Duration::from_millis(20));
+        c.record_saturated();
+        assert!(c.is_open());
     }
 }

@@ -12,9 +12,9 @@ use tokio_util::sync::CancellationToken;
 use super::db::{Db, Handles};
 use super::StoreError;
 
-/// Writes a deferred commit may leave to the background flush. Past this many, a deferred
-/// commit waits for a flush like a commit does: a disk that stalls then slows the pipeline down
-/// instead of letting unflushed records pile up.
+/// Writes a deferred commit may leave to the background flush unless [`Commits::cap_deferred`]
+/// sets fewer. Past this many, a deferred commit waits for a flush like a commit does: a disk
+/// that stalls then slows the pipeline down instead of letting unflushed records pile up.
 pub(super) const MAX_DEFERRED: u64 = 4096;
 
 /// The counts behind the group commit, and the state of the background flush.
@@ -32,12 +32,31 @@ pub(super) struct Commits {
     /// Whether the background flush's last commit failed: deferred commits then flush
     /// themselves, so the failure reaches a caller that recovers the store.
     background_failed: AtomicBool,
+    /// The most writes a deferred commit leaves waiting; 0 means [`MAX_DEFERRED`]. A crash loses
+    /// at most these, so it bounds the second POSTs a crash can cause beyond the deliveries
+    /// under way.
+    max_deferred: AtomicU64,
+    /// Cuts the background flush's interval short once half of `max_deferred` writes wait, so
+    /// the cap is rarely met on the ack path.
+    urgent: tokio::sync::Notify,
 }
 
 impl Commits {
     /// Counts one write.
     pub(super) fn wrote(&self) {
         self.written.fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// Leaves at most `writes` (at least 1) to the background flush; more wait for a flush.
+    pub(super) fn cap_deferred(&self, writes: u64) {
+        self.max_deferred.store(writes.max(1), Ordering::SeqCst);
+    }
+
+    fn max_deferred(&self) -> u64 {
+        match self.max_deferred.load(Ordering::SeqCst) {
+            0 => MAX_DEFERRED,
+            n => n,
+        }
     }
 
     /// Whether every write made so far is covered by a finished flush.
@@ -68,9 +87,9 @@ impl Commits {
 
     /// A commit for writes whose loss in a crash costs at most a second POST (the dedup records
     /// of delivered events): returns at once and leaves them to the background flush, which
-    /// makes them durable within `store.dedup_flush_interval`. Waits for a commit instead when no
-    /// background flush runs, when its last flush failed, or when more than [`MAX_DEFERRED`]
-    /// writes already wait.
+    /// makes them durable within `store.dedup_flush_interval`, or sooner once half of the cap
+    /// waits. Waits for a commit instead when no background flush runs, when its last flush
+    /// failed, or when more writes than the cap ([`Commits::cap_deferred`]) already wait.
     pub(super) async fn commit_deferred(&self, db: &Db) -> Result<(), StoreError> {
         let waiting = self
             .written
@@ -79,10 +98,14 @@ impl Commits {
         if waiting == 0 {
             return Ok(());
         }
-        if waiting <= MAX_DEFERRED
+        let cap = self.max_deferred();
+        if waiting <= cap
             && self.background.load(Ordering::SeqCst)
             && !self.background_failed.load(Ordering::SeqCst)
         {
+            if waiting > cap / 2 {
+                self.urgent.notify_one();
+            }
             self.deferred.notify_one();
             return Ok(());
         }
@@ -94,9 +117,10 @@ impl Commits {
         self.background.store(true, Ordering::SeqCst);
     }
 
-    /// The background flush: once a deferred write waits, lets `interval` go by, so the writes
-    /// of that interval share it, then commits. Until `stop`; then commits what is left and
-    /// returns, and deferred commits flush themselves again.
+    /// The background flush: once a deferred write waits, lets `interval` go by (or less, when
+    /// half of the cap waits), so the writes of that interval share it, then commits. Until
+    /// `stop`; then commits what is left and returns, and deferred commits flush themselves
+    /// again.
     pub(super) async fn flush_in_background(
         &self,
         db: &Db,
@@ -110,6 +134,7 @@ impl Commits {
             }
             tokio::select! {
                 _ = tokio::time::sleep(interval) => {}
+                _ = self.urgent.notified() => {}
                 _ = stop.cancelled() => break,
             }
             if let Err(error) = self.commit(db).await {

@@ -289,6 +289,14 @@ impl Store {
             .await
     }
 
+    /// Leaves at most `writes` dedup records to the background flush: a deferred commit with
+    /// more waiting flushes before it returns. courier sets it to `service.max_in_flight`, so a
+    /// crash loses the records of at most that many finished deliveries besides those under way
+    /// (docs/reliability.md#what-a-duplicate-is).
+    pub fn cap_deferred(&self, writes: usize) {
+        self.inner.commits.cap_deferred(writes as u64);
+    }
+
     /// Whether every write made so far is covered by a finished flush: what a crash now would
     /// keep. The pipeline's ack rule is tested with it.
     pub fn all_durable(&self) -> bool {

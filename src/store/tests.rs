@@ -314,3 +314,46 @@ async fn too_many_waiting_writes_make_a_deferred_commit_flush() {
     );
     store.close().await.expect("close");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deferred_commit_past_the_cap_flushes_before_it_returns() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = started(dir.path(), Duration::from_secs(60)).await;
+    store.cap_deferred(8);
+    for i in 0..9 {
+        store
+            .record_delivered("d", &format!("e{i}"))
+            .await
+            .expect("record");
+    }
+    store.commit_deferred().await;
+    assert!(
+        store.all_durable(),
+        "9 writes waited with a cap of 8, and the deferred commit did not flush"
+    );
+    store.close().await.expect("close");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn half_the_cap_waiting_cuts_the_flush_interval_short() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    // An interval no test waits out: only the cap can make these records durable in time.
+    let store = started(dir.path(), Duration::from_secs(60)).await;
+    store.cap_deferred(8);
+    for i in 0..5 {
+        store
+            .record_delivered("d", &format!("e{i}"))
+            .await
+            .expect("record");
+    }
+    store.commit_deferred().await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while !store.all_durable() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "5 of a cap of 8 waited, and the background flush still waited for its interval"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    store.close().await.expect("close");
+}

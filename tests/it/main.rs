@@ -19,6 +19,7 @@ mod deploy;
 mod failover;
 mod faults;
 mod fuzz_seeds;
+mod kill_bound;
 mod mqtt;
 mod mqtt5;
 mod mqtt_broker_restart;

@@ -89,9 +89,23 @@ impl Bench {
         name: &str,
         configure: impl FnOnce(ConfigBuilder) -> ConfigBuilder,
     ) -> BenchCourier {
-        let dir = std::env::temp_dir().join(format!("courier-bench-{}-{name}", self.pid));
+        let dir = self.case_dir(name);
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).expect("bench dir");
+        self.spawn_in(dir, configure)
+    }
+
+    /// The directory of the case `name`: its store and its config file.
+    pub fn case_dir(&self, name: &str) -> PathBuf {
+        std::env::temp_dir().join(format!("courier-bench-{}-{name}", self.pid))
+    }
+
+    /// courier in `dir` as it is (a restart keeps the store), configured by `configure`.
+    pub fn spawn_in(
+        &self,
+        dir: PathBuf,
+        configure: impl FnOnce(ConfigBuilder) -> ConfigBuilder,
+    ) -> BenchCourier {
         let base = ConfigBuilder::new(dir.join("store"))
             .max_in_flight(256)
             .shutdown_timeout(Duration::from_secs(5));
@@ -143,26 +157,7 @@ impl Bench {
         timeout: Duration,
         exited: impl Fn() -> bool,
     ) -> Option<Instant> {
-        let deadline = Instant::now() + timeout;
-        let mut report = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline {
-            let got = self.rx.unique(path);
-            if got >= n {
-                return Some(Instant::now());
-            }
-            if exited() {
-                eprintln!(
-                    "  ... {path}: {got} of {n}, and courier has exited (its stderr is above)"
-                );
-                return None;
-            }
-            if Instant::now() > report {
-                eprintln!("  ... {path}: {got} of {n}");
-                report = Instant::now() + Duration::from_secs(10);
-            }
-            tokio::time::sleep(Duration::from_millis(2)).await;
-        }
-        None
+        wait_unique_on(&self.rx, path, n, timeout, exited).await
     }
 
     /// Publishes `n` QoS 1 events (ids `<prefix><i>`) to `topic`, paced by `consumed()`, from a
@@ -174,15 +169,28 @@ impl Bench {
         n: usize,
         consumed: impl Fn() -> usize,
     ) {
+        let bodies = (0..n).map(|i| event(&format!("{prefix}{i}"), self.size));
+        self.publish_mqtt_bodies(topic, prefix, bodies, consumed)
+            .await
+    }
+
+    /// [`Bench::publish_mqtt`] with these bodies, from the client `bench-pub-<pid>-<client>`.
+    pub async fn publish_mqtt_bodies(
+        &self,
+        topic: &str,
+        client: &str,
+        bodies: impl ExactSizeIterator<Item = Vec<u8>>,
+        consumed: impl Fn() -> usize,
+    ) {
         let publisher = MqttPublisher::connect_with(MqttPublisherOptions {
-            client_id: format!("bench-pub-{}-{prefix}", self.pid),
+            client_id: format!("bench-pub-{}-{client}", self.pid),
             inflight: 500,
             capacity: 10_000,
             max_packet_size: Some(1 << 20),
             ..MqttPublisherOptions::default()
         })
         .await;
-        let bodies = (0..n).map(|i| event(&format!("{prefix}{i}"), self.size));
+        let n = bodies.len();
         if let Err(e) = publisher.publish_paced(topic, bodies, 0, consumed).await {
             println!("MQTT publisher: {e} of {n}; giving up");
             return;
@@ -211,12 +219,22 @@ impl BenchCourier {
         self.process.stop(Duration::from_secs(20)).await;
         let _ = std::fs::remove_dir_all(&self.dir);
     }
+
+    /// SIGKILL, keeping the directory (the store) for the next process.
+    pub fn kill9(self) {
+        let _ = self.process.kill9();
+    }
 }
 
 /// An event of about `size` bytes with id `id` and the publish time inside `data`.
 pub fn event(id: &str, size: usize) -> Vec<u8> {
+    event_on(id, "bench.t", size)
+}
+
+/// [`event`] on `topic`, which routes it.
+pub fn event_on(id: &str, topic: &str, size: usize) -> Vec<u8> {
     let head = format!(
-        r#"{{"id":"{id}","topic":"bench.t","data":{{"sent_ns":{},"pad":""#,
+        r#"{{"id":"{id}","topic":"{topic}","data":{{"sent_ns":{},"pad":""#,
         courier_testkit::now_ns()
     );
     let pad = size.saturating_sub(head.len() + 4);
@@ -224,4 +242,32 @@ pub fn event(id: &str, size: usize) -> Vec<u8> {
     body.extend(std::iter::repeat_n(b'x', pad));
     body.extend_from_slice(b"\"}}");
     body
+}
+
+/// [`Bench::wait_unique`] on another receiver than the run's.
+pub async fn wait_unique_on(
+    rx: &Receiver,
+    path: &str,
+    n: usize,
+    timeout: Duration,
+    exited: impl Fn() -> bool,
+) -> Option<Instant> {
+    let deadline = Instant::now() + timeout;
+    let mut report = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        let got = rx.unique(path);
+        if got >= n {
+            return Some(Instant::now());
+        }
+        if exited() {
+            eprintln!("  ... {path}: {got} of {n}, and courier has exited (its stderr is above)");
+            return None;
+        }
+        if Instant::now() > report {
+            eprintln!("  ... {path}: {got} of {n}");
+            report = Instant::now() + Duration::from_secs(10);
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    None
 }

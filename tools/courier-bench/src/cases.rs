@@ -152,7 +152,7 @@ pub struct MqttFigures {
 /// raw limits. `post` is the POST rate from the start of the run; it is measured again when the
 /// RabbitMQ cases ran first (`after_amqp`), since by then it is a minute or more old, and L is
 /// meant to describe the machine during this case.
-pub async fn mqtt(b: &mut Bench, post: f64, after_amqp: bool) -> MqttFigures {
+pub async fn mqtt(b: &mut Bench, run: usize, post: f64, after_amqp: bool) -> MqttFigures {
     let (n, size, pid) = (b.n, b.size, b.pid);
     let post_before = if after_amqp {
         let p = raw::post_rate(&b.rx.url("/raw-post-before"), n, size, 64).await;
@@ -166,14 +166,17 @@ pub async fn mqtt(b: &mut Bench, post: f64, after_amqp: bool) -> MqttFigures {
     let drain_before = raw::mqtt_drain(b).await;
     println!("raw MQTT QoS 1 drain (rumqttc, manual acks) before the MQTT run: {drain_before:.0} events/s");
     b.raw_limits.push(format!("MQTT drain {drain_before:.0}/s"));
-    let topic = format!("bench/courier/{pid}/e");
-    let probe_topic = format!("bench/courier/{pid}/probe");
+    // Every run has its own ids, topic, client and receiver path.
+    let path = format!("/mqtt{run}");
+    let path = path.as_str();
+    let topic = format!("bench/courier/{pid}/{run}/e");
+    let probe_topic = format!("bench/courier/{pid}/{run}/probe");
     let courier = b.spawn("mqtt", |c| {
         c.mqtt(Mqtt::new(
-            &format!("bench-courier-{pid}"),
-            &format!("bench/courier/{pid}/#"),
+            &format!("bench-courier-{pid}-{run}"),
+            &format!("bench/courier/{pid}/{run}/#"),
         ))
-        .destination(b.dest("d", "/mqtt"))
+        .destination(b.dest("d", path))
     });
     // Only a subscription that exists keeps messages: probe until one comes through.
     let probe = MqttPublisher::connect().await;
@@ -182,32 +185,32 @@ pub async fn mqtt(b: &mut Bench, post: f64, after_amqp: bool) -> MqttFigures {
             &probe_topic,
             Duration::from_millis(100),
             Duration::from_secs(30),
-            || b.rx.unique("/mqtt") > 0 || courier.exited(),
+            || b.rx.unique(path) > 0 || courier.exited(),
         )
         .await;
     drop(probe);
-    if b.rx.unique("/mqtt") == 0 {
+    if b.rx.unique(path) == 0 {
         b.failures.push(
             "MQTT: courier never subscribed (no probe came through in 30 s, or courier exited)"
                 .into(),
         );
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let probes = b.rx.unique("/mqtt");
+    let probes = b.rx.unique(path);
     let cpu_before = courier.cpu_seconds();
     let start = Instant::now();
-    b.publish_mqtt(&topic, "m", n, || {
-        b.rx.unique("/mqtt").saturating_sub(probes)
+    b.publish_mqtt(&topic, &format!("m{run}-"), n, || {
+        b.rx.unique(path).saturating_sub(probes)
     })
     .await;
     let done = b
-        .wait_unique("/mqtt", n + probes, Duration::from_secs(600), || {
+        .wait_unique(path, n + probes, Duration::from_secs(600), || {
             courier.exited()
         })
         .await;
     let rate = match done {
         Some(d) => n as f64 / (d - start).as_secs_f64(),
-        None => b.rx.unique("/mqtt").saturating_sub(probes) as f64 / start.elapsed().as_secs_f64(),
+        None => b.rx.unique(path).saturating_sub(probes) as f64 / start.elapsed().as_secs_f64(),
     };
     let peak_kib = courier.peak_rss_kib();
     let cpu_us = (courier.cpu_seconds() - cpu_before) * 1e6 / n as f64;
@@ -226,13 +229,13 @@ pub async fn mqtt(b: &mut Bench, post: f64, after_amqp: bool) -> MqttFigures {
     if done.is_none() {
         b.failures.push(format!(
             "MQTT: only {} of {n} events arrived",
-            b.rx.unique("/mqtt").saturating_sub(probes)
+            b.rx.unique(path).saturating_sub(probes)
         ));
     }
-    if b.rx.duplicates("/mqtt") > 0 {
+    if b.rx.duplicates(path) > 0 {
         b.failures.push(format!(
             "MQTT: {} events POSTed twice",
-            b.rx.duplicates("/mqtt")
+            b.rx.duplicates(path)
         ));
     }
     println!(
@@ -247,18 +250,19 @@ pub async fn mqtt(b: &mut Bench, post: f64, after_amqp: bool) -> MqttFigures {
     }
 }
 
-/// Publish-to-receive latency at `--rate` events/s for `--latency-seconds`: (p50, p99, max) in
+/// Publish-to-receive latency at `rate` events/s for `--latency-seconds`: (p50, p99, max) in
 /// ms.
-pub async fn latency(b: &Bench) -> (f64, f64, f64) {
+pub async fn latency(b: &Bench, rate: u64) -> (f64, f64, f64) {
     let a = &b.args;
-    let q_lat = format!("bench-latency-{}", b.pid);
+    let q_lat = format!("bench-latency-{rate}-{}", b.pid);
     let publisher = Publisher::connect().await;
     publisher.fresh_queue(&q_lat).await;
-    let courier = b.spawn_amqp("latency", &q_lat);
+    let name = format!("latency{rate}");
+    let courier = b.spawn_amqp(&name, &q_lat);
     tokio::time::sleep(Duration::from_secs(2)).await;
     b.rx.record_latency(true);
-    let total = (a.rate * a.latency_seconds) as usize;
-    let interval = Duration::from_nanos(1_000_000_000 / a.rate.max(1));
+    let total = (rate * a.latency_seconds) as usize;
+    let interval = Duration::from_nanos(1_000_000_000 / rate.max(1));
     let start = Instant::now();
     let mut confirms = Vec::new();
     for i in 0..total {
@@ -268,7 +272,7 @@ pub async fn latency(b: &Bench) -> (f64, f64, f64) {
         }
         confirms.push(
             publisher
-                .send(&q_lat, &event(&format!("l{i}"), b.size))
+                .send(&q_lat, &event(&format!("l{rate}-{i}"), b.size))
                 .await,
         );
         if confirms.len() >= 100 {
@@ -280,8 +284,9 @@ pub async fn latency(b: &Bench) -> (f64, f64, f64) {
     for c in confirms {
         let _ = c.await;
     }
+    let offered = total as f64 / start.elapsed().as_secs_f64();
     let _ = b
-        .wait_unique("/latency", total, Duration::from_secs(60), || {
+        .wait_unique(&format!("/{name}"), total, Duration::from_secs(60), || {
             courier.exited()
         })
         .await;
@@ -301,13 +306,13 @@ pub async fn latency(b: &Bench) -> (f64, f64, f64) {
         pct(0.99),
         lat.last().copied().unwrap_or(0) as f64 / 1e6,
     );
-    println!("latency at {} events/s for {} s: p50 {p50:.2} ms, p99 {p99:.2} ms, max {max:.2} ms ({} samples)", a.rate, a.latency_seconds, lat.len());
+    println!("latency at {rate} events/s for {} s (published at {offered:.0}/s): p50 {p50:.2} ms, p99 {p99:.2} ms, max {max:.2} ms ({} samples)", a.latency_seconds, lat.len());
     (p50, p99, max)
 }
 
 /// One event to 10 destinations, a fifth of `--events` of them: deliveries/s and courier's CPU
 /// µs per delivery.
-pub async fn fanout(b: &mut Bench, courier_rate: f64, fanout_limit: f64) -> (f64, f64) {
+pub async fn fanout(b: &mut Bench, fanout_limit: f64) -> (f64, f64) {
     let fan_n = (b.n / 5).max(1000);
     let q_fan = format!("bench-fanout-{}", b.pid);
     b.fill(&q_fan, "f", fan_n).await;
@@ -342,7 +347,7 @@ pub async fn fanout(b: &mut Bench, courier_rate: f64, fanout_limit: f64) -> (f64
     if !fan_done {
         b.failures.push("fanout: not every delivery arrived".into());
     }
-    println!("fanout to 10 destinations: {fan_rate:.0} deliveries/s = {:.2} x (10 x single-destination rate) = {:.2} x L_fanout (L_fanout = {fanout_limit:.0}/s), courier CPU {fan_cpu_us:.1} us/delivery, receiver CPU {receiver_cpu_us:.1} us/delivery", fan_rate / (10.0 * courier_rate), fan_rate / fanout_limit);
+    println!("fanout to 10 destinations: {fan_rate:.0} deliveries/s = {:.2} x L_fanout (L_fanout = {fanout_limit:.0}/s), courier CPU {fan_cpu_us:.1} us/delivery, receiver CPU {receiver_cpu_us:.1} us/delivery", fan_rate / fanout_limit);
     (fan_rate, fan_cpu_us)
 }
 
