@@ -79,6 +79,9 @@ pub struct Stats {
     pub acked: AtomicU64,
     /// Acks the broker did not take (the message will be redelivered).
     pub ack_failures: AtomicU64,
+    /// `basic.ack` frames sent to RabbitMQ: one per message, or one per run of messages acked
+    /// together with `multiple`.
+    pub amqp_ack_frames: AtomicU64,
     /// MQTT 5 messages whose `message-expiry-interval` passed before their POST.
     pub expired: AtomicU64,
 
@@ -127,6 +130,7 @@ impl Default for Stats {
             parked_for_rate: AtomicU64::default(),
             acked: AtomicU64::default(),
             ack_failures: AtomicU64::default(),
+            amqp_ack_frames: AtomicU64::default(),
             expired: AtomicU64::default(),
             received_by_source: Family::default(),
             reconnects: Family::default(),
@@ -317,6 +321,13 @@ impl Stats {
             "in_flight",
             "Events taken from a source and not yet acked",
             self.in_flight.clone(),
+        );
+        let ack_frames: Counter = Counter::default();
+        ack_frames.inc_by(Stats::get(&self.amqp_ack_frames));
+        r.register(
+            "amqp_ack_frames",
+            "basic.ack frames sent to RabbitMQ (one covers a run of messages when they are acked together)",
+            ack_frames,
         );
         r
     }

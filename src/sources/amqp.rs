@@ -6,8 +6,8 @@ use std::time::SystemTime;
 use bytes::Bytes;
 use futures_util::StreamExt as _;
 use lapin::options::{
-    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicQosOptions,
-    ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
+    BasicCancelOptions, BasicConsumeOptions, BasicQosOptions, ExchangeDeclareOptions,
+    QueueBindOptions, QueueDeclareOptions,
 };
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{Connection, ConnectionProperties, ExchangeKind};
@@ -15,8 +15,9 @@ use std::sync::Arc;
 
 use tokio::sync::mpsc;
 
+use super::amqp_acks::AckTask;
 use super::failover::Failover;
-use super::{AckFuture, AckHandle, Delivery, InFlight};
+use super::{Delivery, InFlight};
 use crate::config::{AmqpUrl, QueueArgument, RabbitMqConfig};
 use crate::event::{Inbound, SourceKind};
 use crate::shutdown::Shutdown;
@@ -255,6 +256,8 @@ impl AmqpSource {
         tracing::info!(url = %endpoint.url.redacted(), queue = %cfg.queue, prefetch = self.prefetch, "consuming from RabbitMQ");
         self.stats.set_connected("rabbitmq", true);
         failover.connected();
+        // Acks go through it, coalesced; it stops sending on this channel when the session ends.
+        let acks = AckTask::start(channel.clone(), Arc::clone(&self.stats));
         loop {
             let next = tokio::select! {
                 _ = shutdown.requested() => break,
@@ -265,7 +268,8 @@ impl AmqpSource {
                 Some(Err(e)) => return Err(e.into()),
                 None => return Err(SessionError::Cancelled),
             };
-            let delivery = to_delivery(delivery, cfg.format, &self.in_flight);
+            let acker = self.in_flight.acker(acks.register(delivery.delivery_tag));
+            let delivery = to_delivery(delivery, cfg.format, acker);
             tokio::select! {
                 sent = tx.send(delivery) => if sent.is_err() { break },
                 // Dropped unacked: the broker redelivers it.
@@ -303,7 +307,7 @@ fn queue_arguments(cfg: &RabbitMqConfig) -> FieldTable {
 fn to_delivery(
     delivery: lapin::message::Delivery,
     format: crate::config::Format,
-    in_flight: &InFlight,
+    acker: super::Acker,
 ) -> Delivery {
     let properties = &delivery.properties;
     let message_id = properties
@@ -339,27 +343,7 @@ fn to_delivery(
         properties: None,
         expiry: None,
     };
-    Delivery {
-        inbound,
-        acker: in_flight.acker(AmqpAck(delivery.acker)),
-    }
-}
-
-struct AmqpAck(lapin::Acker);
-
-impl AckHandle for AmqpAck {
-    fn ack(self: Box<Self>) -> AckFuture {
-        Box::pin(async move {
-            match self.0.ack(BasicAckOptions::default()).await {
-                Ok(true) => Ok(()),
-                Ok(false) => Err(
-                    "the channel closed before the ack; the broker will redeliver the message"
-                        .to_string(),
-                ),
-                Err(e) => Err(e.to_string()),
-            }
-        })
-    }
+    Delivery { inbound, acker }
 }
 
 #[cfg(test)]

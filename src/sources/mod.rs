@@ -3,6 +3,7 @@
 //! a broker type; a source never sees HTTP.
 
 pub mod amqp;
+mod amqp_acks;
 pub mod failover;
 pub mod mqtt;
 pub mod supervisor;

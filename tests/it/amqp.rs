@@ -696,3 +696,78 @@ async fn a_message_of_many_frames_arrives_whole() {
     assert_eq!(r.body, format!(r#"{{"s":"{pattern}"}}"#).into_bytes());
     courier.stop().await;
 }
+
+/// Acks that are ready together are coalesced into `multiple` acks only up to the lowest
+/// message not yet done: with some messages slow, the rest are acked around them, every message
+/// is acked exactly once, and none is redelivered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn out_of_order_acks_leave_the_queue_empty_and_redeliver_nothing() {
+    let _brokers = brokers().await;
+    let rx = Receiver::start().await;
+    let queue = unique("coalesce-order");
+    let store = tempfile::tempdir().unwrap();
+    let pub_ = Publisher::connect().await;
+    pub_.declare_queue(&queue).await;
+    const N: usize = 400;
+    for i in 0..N {
+        // Every 7th message answers late: the ones after it finish first.
+        let data = if i % 7 == 0 {
+            format!(r#"{{"delay_ms":{}}}"#, 50 + (i % 5) * 40)
+        } else {
+            "{}".to_string()
+        };
+        pub_.to_queue(
+            &queue,
+            format!(r#"{{"id":"o{i}","data":{data}}}"#).as_bytes(),
+        )
+        .await;
+    }
+    let courier = Courier::start(
+        &rabbit_config(&queue, store.path())
+            .max_in_flight(32)
+            .destination(Dest::new("o", &rx.url("/o"))),
+    );
+    courier.wait_count(N as u64, WAIT, |s| &s.acked).await;
+    wait_drained(&queue, "every message acked", WAIT).await;
+    // Give a wrongly unacked message every chance to come back.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let stats = courier.stop().await;
+    let count = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(count(&stats.received), N as u64, "nothing redelivered");
+    assert_eq!(count(&stats.acked), N as u64);
+    assert_eq!(count(&stats.ack_failures), 0);
+    assert!(count(&stats.amqp_ack_frames) <= N as u64);
+    let counts = rx.delivered_counts();
+    assert_eq!(counts.len(), N);
+    assert!(counts.values().all(|&c| c == 1), "a message POSTed twice");
+}
+
+/// A burst is acked in fewer `basic.ack` frames than messages.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_is_acked_in_fewer_frames_than_messages() {
+    let _brokers = brokers().await;
+    let rx = Receiver::start().await;
+    let queue = unique("coalesce-burst");
+    let store = tempfile::tempdir().unwrap();
+    let pub_ = Publisher::connect().await;
+    pub_.declare_queue(&queue).await;
+    const N: usize = 2000;
+    publish_events(&pub_, &queue, "c", 0..N).await;
+    let courier = Courier::start(
+        &rabbit_config(&queue, store.path())
+            .max_in_flight(64)
+            .destination(Dest::new("c", &rx.url("/c"))),
+    );
+    courier.wait_count(N as u64, WAIT, |s| &s.acked).await;
+    wait_drained(&queue, "every message acked", WAIT).await;
+    let stats = courier.stop().await;
+    let count = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::SeqCst);
+    let frames = count(&stats.amqp_ack_frames);
+    assert_eq!(count(&stats.received), N as u64, "nothing redelivered");
+    assert_eq!(count(&stats.ack_failures), 0);
+    assert!(
+        frames < N as u64,
+        "{frames} ack frames for {N} messages: nothing coalesced"
+    );
+    eprintln!("{N} messages acked in {frames} frames");
+}
