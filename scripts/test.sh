@@ -103,14 +103,7 @@ ensure_rabbitmq_tls() {
         done
         detached as_root rabbitmq-server -detached || log "rabbitmq-server -detached failed; waiting for a node anyway"
     fi
-    local deadline=$((SECONDS + WAIT_SECONDS))
-    until as_root rabbitmqctl -q -t 10 await_startup >/dev/null 2>&1; do
-        if [ "$SECONDS" -ge "$deadline" ]; then
-            die "RabbitMQ did not start again within ${WAIT_SECONDS}s; see /var/log/rabbitmq/"
-        fi
-        sleep 2
-    done
-    wait_for_port RabbitMQ "$AMQP_PORT" /var/log/rabbitmq/
+    await_rabbitmq
     wait_for_port "RabbitMQ's TLS listener" "$AMQPS_PORT" /var/log/rabbitmq/
     log "RabbitMQ is up on 127.0.0.1:$AMQP_PORT and, with TLS, 127.0.0.1:$AMQPS_PORT"
 }

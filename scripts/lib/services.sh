@@ -91,6 +91,12 @@ ensure_rabbitmq() {
         detached as_root rabbitmq-server -detached || log "rabbitmq-server -detached failed; waiting for a node anyway"
     fi
     log "waiting for RabbitMQ (at most ${WAIT_SECONDS}s)"
+    await_rabbitmq
+    log "RabbitMQ is up on 127.0.0.1:$AMQP_PORT"
+}
+
+# Waits (at most WAIT_SECONDS) until the RabbitMQ node has booted and its AMQP port answers.
+await_rabbitmq() {
     local deadline=$((SECONDS + WAIT_SECONDS))
     # await_startup fails at once while the node is not reachable yet, so retry it.
     until as_root rabbitmqctl -q -t 10 await_startup >/dev/null 2>&1; do
@@ -100,7 +106,6 @@ ensure_rabbitmq() {
         sleep 2
     done
     wait_for_port RabbitMQ "$AMQP_PORT" /var/log/rabbitmq/
-    log "RabbitMQ is up on 127.0.0.1:$AMQP_PORT"
 }
 
 ensure_mosquitto() {

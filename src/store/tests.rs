@@ -297,16 +297,21 @@ async fn closing_the_store_flushes_what_waits() {
     assert!(store.all_durable());
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn too_many_waiting_writes_make_a_deferred_commit_flush() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let store = started(dir.path(), Duration::from_secs(60)).await;
-    for i in 0..=commit::MAX_DEFERRED {
+/// Records `count` deliveries (events e0, e1, ...) to destination `d`, without a commit.
+async fn record_delivered(store: &Store, count: u64) {
+    for i in 0..count {
         store
             .record_delivered("d", &format!("e{i}"))
             .await
             .expect("record");
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn too_many_waiting_writes_make_a_deferred_commit_flush() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = started(dir.path(), Duration::from_secs(60)).await;
+    record_delivered(&store, commit::MAX_DEFERRED + 1).await;
     store.commit_deferred().await;
     assert!(
         store.all_durable(),
@@ -320,12 +325,7 @@ async fn a_deferred_commit_past_the_cap_flushes_before_it_returns() {
     let dir = tempfile::tempdir().expect("tempdir");
     let store = started(dir.path(), Duration::from_secs(60)).await;
     store.cap_deferred(8);
-    for i in 0..9 {
-        store
-            .record_delivered("d", &format!("e{i}"))
-            .await
-            .expect("record");
-    }
+    record_delivered(&store, 9).await;
     store.commit_deferred().await;
     assert!(
         store.all_durable(),
@@ -340,12 +340,7 @@ async fn half_the_cap_waiting_cuts_the_flush_interval_short() {
     // An interval no test waits out: only the cap can make these records durable in time.
     let store = started(dir.path(), Duration::from_secs(60)).await;
     store.cap_deferred(8);
-    for i in 0..5 {
-        store
-            .record_delivered("d", &format!("e{i}"))
-            .await
-            .expect("record");
-    }
+    record_delivered(&store, 5).await;
     store.commit_deferred().await;
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
     while !store.all_durable() {

@@ -14,17 +14,6 @@ const WAIT: Duration = Duration::from_secs(30);
 const CLIENT_ID: &str = "courier";
 const CLIENT_SECRET: &str = "oauth-secret-789";
 
-fn ms(millis: u64) -> Duration {
-    Duration::from_millis(millis)
-}
-
-async fn setup(prefix: &str) -> (String, tempfile::TempDir, Publisher) {
-    let queue = unique(prefix);
-    let publisher = Publisher::connect().await;
-    publisher.declare_queue(&queue).await;
-    (queue, tempfile::tempdir().unwrap(), publisher)
-}
-
 /// The client of `endpoint`, with `secret`.
 fn client(endpoint: &TokenEndpoint, secret: &str) -> OAuth2 {
     OAuth2::new(&endpoint.url(), CLIENT_ID, secret).scope("events:write")
@@ -240,7 +229,7 @@ async fn a_token_endpoint_that_is_down_delays_delivery_and_loses_nothing() {
     let config = rabbit_config(&queue, store.path()).destination(
         Dest::new("o", &rx.url("/o"))
             .oauth2(client(&endpoint, CLIENT_SECRET))
-            .retry(Retry::backoff(30, ms(200), 1.0, ms(200)))
+            .retry(Retry::every(30, ms(200)))
             .circuit(Circuit::default().open_for(ms(300))),
     );
     let courier = Courier::start(&config);
@@ -306,7 +295,7 @@ async fn a_refused_client_reads_on_readyz_and_opens_the_circuit_until_a_token_is
         &rabbit_config(&queue, store.path()).admin(port).destination(
             Dest::new("partner", &rx.url("/p"))
                 .oauth2(client(&endpoint, "wrong-secret-321"))
-                .retry(Retry::backoff(100, ms(200), 1.0, ms(200)))
+                .retry(Retry::every(100, ms(200)))
                 .circuit(Circuit::default().open_for(Duration::from_secs(1))),
         ),
     );

@@ -10,13 +10,6 @@ use crate::support::*;
 
 const WAIT: Duration = Duration::from_secs(30);
 
-async fn setup(prefix: &str) -> (String, tempfile::TempDir, Publisher) {
-    let queue = unique(prefix);
-    let publisher = Publisher::connect().await;
-    publisher.declare_queue(&queue).await;
-    (queue, tempfile::tempdir().unwrap(), publisher)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn status_rules_override_the_default_table() {
     let _brokers = brokers().await;

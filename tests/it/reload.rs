@@ -326,12 +326,7 @@ async fn a_removed_destination_keeps_its_retries_until_it_comes_back_and_in_flig
     let dir = tempfile::tempdir().unwrap();
     let queue = unique("reload-removed");
     let port = free_port();
-    let quick = Retry::backoff(
-        20,
-        Duration::from_millis(200),
-        1.0,
-        Duration::from_millis(200),
-    );
+    let quick = Retry::every(20, Duration::from_millis(200));
     let base = || {
         rabbit_config(&queue, &dir.path().join("store"))
             .admin(port)

@@ -15,17 +15,6 @@ fn fast_retry() -> Retry {
     Retry::backoff(4, ms(100), 2.0, Duration::from_secs(1))
 }
 
-fn ms(millis: u64) -> Duration {
-    Duration::from_millis(millis)
-}
-
-async fn setup(prefix: &str) -> (String, tempfile::TempDir, Publisher) {
-    let queue = unique(prefix);
-    let publisher = Publisher::connect().await;
-    publisher.declare_queue(&queue).await;
-    (queue, tempfile::tempdir().unwrap(), publisher)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retryable_failures_are_retried_from_the_store_after_the_ack() {
     let _brokers = brokers().await;
@@ -175,9 +164,8 @@ async fn pending_retries_survive_a_restart() {
     let rx = Receiver::start().await;
     rx.set_status(503);
     let (queue, store, pub_) = setup("restart-retry").await;
-    let config = rabbit_config(&queue, store.path()).destination(
-        Dest::new("p", &rx.url("/p")).retry(Retry::backoff(5, ms(1500), 1.0, ms(1500))),
-    );
+    let config = rabbit_config(&queue, store.path())
+        .destination(Dest::new("p", &rx.url("/p")).retry(Retry::every(5, ms(1500))));
     let courier = Courier::start(&config);
     pub_.to_queue(&queue, event("P1", "t").as_bytes()).await;
     courier.wait_count(1, WAIT, |s| &s.retries_scheduled).await;
@@ -273,7 +261,7 @@ async fn circuit_probe_closes_it_and_parked_events_are_delivered() {
     let courier = Courier::start(
         &rabbit_config(&queue, store.path()).destination(
             Dest::new("p", &rx.url("/p"))
-                .retry(Retry::backoff(10, ms(100), 1.0, ms(100)))
+                .retry(Retry::every(10, ms(100)))
                 .circuit(
                     Circuit::default()
                         .failures(2)

@@ -351,12 +351,7 @@ async fn a_destination_that_requires_a_client_certificate_gets_it_and_a_missing_
             Dest::new("without", &rx.url("/without"))
                 .topics(["without"])
                 .tls(Tls::default().ca_file(&ca_file))
-                .retry(Retry::backoff(
-                    2,
-                    Duration::from_millis(200),
-                    1.0,
-                    Duration::from_millis(200),
-                )),
+                .retry(Retry::every(2, Duration::from_millis(200))),
         ],
     )
     .await;
@@ -414,12 +409,7 @@ async fn a_rotated_client_certificate_and_ca_file_are_used_for_the_next_connecti
         &dir.path().join("store"),
         vec![Dest::new("p", &rx.url("/p"))
             .tls(Tls::default().ca_only(&ca_file).client(&cert, &key))
-            .retry(Retry::backoff(
-                20,
-                Duration::from_millis(200),
-                1.0,
-                Duration::from_millis(200),
-            ))],
+            .retry(Retry::every(20, Duration::from_millis(200)))],
     )
     .await;
     publisher

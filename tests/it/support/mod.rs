@@ -182,6 +182,19 @@ pub fn open_store(path: &Path) -> courier::store::Store {
     .expect("open store after courier stopped")
 }
 
+/// `millis` milliseconds, for the short intervals tests configure.
+pub fn ms(millis: u64) -> Duration {
+    Duration::from_millis(millis)
+}
+
+/// A queue of its own (declared), a store directory and the publisher that declared it.
+pub async fn setup(prefix: &str) -> (String, tempfile::TempDir, Publisher) {
+    let queue = unique(prefix);
+    let publisher = Publisher::connect().await;
+    publisher.declare_queue(&queue).await;
+    (queue, tempfile::tempdir().unwrap(), publisher)
+}
+
 /// An envelope event with this id on `topic`, with empty data.
 pub fn event(id: &str, topic: &str) -> String {
     format!(r#"{{"id":"{id}","topic":"{topic}","data":{{}}}}"#)

@@ -794,6 +794,11 @@ impl Retry {
             .max_interval(max)
     }
 
+    /// `max_attempts` in all, `interval` apart.
+    pub fn every(max_attempts: u32, interval: Duration) -> Retry {
+        Retry::backoff(max_attempts, interval, 1.0, interval)
+    }
+
     /// Attempts in all, the first included.
     pub fn max_attempts(mut self, n: u32) -> Self {
         self.max_attempts = Some(n);
