@@ -17,23 +17,8 @@ use std::time::{Duration, Instant};
 
 use courier_testkit::{
     Circuit, ConfigBuilder, Dest, Mqtt, MqttPublisher, MqttPublisherOptions, Publisher, Rabbit,
-    Receiver, Recording,
+    Receiver, Recording, Source,
 };
-
-#[derive(Clone, Copy, PartialEq)]
-enum Source {
-    Rabbitmq,
-    Mqtt,
-}
-
-impl Source {
-    fn name(self) -> &'static str {
-        match self {
-            Source::Rabbitmq => "RabbitMQ",
-            Source::Mqtt => "MQTT",
-        }
-    }
-}
 
 /// The `i`-th event: even ones go to `fast`, odd ones to `slow`, each about 450 bytes.
 fn body(i: u64, pad: &str) -> Vec<u8> {

@@ -5,10 +5,9 @@
 
 use std::time::Duration;
 
-use courier_testkit::{ConfigBuilder, Mqtt, MqttPublisher, Publisher};
+use courier_testkit::{ConfigBuilder, Mqtt, MqttPublisher, Publisher, Source};
 
 use crate::bench::{event, Bench, BenchCourier};
-use crate::slow::Source;
 
 /// What `--kills` kills of one source cost.
 pub struct KillFigures {
@@ -25,10 +24,7 @@ pub struct KillFigures {
 /// `--kill-events` events has arrived.
 pub async fn kill_bound(b: &mut Bench, source: Source) -> KillFigures {
     let max_in_flight = b.args.kill_max_in_flight;
-    let tag = match source {
-        Source::Rabbitmq => "amqp",
-        Source::Mqtt => "mqtt",
-    };
+    let tag = source.tag();
     let name = format!("kill-{tag}");
     let path = format!("/{name}");
     let pid = b.pid;
@@ -119,10 +115,7 @@ pub async fn kill_bound(b: &mut Bench, source: Source) -> KillFigures {
         Source::Rabbitmq => max_in_flight,
         Source::Mqtt => 2 * max_in_flight,
     };
-    let what = match source {
-        Source::Rabbitmq => "RabbitMQ",
-        Source::Mqtt => "MQTT",
-    };
+    let what = source.name();
     if lost {
         b.failures.push(format!(
             "kill -9 over {what}: a round's events did not all arrive"

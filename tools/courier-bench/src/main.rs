@@ -26,8 +26,9 @@ use std::time::Duration;
 
 use bench::Bench;
 use cases::{AmqpFigures, MqttFigures};
+use courier_testkit::Source;
 use kill::KillFigures;
-use slow::{MixFigures, SlowFigures, Source};
+use slow::{MixFigures, SlowFigures};
 
 /// The cases `--only` can pick; each one also runs the raw limits its figure is divided by.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]

@@ -4,7 +4,7 @@
 
 use std::time::{Duration, Instant};
 
-use courier_testkit::{Dest, Mqtt, Publisher, Receiver, Recording};
+use courier_testkit::{Dest, Mqtt, Publisher, Receiver, Recording, Source};
 
 use crate::bench::{event_on, wait_unique_on, Bench};
 
@@ -14,22 +14,6 @@ pub struct SlowFigures {
     /// Events/s, from the first answer to the last.
     pub rate: f64,
     pub limit: f64,
-}
-
-/// The source of a [`mix`] run.
-#[derive(Clone, Copy, PartialEq, Eq)]
-pub enum Source {
-    Rabbitmq,
-    Mqtt,
-}
-
-impl Source {
-    fn name(self) -> &'static str {
-        match self {
-            Source::Rabbitmq => "RabbitMQ",
-            Source::Mqtt => "MQTT",
-        }
-    }
 }
 
 /// A slow and a fast destination fed by one source, every other event for each.
@@ -128,10 +112,7 @@ pub async fn slow(b: &mut Bench, latency: Duration) -> SlowFigures {
 pub async fn mix(b: &mut Bench, source: Source, latency: Duration) -> MixFigures {
     let ms = latency.as_millis() as u64;
     let (slow_rx, limit, n) = slow_receiver(b, latency).await;
-    let tag = match source {
-        Source::Rabbitmq => "amqp",
-        Source::Mqtt => "mqtt",
-    };
+    let tag = source.tag();
     let name = format!("mix-{tag}-{ms}");
     let fast_path = format!("/{name}-fast");
     let (pid, size) = (b.pid, b.size);

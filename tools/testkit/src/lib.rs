@@ -72,3 +72,28 @@ pub async fn eventually(what: &str, timeout: Duration, mut cond: impl FnMut() ->
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// Which broker a benchmark case or measurement feeds courier from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Source {
+    Rabbitmq,
+    Mqtt,
+}
+
+impl Source {
+    /// The name printed in figures.
+    pub fn name(self) -> &'static str {
+        match self {
+            Source::Rabbitmq => "RabbitMQ",
+            Source::Mqtt => "MQTT",
+        }
+    }
+
+    /// A short tag for queue, topic and directory names.
+    pub fn tag(self) -> &'static str {
+        match self {
+            Source::Rabbitmq => "amqp",
+            Source::Mqtt => "mqtt",
+        }
+    }
+}
