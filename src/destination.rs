@@ -15,7 +15,7 @@ use tokio::sync::Semaphore;
 
 use crate::circuit::Circuit;
 use crate::config::{Config, DestinationConfig, OrganizationConfig};
-use crate::http_client::{Clients, SenderError};
+use crate::http_client::{Clients, HttpClient, SenderError};
 use crate::oauth2::TokenSource;
 use crate::ratelimit::RateLimiter;
 use crate::router::{Routable, Router};
@@ -93,7 +93,7 @@ pub struct Destination {
     config: DestinationConfig,
     /// Who is sending, for the `Metadata` block.
     organization: Arc<OrganizationConfig>,
-    client: reqwest::Client,
+    client: HttpClient,
     circuit: Circuit,
     limit: Semaphore,
     metrics: DestinationMetrics,
@@ -103,11 +103,13 @@ pub struct Destination {
 }
 
 impl Destination {
-    /// Builds the destination of `config`, sending through `client` on behalf of `organization`.
+    /// Builds the destination of `config`, sending through `client` on behalf of `organization`;
+    /// an OAuth2 destination asks its token endpoint through `token_client`.
     pub fn new(
         config: DestinationConfig,
         organization: Arc<OrganizationConfig>,
-        client: reqwest::Client,
+        client: HttpClient,
+        token_client: Option<reqwest::Client>,
         stats: &Stats,
     ) -> Destination {
         Destination {
@@ -116,13 +118,13 @@ impl Destination {
             circuit: Circuit::new(&config.name, config.circuit.clone()),
             limit: Semaphore::new(config.max_concurrency),
             metrics: DestinationMetrics::new(stats, &config.name),
-            // The token endpoint is asked through the destination's own client, with its
-            // timeout and TLS settings.
+            // The token client has the destination's timeout, TLS settings and proxy.
             token: config
                 .auth
                 .as_ref()
                 .and_then(|auth| auth.oauth2())
-                .map(|request| TokenSource::new(&config.name, request.clone(), client.clone())),
+                .zip(token_client)
+                .map(|(request, client)| TokenSource::new(&config.name, request.clone(), client)),
             rate_limit: config
                 .rate_limit
                 .as_ref()
@@ -149,7 +151,7 @@ impl Destination {
 
     /// The HTTP client its POSTs go through (shared with the destinations that have the same
     /// TLS setting and timeout).
-    pub fn client(&self) -> &reqwest::Client {
+    pub fn client(&self) -> &HttpClient {
         &self.client
     }
 
@@ -316,11 +318,17 @@ pub fn rebuild(
                  anyone on the network path can read and alter its requests"
             );
         }
-        let client = clients.for_destination(&format!("destinations[{i}]"), dest)?;
+        let key = format!("destinations[{i}]");
+        let client = clients.for_destination(&key, dest)?;
+        let token_client = match dest.auth.as_ref().and_then(|auth| auth.oauth2()) {
+            Some(_) => Some(clients.token_client(&key, dest)?),
+            None => None,
+        };
         destinations.push(Arc::new(Destination::new(
             dest.clone(),
             Arc::clone(&organization),
             client,
+            token_client,
             stats,
         )));
     }

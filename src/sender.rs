@@ -7,19 +7,26 @@
 //! token ([`crate::oauth2`]) may be missing, which is a failed outcome like a POST without an
 //! answer.
 
+use std::borrow::Cow;
 use std::fmt::Write as _;
 use std::time::{Duration, SystemTime};
 
-use reqwest::header::{
-    HeaderMap, HeaderName, HeaderValue, AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE, HOST,
+use bytes::Bytes;
+use http_body_util::{BodyExt as _, Full};
+use hyper::body::Incoming;
+use hyper::header::{
+    HeaderMap, HeaderName, HeaderValue, ACCEPT, AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE, HOST,
+    LOCATION, RETRY_AFTER, USER_AGENT,
 };
-use reqwest::StatusCode;
+use hyper::{Method, Request, Response, StatusCode, Uri};
+use reqwest::Url;
 use serde_json::{Map, Value};
 
-use crate::config::{DestinationConfig, OrganizationConfig, RESERVED_HEADERS};
+use crate::config::{to_uri, DestinationConfig, OrganizationConfig, RESERVED_HEADERS};
 use crate::destination::Destination;
 use crate::error_chain;
 use crate::event::Event;
+use crate::http_client::Body;
 use crate::oauth2::TokenError;
 use crate::signature;
 use crate::status::Verdict;
@@ -27,14 +34,19 @@ use crate::telemetry::TraceHeaders;
 use crate::topic;
 use crate::trace::{TRACEPARENT, TRACESTATE};
 
+/// courier's `User-Agent`, unless the destination's `headers` name another.
+pub const USER_AGENT_VALUE: &str = concat!("courier/", env!("CARGO_PKG_VERSION"));
+
 /// Headers a request gets besides the static and metadata ones: Content-Type, X-Request-Id,
-/// X-Correlation-Id, auth, Content-Length and (for `http` URLs) Host from courier, Accept and
-/// User-Agent from reqwest, the three Standard Webhooks headers, and the trace context's two.
+/// X-Correlation-Id, auth, Content-Length, Host (for `http` URLs), Accept, User-Agent, the three
+/// Standard Webhooks headers, and the trace context's two.
 const ADDED_HEADERS: usize = 13;
 /// How many bytes of an error response are kept for the dead-letter reason.
 const ERROR_BODY_SNIPPET: usize = 512;
 /// Response bodies are drained up to this much so the connection can be reused; larger ones are dropped.
 const DRAIN_LIMIT: usize = 64 * 1024;
+/// The most 307/308 redirects one POST follows.
+const MAX_REDIRECTS: usize = 10;
 
 /// What one POST attempt came to.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -85,16 +97,13 @@ impl Outcome {
 /// reason an operator can act on.
 pub async fn deliver(dest: &Destination, event: &Event, trace: Option<&TraceHeaders>) -> Outcome {
     let config = dest.config();
-    let (mut headers, id) = match headers(config, event, trace) {
-        Ok(h) => h,
-        Err(reason) => return Outcome::failed(None, reason, false),
+    let Ok(id) = HeaderValue::from_str(&event.id) else {
+        let reason = format!("event id {:?} is not a valid header value", event.id);
+        return Outcome::failed(None, reason, false);
     };
     let token = match dest.token() {
         Some(source) => match source.authorization().await {
-            Ok(token) => {
-                headers.insert(AUTHORIZATION, token.value().clone());
-                Some((source, token))
-            }
+            Ok(token) => Some((source, token)),
             Err(error) => return Outcome::no_token(error),
         },
         None => None,
@@ -104,89 +113,184 @@ pub async fn deliver(dest: &Destination, event: &Event, trace: Option<&TraceHead
     } else {
         event.body.clone()
     };
-    // Set here, where the map still has room, rather than by hyper and hyper-util: reqwest
-    // sends a copy of this map without spare room, and their inserts grew that copy (and
-    // formatted the host and port again) on every request.
-    if let Some(host) = config.url.host_header() {
-        headers.insert(HOST, host.clone());
-    }
-    headers.insert(CONTENT_LENGTH, HeaderValue::from(body.len()));
-    let keys = config.signing_keys();
-    if !keys.is_empty() {
-        let now = SystemTime::now()
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(0);
-        // `v1,` and base64, space-separated: always a valid header value.
-        let signatures = signature::signature_header(keys, &event.id, now, &body);
-        match HeaderValue::try_from(signatures) {
-            Ok(signature) => {
-                headers.insert(HeaderName::from_static("webhook-id"), id);
-                headers.insert(
-                    HeaderName::from_static("webhook-timestamp"),
-                    HeaderValue::from(now),
-                );
-                headers.insert(HeaderName::from_static("webhook-signature"), signature);
-            }
-            // Not expected (see above); said loudly, since the partner will refuse the request.
-            Err(_) => {
-                tracing::error!(event_id = %event.id, "webhook-signature is not a valid header value; sent unsigned")
-            }
-        }
-    }
-    // Built directly rather than through `RequestBuilder`, which would copy the headers
-    // into a second map.
-    let mut request = reqwest::Request::new(reqwest::Method::POST, config.url.url().clone());
-    *request.headers_mut() = headers;
-    *request.body_mut() = Some(body.into());
+    let post = Post {
+        dest,
+        event,
+        trace,
+        id,
+        body,
+    };
     let Some((source, token)) = token else {
-        return match send(dest, request).await {
-            Ok(response) => classify(response, config).await,
-            Err(outcome) => outcome,
-        };
+        return post
+            .exchange(None, false)
+            .await
+            .unwrap_or_else(Rejected::outcome);
     };
-    // Kept for a second try with a new token; the body is shared, not copied.
-    let again = request.try_clone();
-    let mut response = match send(dest, request).await {
-        Ok(response) => response,
-        Err(outcome) => return outcome,
-    };
-    let (StatusCode::UNAUTHORIZED, Some(mut again)) = (response.status(), again) else {
-        return classify(response, config).await;
-    };
+    if let Ok(outcome) = post.exchange(Some(token.value()), true).await {
+        return outcome;
+    }
     // The token was rejected (revoked, or expired early): one new token, one more try in
     // this attempt. A second 401 is the attempt's outcome.
-    drain(&mut response).await;
     let fresh = match source.refresh_after_401(&token).await {
         Ok(fresh) => fresh,
         Err(error) => return Outcome::no_token(error),
     };
     tracing::debug!(destination = %dest.id(), "401 to the oauth2 token: sending again with a new one");
-    again
-        .headers_mut()
-        .insert(AUTHORIZATION, fresh.value().clone());
-    match send(dest, again).await {
-        Ok(response) => classify(response, config).await,
-        Err(outcome) => outcome,
+    post.exchange(Some(fresh.value()), false)
+        .await
+        .unwrap_or_else(Rejected::outcome)
+}
+
+/// A 401 answer, read to its end, that the caller asked to see rather than have classified.
+struct Rejected;
+
+impl Rejected {
+    /// For a caller that did not ask: what `classify` makes of a 401 without a body.
+    fn outcome(self) -> Outcome {
+        Outcome::failed(Some(401), "HTTP 401".into(), false)
     }
 }
 
-/// Sends `request` through the destination's client; a request that got no answer is a failed
-/// [`Outcome`].
-async fn send(dest: &Destination, request: reqwest::Request) -> Result<reqwest::Response, Outcome> {
-    dest.client()
-        .execute(request)
-        .await
-        .map_err(|e| Outcome::failed(None, error_chain(&e), !e.is_redirect() && !e.is_builder()))
+/// One POST of one event to one destination, built again for a followed redirect or a second
+/// try with a new token rather than copied, so the usual single request is never copied.
+struct Post<'a> {
+    dest: &'a Destination,
+    event: &'a Event,
+    trace: Option<&'a TraceHeaders>,
+    /// The event id as a header value.
+    id: HeaderValue,
+    body: Bytes,
 }
 
-/// Static headers < event metadata < contract and auth headers. Also returns the event id as a
-/// header value, for the signature's `webhook-id`.
+impl Post<'_> {
+    /// Sends the POST, follows redirects and reads the answer, all within the destination's
+    /// `timeout`. With `stop_at_401`, a 401 answer is read and [`Rejected`] returned, for a
+    /// second try with a new token.
+    async fn exchange(
+        &self,
+        authorization: Option<&HeaderValue>,
+        stop_at_401: bool,
+    ) -> Result<Outcome, Rejected> {
+        let config = self.dest.config();
+        let answer = async {
+            let response = match self.send(authorization).await {
+                Ok(response) => response,
+                Err(outcome) => return Ok(outcome),
+            };
+            if stop_at_401 && response.status() == StatusCode::UNAUTHORIZED {
+                drain(response).await;
+                return Err(Rejected);
+            }
+            Ok(classify(response, config).await)
+        };
+        match tokio::time::timeout(config.timeout, answer).await {
+            Ok(outcome) => outcome,
+            Err(_) => Ok(Outcome::failed(
+                None,
+                format!(
+                    "no answer within the timeout of {}",
+                    humantime::format_duration(config.timeout)
+                ),
+                true,
+            )),
+        }
+    }
+
+    /// Sends the POST and follows 307 and 308 redirects to the same origin: they keep the
+    /// request a POST with its body, and another host must not receive the destination's
+    /// credentials. A 301/302/303 would turn it into a body-less GET that a 2xx would wrongly
+    /// mark delivered. Any other redirect is the answer, a failed attempt.
+    async fn send(
+        &self,
+        authorization: Option<&HeaderValue>,
+    ) -> Result<Response<Incoming>, Outcome> {
+        let config = self.dest.config();
+        let mut url = Cow::Borrowed(config.url.url());
+        let mut uri = Cow::Borrowed(config.url.uri());
+        let mut followed = 0;
+        loop {
+            let request = self.request(&uri, authorization);
+            let response = self
+                .dest
+                .client()
+                .send(request)
+                .await
+                .map_err(|e| Outcome::failed(None, error_chain(&e), true))?;
+            if followed == MAX_REDIRECTS || !matches!(response.status().as_u16(), 307 | 308) {
+                return Ok(response);
+            }
+            let Some(next) = same_origin_location(&url, &response) else {
+                return Ok(response);
+            };
+            let Ok(next_uri) = to_uri(&next) else {
+                return Ok(response);
+            };
+            drain(response).await;
+            url = Cow::Owned(next);
+            uri = Cow::Owned(next_uri);
+            followed += 1;
+        }
+    }
+
+    /// The request to `uri`: static headers < event metadata < contract and auth headers.
+    fn request(&self, uri: &Uri, authorization: Option<&HeaderValue>) -> Request<Body> {
+        let config = self.dest.config();
+        let mut headers = headers(config, self.event, self.trace, &self.id);
+        if let Some(authorization) = authorization {
+            headers.insert(AUTHORIZATION, authorization.clone());
+        }
+        // Set here, where the map still has room, rather than by hyper-util, which would grow
+        // the map and format the host and port again on every request. Redirects are followed
+        // only to the same origin, so the value holds for them too.
+        if let Some(host) = config.url.host_header() {
+            headers.insert(HOST, host.clone());
+        }
+        headers.insert(CONTENT_LENGTH, HeaderValue::from(self.body.len()));
+        let keys = config.signing_keys();
+        if !keys.is_empty() {
+            let now = SystemTime::now()
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0);
+            // `v1,` and base64, space-separated: always a valid header value.
+            let signatures = signature::signature_header(keys, &self.event.id, now, &self.body);
+            match HeaderValue::try_from(signatures) {
+                Ok(signature) => {
+                    headers.insert(HeaderName::from_static("webhook-id"), self.id.clone());
+                    headers.insert(
+                        HeaderName::from_static("webhook-timestamp"),
+                        HeaderValue::from(now),
+                    );
+                    headers.insert(HeaderName::from_static("webhook-signature"), signature);
+                }
+                // Not expected (see above); said loudly, since the partner will refuse the request.
+                Err(_) => {
+                    tracing::error!(event_id = %self.event.id, "webhook-signature is not a valid header value; sent unsigned")
+                }
+            }
+        }
+        let mut request = Request::new(Full::new(self.body.clone()));
+        *request.method_mut() = Method::POST;
+        *request.uri_mut() = uri.clone();
+        *request.headers_mut() = headers;
+        request
+    }
+}
+
+/// Where a 307/308 answer points, when that is on the same origin as `url`.
+fn same_origin_location(url: &Url, response: &Response<Incoming>) -> Option<Url> {
+    let location = response.headers().get(LOCATION)?.to_str().ok()?;
+    let next = url.join(location).ok()?;
+    (next.origin() == url.origin()).then_some(next)
+}
+
+/// Static headers < event metadata < contract and auth headers.
 fn headers(
     config: &DestinationConfig,
     event: &Event,
     trace: Option<&TraceHeaders>,
-) -> Result<(HeaderMap, HeaderValue), String> {
+    id: &HeaderValue,
+) -> HeaderMap {
     let auth = config.auth.as_ref().and_then(|a| a.static_header());
     let mut headers = config.headers.map().clone();
     // Room for the rest up front: the clone has none to spare, and growing it on the way
@@ -207,8 +311,6 @@ fn headers(
         };
         headers.insert(name, value);
     }
-    let id = HeaderValue::from_str(&event.id)
-        .map_err(|_| format!("event id {:?} is not a valid header value", event.id))?;
     headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
     headers.insert(HeaderName::from_static("x-request-id"), id.clone());
     headers.insert(HeaderName::from_static("x-correlation-id"), id.clone());
@@ -224,24 +326,31 @@ fn headers(
             headers.insert(HeaderName::from_static(TRACESTATE), state.clone());
         }
     }
-    Ok((headers, id))
+    // A destination's or the event's own `User-Agent` and `Accept` are kept.
+    headers
+        .entry(USER_AGENT)
+        .or_insert(HeaderValue::from_static(USER_AGENT_VALUE));
+    headers
+        .entry(ACCEPT)
+        .or_insert(HeaderValue::from_static("*/*"));
+    headers
 }
 
 /// The outcome of an answer, by the destination's status-code rules over the default table
 /// (crate::status): 2xx delivered; 408, 429 and 5xx retryable; everything else final.
-async fn classify(mut response: reqwest::Response, config: &DestinationConfig) -> Outcome {
+async fn classify(response: Response<Incoming>, config: &DestinationConfig) -> Outcome {
     let status = response.status();
     let code = status.as_u16();
     let verdict = config.status_rules().verdict(code);
     if verdict == Verdict::Success {
-        drain(&mut response).await;
+        drain(response).await;
         return Outcome::Delivered { status: code };
     }
     let retryable = verdict == Verdict::Retryable;
     let retry_after = if code == 429 || code == 503 {
         response
             .headers()
-            .get(reqwest::header::RETRY_AFTER)
+            .get(RETRY_AFTER)
             .and_then(|v| v.to_str().ok())
             .and_then(parse_retry_after)
     } else {
@@ -251,15 +360,15 @@ async fn classify(mut response: reqwest::Response, config: &DestinationConfig) -
     if status.is_redirection() {
         let location = response
             .headers()
-            .get(reqwest::header::LOCATION)
+            .get(LOCATION)
             .and_then(|v| v.to_str().ok())
             .unwrap_or("(none)");
         let _ = write!(
             reason,
-            ": redirect to {location} not followed (only 307/308 to the same origin keep the POST and its credentials safe)"
+            ": redirect to {location} not followed (only 307/308 to the same origin keep the POST and its credentials safe, and at most {MAX_REDIRECTS} of them)"
         );
     } else {
-        let snippet = snippet(&mut response).await;
+        let snippet = snippet(response).await;
         if !snippet.is_empty() {
             let _ = write!(reason, ": {snippet}");
         }
@@ -287,20 +396,24 @@ fn parse_retry_after(value: &str) -> Option<Duration> {
 }
 
 /// Reads the response to its end (up to a limit) so the connection goes back to the pool.
-async fn drain(response: &mut reqwest::Response) {
+async fn drain(response: Response<Incoming>) {
+    let mut body = response.into_body();
     let mut read = 0usize;
-    while let Ok(Some(chunk)) = response.chunk().await {
-        read += chunk.len();
+    while let Some(Ok(frame)) = body.frame().await {
+        read += frame.data_ref().map_or(0, Bytes::len);
         if read > DRAIN_LIMIT {
             break;
         }
     }
 }
 
-async fn snippet(response: &mut reqwest::Response) -> String {
+async fn snippet(response: Response<Incoming>) -> String {
+    let mut body = response.into_body();
     let mut buf = Vec::new();
-    while let Ok(Some(chunk)) = response.chunk().await {
-        buf.extend_from_slice(&chunk);
+    while let Some(Ok(frame)) = body.frame().await {
+        if let Some(data) = frame.data_ref() {
+            buf.extend_from_slice(data);
+        }
         if buf.len() > DRAIN_LIMIT {
             break;
         }
@@ -479,6 +592,223 @@ mod tests {
         assert_eq!(values("host"), [addr.to_string()], "{request}");
         assert_eq!(values("content-length"), ["12"], "{request}");
         assert!(values("transfer-encoding").is_empty(), "{request}");
+    }
+
+    /// A server of raw HTTP/1.1 on loopback: every request (keep-alive included) is recorded with
+    /// its head and body, and answered with `answer(n)` for the n-th request, or never when that
+    /// is `None`.
+    struct RawServer {
+        addr: std::net::SocketAddr,
+        requests: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    }
+
+    impl RawServer {
+        async fn start(answer: fn(usize) -> Option<String>) -> RawServer {
+            use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+                .await
+                .expect("bind");
+            let addr = listener.local_addr().expect("addr");
+            let requests = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+            let seen = requests.clone();
+            tokio::spawn(async move {
+                while let Ok((mut socket, _)) = listener.accept().await {
+                    let seen = seen.clone();
+                    tokio::spawn(async move {
+                        let mut buf = Vec::new();
+                        let mut chunk = [0u8; 4096];
+                        loop {
+                            let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
+                                match socket.read(&mut chunk).await {
+                                    Ok(0) | Err(_) => return,
+                                    Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                                }
+                                continue;
+                            };
+                            let head = String::from_utf8_lossy(&buf[..end]).to_string();
+                            let length: usize = head
+                                .lines()
+                                .filter_map(|l| l.split_once(':'))
+                                .find(|(n, _)| n.eq_ignore_ascii_case("content-length"))
+                                .and_then(|(_, v)| v.trim().parse().ok())
+                                .unwrap_or(0);
+                            while buf.len() < end + 4 + length {
+                                match socket.read(&mut chunk).await {
+                                    Ok(0) | Err(_) => return,
+                                    Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                                }
+                            }
+                            let body = String::from_utf8_lossy(&buf[end + 4..end + 4 + length]);
+                            let n = {
+                                let mut seen = seen.lock().expect("lock");
+                                seen.push(format!("{head}\r\n\r\n{body}"));
+                                seen.len() - 1
+                            };
+                            buf.drain(..end + 4 + length);
+                            let Some(answer) = answer(n) else {
+                                std::future::pending::<()>().await;
+                                return;
+                            };
+                            if socket.write_all(answer.as_bytes()).await.is_err() {
+                                return;
+                            }
+                        }
+                    });
+                }
+            });
+            RawServer { addr, requests }
+        }
+
+        fn requests(&self) -> Vec<String> {
+            self.requests.lock().expect("lock").clone()
+        }
+    }
+
+    /// The destination `a` of a configuration with `extra` in its table.
+    fn destination(url: &str, extra: &str) -> crate::destination::DestinationSet {
+        let config = Config::from_toml(&format!(
+            r#"
+            [rabbitmq]
+            url = "amqp://guest:guest@127.0.0.1:5672/%2f"
+            queue = "q"
+            [[destinations]]
+            name = "a"
+            url = "{url}"
+            {extra}
+            "#
+        ))
+        .expect("valid config");
+        crate::install_crypto_provider();
+        crate::destination::build(&config, &crate::Stats::default()).expect("destinations")
+    }
+
+    /// A 307 to the same origin is followed with the same POST, body and headers; a chain of
+    /// them ends after ten, as a failed attempt that says why.
+    #[tokio::test]
+    async fn redirects_are_followed_with_the_post_at_most_ten_times() {
+        let server = RawServer::start(|n| {
+            Some(match n {
+                0 => "HTTP/1.1 307 Temporary Redirect\r\nlocation: /next\r\ncontent-length: 0\r\n\r\n".into(),
+                1 => "HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n".into(),
+                _ => format!("HTTP/1.1 308 Permanent Redirect\r\nlocation: /loop/{n}\r\ncontent-length: 0\r\n\r\n"),
+            })
+        })
+        .await;
+        let set = destination(&format!("http://{}/in", server.addr), "");
+        let dest = set.get("a").expect("destination a");
+        let outcome = deliver(dest, &event(r#"{"a":"body"}"#), None).await;
+        assert_eq!(outcome, Outcome::Delivered { status: 200 });
+        let requests = server.requests();
+        assert_eq!(requests.len(), 2, "{requests:?}");
+        assert!(requests[0].starts_with("POST /in HTTP/1.1"), "{requests:?}");
+        assert!(
+            requests[1].starts_with("POST /next HTTP/1.1"),
+            "{requests:?}"
+        );
+        for request in &requests {
+            assert!(request.ends_with(r#"{"a":"body"}"#), "{request}");
+            assert!(request.contains("x-request-id: e\r\n"), "{request}");
+        }
+        // Every further request is answered with a 308 to yet another path.
+        let outcome = deliver(dest, &event(r#"{"a":"body"}"#), None).await;
+        let Outcome::Failed { status, reason, .. } = outcome else {
+            panic!("a redirect loop was delivered");
+        };
+        assert_eq!(status, Some(308));
+        assert!(reason.contains("at most 10"), "{reason}");
+        assert_eq!(server.requests().len(), 2 + 1 + MAX_REDIRECTS);
+    }
+
+    /// The timeout covers the answer's body too: a partner that sends its head and then stalls
+    /// is a retryable failure once the timeout has passed.
+    #[tokio::test]
+    async fn the_timeout_covers_a_body_that_never_ends() {
+        let server = RawServer::start(|n| {
+            (n == 0).then(|| {
+                "HTTP/1.1 500 Internal Server Error\r\ncontent-length: 100\r\n\r\npartial".into()
+            })
+        })
+        .await;
+        let set = destination(
+            &format!("http://{}/in", server.addr),
+            r#"timeout = "300ms""#,
+        );
+        let dest = set.get("a").expect("destination a");
+        let started = std::time::Instant::now();
+        let outcome = deliver(dest, &event("{}"), None).await;
+        let Outcome::Failed {
+            status,
+            reason,
+            retryable,
+            ..
+        } = outcome
+        else {
+            panic!("a stalled answer was delivered");
+        };
+        assert_eq!((status, retryable), (None, true), "{reason}");
+        assert!(reason.contains("timeout of 300ms"), "{reason}");
+        assert!(started.elapsed() < Duration::from_secs(5));
+    }
+
+    /// A proxy that refuses the tunnel of an `https` destination: the attempt fails with the
+    /// proxy's answer in the reason, and the proxy got the credentials of the proxy URL.
+    #[tokio::test]
+    async fn a_refused_connect_says_what_the_proxy_answered() {
+        let proxy = RawServer::start(|_| {
+            Some("HTTP/1.1 407 Proxy Authentication Required\r\ncontent-length: 0\r\n\r\n".into())
+        })
+        .await;
+        let set = destination(
+            "https://partner.invalid/in",
+            &format!(r#"proxy = "http://user:pw@{}""#, proxy.addr),
+        );
+        let dest = set.get("a").expect("destination a");
+        let outcome = deliver(dest, &event("{}"), None).await;
+        let Outcome::Failed {
+            reason, retryable, ..
+        } = outcome
+        else {
+            panic!("delivered through a refusing proxy");
+        };
+        assert!(retryable);
+        assert!(reason.contains("407"), "{reason}");
+        let requests = proxy.requests();
+        assert_eq!(requests.len(), 1, "{requests:?}");
+        assert!(
+            requests[0].starts_with("CONNECT partner.invalid:443 HTTP/1.1"),
+            "{requests:?}"
+        );
+        // user:pw
+        assert!(
+            requests[0].contains("Proxy-Authorization: Basic dXNlcjpwdw=="),
+            "{requests:?}"
+        );
+    }
+
+    /// courier's User-Agent and Accept, unless the destination's headers name their own.
+    #[tokio::test]
+    async fn user_agent_and_accept_unless_the_destination_sets_them() {
+        let server = RawServer::start(|_| Some("HTTP/1.1 204 No Content\r\n\r\n".into())).await;
+        let url = format!("http://{}/in", server.addr);
+        let plain = destination(&url, "");
+        let own = destination(&url, r#"headers = { "User-Agent" = "partner-agent/2" }"#);
+        for set in [&plain, &own] {
+            let dest = set.get("a").expect("destination a");
+            assert_eq!(
+                deliver(dest, &event("{}"), None).await,
+                Outcome::Delivered { status: 204 }
+            );
+        }
+        let requests = server.requests();
+        assert_eq!(requests.len(), 2, "{requests:?}");
+        let agent = concat!("user-agent: courier/", env!("CARGO_PKG_VERSION"), "\r\n");
+        assert!(requests[0].contains(agent), "{requests:?}");
+        assert!(requests[0].contains("accept: */*\r\n"), "{requests:?}");
+        assert!(
+            requests[1].contains("user-agent: partner-agent/2\r\n"),
+            "{requests:?}"
+        );
+        assert!(!requests[1].contains("courier/"), "{requests:?}");
     }
 
     fn event(body: &str) -> Event {

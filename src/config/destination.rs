@@ -248,11 +248,13 @@ const OVERRIDES_COURIER: &str =
     "is set by courier itself (contract, auth or trace context header) and cannot be overridden";
 
 /// A destination's URL: absolute, `http` or `https`, with a host and without credentials
-/// (reqwest would turn `user:password@` into a Basic header behind `auth`'s back, and the URL
-/// is logged; credentials belong in `auth`, which is redacted everywhere).
+/// (an HTTP client would turn `user:password@` into a Basic header behind `auth`'s back, and the
+/// URL is logged; credentials belong in `auth`, which is redacted everywhere).
 #[derive(Clone, PartialEq, Eq)]
 pub struct HttpUrl {
     url: Url,
+    /// The same URL as the HTTP client takes it, parsed once here rather than per request.
+    uri: hyper::Uri,
     host: Option<HeaderValue>,
 }
 
@@ -272,15 +274,14 @@ impl HttpUrl {
         if url.host_str().is_none_or(str::is_empty) {
             return Err("has no host".into());
         }
-        // Only for plain http, which goes out over HTTP/1.1: reqwest negotiates HTTP/2 only
-        // through TLS, and over HTTP/2 hyper-util sets no Host. The exception, an `https` proxy
-        // from the environment that picks HTTP/2, carries this Host beside an equal
-        // `:authority`, which RFC 9113 section 8.3.1 allows.
+        // Only for plain http, which goes out over HTTP/1.1: HTTP/2 is negotiated only through
+        // TLS, and over HTTP/2 hyper-util sets no Host.
         let host = match url.scheme() {
             "http" => Some(host_header(&url)?),
             _ => None,
         };
-        Ok(HttpUrl { url, host })
+        let uri = to_uri(&url)?;
+        Ok(HttpUrl { url, uri, host })
     }
 
     /// The URL.
@@ -288,11 +289,24 @@ impl HttpUrl {
         &self.url
     }
 
+    /// The URL as a request URI.
+    pub fn uri(&self) -> &hyper::Uri {
+        &self.uri
+    }
+
     /// The `Host` header courier sets itself on `http` requests; `None` for `https`, whose
     /// requests may go out over HTTP/2 and keep hyper-util's own handling.
     pub fn host_header(&self) -> Option<&HeaderValue> {
         self.host.as_ref()
     }
+}
+
+/// `url` as a request URI; `Url` serialises what it parsed percent-encoded, so only a URL no HTTP
+/// request line can carry fails here.
+pub fn to_uri(url: &Url) -> Result<hyper::Uri, String> {
+    url.as_str()
+        .parse()
+        .map_err(|e| format!("{e}: {:?}", redact_url(url.as_str())))
 }
 
 /// `host[:port]` as hyper-util sets it: the port only when it is not the scheme's default, which

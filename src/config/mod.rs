@@ -21,6 +21,7 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
+pub(crate) use destination::to_uri;
 pub use destination::{
     AuthConfig, CircuitConfig, DestinationConfig, HttpUrl, ProxyUrl, RateLimitConfig, RetryConfig,
     StaticHeaders, RESERVED_HEADERS,
