@@ -251,8 +251,9 @@ pub async fn mqtt(b: &mut Bench, run: usize, post: f64, after_amqp: bool) -> Mqt
 }
 
 /// Publish-to-receive latency at `rate` events/s for `--latency-seconds`: (p50, p99, max) in
-/// ms.
-pub async fn latency(b: &Bench, rate: u64) -> (f64, f64, f64) {
+/// ms, for courier and then, on a queue of its own, for RabbitMQ alone (a lapin consumer that
+/// acks each event as it arrives, no HTTP): the part of the latency courier cannot remove.
+pub async fn latency(b: &Bench, rate: u64) -> Latency {
     let a = &b.args;
     let q_lat = format!("bench-latency-{rate}-{}", b.pid);
     let publisher = Publisher::connect().await;
@@ -262,6 +263,84 @@ pub async fn latency(b: &Bench, rate: u64) -> (f64, f64, f64) {
     tokio::time::sleep(Duration::from_secs(2)).await;
     b.rx.record_latency(true);
     let total = (rate * a.latency_seconds) as usize;
+    let offered = publish_paced(&publisher, &q_lat, rate, total, b.size).await;
+    let _ = b
+        .wait_unique(&format!("/{name}"), total, Duration::from_secs(60), || {
+            courier.exited()
+        })
+        .await;
+    b.rx.record_latency(false);
+    courier.stop().await;
+    publisher.delete_queue(&q_lat).await;
+    let courier = Percentiles::of(b.rx.take_latencies_ns());
+    println!(
+        "latency at {rate} events/s for {} s (published at {offered:.0}/s): {courier} ({} samples)",
+        a.latency_seconds, courier.samples
+    );
+
+    let q_raw = format!("bench-latency-raw-{rate}-{}", b.pid);
+    publisher.fresh_queue(&q_raw).await;
+    let consumer = tokio::spawn(raw::amqp_latencies(q_raw.clone(), total, a.prefetch));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    publish_paced(&publisher, &q_raw, rate, total, b.size).await;
+    let raw = match tokio::time::timeout(Duration::from_secs(60), consumer).await {
+        Ok(Ok(latencies)) => Percentiles::of(latencies),
+        _ => Percentiles::of(Vec::new()),
+    };
+    publisher.delete_queue(&q_raw).await;
+    println!("raw RabbitMQ publish-to-consume latency at {rate} events/s (lapin, ack on arrival, no HTTP): {raw} ({} samples)", raw.samples);
+    Latency { rate, courier, raw }
+}
+
+/// The latency figures of one rate.
+pub struct Latency {
+    pub rate: u64,
+    pub courier: Percentiles,
+    pub raw: Percentiles,
+}
+
+/// p50, p99 and max of a set of latencies, in ms.
+pub struct Percentiles {
+    pub p50: f64,
+    pub p99: f64,
+    pub max: f64,
+    pub samples: usize,
+}
+
+impl Percentiles {
+    fn of(mut ns: Vec<u64>) -> Percentiles {
+        ns.sort_unstable();
+        let ms = |v: Option<&u64>| v.copied().unwrap_or(0) as f64 / 1e6;
+        let at =
+            |p: f64| ms(ns.get(((ns.len() as f64 * p) as usize).min(ns.len().saturating_sub(1))));
+        Percentiles {
+            p50: at(0.50),
+            p99: at(0.99),
+            max: ms(ns.last()),
+            samples: ns.len(),
+        }
+    }
+}
+
+impl std::fmt::Display for Percentiles {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
+            self.p50, self.p99, self.max
+        )
+    }
+}
+
+/// Publishes `total` events to `queue` at `rate` a second, each carrying its publish time, with
+/// publisher confirms awaited every 100: the offered rate.
+async fn publish_paced(
+    publisher: &Publisher,
+    queue: &str,
+    rate: u64,
+    total: usize,
+    size: usize,
+) -> f64 {
     let interval = Duration::from_nanos(1_000_000_000 / rate.max(1));
     let start = Instant::now();
     let mut confirms = Vec::new();
@@ -272,7 +351,7 @@ pub async fn latency(b: &Bench, rate: u64) -> (f64, f64, f64) {
         }
         confirms.push(
             publisher
-                .send(&q_lat, &event(&format!("l{rate}-{i}"), b.size))
+                .send(queue, &event(&format!("l{rate}-{i}"), size))
                 .await,
         );
         if confirms.len() >= 100 {
@@ -284,30 +363,7 @@ pub async fn latency(b: &Bench, rate: u64) -> (f64, f64, f64) {
     for c in confirms {
         let _ = c.await;
     }
-    let offered = total as f64 / start.elapsed().as_secs_f64();
-    let _ = b
-        .wait_unique(&format!("/{name}"), total, Duration::from_secs(60), || {
-            courier.exited()
-        })
-        .await;
-    b.rx.record_latency(false);
-    courier.stop().await;
-    publisher.delete_queue(&q_lat).await;
-    let mut lat = b.rx.take_latencies_ns();
-    lat.sort_unstable();
-    let pct = |p: f64| {
-        lat.get(((lat.len() as f64 * p) as usize).min(lat.len().saturating_sub(1)))
-            .copied()
-            .unwrap_or(0) as f64
-            / 1e6
-    };
-    let (p50, p99, max) = (
-        pct(0.50),
-        pct(0.99),
-        lat.last().copied().unwrap_or(0) as f64 / 1e6,
-    );
-    println!("latency at {rate} events/s for {} s (published at {offered:.0}/s): p50 {p50:.2} ms, p99 {p99:.2} ms, max {max:.2} ms ({} samples)", a.latency_seconds, lat.len());
-    (p50, p99, max)
+    total as f64 / start.elapsed().as_secs_f64()
 }
 
 /// One event to 10 destinations, a fifth of `--events` of them: deliveries/s and courier's CPU

@@ -1,19 +1,10 @@
-//! The bare HTTP clients a fanout delivery could be built on, against the same receiver and in
-//! alternating rounds: reqwest over HTTP/1.1 (what courier uses), reqwest over HTTP/2 with prior
-//! knowledge (h2c, one connection), and hyper's own pooled client over HTTP/1.1 without
-//! reqwest's layers. A client that POSTs no faster bare cannot make courier faster.
+//! The bare HTTP clients a delivery could be built on, against the same receiver and in
+//! alternating rounds: reqwest over HTTP/1.1, reqwest over HTTP/2 with prior knowledge (h2c, one
+//! connection), and hyper-util's pooled client over HTTP/1.1 (what courier uses). A client that
+//! POSTs no faster bare cannot make courier faster.
 
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
-use std::time::Instant;
-
-use bytes::Bytes;
-use http_body_util::{BodyExt as _, Full};
-use hyper_util::client::legacy::Client as HyperClient;
-use hyper_util::rt::TokioExecutor;
-
-use crate::bench::{event, Bench};
-use crate::raw::post_rate_with;
+use crate::bench::Bench;
+use crate::raw::{post_rate as hyper_rate, post_rate_with};
 
 /// Requests/s of each client, per round.
 pub struct ClientFigures {
@@ -73,39 +64,4 @@ pub async fn clients(b: &Bench) -> ClientFigures {
         show(&figures.hyper)
     );
     figures
-}
-
-/// hyper-util's pooled client POSTing `n` bodies with `concurrency` workers: requests/s.
-async fn hyper_rate(url: &str, n: usize, size: usize, concurrency: usize) -> f64 {
-    let mut connector = hyper_util::client::legacy::connect::HttpConnector::new();
-    connector.set_nodelay(true);
-    let client: HyperClient<_, Full<Bytes>> =
-        HyperClient::builder(TokioExecutor::new()).build(connector);
-    let uri: hyper::Uri = url.parse().expect("receiver URL");
-    let next = Arc::new(AtomicU64::new(0));
-    let start = Instant::now();
-    let mut tasks = Vec::new();
-    for _ in 0..concurrency {
-        let (client, next, uri) = (client.clone(), next.clone(), uri.clone());
-        tasks.push(tokio::spawn(async move {
-            loop {
-                let i = next.fetch_add(1, Ordering::Relaxed) as usize;
-                if i >= n {
-                    break;
-                }
-                let request = hyper::Request::post(uri.clone())
-                    .header("content-type", "application/json")
-                    .header("x-request-id", format!("p{i}"))
-                    .body(Full::new(Bytes::from(event(&format!("p{i}"), size))))
-                    .expect("request");
-                if let Ok(response) = client.request(request).await {
-                    let _ = response.into_body().collect().await;
-                }
-            }
-        }));
-    }
-    for t in tasks {
-        let _ = t.await;
-    }
-    n as f64 / start.elapsed().as_secs_f64()
 }

@@ -5,7 +5,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use futures_util::{FutureExt as _, StreamExt as _};
+use http_body_util::{BodyExt as _, Full};
+use hyper_util::client::legacy::Client as HyperClient;
+use hyper_util::rt::TokioExecutor;
 use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions};
 use lapin::types::FieldTable;
 
@@ -56,7 +60,7 @@ pub async fn limits(b: &mut Bench, needs_amqp: bool, needs_mqtt: bool) -> RawLim
         let cpu_before = cpu_seconds(b.pid).unwrap_or(0.0);
         let post = post_rate(&b.rx.url("/raw-post"), b.n, b.size, 64).await;
         let post_cpu_us = (cpu_seconds(b.pid).unwrap_or(0.0) - cpu_before) * 1e6 / b.n as f64;
-        println!("raw HTTP POST (reqwest, 64 concurrent): {post:.0} requests/s, client + receiver CPU {post_cpu_us:.1} us/request");
+        println!("raw HTTP POST (hyper, 64 concurrent): {post:.0} requests/s, client + receiver CPU {post_cpu_us:.1} us/request");
         b.raw_limits.push(format!("POST {post:.0}/s"));
         post
     } else {
@@ -117,16 +121,44 @@ async fn amqp_drain(queue: &str, n: usize, prefetch: u16) -> f64 {
     got as f64 / start.elapsed().as_secs_f64()
 }
 
-/// A bare reqwest client POSTing `n` bodies with `concurrency` workers: requests/s.
+/// A bare client POSTing `n` bodies to `url` with `concurrency` workers: requests/s. It is
+/// hyper-util's pooled client, the one courier delivers through, without courier's work per
+/// request, so it is the fastest POST rate the receiver allows on this machine.
 pub async fn post_rate(url: &str, n: usize, size: usize, concurrency: usize) -> f64 {
-    let client = reqwest::Client::builder()
-        .tcp_nodelay(true)
-        .build()
-        .expect("client");
-    post_rate_with(client, url, n, size, concurrency).await
+    let mut connector = hyper_util::client::legacy::connect::HttpConnector::new();
+    connector.set_nodelay(true);
+    let client: HyperClient<_, Full<Bytes>> =
+        HyperClient::builder(TokioExecutor::new()).build(connector);
+    let uri: hyper::Uri = url.parse().expect("receiver URL");
+    let next = Arc::new(AtomicU64::new(0));
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..concurrency {
+        let (client, next, uri) = (client.clone(), next.clone(), uri.clone());
+        tasks.push(tokio::spawn(async move {
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed) as usize;
+                if i >= n {
+                    break;
+                }
+                let request = hyper::Request::post(uri.clone())
+                    .header("content-type", "application/json")
+                    .header("x-request-id", format!("p{i}"))
+                    .body(Full::new(Bytes::from(event(&format!("p{i}"), size))))
+                    .expect("request");
+                if let Ok(response) = client.request(request).await {
+                    let _ = response.into_body().collect().await;
+                }
+            }
+        }));
+    }
+    for t in tasks {
+        let _ = t.await;
+    }
+    n as f64 / start.elapsed().as_secs_f64()
 }
 
-/// [`post_rate`] with `client`.
+/// What [`post_rate`] measures, with a reqwest `client` (the `clients` case).
 pub async fn post_rate_with(
     client: reqwest::Client,
     url: &str,
@@ -165,6 +197,38 @@ pub async fn post_rate_with(
         let _ = t.await;
     }
     n as f64 / start.elapsed().as_secs_f64()
+}
+
+/// A lapin consumer of `queue` that takes each event's publish time from its body as it
+/// arrives and acks it by itself: the latencies, in ns, of `n` events (fewer if the queue goes
+/// away).
+pub async fn amqp_latencies(queue: String, n: usize, prefetch: u16) -> Vec<u64> {
+    let publisher = Publisher::connect().await;
+    let ch = publisher.conn.create_channel().await.expect("channel");
+    ch.basic_qos(prefetch, BasicQosOptions::default())
+        .await
+        .expect("qos");
+    let mut consumer = ch
+        .basic_consume(
+            queue.as_str().into(),
+            "".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .expect("consume");
+    let mut latencies = Vec::with_capacity(n);
+    while latencies.len() < n {
+        let Some(Ok(d)) = consumer.next().await else {
+            break;
+        };
+        let now = courier_testkit::now_ns();
+        if let Some(sent) = courier_testkit::receiver::sent_ns(&d.data) {
+            latencies.push(now.saturating_sub(sent));
+        }
+        let _ = d.acker.ack(BasicAckOptions::default()).await;
+    }
+    latencies
 }
 
 /// A QoS 1 subscriber with manual acks that only parses and acks, fed by a paced publisher:

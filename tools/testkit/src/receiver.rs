@@ -564,7 +564,7 @@ fn count_only(state: &RecvState, uri: &Uri, headers: &HeaderMap, body: &[u8]) ->
 }
 
 /// The publish time a body carries as `"sent_ns":<digits>`.
-fn sent_ns(body: &[u8]) -> Option<u64> {
+pub fn sent_ns(body: &[u8]) -> Option<u64> {
     let key = b"\"sent_ns\":";
     let at = body.windows(key.len()).position(|w| w == key)? + key.len();
     let digits: Vec<u8> = body[at..]
