@@ -327,6 +327,51 @@ async fn from_queue(prefix: &str, store: &Path, dests: Vec<Dest>) -> (String, Pu
     (queue, publisher, courier)
 }
 
+/// A partner that offers HTTP/2 by ALPN gets the POSTs over HTTP/2, with the whole contract;
+/// one that offers nothing gets them over HTTP/1.1.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_https_partner_that_offers_http2_gets_the_posts_over_http2() {
+    let _brokers = brokers().await;
+    let dir = tempfile::tempdir().unwrap();
+    let ca = TestCa::new("partner CA");
+    let mut offers_h2 = server_config(&ca.server(&["127.0.0.1"]), &[]);
+    offers_h2.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    let rx_h2 = Receiver::start_with_tls(offers_h2).await;
+    let rx_h1 = Receiver::start_with_tls(server_config(&ca.server(&["127.0.0.1"]), &[])).await;
+    let ca_file = ca.write(dir.path(), "partner-ca.pem");
+    let (queue, publisher, courier) = from_queue(
+        "h2",
+        &dir.path().join("store"),
+        vec![
+            Dest::new("h2", &rx_h2.url("/h2")).tls(Tls::default().ca_file(&ca_file)),
+            Dest::new("h1", &rx_h1.url("/h1")).tls(Tls::default().ca_file(&ca_file)),
+        ],
+    )
+    .await;
+    for id in ["V1", "V2"] {
+        publisher.to_queue(&queue, event(id, "t").as_bytes()).await;
+    }
+    rx_h2.wait_for(2, WAIT).await;
+    rx_h1.wait_for(2, WAIT).await;
+    courier.stop().await;
+    for (rx, version) in [(&rx_h2, "HTTP/2.0"), (&rx_h1, "HTTP/1.1")] {
+        let requests = rx.requests();
+        assert_eq!(requests.len(), 2, "{version}");
+        for r in &requests {
+            assert_eq!((r.method.as_str(), r.version.as_str()), ("POST", version));
+            assert!(matches!(r.id().as_str(), "V1" | "V2"), "{:?}", r.headers);
+            assert_eq!(r.header("x-correlation-id"), Some(r.id().as_str()));
+            assert_eq!(r.header("content-type"), Some("application/json"));
+            assert!(
+                r.header("user-agent").is_some_and(|a| a.starts_with("courier/")),
+                "{:?}",
+                r.headers
+            );
+            assert!(r.json().is_object(), "{:?}", r.body);
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_destination_that_requires_a_client_certificate_gets_it_and_a_missing_one_is_a_retry_with_its_reason(
 ) {

@@ -29,6 +29,8 @@ pub enum Recording {
 #[derive(Debug, Clone)]
 pub struct Recorded {
     pub method: String,
+    /// `HTTP/1.1` or `HTTP/2.0`.
+    pub version: String,
     pub path: String,
     pub headers: HashMap<String, String>,
     pub body: Vec<u8>,
@@ -518,13 +520,14 @@ impl Drop for BlackHole {
 async fn handle(
     State(state): State<Arc<RecvState>>,
     method: Method,
+    version: axum::http::Version,
     uri: Uri,
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
     let mut response = match state.recording {
         Recording::Counts => count_only(&state, &uri, &headers, &body),
-        Recording::Full => record_whole(&state, method, uri, headers, body).await,
+        Recording::Full => record_whole(&state, method, version, uri, headers, body).await,
     };
     if state.close_connections.load(Ordering::SeqCst) {
         response.headers_mut().insert(
@@ -579,6 +582,7 @@ pub fn sent_ns(body: &[u8]) -> Option<u64> {
 async fn record_whole(
     state: &RecvState,
     method: Method,
+    version: axum::http::Version,
     uri: Uri,
     headers: HeaderMap,
     body: Bytes,
@@ -612,6 +616,7 @@ async fn record_whole(
     };
     let mut recorded = Recorded {
         method: method.to_string(),
+        version: format!("{version:?}"),
         path,
         headers: headers
             .iter()
