@@ -41,6 +41,8 @@ type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// How long an idle pooled connection is kept.
 const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
+/// Idle time before TCP keepalive probes, and the time between them.
+const TCP_KEEPALIVE: Duration = Duration::from_secs(15);
 /// The largest answer head a proxy may give to `CONNECT`.
 const CONNECT_HEAD_LIMIT: usize = 8 * 1024;
 
@@ -147,6 +149,11 @@ impl HttpClient {
         let mut tcp = HttpConnector::new();
         tcp.enforce_http(false);
         tcp.set_nodelay(true);
+        // A pooled connection whose peer vanished (a NAT or firewall that dropped it) is found
+        // by the kernel within about a minute instead of at the next POST's timeout.
+        tcp.set_keepalive(Some(TCP_KEEPALIVE));
+        tcp.set_keepalive_interval(Some(TCP_KEEPALIVE));
+        tcp.set_keepalive_retries(Some(3));
         let connector = Connector {
             tcp,
             tls: TlsConnector::from(Arc::new(tls)),

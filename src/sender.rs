@@ -210,12 +210,10 @@ impl Post<'_> {
         let mut followed = 0;
         loop {
             let request = self.request(&uri, authorization);
-            let response = self
-                .dest
-                .client()
-                .send(request)
-                .await
-                .map_err(|e| Outcome::failed(None, error_chain(&e), true))?;
+            let response = self.dest.client().send(request).await.map_err(|e| {
+                let reason = format!("error sending request for url ({url}): {}", error_chain(&e));
+                Outcome::failed(None, reason, true)
+            })?;
             if followed == MAX_REDIRECTS || !matches!(response.status().as_u16(), 307 | 308) {
                 return Ok(response);
             }
@@ -783,6 +781,34 @@ mod tests {
             requests[0].contains("Proxy-Authorization: Basic dXNlcjpwdw=="),
             "{requests:?}"
         );
+    }
+
+    /// No answer at all (nothing listens): a retryable failure whose reason names the URL and
+    /// the system's error.
+    #[tokio::test]
+    async fn a_refused_connection_is_retryable_and_says_where_and_why() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        drop(listener);
+        let set = destination(&format!("http://{addr}/in"), "");
+        let dest = set.get("a").expect("destination a");
+        let Outcome::Failed {
+            status,
+            reason,
+            retryable,
+            ..
+        } = deliver(dest, &event("{}"), None).await
+        else {
+            panic!("delivered to a closed port");
+        };
+        assert_eq!((status, retryable), (None, true), "{reason}");
+        assert!(
+            reason.starts_with(&format!(
+                "error sending request for url (http://{addr}/in): "
+            )),
+            "{reason}"
+        );
+        assert!(reason.contains("Connection refused"), "{reason}");
     }
 
     /// courier's User-Agent and Accept, unless the destination's headers name their own.

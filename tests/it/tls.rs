@@ -363,7 +363,8 @@ async fn an_https_partner_that_offers_http2_gets_the_posts_over_http2() {
             assert_eq!(r.header("x-correlation-id"), Some(r.id().as_str()));
             assert_eq!(r.header("content-type"), Some("application/json"));
             assert!(
-                r.header("user-agent").is_some_and(|a| a.starts_with("courier/")),
+                r.header("user-agent")
+                    .is_some_and(|a| a.starts_with("courier/")),
                 "{:?}",
                 r.headers
             );
