@@ -132,15 +132,7 @@ pub struct HttpClient {
 
 impl HttpClient {
     fn new(key: &str, settings: &ClientSettings) -> Result<HttpClient, SenderError> {
-        // The one TLS set-up of courier (`crate::tls`), shared with the brokers: CA file, client
-        // certificate, `server_name`, reloading on change, and `tls_verify = false`.
-        let tls = crate::tls::client_config(
-            &format!("{key}.tls"),
-            settings.tls.as_ref(),
-            settings.verify,
-            crate::tls::HTTP_ALPN,
-        )
-        .map_err(|e| SenderError(e.to_string()))?;
+        let tls = tls_config(key, settings)?;
         // An `https://` proxy from the environment is spoken to over HTTP/1.1 (a CONNECT or an
         // absolute-form request), so it is offered nothing else.
         let mut to_proxy = tls.clone();
@@ -491,14 +483,20 @@ fn token_redirect_policy() -> reqwest::redirect::Policy {
     })
 }
 
-fn token_client(key: &str, settings: &ClientSettings) -> Result<reqwest::Client, SenderError> {
-    let tls = crate::tls::client_config(
+/// The one TLS set-up of courier (`crate::tls`), shared with the brokers: CA file, client
+/// certificate, `server_name`, reloading on change, and `tls_verify = false`.
+fn tls_config(key: &str, settings: &ClientSettings) -> Result<rustls::ClientConfig, SenderError> {
+    crate::tls::client_config(
         &format!("{key}.tls"),
         settings.tls.as_ref(),
         settings.verify,
         crate::tls::HTTP_ALPN,
     )
-    .map_err(|e| SenderError(e.to_string()))?;
+    .map_err(|e| SenderError(e.to_string()))
+}
+
+fn token_client(key: &str, settings: &ClientSettings) -> Result<reqwest::Client, SenderError> {
+    let tls = tls_config(key, settings)?;
     let mut builder = reqwest::Client::builder();
     // The same rule as the POSTs: the destination's `proxy`, else the environment (which reqwest
     // reads itself).

@@ -561,20 +561,7 @@ mod tests {
                 .expect("write");
             String::from_utf8(request).expect("ASCII request")
         });
-        let config = Config::from_toml(&format!(
-            r#"
-            [rabbitmq]
-            url = "amqp://guest:guest@127.0.0.1:5672/%2f"
-            queue = "q"
-            [[destinations]]
-            name = "a"
-            url = "http://{addr}/in"
-            "#
-        ))
-        .expect("valid config");
-        crate::install_crypto_provider();
-        let destinations =
-            crate::destination::build(&config, &crate::Stats::default()).expect("destinations");
+        let destinations = destination(&format!("http://{addr}/in"), "");
         let dest = destinations.get("a").expect("destination a");
         let outcome = deliver(dest, &event(r#"{"a":"body"}"#), None).await;
         assert_eq!(outcome, Outcome::Delivered { status: 200 });

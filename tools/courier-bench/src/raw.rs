@@ -69,16 +69,15 @@ pub async fn limits(b: &mut Bench, needs_amqp: bool, needs_mqtt: bool) -> RawLim
     RawLimits { drain, post }
 }
 
-/// A minimal lapin consumer that only parses and acks, the broker's ceiling for the prefetch:
-/// events/s. It acks with `multiple` once a quarter of the prefetch is unacked, or as soon as no
-/// delivery is ready, so the broker never waits for an ack and gets as few ack frames as it can.
-async fn amqp_drain(queue: &str, n: usize, prefetch: u16) -> f64 {
+/// A consumer of `queue` on a connection of its own (kept open while the first is alive), with
+/// `prefetch` unacked deliveries at most.
+async fn amqp_consumer(queue: &str, prefetch: u16) -> (Publisher, lapin::Consumer) {
     let publisher = Publisher::connect().await;
     let ch = publisher.conn.create_channel().await.expect("channel");
     ch.basic_qos(prefetch, BasicQosOptions::default())
         .await
         .expect("qos");
-    let mut consumer = ch
+    let consumer = ch
         .basic_consume(
             queue.into(),
             "".into(),
@@ -87,6 +86,14 @@ async fn amqp_drain(queue: &str, n: usize, prefetch: u16) -> f64 {
         )
         .await
         .expect("consume");
+    (publisher, consumer)
+}
+
+/// A minimal lapin consumer that only parses and acks, the broker's ceiling for the prefetch:
+/// events/s. It acks with `multiple` once a quarter of the prefetch is unacked, or as soon as no
+/// delivery is ready, so the broker never waits for an ack and gets as few ack frames as it can.
+async fn amqp_drain(queue: &str, n: usize, prefetch: u16) -> f64 {
+    let (_publisher, mut consumer) = amqp_consumer(queue, prefetch).await;
     let batch = (usize::from(prefetch) / 4).max(1);
     let multiple = BasicAckOptions { multiple: true };
     let start = Instant::now();
@@ -203,20 +210,7 @@ pub async fn post_rate_with(
 /// arrives and acks it by itself: the latencies, in ns, of `n` events (fewer if the queue goes
 /// away).
 pub async fn amqp_latencies(queue: String, n: usize, prefetch: u16) -> Vec<u64> {
-    let publisher = Publisher::connect().await;
-    let ch = publisher.conn.create_channel().await.expect("channel");
-    ch.basic_qos(prefetch, BasicQosOptions::default())
-        .await
-        .expect("qos");
-    let mut consumer = ch
-        .basic_consume(
-            queue.as_str().into(),
-            "".into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .expect("consume");
+    let (_publisher, mut consumer) = amqp_consumer(&queue, prefetch).await;
     let mut latencies = Vec::with_capacity(n);
     while latencies.len() < n {
         let Some(Ok(d)) = consumer.next().await else {
