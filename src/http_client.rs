@@ -70,7 +70,8 @@ struct ClientSettings {
 /// The HTTP clients of a set of destinations, one per [`ClientSettings`].
 #[derive(Default)]
 pub struct Clients {
-    built: Vec<(ClientSettings, HttpClient, Option<reqwest::Client>)>,
+    delivery: Vec<(ClientSettings, HttpClient)>,
+    token: Vec<(ClientSettings, reqwest::Client)>,
 }
 
 impl Clients {
@@ -81,13 +82,9 @@ impl Clients {
         key: &str,
         dest: &DestinationConfig,
     ) -> Result<HttpClient, SenderError> {
-        let settings = settings(dest);
-        if let Some((_, client, _)) = self.built.iter().find(|(s, _, _)| *s == settings) {
-            return Ok(client.clone());
-        }
-        let client = HttpClient::new(key, &settings)?;
-        self.built.push((settings, client.clone(), None));
-        Ok(client)
+        shared(&mut self.delivery, dest, |settings| {
+            HttpClient::new(key, settings)
+        })
     }
 
     /// The reqwest client that asks `dest`'s OAuth2 token endpoint, with the same TLS settings,
@@ -97,20 +94,25 @@ impl Clients {
         key: &str,
         dest: &DestinationConfig,
     ) -> Result<reqwest::Client, SenderError> {
-        let settings = settings(dest);
-        if let Some((_, _, Some(client))) = self.built.iter().find(|(s, _, _)| *s == settings) {
-            return Ok(client.clone());
-        }
-        let client = token_client(key, &settings)?;
-        match self.built.iter_mut().find(|(s, _, _)| *s == settings) {
-            Some((_, _, slot)) => *slot = Some(client.clone()),
-            None => {
-                let http = HttpClient::new(key, &settings)?;
-                self.built.push((settings, http, Some(client.clone())));
-            }
-        }
-        Ok(client)
+        shared(&mut self.token, dest, |settings| {
+            token_client(key, settings)
+        })
     }
+}
+
+/// The client in `built` for `dest`'s settings, built by `build` and kept there the first time.
+fn shared<C: Clone>(
+    built: &mut Vec<(ClientSettings, C)>,
+    dest: &DestinationConfig,
+    build: impl FnOnce(&ClientSettings) -> Result<C, SenderError>,
+) -> Result<C, SenderError> {
+    let settings = settings(dest);
+    if let Some((_, client)) = built.iter().find(|(s, _)| *s == settings) {
+        return Ok(client.clone());
+    }
+    let client = build(&settings)?;
+    built.push((settings, client.clone()));
+    Ok(client)
 }
 
 fn settings(dest: &DestinationConfig) -> ClientSettings {
