@@ -101,6 +101,9 @@ impl Serialize for AmqpUrl {
     }
 }
 
+/// The longest `rabbitmq.ack_hold`.
+pub const MAX_ACK_HOLD: Duration = Duration::from_secs(1);
+
 /// The RabbitMQ source.
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
@@ -117,6 +120,11 @@ pub struct RabbitMqConfig {
     /// Unacked messages the broker may push at once; capped at `service.max_in_flight`.
     #[serde(default = "default_prefetch")]
     pub prefetch: u16,
+    /// How long a message done while an earlier one is still in delivery waits for it before
+    /// it is acked by itself, so one `multiple` ack covers both. `0s` acks each message the
+    /// moment it is done. At most 1 s.
+    #[serde(default = "default_ack_hold", with = "humantime_serde")]
+    pub ack_hold: Duration,
     /// Declare the durable queue, the exchanges and the bindings at every (re)connect.
     #[serde(default = "default_true")]
     pub declare: bool,
@@ -153,6 +161,11 @@ pub enum QueueArgument {
 
 fn default_prefetch() -> u16 {
     256
+}
+/// Long enough for the messages in delivery beside a done one to finish at a few thousand events
+/// per second, short next to any partner's answer time.
+fn default_ack_hold() -> Duration {
+    Duration::from_millis(5)
 }
 fn default_connection_name() -> String {
     "courier".to_string()
@@ -195,6 +208,15 @@ impl RabbitMqConfig {
             return Err(ConfigError::invalid(
                 "rabbitmq.prefetch",
                 "must be at least 1",
+            ));
+        }
+        if self.ack_hold > MAX_ACK_HOLD {
+            return Err(ConfigError::invalid(
+                "rabbitmq.ack_hold",
+                format!(
+                    "must be at most {} (a held ack keeps its message in service.max_in_flight)",
+                    humantime::format_duration(MAX_ACK_HOLD)
+                ),
             ));
         }
         for (i, b) in self.bindings.iter().enumerate() {

@@ -257,7 +257,7 @@ impl AmqpSource {
         self.stats.set_connected("rabbitmq", true);
         failover.connected();
         // Acks go through it, coalesced; it stops sending on this channel when the session ends.
-        let acks = AckTask::start(channel.clone(), Arc::clone(&self.stats));
+        let acks = AckTask::start(channel.clone(), Arc::clone(&self.stats), cfg.ack_hold);
         loop {
             let next = tokio::select! {
                 _ = shutdown.requested() => break,

@@ -771,3 +771,48 @@ async fn a_burst_is_acked_in_fewer_frames_than_messages() {
     );
     eprintln!("{N} messages acked in {frames} frames");
 }
+
+/// A message done while an earlier one is still with a slow partner waits `rabbitmq.ack_hold`
+/// for it, then is acked by itself: the slow message holds back no other ack for longer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acks_held_behind_a_slow_message_go_out_when_the_hold_is_over() {
+    let _brokers = brokers().await;
+    let rx = Receiver::start().await;
+    let queue = unique("ack-hold");
+    let store = tempfile::tempdir().unwrap();
+    let pub_ = Publisher::connect().await;
+    pub_.declare_queue(&queue).await;
+    pub_.to_queue(&queue, br#"{"id":"slow","data":{"delay_ms":6000}}"#)
+        .await;
+    const FAST: u64 = 20;
+    publish_events(&pub_, &queue, "fast", 0..FAST as usize).await;
+    let courier = Courier::start(
+        &test_defaults(store.path())
+            .rabbitmq(
+                Rabbit::queue(&queue)
+                    .connection_name(&queue)
+                    .ack_hold(Duration::from_millis(200)),
+            )
+            .destination(Dest::new("h", &rx.url("/h"))),
+    );
+    // Every fast message is above the slow one's tag, so none can join a run before it is done.
+    courier
+        .wait_count(FAST, Duration::from_secs(4), |s| &s.acked)
+        .await;
+    let count = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(
+        count(&courier.stats.acked),
+        FAST,
+        "the slow message is not acked before its partner answers"
+    );
+    courier.wait_count(FAST + 1, WAIT, |s| &s.acked).await;
+    wait_drained(&queue, "every message acked", WAIT).await;
+    let stats = courier.stop().await;
+    assert_eq!(count(&stats.received), FAST + 1, "nothing redelivered");
+    assert_eq!(count(&stats.ack_failures), 0);
+    assert_eq!(
+        count(&stats.amqp_ack_frames),
+        FAST + 1,
+        "each held ack by itself, then the slow one"
+    );
+}

@@ -53,6 +53,8 @@ fn bad_values_name_the_key() {
         (format!("{}\n[[destinations]]\nname = \"a\"\nurl = \"http://h/\"\n", with_dest("")), "destinations[1].name", "duplicate destination name"),
         (with_dest("").replace("amqp://guest", "http://guest"), "rabbitmq.url", "not an amqp"),
         (with_dest("").replace("queue = \"q\"", "queue = \"\""), "rabbitmq.queue", "must not be empty"),
+        (with_dest("").replace("queue = \"q\"", "queue = \"q\"\nack_hold = \"2s\""), "rabbitmq.ack_hold", "must be at most 1s"),
+        (with_dest("").replace("queue = \"q\"", "queue = \"q\"\nack_hold = \"soon\""), "rabbitmq.ack_hold", "soon"),
         (format!("{}\n[service]\nmax_in_flight = 0\n", with_dest("")), "service.max_in_flight", "at least 1"),
         (SOURCE.to_string(), "destinations", "at least one"),
         (with_mqtt("protocol = \"v4\""), "mqtt.protocol", "expected \"v3\" (MQTT 3.1.1) or \"v5\""),

@@ -245,6 +245,8 @@ pub struct Rabbit {
     connection_name: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     prefetch: Option<u16>,
+    #[serde(skip_serializing_if = "Option::is_none", serialize_with = "duration")]
+    ack_hold: Option<Duration>,
     #[serde(skip_serializing_if = "Option::is_none")]
     format: Option<String>,
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
@@ -270,6 +272,7 @@ impl Rabbit {
             queue: queue.into(),
             connection_name: None,
             prefetch: None,
+            ack_hold: None,
             format: None,
             queue_arguments: BTreeMap::new(),
             bindings: Vec::new(),
@@ -304,6 +307,12 @@ impl Rabbit {
 
     pub fn prefetch(mut self, prefetch: u16) -> Self {
         self.prefetch = Some(prefetch);
+        self
+    }
+
+    /// How long a done message waits for an earlier one before it is acked by itself.
+    pub fn ack_hold(mut self, hold: Duration) -> Self {
+        self.ack_hold = Some(hold);
         self
     }
 
