@@ -782,7 +782,7 @@ async fn acks_held_behind_a_slow_message_go_out_when_the_hold_is_over() {
     let store = tempfile::tempdir().unwrap();
     let pub_ = Publisher::connect().await;
     pub_.declare_queue(&queue).await;
-    pub_.to_queue(&queue, br#"{"id":"slow","data":{"delay_ms":6000}}"#)
+    pub_.to_queue(&queue, br#"{"id":"slow","data":{"delay_ms":12000}}"#)
         .await;
     const FAST: u64 = 20;
     publish_events(&pub_, &queue, "fast", 0..FAST as usize).await;
@@ -797,7 +797,7 @@ async fn acks_held_behind_a_slow_message_go_out_when_the_hold_is_over() {
     );
     // Every fast message is above the slow one's tag, so none can join a run before it is done.
     courier
-        .wait_count(FAST, Duration::from_secs(4), |s| &s.acked)
+        .wait_count(FAST, Duration::from_secs(10), |s| &s.acked)
         .await;
     let count = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::SeqCst);
     assert_eq!(
@@ -814,5 +814,44 @@ async fn acks_held_behind_a_slow_message_go_out_when_the_hold_is_over() {
         count(&stats.amqp_ack_frames),
         FAST + 1,
         "each held ack by itself, then the slow one"
+    );
+}
+
+/// Messages done while an earlier one is still in delivery wait for it within
+/// `rabbitmq.ack_hold`, and one `multiple` ack covers them all once it is done.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acks_done_behind_a_slower_message_share_its_multiple_ack() {
+    let _brokers = brokers().await;
+    let rx = Receiver::start().await;
+    let queue = unique("ack-share");
+    let store = tempfile::tempdir().unwrap();
+    let pub_ = Publisher::connect().await;
+    pub_.declare_queue(&queue).await;
+    pub_.to_queue(&queue, br#"{"id":"slower","data":{"delay_ms":400}}"#)
+        .await;
+    const FAST: u64 = 20;
+    publish_events(&pub_, &queue, "quick", 0..FAST as usize).await;
+    let courier = Courier::start(
+        &test_defaults(store.path())
+            .rabbitmq(
+                Rabbit::queue(&queue)
+                    .connection_name(&queue)
+                    .ack_hold(Duration::from_secs(1)),
+            )
+            .destination(Dest::new("s", &rx.url("/s"))),
+    );
+    courier.wait_count(FAST + 1, WAIT, |s| &s.acked).await;
+    wait_drained(&queue, "every message acked", WAIT).await;
+    let stats = courier.stop().await;
+    let count = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(count(&stats.received), FAST + 1, "nothing redelivered");
+    assert_eq!(count(&stats.ack_failures), 0);
+    // Acked the moment each is done, the quick ones would take a frame each. A quick one that
+    // waited past its hold goes by itself, so allow a few on a slow machine.
+    let frames = count(&stats.amqp_ack_frames);
+    assert!(
+        frames <= 3,
+        "{frames} ack frames for {} messages: the quick acks did not wait for the slower one",
+        FAST + 1
     );
 }
