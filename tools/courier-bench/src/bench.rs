@@ -9,7 +9,10 @@ use courier_testkit::{
     Rabbit, Receiver, Recording, Tracing,
 };
 
-use crate::{Args, TraceMode};
+use crate::{Args, DedupMode, TraceMode};
+
+/// The Redis that holds the dedup record with `--dedup redis`.
+const REDIS_URL: &str = "redis://127.0.0.1:6379";
 
 /// The run: its settings, the one receiver every case POSTs to, and what it found.
 pub struct Bench {
@@ -58,11 +61,12 @@ impl Bench {
             failures: Vec::new(),
         };
         println!(
-            "courier-bench: {} events of {} bytes, prefetch {}, max_concurrency {}, machine: {} cores, courier {}",
+            "courier-bench: {} events of {} bytes, prefetch {}, max_concurrency {}, dedup {:?}, machine: {} cores, courier {}",
             b.n,
             b.size,
             b.args.prefetch,
             b.args.max_concurrency,
+            b.args.dedup,
             std::thread::available_parallelism()
                 .map(|n| n.get())
                 .unwrap_or(0),
@@ -114,6 +118,14 @@ impl Bench {
             TraceMode::Start => base.tracing(Tracing::default().start_traces(true)),
             TraceMode::Export => {
                 base.tracing(Tracing::export_to(&self.rx.url("/otlp")).start_traces(true))
+            }
+        };
+        let base = match self.args.dedup {
+            DedupMode::Sled => base,
+            DedupMode::Redis => {
+                let case = dir.file_name().map(|n| n.to_string_lossy().into_owned());
+                base.redis_dedup(REDIS_URL, &format!("{}:", case.unwrap_or_default()))
+                    .dedup_ttl(Duration::from_secs(600))
             }
         };
         let config = configure(base);

@@ -4,14 +4,14 @@
 //!     scripts/bench.sh [--events N] [--latency-seconds S] [--rate R,...] [--prefetch P]
 //!                      [--max-concurrency C] [--mqtt-runs N] [--slow-seconds S] [--kills K]
 //!                      [--only mqtt,fanout,...] [--courier PATH]
-//!                      [--tracing off|start|export]
+//!                      [--tracing off|start|export] [--dedup sled|redis]
 //!     (= cargo build --release -p courier -p courier-bench && target/release/courier-bench ...;
 //!     --help lists the cases)
 //!
-//! Needs RabbitMQ (127.0.0.1:5672), Mosquitto (127.0.0.1:1883), the release `courier` binary next
-//! to this one, and python3 with aio-pika and aiohttp for the baseline. It starts its own HTTP
-//! receiver. It prints one line per case and a table, and exits non-zero if an event was lost or
-//! POSTed twice.
+//! Needs RabbitMQ (127.0.0.1:5672), Mosquitto (127.0.0.1:1883), Redis (127.0.0.1:6379) with
+//! `--dedup redis`, the release `courier` binary next to this one, and python3 with aio-pika and
+//! aiohttp for the baseline. It starts its own HTTP receiver. It prints one line per case and a
+//! table, and exits non-zero if an event was lost or POSTed twice.
 
 mod bench;
 mod cases;
@@ -102,6 +102,19 @@ struct Args {
     /// Trace context and span export, to measure what they cost.
     #[arg(long, value_enum, default_value_t = TraceMode::Off)]
     tracing: TraceMode,
+    /// Where courier keeps its dedup record in every case.
+    #[arg(long, value_enum, default_value_t = DedupMode::Sled)]
+    dedup: DedupMode,
+}
+
+/// `store.dedup` of courier in every case.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum DedupMode {
+    /// The sled tree of courier's own store (courier's default).
+    Sled,
+    /// The Redis on 127.0.0.1:6379, under a prefix of the case's own, with a `dedup_ttl` of
+    /// 10 minutes so the keys of a run do not stay in Redis for a week.
+    Redis,
 }
 
 /// How much of `[tracing]` courier runs with in every case.

@@ -125,6 +125,8 @@ struct Store {
     redis_url: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     redis_prefix: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none", serialize_with = "duration")]
+    dedup_ttl: Option<Duration>,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -183,6 +185,12 @@ impl ConfigBuilder {
         self.store.dedup = Some("redis".into());
         self.store.redis_url = Some(url.into());
         self.store.redis_prefix = Some(prefix.into());
+        self
+    }
+
+    /// `store.dedup_ttl`: how long a delivery is remembered (Redis expires its keys after it).
+    pub fn dedup_ttl(mut self, ttl: Duration) -> Self {
+        self.store.dedup_ttl = Some(ttl);
         self
     }
 
@@ -881,6 +889,7 @@ mod tests {
             .organization("org-1", "Example Org", "https://example.org", "test")
             .cache_capacity(1 << 20)
             .redis_dedup("redis://127.0.0.1:6379", "p:")
+            .dedup_ttl(Duration::from_secs(600))
             .admin(9464)
             .rabbitmq(
                 Rabbit::queue("q")
@@ -915,6 +924,7 @@ mod tests {
         let v: toml::Table = toml::from_str(&text).expect("valid TOML");
         assert_eq!(v["store"]["path"].as_str(), Some("/tmp/a \"quoted\" store"));
         assert_eq!(v["service"]["shutdown_timeout"].as_str(), Some("10s"));
+        assert_eq!(v["store"]["dedup_ttl"].as_str(), Some("600s"));
         assert_eq!(v["mqtt"]["keep_alive"].as_str(), Some("1500ms"));
         assert_eq!(
             v["rabbitmq"]["bindings"][0]["routing_key"].as_str(),
