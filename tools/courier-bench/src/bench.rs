@@ -61,9 +61,13 @@ impl Bench {
             failures: Vec::new(),
         };
         println!(
-            "courier-bench: {} events of {} bytes, prefetch {}, max_concurrency {}, dedup {:?}, machine: {} cores, courier {}",
+            "courier-bench: {} events of {} bytes, {}, prefetch {}, max_concurrency {}, dedup {:?}, machine: {} cores, courier {}",
             b.n,
             b.size,
+            match b.args.id_len {
+                0 => "short ids".to_string(),
+                n => format!("ids of {n} characters"),
+            },
             b.args.prefetch,
             b.args.max_concurrency,
             b.args.dedup,
@@ -146,14 +150,21 @@ impl Bench {
         })
     }
 
-    /// `n` events (ids `<prefix><i>`) published into the fresh queue `queue`.
+    /// The id of event `i` of a run whose ids start with `prefix`: `<prefix><i>`, with `i`
+    /// zero-padded to make up `--id-len` characters.
+    pub fn id(&self, prefix: &str, i: usize) -> String {
+        let width = self.args.id_len.saturating_sub(prefix.len());
+        format!("{prefix}{i:0>width$}")
+    }
+
+    /// `n` events (ids [`Bench::id`]) published into the fresh queue `queue`.
     pub async fn fill(&self, queue: &str, prefix: &str, n: usize) {
         let publisher = Publisher::connect().await;
         publisher.fresh_queue(queue).await;
         publisher
             .fill(
                 queue,
-                (0..n).map(|i| event(&format!("{prefix}{i}"), self.size)),
+                (0..n).map(|i| event(&self.id(prefix, i), self.size)),
                 2000,
             )
             .await;
@@ -172,7 +183,7 @@ impl Bench {
         wait_unique_on(&self.rx, path, n, timeout, exited).await
     }
 
-    /// Publishes `n` QoS 1 events (ids `<prefix><i>`) to `topic`, paced by `consumed()`, from a
+    /// Publishes `n` QoS 1 events (ids [`Bench::id`]) to `topic`, paced by `consumed()`, from a
     /// client of its own; returns once the broker has PUBACKed them all (or after 60 s).
     pub async fn publish_mqtt(
         &self,
@@ -181,7 +192,7 @@ impl Bench {
         n: usize,
         consumed: impl Fn() -> usize,
     ) {
-        let bodies = (0..n).map(|i| event(&format!("{prefix}{i}"), self.size));
+        let bodies = (0..n).map(|i| event(&self.id(prefix, i), self.size));
         self.publish_mqtt_bodies(topic, prefix, bodies, consumed)
             .await
     }

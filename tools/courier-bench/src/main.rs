@@ -4,7 +4,7 @@
 //!     scripts/bench.sh [--events N] [--latency-seconds S] [--rate R,...] [--prefetch P]
 //!                      [--max-concurrency C] [--mqtt-runs N] [--slow-seconds S] [--kills K]
 //!                      [--only mqtt,fanout,...] [--courier PATH]
-//!                      [--tracing off|start|export] [--dedup sled|redis]
+//!                      [--tracing off|start|export] [--dedup sled|redis] [--id-len N]
 //!     (= cargo build --release -p courier -p courier-bench && target/release/courier-bench ...;
 //!     --help lists the cases)
 //!
@@ -105,6 +105,11 @@ struct Args {
     /// Where courier keeps its dedup record in every case.
     #[arg(long, value_enum, default_value_t = DedupMode::Sled)]
     dedup: DedupMode,
+    /// Characters per event id in the pre-filled and MQTT runs, the number zero-padded to make
+    /// up the length (36 is a UUID's); 0 keeps ids as short as `<prefix><number>`. The dedup
+    /// record's key holds the id, so its length is part of what a delivery costs.
+    #[arg(long, default_value_t = 0)]
+    id_len: usize,
 }
 
 /// `store.dedup` of courier in every case.
