@@ -1,0 +1,147 @@
+//! Prints what the dedup record costs in courier's sled store as the dedup tree grows: every
+//! delivery makes one dedup check and, after a 2xx, writes one record, and the benchmark's
+//! cases start each on an empty store, where a deployment's tree holds `store.dedup_ttl` of
+//! deliveries (seven days by default).
+//!
+//! `cargo run --release --example dedup_cost [records per step] [steps] [cache MiB] [dir]`
+//!
+//! From an empty store, it measures `samples` new deliveries (a check that finds nothing, then
+//! a record; a commit every 200 records, as the background flush shares one among many), then
+//! adds `records per step` more records untimed, and so on `steps` times, with sled's page cache
+//! at `store.cache_capacity`'s default unless `cache MiB` is given. Ids are UUID-shaped
+//! (36 characters) in random order. One task on one thread; wall-clock time per operation, so
+//! run it on an otherwise idle machine. The store is in `dir` (a new directory under the
+//! system's temporary directory by default; `/tmp` may be a RAM disk) and is removed at the end.
+use std::time::{Duration, Instant};
+
+use courier::config::StoreConfig;
+use courier::store::Store;
+
+/// Deliveries measured at each size of the tree.
+const SAMPLES: u64 = 50_000;
+/// Records per commit while measuring: at 20,000 deliveries/s and the default 10 ms
+/// `store.dedup_flush_interval`, one flush covers about 200.
+const PER_COMMIT: u64 = 200;
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() {
+    let mut args = std::env::args().skip(1);
+    let per_step: u64 = args
+        .next()
+        .and_then(|a| a.parse().ok())
+        .unwrap_or(1_000_000);
+    let steps: u64 = args.next().and_then(|a| a.parse().ok()).unwrap_or(4);
+    let defaults = StoreConfig::default();
+    let cache_capacity = args
+        .next()
+        .and_then(|a| a.parse::<u64>().ok())
+        .map_or(defaults.cache_capacity, |mib| mib << 20);
+    let dir = args
+        .next()
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| {
+            std::env::temp_dir().join(format!("courier-dedup-cost-{}", std::process::id()))
+        });
+    let config = StoreConfig {
+        path: dir.clone(),
+        cache_capacity,
+        ..defaults
+    };
+    let store = match Store::open(&config) {
+        Ok(store) => store,
+        Err(error) => {
+            eprintln!("dedup_cost: {error}");
+            std::process::exit(1);
+        }
+    };
+    println!(
+        "dedup record in sled, store {} (cache_capacity {} MiB), {SAMPLES} deliveries per size",
+        dir.display(),
+        config.cache_capacity >> 20
+    );
+    println!("| records in the tree | check (µs) | record (µs) | commit per {PER_COMMIT} records (µs) | per delivery (µs) |");
+    println!("|---|---|---|---|---|");
+    let mut next = 0u64;
+    for step in 0..=steps {
+        let records = step * per_step;
+        let (mut check, mut record, mut commit) = (Duration::ZERO, Duration::ZERO, Duration::ZERO);
+        for i in 0..SAMPLES {
+            let id = uuid_like(next);
+            next += 1;
+            let t = Instant::now();
+            let seen = store.is_delivered("d", &id).await;
+            check += t.elapsed();
+            if !matches!(seen, Ok(false)) {
+                eprintln!("dedup_cost: a new id was not reported new: {seen:?}");
+                std::process::exit(1);
+            }
+            let t = Instant::now();
+            if let Err(error) = store.record_delivered("d", &id).await {
+                eprintln!("dedup_cost: {error}");
+                std::process::exit(1);
+            }
+            record += t.elapsed();
+            if (i + 1) % PER_COMMIT == 0 {
+                let t = Instant::now();
+                if let Err(error) = store.try_commit().await {
+                    eprintln!("dedup_cost: {error}");
+                    std::process::exit(1);
+                }
+                commit += t.elapsed();
+            }
+        }
+        let us = |d: Duration, n: u64| d.as_secs_f64() * 1e6 / n as f64;
+        println!(
+            "| {} | {:.2} | {:.2} | {:.0} | {:.2} |",
+            records + SAMPLES * step,
+            us(check, SAMPLES),
+            us(record, SAMPLES),
+            us(commit, SAMPLES / PER_COMMIT),
+            us(check + record + commit, SAMPLES),
+        );
+        if step == steps {
+            break;
+        }
+        for i in 0..per_step {
+            let id = uuid_like(next);
+            next += 1;
+            if let Err(error) = store.record_delivered("d", &id).await {
+                eprintln!("dedup_cost: {error}");
+                std::process::exit(1);
+            }
+            if (i + 1) % 100_000 == 0 {
+                if let Err(error) = store.try_commit().await {
+                    eprintln!("dedup_cost: {error}");
+                    std::process::exit(1);
+                }
+            }
+        }
+        if let Err(error) = store.try_commit().await {
+            eprintln!("dedup_cost: {error}");
+            std::process::exit(1);
+        }
+    }
+    drop(store);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A UUID-shaped id (8-4-4-4-12 hex digits) from `n`, in an order unrelated to `n`, as random
+/// UUIDs arrive.
+fn uuid_like(n: u64) -> String {
+    let (a, b) = (splitmix64(n), splitmix64(n ^ 0x9e37_79b9_7f4a_7c15));
+    format!(
+        "{:08x}-{:04x}-4{:03x}-a{:03x}-{:012x}",
+        a >> 32,
+        (a >> 16) & 0xffff,
+        a & 0xfff,
+        b >> 52,
+        b & 0xffff_ffff_ffff
+    )
+}
+
+fn splitmix64(n: u64) -> u64 {
+    let mut z = n.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
