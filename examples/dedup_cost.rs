@@ -5,7 +5,7 @@
 //!
 //! `cargo run --release --example dedup_cost [records per step] [steps] [cache MiB] [dir]`
 //!
-//! From an empty store, it measures `samples` new deliveries (a check that finds nothing, then
+//! From an empty store, it measures 50,000 new deliveries (a check that finds nothing, then
 //! a record; a commit every 200 records, as the background flush shares one among many), then
 //! adds `records per step` more records untimed, and so on `steps` times, with sled's page cache
 //! at `store.cache_capacity`'s default unless `cache MiB` is given. Ids are UUID-shaped
@@ -47,13 +47,7 @@ async fn main() {
         cache_capacity,
         ..defaults
     };
-    let store = match Store::open(&config) {
-        Ok(store) => store,
-        Err(error) => {
-            eprintln!("dedup_cost: {error}");
-            std::process::exit(1);
-        }
-    };
+    let store = or_exit(Store::open(&config));
     println!(
         "dedup record in sled, store {} (cache_capacity {} MiB), {SAMPLES} deliveries per size",
         dir.display(),
@@ -63,7 +57,6 @@ async fn main() {
     println!("|---|---|---|---|---|");
     let mut next = 0u64;
     for step in 0..=steps {
-        let records = step * per_step;
         let (mut check, mut record, mut commit) = (Duration::ZERO, Duration::ZERO, Duration::ZERO);
         for i in 0..SAMPLES {
             let id = uuid_like(next);
@@ -76,24 +69,18 @@ async fn main() {
                 std::process::exit(1);
             }
             let t = Instant::now();
-            if let Err(error) = store.record_delivered("d", &id).await {
-                eprintln!("dedup_cost: {error}");
-                std::process::exit(1);
-            }
+            or_exit(store.record_delivered("d", &id).await);
             record += t.elapsed();
             if (i + 1) % PER_COMMIT == 0 {
                 let t = Instant::now();
-                if let Err(error) = store.try_commit().await {
-                    eprintln!("dedup_cost: {error}");
-                    std::process::exit(1);
-                }
+                or_exit(store.try_commit().await);
                 commit += t.elapsed();
             }
         }
         let us = |d: Duration, n: u64| d.as_secs_f64() * 1e6 / n as f64;
         println!(
             "| {} | {:.2} | {:.2} | {:.0} | {:.2} |",
-            records + SAMPLES * step,
+            step * (per_step + SAMPLES),
             us(check, SAMPLES),
             us(record, SAMPLES),
             us(commit, SAMPLES / PER_COMMIT),
@@ -103,26 +90,24 @@ async fn main() {
             break;
         }
         for i in 0..per_step {
-            let id = uuid_like(next);
+            or_exit(store.record_delivered("d", &uuid_like(next)).await);
             next += 1;
-            if let Err(error) = store.record_delivered("d", &id).await {
-                eprintln!("dedup_cost: {error}");
-                std::process::exit(1);
-            }
             if (i + 1) % 100_000 == 0 {
-                if let Err(error) = store.try_commit().await {
-                    eprintln!("dedup_cost: {error}");
-                    std::process::exit(1);
-                }
+                or_exit(store.try_commit().await);
             }
         }
-        if let Err(error) = store.try_commit().await {
-            eprintln!("dedup_cost: {error}");
-            std::process::exit(1);
-        }
+        or_exit(store.try_commit().await);
     }
     drop(store);
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The value, or the error printed and exit code 1: a store that fails has no figure to give.
+fn or_exit<T, E: std::fmt::Display>(result: Result<T, E>) -> T {
+    result.unwrap_or_else(|error| {
+        eprintln!("dedup_cost: {error}");
+        std::process::exit(1)
+    })
 }
 
 /// A UUID-shaped id (8-4-4-4-12 hex digits) from `n`, in an order unrelated to `n`, as random

@@ -293,8 +293,6 @@ fn assert_work_split(rx: &Receiver, prefix: &str) {
     );
 }
 
-const REDIS_URL: &str = "redis://127.0.0.1:6379";
-
 /// A Redis key prefix no other test uses.
 fn redis_prefix() -> String {
     format!("{}:", unique("courier-test"))

@@ -6,13 +6,10 @@ use std::time::{Duration, Instant};
 
 use courier_testkit::{
     ConfigBuilder, CourierProcess, Dest, Launch, MqttPublisher, MqttPublisherOptions, Publisher,
-    Rabbit, Receiver, Recording, Tracing,
+    Rabbit, Receiver, Recording, Tracing, REDIS_URL,
 };
 
 use crate::{Args, DedupMode, TraceMode};
-
-/// The Redis that holds the dedup record with `--dedup redis`.
-const REDIS_URL: &str = "redis://127.0.0.1:6379";
 
 /// The run: its settings, the one receiver every case POSTs to, and what it found.
 pub struct Bench {

@@ -25,6 +25,9 @@ use serde::{Serialize, Serializer};
 
 use crate::amqp::AMQP_URL;
 
+/// The Redis that scripts/test.sh starts, for dedup shared in Redis.
+pub const REDIS_URL: &str = "redis://127.0.0.1:6379";
+
 /// The local Mosquitto.
 pub const MQTT_URL: &str = "mqtt://127.0.0.1:1883";
 
@@ -180,7 +183,7 @@ impl ConfigBuilder {
         self
     }
 
-    /// Dedup in Redis at `url`, under `prefix`, shared by every courier with the same two.
+    /// Dedup in Redis at `url` (the local one is [`REDIS_URL`]), under `prefix`, shared by every courier with the same two.
     pub fn redis_dedup(mut self, url: &str, prefix: &str) -> Self {
         self.store.dedup = Some("redis".into());
         self.store.redis_url = Some(url.into());

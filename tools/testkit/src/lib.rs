@@ -23,6 +23,7 @@ pub use amqp::{Publisher, AMQP_URL};
 pub use brokers::{rabbitmqctl, restart_mosquitto};
 pub use config::{
     Auth, Circuit, ConfigBuilder, Dest, Mqtt, MqttProtocol, OAuth2, Rabbit, Retry, Tls, Tracing,
+    REDIS_URL,
 };
 pub use mqtt::{Mqtt5Publisher, MqttPublisher, MqttPublisherOptions};
 pub use pki::{Issued, TestCa};
