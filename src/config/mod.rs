@@ -322,6 +322,24 @@ mod tests {
     }
 
     #[test]
+    fn dedup_local_is_also_read_under_its_old_name() {
+        let with = |v: &str| {
+            MINIMAL.replace(
+                "[rabbitmq]",
+                &format!("[store]\ndedup = \"{v}\"\n[rabbitmq]"),
+            )
+        };
+        for name in ["local", "sled"] {
+            let c = Config::from_toml(&with(name)).expect(name);
+            assert_eq!(c.store.dedup, DedupBackend::Local, "{name}");
+        }
+        let e = Config::from_toml(&with("memcached"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("expected \"local\" or \"redis\""), "{e}");
+    }
+
+    #[test]
     fn secrets_do_not_debug_print() {
         let text = format!(
             "{MINIMAL}\nauth = {{ type = \"basic\", username = \"u\", password = \"hunter2\" }}"

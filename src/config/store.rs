@@ -11,12 +11,14 @@ use super::{redact_url, ConfigError, Secret};
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct StoreConfig {
-    /// Directory of the sled database. One courier process per directory.
+    /// Directory of the store (the sled database and the dedup table). One courier process per
+    /// directory.
     pub path: PathBuf,
     /// How long a successful delivery is remembered to suppress a second POST of the same event.
     #[serde(with = "humantime_serde")]
     pub dedup_ttl: Duration,
-    /// sled's page cache in bytes; sled's own default (1 GiB) is far too much for a sidecar.
+    /// sled's page cache in bytes (retries and dead letters); sled's own default (1 GiB) is far
+    /// too much for a sidecar.
     pub cache_capacity: u64,
     /// How long the dedup record of a delivered, acked event may stay in memory before a
     /// background flush makes it durable. Losing one in a crash can cost a second POST of a
@@ -25,7 +27,8 @@ pub struct StoreConfig {
     /// flushed before their ack whatever this says.
     #[serde(with = "humantime_serde")]
     pub dedup_flush_interval: Duration,
-    /// Where the dedup record lives: `sled` (this process's store) or `redis` (shared by replicas).
+    /// Where the dedup record lives: `local` (this process's store) or `redis` (shared by
+    /// replicas).
     pub dedup: DedupBackend,
     /// `redis://[:password@]host:6379[/db]`, for `dedup = "redis"`.
     pub redis_url: Secret,
@@ -40,7 +43,7 @@ impl Default for StoreConfig {
             dedup_ttl: Duration::from_secs(7 * 24 * 3600),
             cache_capacity: 16 * 1024 * 1024,
             dedup_flush_interval: Duration::from_millis(10),
-            dedup: DedupBackend::Sled,
+            dedup: DedupBackend::Local,
             redis_url: Secret::new("redis://127.0.0.1:6379"),
             redis_prefix: "courier:dedup:".to_string(),
         }
@@ -91,9 +94,9 @@ impl StoreConfig {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum DedupBackend {
-    /// The local sled tree (one replica, or replicas that never share messages).
+    /// The dedup table in `store.path` (one replica, or replicas that never share messages).
     #[default]
-    Sled,
+    Local,
     /// Redis, shared by every replica consuming the same queue or shared subscription.
     Redis,
 }
@@ -102,10 +105,11 @@ impl<'de> Deserialize<'de> for DedupBackend {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let text = String::deserialize(d)?;
         match text.as_str() {
-            "sled" => Ok(DedupBackend::Sled),
+            // "sled": the name from when the local record was a sled tree.
+            "local" | "sled" => Ok(DedupBackend::Local),
             "redis" => Ok(DedupBackend::Redis),
             other => Err(serde::de::Error::custom(format!(
-                "unknown dedup backend {other:?}, expected \"sled\" or \"redis\""
+                "unknown dedup backend {other:?}, expected \"local\" or \"redis\""
             ))),
         }
     }

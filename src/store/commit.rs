@@ -5,11 +5,12 @@
 //! costs one flush, not one per message.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use tokio_util::sync::CancellationToken;
 
 use super::db::{Db, Handles};
+use super::records::millis;
 use super::StoreError;
 
 /// Writes a deferred commit may leave to the background flush unless [`Commits::cap_deferred`]
@@ -152,18 +153,53 @@ impl Commits {
     }
 }
 
-/// sled's flush, then an `fdatasync` of its log file (see [`Handles::log`]).
+/// sled's flush, then an `fdatasync` of its log file (see [`Handles::log`]), when sled's trees
+/// were written since the last commit; then the dedup table's commit (its writes and its own
+/// `fdatasync`, when it has records waiting).
 pub(super) async fn flush_and_sync(db: &Db, h: &Handles) -> Result<(), StoreError> {
-    let err = |source| StoreError::Sled {
-        path: db.path().to_string(),
-        source,
+    let path = db.path().to_string();
+    // Cleared before the flush: a write that lands during it sets the flag again for the next.
+    let sled_dirty = h.sled_dirty.swap(false, Ordering::SeqCst);
+    if sled_dirty {
+        if let Err(source) = h.db.flush_async().await {
+            h.sled_dirty.store(true, Ordering::SeqCst);
+            return Err(StoreError::Sled { path, source });
+        }
+    }
+    let (log, dedup, dirty) = (h.log.clone(), h.dedup.clone(), sled_dirty);
+    let blocking = tokio::task::spawn_blocking(move || {
+        if dirty {
+            log.sync_data().map_err(|e| StoreError::Sled {
+                path: path.clone(),
+                source: sled::Error::Io(e),
+            })?;
+        }
+        dedup
+            .commit(millis(SystemTime::now()), spawn_background)
+            .map_err(|source| StoreError::Io { path, source })
+    });
+    let result = match blocking.await {
+        Ok(done) => done,
+        Err(panicked) => Err(StoreError::Sled {
+            path: db.path().to_string(),
+            source: sled::Error::ReportableBug(format!(
+                "fdatasync of the store panicked: {panicked}"
+            )),
+        }),
     };
-    h.db.flush_async().await.map_err(err)?;
-    let log = h.log.clone();
-    match tokio::task::spawn_blocking(move || log.sync_data()).await {
-        Ok(synced) => synced.map_err(|e| err(sled::Error::Io(e))),
-        Err(panicked) => Err(err(sled::Error::ReportableBug(format!(
-            "fdatasync of the store log panicked: {panicked}"
-        )))),
+    if result.is_err() && sled_dirty {
+        h.sled_dirty.store(true, Ordering::SeqCst);
+    }
+    result
+}
+
+/// Runs a checkpoint or a rebuild of the dedup table in a thread of its own: a rebuild reads
+/// and writes the whole table, a checkpoint syncs it, and commits go on meanwhile.
+fn spawn_background(task: Box<dyn FnOnce() + Send>) {
+    if let Err(error) = std::thread::Builder::new()
+        .name("courier-dedup-table".to_string())
+        .spawn(task)
+    {
+        tracing::error!(%error, "cannot start a thread for the dedup table's checkpoint or growth");
     }
 }

@@ -10,6 +10,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, SystemTime};
 
+use super::dedup_table::{joined_key_hash, DedupTable};
 use super::records::millis;
 use super::StoreError;
 use crate::config::StoreConfig;
@@ -22,8 +23,12 @@ pub(super) struct Handles {
     /// length) nor the disk's write cache, so a power loss could drop writes it reported
     /// flushed. Syncing the same file through another descriptor covers both.
     pub(super) log: Arc<std::fs::File>,
-    /// `destination ++ 0 ++ event id` → delivery time (Unix milliseconds, u64 BE).
-    pub(super) delivered: sled::Tree,
+    /// The dedup record: which event reached which destination with a 2xx, and when.
+    pub(super) dedup: Arc<DedupTable>,
+    /// Whether sled's trees were written since the last commit began. A commit whose writes
+    /// are all dedup records (the commit after each 2xx-only message) then skips sled's flush
+    /// and its `fdatasync`, and costs one `fdatasync`, the dedup table's.
+    pub(super) sled_dirty: std::sync::atomic::AtomicBool,
     /// Time-ordered key → [`DeadLetter`].
     pub(super) dead: sled::Tree,
     /// `destination ++ 0 ++ next_at (u64 BE) ++ event id` → [`RetryRecord`]: a destination's due
@@ -133,6 +138,9 @@ impl Db {
             .unwrap_or_else(|p| p.into_inner())
             .take();
         if let Some(old) = old {
+            // Commits still holding the old handles must not write the table file the new
+            // handles open.
+            old.dedup.close();
             self.generation.fetch_add(1, Ordering::SeqCst);
             if let Some(error) = error {
                 *self.lock_reason() = Some(error.to_string());
@@ -230,12 +238,68 @@ fn open_handles(config: &StoreConfig, path: &str) -> Result<Handles, StoreError>
     if let Err(error) = std::fs::File::open(&config.path).and_then(|dir| dir.sync_all()) {
         tracing::warn!(store = %path, %error, "cannot sync the store directory; a power loss right after the store was created could lose it");
     }
+    let dedup = open_dedup_table(config, path, &db)?;
     Ok(Handles {
         log: Arc::new(log),
-        delivered: db.open_tree("delivered").map_err(sled_err)?,
+        dedup,
+        sled_dirty: std::sync::atomic::AtomicBool::new(false),
         dead: db.open_tree("dead").map_err(sled_err)?,
         retries: db.open_tree("retries").map_err(sled_err)?,
         retry_index: db.open_tree("retry_index").map_err(sled_err)?,
         db,
     })
 }
+
+/// Opens the dedup table, moving into it the records of the sled tree that held them in earlier
+/// versions (once; the tree is left empty).
+fn open_dedup_table(
+    config: &StoreConfig,
+    path: &str,
+    db: &sled::Db,
+) -> Result<Arc<DedupTable>, StoreError> {
+    let io_err = |source| StoreError::Io {
+        path: path.to_string(),
+        source,
+    };
+    let sled_err = |source| StoreError::Sled {
+        path: path.to_string(),
+        source,
+    };
+    let ttl_ms = config.dedup_ttl.as_millis() as u64;
+    let had_tree = db
+        .tree_names()
+        .iter()
+        .any(|name| name.as_ref() == OLD_DEDUP_TREE.as_bytes());
+    let tree = match had_tree {
+        true => Some(db.open_tree(OLD_DEDUP_TREE).map_err(sled_err)?),
+        false => None,
+    };
+    let Some(tree) = tree.filter(|t| !t.is_empty()) else {
+        return DedupTable::open(&config.path, 0, ttl_ms).map_err(io_err);
+    };
+    let table = DedupTable::open(&config.path, tree.len() as u64, ttl_ms).map_err(io_err)?;
+    let now = millis(SystemTime::now());
+    let mut moved = 0u64;
+    for item in tree.iter() {
+        let (key, value) = item.map_err(sled_err)?;
+        let mut at = [0u8; 8];
+        if value.len() == 8 {
+            at.copy_from_slice(&value);
+        }
+        table.record(joined_key_hash(&key), u64::from_be_bytes(at));
+        moved += 1;
+        if moved % 100_000 == 0 {
+            table.commit(now, |rebuild| rebuild()).map_err(io_err)?;
+        }
+    }
+    table.commit(now, |rebuild| rebuild()).map_err(io_err)?;
+    // Emptied, not dropped: sled 0.34 keeps a dropped tree's handle, and with it the store's
+    // file lock, until its epoch-based garbage collection runs.
+    tree.clear().map_err(sled_err)?;
+    db.flush().map_err(sled_err)?;
+    tracing::info!(store = %path, records = moved, "dedup records moved from the sled tree to the dedup table");
+    Ok(table)
+}
+
+/// The sled tree that held the dedup record before the dedup table.
+const OLD_DEDUP_TREE: &str = "delivered";

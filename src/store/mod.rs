@@ -19,6 +19,7 @@
 mod commit;
 mod db;
 mod dedup;
+mod dedup_table;
 mod records;
 mod trees;
 
@@ -56,6 +57,13 @@ pub enum StoreError {
     /// Another process (a running `courier run`) holds the store.
     #[error("store {path} is in use by another courier process")]
     Locked { path: String },
+    /// A read or write of the dedup table failed.
+    #[error("store {path}: {source}")]
+    Io {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
     /// The shared dedup in Redis failed.
     #[error("redis dedup: {0}")]
     Redis(String),
@@ -74,7 +82,10 @@ impl StoreError {
     pub fn cured_by_reopen(&self) -> bool {
         matches!(
             self,
-            StoreError::Sled { .. } | StoreError::Closed { .. } | StoreError::Locked { .. }
+            StoreError::Sled { .. }
+                | StoreError::Io { .. }
+                | StoreError::Closed { .. }
+                | StoreError::Locked { .. }
         )
     }
 }
@@ -155,7 +166,7 @@ impl Store {
 
     fn with_db(config: &StoreConfig, db: Db) -> Result<Store, StoreError> {
         let redis = match config.dedup {
-            DedupBackend::Sled => None,
+            DedupBackend::Local => None,
             DedupBackend::Redis => Some(RedisDedup::new(config)?),
         };
         Ok(Store {
@@ -194,6 +205,9 @@ impl Store {
     /// sled releases its file lock when the last clone of the store is gone; after this, no
     /// background task holds one.
     pub async fn close(&self) -> Result<(), StoreError> {
+        if let Ok(h) = self.inner.db.handles() {
+            h.dedup.stop_background();
+        }
         let background = self.lock_background().take();
         if let Some(background) = background {
             background.stop.cancel();
@@ -249,7 +263,7 @@ impl Store {
         event_id: &str,
     ) -> Result<bool, StoreError> {
         match &self.inner.redis {
-            None => self.sled_is_delivered(destination, event_id),
+            None => self.local_is_delivered(destination, event_id),
             Some(redis) => redis.is_delivered(destination, event_id).await,
         }
     }
@@ -262,7 +276,7 @@ impl Store {
         event_id: &str,
     ) -> Result<(), StoreError> {
         match &self.inner.redis {
-            None => self.sled_record_delivered(destination, event_id),
+            None => self.local_record_delivered(destination, event_id),
             Some(redis) => redis.record(destination, event_id).await,
         }
     }

@@ -14,6 +14,21 @@ fn config(dir: &std::path::Path, ttl: Duration) -> StoreConfig {
     }
 }
 
+/// Opens a store that this process had open and dropped. sled frees a dropped database (and
+/// its file lock) through epoch-based reclamation, which may run a moment after the drop while
+/// other tests keep threads busy; a worker waits for the lock the same way (`Store::start`).
+fn open_again(config: &StoreConfig) -> Store {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        match Store::open(config) {
+            Err(StoreError::Locked { .. }) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(20))
+            }
+            opened => return opened.expect("reopen"),
+        }
+    }
+}
+
 #[tokio::test]
 async fn a_long_event_id_is_deduplicated_too() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -36,10 +51,10 @@ async fn dedup_survives_reopen_and_expires() {
         assert!(store.is_delivered("d", "e1").await.unwrap());
         assert!(!store.is_delivered("other", "e1").await.unwrap());
     }
-    let store = Store::open(&config(dir.path(), Duration::from_secs(3600))).expect("reopen");
+    let store = open_again(&config(dir.path(), Duration::from_secs(3600)));
     assert!(store.is_delivered("d", "e1").await.unwrap());
     drop(store);
-    let store = Store::open(&config(dir.path(), Duration::from_millis(1))).expect("reopen");
+    let store = open_again(&config(dir.path(), Duration::from_millis(1)));
     std::thread::sleep(Duration::from_millis(5));
     assert!(!store.is_delivered("d", "e1").await.unwrap(), "expired");
     assert_eq!(store.sweep_expired().unwrap(), 1);
@@ -139,7 +154,7 @@ async fn retries_are_ordered_unique_per_pair_and_survive_reopen() {
         store.remove_retry("d", "b").unwrap();
         store.try_commit().await.unwrap();
     }
-    let store = Store::open(&config(dir.path(), Duration::from_secs(60))).expect("reopen");
+    let store = open_again(&config(dir.path(), Duration::from_secs(60)));
     let all: Vec<_> = store
         .retries()
         .unwrap()
@@ -351,4 +366,57 @@ async fn half_the_cap_waiting_cuts_the_flush_interval_short() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     store.close().await.expect("close");
+}
+
+#[tokio::test]
+async fn dedup_records_of_the_old_sled_tree_move_to_the_dedup_table() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let now = millis(std::time::SystemTime::now());
+    {
+        let db = sled::Config::new()
+            .path(dir.path())
+            .flush_every_ms(None)
+            .open()
+            .expect("sled");
+        let tree = db.open_tree("delivered").expect("tree");
+        tree.insert(b"d\0e1", &now.to_be_bytes()).expect("insert");
+        tree.insert(b"d\0old", &(now - 7_200_000).to_be_bytes())
+            .expect("insert");
+        db.flush().expect("flush");
+    }
+    let store = Store::open(&config(dir.path(), Duration::from_secs(3600))).expect("open");
+    assert!(store.is_delivered("d", "e1").await.unwrap(), "moved");
+    assert!(
+        !store.is_delivered("d", "old").await.unwrap(),
+        "moved, and expired"
+    );
+    assert!(!store.is_delivered("other", "e1").await.unwrap());
+    assert_eq!(store.delivered_count(), 1);
+    let h = store.handles().expect("open");
+    let tree = h.db.open_tree("delivered").expect("tree");
+    assert!(tree.is_empty(), "the old tree is emptied");
+    drop((tree, h));
+    drop(store);
+    let store = open_again(&config(dir.path(), Duration::from_secs(3600)));
+    assert!(
+        store.is_delivered("d", "e1").await.unwrap(),
+        "durable after the move"
+    );
+}
+
+#[tokio::test]
+async fn a_commit_of_dedup_records_alone_does_not_flush_sled() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = Store::open(&config(dir.path(), Duration::from_secs(60))).expect("open");
+    let h = store.handles().expect("open");
+    let dirty = || h.sled_dirty.load(std::sync::atomic::Ordering::SeqCst);
+    store.record_delivered("d", "e1").await.unwrap();
+    assert!(!dirty(), "a dedup record is not a sled write");
+    store.try_commit().await.unwrap();
+    assert!(store.all_durable());
+    store.remove_retry("d", "e1").unwrap();
+    assert!(dirty(), "a retry-tree write is");
+    store.try_commit().await.unwrap();
+    assert!(!dirty(), "flushed");
+    assert!(store.all_durable());
 }

@@ -1,10 +1,11 @@
-//! What the store's trees hold and how they are read and written: the dedup tree, the retry tree
-//! and its index, and the dead-letter tree. Each write is an in-memory insert, durable after the
-//! next commit (see `commit.rs`).
+//! What the store holds and how it is read and written: the dedup record (in the dedup table,
+//! `dedup_table/`), the retry tree and its index, and the dead-letter tree. Each write is an
+//! in-memory insert, durable after the next commit (see `commit.rs`).
 
 use std::time::SystemTime;
 
 use super::db::Handles;
+use super::dedup_table::key_hash;
 use super::records::{millis, DeadLetter, RetryRecord};
 use super::{Store, StoreError};
 
@@ -25,12 +26,19 @@ fn retry_prefix(destination: &str) -> Vec<u8> {
 }
 
 impl Store {
-    fn handles(&self) -> Result<std::sync::Arc<Handles>, StoreError> {
+    pub(super) fn handles(&self) -> Result<std::sync::Arc<Handles>, StoreError> {
         self.inner.db.handles()
     }
 
     fn err(&self, source: sled::Error) -> StoreError {
         StoreError::Sled {
+            path: self.inner.db.path().to_string(),
+            source,
+        }
+    }
+
+    fn io_err(&self, source: std::io::Error) -> StoreError {
+        StoreError::Io {
             path: self.inner.db.path().to_string(),
             source,
         }
@@ -43,40 +51,42 @@ impl Store {
         }
     }
 
-    fn wrote(&self) {
+    /// Counts a write to one of sled's trees: the next commit flushes sled.
+    fn wrote(&self, h: &Handles) {
+        h.sled_dirty
+            .store(true, std::sync::atomic::Ordering::SeqCst);
         self.inner.commits.wrote();
     }
 
     /// Whether `event_id` was delivered with a 2xx to `destination` within the dedup TTL,
-    /// by the sled tree.
-    pub(super) fn sled_is_delivered(
+    /// by the dedup table.
+    pub(super) fn local_is_delivered(
         &self,
         destination: &str,
         event_id: &str,
     ) -> Result<bool, StoreError> {
         let h = self.handles()?;
-        let found = with_dedup_key(destination, event_id, |key| h.delivered.get(key));
-        let Some(value) = found.map_err(|e| self.err(e))? else {
+        let found = h
+            .dedup
+            .get(&key_hash(destination, event_id))
+            .map_err(|e| self.io_err(e))?;
+        let Some(at) = found else {
             return Ok(false);
         };
-        let at = decode_millis(&value);
         let now = millis(SystemTime::now());
         Ok(now.saturating_sub(at) < self.inner.dedup_ttl.as_millis() as u64)
     }
 
-    /// Remembers a 2xx delivery in the sled tree. Durable after the next commit.
-    pub(super) fn sled_record_delivered(
+    /// Remembers a 2xx delivery in the dedup table. Durable after the next commit.
+    pub(super) fn local_record_delivered(
         &self,
         destination: &str,
         event_id: &str,
     ) -> Result<(), StoreError> {
         let h = self.handles()?;
-        let now = millis(SystemTime::now());
-        with_dedup_key(destination, event_id, |key| {
-            h.delivered.insert(key, &now.to_be_bytes())
-        })
-        .map_err(|e| self.err(e))?;
-        self.wrote();
+        h.dedup
+            .record(key_hash(destination, event_id), millis(SystemTime::now()));
+        self.inner.commits.wrote();
         Ok(())
     }
 
@@ -92,7 +102,7 @@ impl Store {
             message: e.to_string(),
         })?;
         h.dead.insert(key, value).map_err(|e| self.err(e))?;
-        self.wrote();
+        self.wrote(&h);
         Ok(())
     }
 
@@ -117,7 +127,7 @@ impl Store {
                 h.retries.remove(old).map_err(|e| self.err(e))?;
             }
         }
-        self.wrote();
+        self.wrote(&h);
         Ok(())
     }
 
@@ -128,7 +138,7 @@ impl Store {
         if let Some(key) = h.retry_index.remove(pair).map_err(|e| self.err(e))? {
             h.retries.remove(key).map_err(|e| self.err(e))?;
         }
-        self.wrote();
+        self.wrote(&h);
         Ok(())
     }
 
@@ -143,7 +153,7 @@ impl Store {
             .retry_index
             .compare_and_swap(pair, Some(key.as_slice()), None::<&[u8]>)
             .map_err(|e| self.err(e))?;
-        self.wrote();
+        self.wrote(&h);
         Ok(())
     }
 
@@ -244,7 +254,7 @@ impl Store {
             .ok_or_else(|| self.corrupt(format!("bad dead-letter key {:?}", letter.key)))?;
         let value = serde_json::to_vec(letter).map_err(|e| self.corrupt(e.to_string()))?;
         h.dead.insert(key, value).map_err(|e| self.err(e))?;
-        self.wrote();
+        self.wrote(&h);
         Ok(())
     }
 
@@ -254,7 +264,7 @@ impl Store {
         let raw = unhex(key).ok_or_else(|| self.corrupt(format!("bad dead-letter key {key:?}")))?;
         let removed = h.dead.remove(raw).map_err(|e| self.err(e))?.is_some();
         if removed {
-            self.wrote();
+            self.wrote(&h);
         }
         Ok(removed)
     }
@@ -276,41 +286,25 @@ impl Store {
         Ok(out)
     }
 
-    /// Drops dedup entries older than the TTL; returns how many. Runs in the background.
+    /// Drops expired dedup records when they hold most of the dedup table's slots in use (a
+    /// rebuild of the table); returns how many. Runs in the background.
     pub fn sweep_expired(&self) -> Result<usize, StoreError> {
         let h = self.handles()?;
-        let now = millis(SystemTime::now());
-        let ttl = self.inner.dedup_ttl.as_millis() as u64;
-        let mut removed = 0;
-        for item in h.delivered.iter() {
-            let (key, value) = item.map_err(|e| self.err(e))?;
-            if now.saturating_sub(decode_millis(&value)) >= ttl {
-                h.delivered.remove(key).map_err(|e| self.err(e))?;
-                removed += 1;
-            }
-        }
-        Ok(removed)
+        h.dedup
+            .sweep(millis(SystemTime::now()))
+            .map_err(|e| self.io_err(e))
     }
 
-    /// Number of remembered deliveries (for logs and tests).
+    /// Number of remembered deliveries within the TTL (for logs and tests; reads the whole
+    /// dedup table).
     pub fn delivered_count(&self) -> usize {
-        self.handles().map(|h| h.delivered.len()).unwrap_or(0)
-    }
-}
-
-/// Calls `f` with [`dedup_key`], built on the stack when it is short: the dedup check and record
-/// run once per delivery, and sled copies the key anyway.
-fn with_dedup_key<T>(destination: &str, event_id: &str, f: impl FnOnce(&[u8]) -> T) -> T {
-    let (d, len) = (destination.len(), destination.len() + 1 + event_id.len());
-    let mut stack = [0u8; 192];
-    match stack.get_mut(..len) {
-        Some(key) => {
-            key[..d].copy_from_slice(destination.as_bytes());
-            key[d] = 0;
-            key[d + 1..].copy_from_slice(event_id.as_bytes());
-            f(key)
-        }
-        None => f(&dedup_key(destination, event_id)),
+        self.handles()
+            .and_then(|h| {
+                h.dedup
+                    .live_count(millis(SystemTime::now()))
+                    .map_err(|e| self.io_err(e))
+            })
+            .unwrap_or(0)
     }
 }
 
@@ -342,23 +336,4 @@ fn unhex(text: &str) -> Option<Vec<u8>> {
         .step_by(2)
         .map(|i| u8::from_str_radix(text.get(i..i + 2)?, 16).ok())
         .collect()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn stack_and_heap_dedup_keys_are_the_same_bytes() {
-        let long_id = "x".repeat(500);
-        for (destination, id) in [("d", "e1"), ("partner", long_id.as_str()), ("", "")] {
-            let built = with_dedup_key(destination, id, |key| key.to_vec());
-            assert_eq!(
-                built,
-                dedup_key(destination, id),
-                "{destination:?} {}",
-                id.len()
-            );
-        }
-    }
 }

@@ -122,7 +122,7 @@ impl Bench {
             }
         };
         let base = match self.args.dedup {
-            DedupMode::Sled => base,
+            DedupMode::Local => base,
             DedupMode::Redis => {
                 let case = dir.file_name().map(|n| n.to_string_lossy().into_owned());
                 base.redis_dedup(REDIS_URL, &format!("{}:", case.unwrap_or_default()))

@@ -4,7 +4,7 @@
 //!     scripts/bench.sh [--events N] [--latency-seconds S] [--rate R,...] [--prefetch P]
 //!                      [--max-concurrency C] [--mqtt-runs N] [--slow-seconds S] [--kills K]
 //!                      [--only mqtt,fanout,...] [--courier PATH]
-//!                      [--tracing off|start|export] [--dedup sled|redis] [--id-len N]
+//!                      [--tracing off|start|export] [--dedup local|redis] [--id-len N]
 //!     (= cargo build --release -p courier -p courier-bench && target/release/courier-bench ...;
 //!     --help lists the cases)
 //!
@@ -103,7 +103,7 @@ struct Args {
     #[arg(long, value_enum, default_value_t = TraceMode::Off)]
     tracing: TraceMode,
     /// Where courier keeps its dedup record in every case.
-    #[arg(long, value_enum, default_value_t = DedupMode::Sled)]
+    #[arg(long, value_enum, default_value_t = DedupMode::Local)]
     dedup: DedupMode,
     /// Characters per event id in the pre-filled and MQTT runs, the number zero-padded to make
     /// up the length (36 is a UUID's); 0 keeps ids as short as `<prefix><number>`. The dedup
@@ -115,8 +115,9 @@ struct Args {
 /// `store.dedup` of courier in every case.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 enum DedupMode {
-    /// The sled tree of courier's own store (courier's default).
-    Sled,
+    /// The dedup table in courier's own store (courier's default).
+    #[value(alias = "sled")]
+    Local,
     /// The Redis on 127.0.0.1:6379, under a prefix of the case's own, with a `dedup_ttl` of
     /// 10 minutes so the keys of a run do not stay in Redis for a week.
     Redis,

@@ -1,0 +1,575 @@
+//! The local dedup record: an on-disk hash table of fixed 32-byte slots, one per (destination,
+//! event id) delivered with a 2xx, in `<store.path>/dedup.table` (`file.rs`), with a
+//! write-ahead log in front of it (`wal.rs`).
+//!
+//! Why not a sled tree: sled 0.34 copies a 16-key leaf on every insert and walks the whole tree
+//! to find it, which made the dedup record a large part of courier's CPU and memory per event,
+//! and its cost grew several-fold as the tree filled to millions of records
+//! (docs/performance.md). Here a check is one positioned read of a few slots whatever the
+//! table holds, and memory is the operating system's page cache, not courier's.
+//!
+//! A record's way to the disk:
+//! 1. [`DedupTable::record`] puts it in `pending`, in memory;
+//! 2. the store's group commit ([`DedupTable::commit`]) appends what is pending to the log and
+//!    `fdatasync`s it (one sequential write), and moves it to the `memtable`: it is durable;
+//! 3. once the memtable holds enough records, a checkpoint (in a thread of its own) freezes it,
+//!    starts a new log for the commits that follow, writes the frozen records into their slots
+//!    a page at a time (or rebuilds the table into a larger file with them, once it would be
+//!    more than half full), syncs the table, and deletes the old log.
+//!
+//! Only a checkpoint or a rebuild writes the table file, one at a time. A lookup reads
+//! `pending`, the memtable and the frozen memtable first, then the file. At open, the logs left
+//! behind are read back into the memtable and checkpointed.
+//!
+//! A 128-bit cryptographic hash keeps the answers exact in practice (two keys share one with a
+//! probability near 2^-128 per pair) and keeps a producer from choosing ids that collide on
+//! purpose. A record older than the TTL is expired: a lookup passes over it, an insert may reuse
+//! its slot, and a rebuild drops it. A slot whose CRC does not match (a torn write) is treated
+//! the same. The dedup sweep rebuilds the table at the size its live records need once expired
+//! records are at least as many, which is how disk space comes back.
+
+mod file;
+mod wal;
+
+use std::collections::HashMap;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+
+use sha2::{Digest, Sha256};
+
+use file::{is_live, TableFile, SCAN_SLOTS};
+use wal::Wal;
+
+/// The first 16 bytes of SHA-256 of a dedup key.
+pub(super) type KeyHash = [u8; 16];
+
+/// The capacity of a new table (2 MiB of slots).
+pub(super) const INITIAL_CAPACITY: u64 = 1 << 16;
+/// Committed records after which a checkpoint writes them into the table (2 MiB of log).
+const CHECKPOINT_RECORDS: usize = 1 << 16;
+/// Committed records waiting for a checkpoint past which commits fail: checkpoints that keep
+/// failing (a full disk) must not let memory grow without bound. The store then holds acks back
+/// and reopens, as after any failed write.
+const MAX_WAITING: usize = 8 * CHECKPOINT_RECORDS;
+
+/// The table's file name inside the store's directory.
+const FILE_NAME: &str = "dedup.table";
+const NEW_FILE_NAME: &str = "dedup.table.new";
+
+/// Hashes `destination ++ 0 ++ event id`.
+pub(super) fn key_hash(destination: &str, event_id: &str) -> KeyHash {
+    let mut hasher = Sha256::new();
+    hasher.update(destination.as_bytes());
+    hasher.update([0u8]);
+    hasher.update(event_id.as_bytes());
+    finish(hasher)
+}
+
+/// Hashes a key already joined as `destination ++ 0 ++ event id` (the sled tree's keys).
+pub(super) fn joined_key_hash(key: &[u8]) -> KeyHash {
+    finish(Sha256::new_with_prefix(key))
+}
+
+fn finish(hasher: Sha256) -> KeyHash {
+    let digest = hasher.finalize();
+    let mut hash = [0u8; 16];
+    hash.copy_from_slice(&digest[..16]);
+    // An all-zero hash would read as an empty slot.
+    if hash == [0u8; 16] {
+        hash[0] = 1;
+    }
+    hash
+}
+
+/// The records in memory, by how far they are on their way to the table file.
+#[derive(Default)]
+struct Records {
+    /// Made, not committed yet.
+    pending: HashMap<KeyHash, u64>,
+    /// Committed (in the log), not in the table file yet.
+    memtable: HashMap<KeyHash, u64>,
+    /// Being written into the table file by a checkpoint.
+    frozen: Option<Arc<HashMap<KeyHash, u64>>>,
+}
+
+impl Records {
+    fn get(&self, hash: &KeyHash) -> Option<u64> {
+        self.pending
+            .get(hash)
+            .or_else(|| self.memtable.get(hash))
+            .or_else(|| self.frozen.as_ref().and_then(|f| f.get(hash)))
+            .copied()
+    }
+}
+
+/// The log and what commits and checkpoints must do one at a time.
+struct Log {
+    wal: Wal,
+    /// Logs whose records are in the memtable or frozen, not yet synced in the table file.
+    retired: Vec<u64>,
+    /// Set by [`DedupTable::close`]: the store was reopened, and another table now owns the
+    /// files.
+    closed: bool,
+}
+
+/// The dedup table of one open store.
+pub(super) struct DedupTable {
+    dir: PathBuf,
+    /// `store.dedup_ttl`: an older record is expired.
+    ttl_ms: u64,
+    checkpoint_records: usize,
+    current: RwLock<Arc<TableFile>>,
+    records: Mutex<Records>,
+    log: Mutex<Log>,
+    /// Slots in use in the table file; only a checkpoint or a rebuild changes it.
+    occupied: AtomicU64,
+    /// Whether a checkpoint, a rebuild or a sweep runs (one at a time).
+    maintaining: AtomicBool,
+    /// Asks a running checkpoint or rebuild to give up (the store is closing or reopening).
+    stop: AtomicBool,
+}
+
+fn io_context(what: &str, path: &Path, error: io::Error) -> io::Error {
+    io::Error::new(
+        error.kind(),
+        format!("dedup table {}: {what}: {error}", path.display()),
+    )
+}
+
+impl DedupTable {
+    /// Opens the table in `dir`, creating it with room for `capacity_hint` records or more when
+    /// there is none, and checkpoints the logs left by the last run. A rebuild that a crash
+    /// interrupted is discarded (the old file is whole).
+    pub(super) fn open(dir: &Path, capacity_hint: u64, ttl_ms: u64) -> io::Result<Arc<DedupTable>> {
+        DedupTable::open_with(dir, capacity_hint, ttl_ms, CHECKPOINT_RECORDS)
+    }
+
+    fn open_with(
+        dir: &Path,
+        capacity_hint: u64,
+        ttl_ms: u64,
+        checkpoint_records: usize,
+    ) -> io::Result<Arc<DedupTable>> {
+        let path = dir.join(FILE_NAME);
+        match std::fs::remove_file(dir.join(NEW_FILE_NAME)) {
+            Ok(()) => {
+                tracing::info!(dir = %dir.display(), "discarded an unfinished dedup table rebuild")
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io_context("removing an unfinished rebuild", dir, e)),
+        }
+        let (table, occupied) = match TableFile::open(&path) {
+            Ok(Some(found)) => found,
+            Ok(None) => {
+                // Written whole under another name, then renamed: a crash never leaves a table
+                // without its header.
+                let new_path = dir.join(NEW_FILE_NAME);
+                let table = TableFile::create(&new_path, capacity_for(capacity_hint))
+                    .and_then(|t| t.file.sync_all().map(|()| t))
+                    .and_then(|t| std::fs::rename(&new_path, &path).map(|()| t))
+                    .map_err(|e| io_context("creating", &path, e))?;
+                sync_dir(dir);
+                (table, 0)
+            }
+            Err(e) => return Err(io_context("opening", &path, e)),
+        };
+        let logs = wal::list(dir).map_err(|e| io_context("listing its logs", dir, e))?;
+        let mut memtable = HashMap::new();
+        for seq in &logs {
+            let records =
+                wal::read(dir, *seq).map_err(|e| io_context("reading its log", dir, e))?;
+            for (hash, at) in records {
+                let at = memtable.get(&hash).map_or(at, |seen: &u64| at.max(*seen));
+                memtable.insert(hash, at);
+            }
+        }
+        let next = logs.last().map_or(0, |last| last + 1);
+        let wal = Wal::create(dir, next).map_err(|e| io_context("creating its log", dir, e))?;
+        let replayed = memtable.len();
+        let opened = Arc::new(DedupTable {
+            dir: dir.to_path_buf(),
+            ttl_ms,
+            checkpoint_records,
+            current: RwLock::new(Arc::new(table)),
+            records: Mutex::new(Records {
+                memtable,
+                ..Records::default()
+            }),
+            log: Mutex::new(Log {
+                wal,
+                retired: logs,
+                closed: false,
+            }),
+            occupied: AtomicU64::new(occupied),
+            maintaining: AtomicBool::new(true),
+            stop: AtomicBool::new(false),
+        });
+        let checkpointed = opened.checkpoint(super::records::millis(std::time::SystemTime::now()));
+        opened.maintaining.store(false, Ordering::SeqCst);
+        checkpointed?;
+        if replayed > 0 {
+            tracing::debug!(dir = %dir.display(), records = replayed, "dedup table logs replayed");
+        }
+        Ok(opened)
+    }
+
+    fn path(&self) -> PathBuf {
+        self.dir.join(FILE_NAME)
+    }
+
+    fn table(&self) -> Arc<TableFile> {
+        self.current
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    fn lock_records(&self) -> std::sync::MutexGuard<'_, Records> {
+        self.records.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn lock_log(&self) -> std::sync::MutexGuard<'_, Log> {
+        self.log.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The delivery time recorded for `hash`: in memory, or in the file.
+    pub(super) fn get(&self, hash: &KeyHash) -> io::Result<Option<u64>> {
+        if let Some(at) = self.lock_records().get(hash) {
+            return Ok(Some(at));
+        }
+        // Read after the records in memory: a checkpoint drops its frozen records only once
+        // the file (this one, or the one a rebuild put in its place) holds them.
+        self.table()
+            .get(hash)
+            .map_err(|e| io_context("reading", &self.path(), e))
+    }
+
+    /// Records a delivery at `at_ms`; durable after the next commit.
+    pub(super) fn record(&self, hash: KeyHash, at_ms: u64) {
+        self.lock_records().pending.insert(hash, at_ms);
+    }
+
+    /// Makes the records made before this call durable: appends them to the log and
+    /// `fdatasync`s it. Once enough records wait for the table file, starts a checkpoint in
+    /// `spawn_background`.
+    pub(super) fn commit(
+        self: &Arc<Self>,
+        now_ms: u64,
+        spawn_background: impl FnOnce(Box<dyn FnOnce() + Send>),
+    ) -> io::Result<()> {
+        self.wait_for_room()?;
+        let checkpoint = {
+            let mut log = self.lock_log();
+            if log.closed {
+                return Err(self.closed_error());
+            }
+            let batch: Vec<(KeyHash, u64)> = self
+                .lock_records()
+                .pending
+                .iter()
+                .map(|(h, at)| (*h, *at))
+                .collect();
+            if batch.is_empty() {
+                return Ok(());
+            }
+            let wal_path = log.wal.path();
+            log.wal
+                .append(&batch)
+                .map_err(|e| io_context("appending to its log", &wal_path, e))?;
+            let mut records = self.lock_records();
+            for (hash, at) in batch {
+                // A record made again since the snapshot stays pending for the next commit.
+                if records.pending.get(&hash) == Some(&at) {
+                    records.pending.remove(&hash);
+                }
+                let newest = records.memtable.get(&hash).map_or(at, |seen| at.max(*seen));
+                records.memtable.insert(hash, newest);
+            }
+            records.memtable.len() >= self.checkpoint_records
+                && !self.maintaining.swap(true, Ordering::SeqCst)
+        };
+        if checkpoint {
+            let table = Arc::clone(self);
+            spawn_background(Box::new(move || {
+                if let Err(error) = table.checkpoint(now_ms) {
+                    tracing::warn!(%error, "dedup table checkpoint failed; will try again at a later commit");
+                }
+                table.maintaining.store(false, Ordering::SeqCst);
+            }));
+        }
+        Ok(())
+    }
+
+    /// Returns once fewer than [`MAX_WAITING`] committed records wait for the table file:
+    /// at once normally; after the checkpoint under way when a burst outran it (a rebuild of a
+    /// large table takes seconds). Fails when they wait and no checkpoint runs: the last ones
+    /// failed, and the caller's store-failure handling takes over.
+    fn wait_for_room(&self) -> io::Result<()> {
+        loop {
+            let waiting = {
+                let records = self.lock_records();
+                records.memtable.len() + records.frozen.as_ref().map_or(0, |f| f.len())
+            };
+            if waiting < MAX_WAITING {
+                return Ok(());
+            }
+            if !self.maintaining.load(Ordering::SeqCst) {
+                return Err(io::Error::other(format!(
+                    "dedup table {}: {waiting} records wait for a checkpoint that has not succeeded",
+                    self.path().display()
+                )));
+            }
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+    }
+
+    fn closed_error(&self) -> io::Error {
+        io::Error::other(format!(
+            "dedup table {}: closed by a reopen of the store",
+            self.path().display()
+        ))
+    }
+
+    /// Writes the memtable into the table file (growing the file when it would be more than
+    /// half full), syncs it, and deletes the logs that held those records. The caller holds
+    /// `maintaining`.
+    fn checkpoint(&self, now_ms: u64) -> io::Result<()> {
+        let (frozen, retired) = {
+            let mut log = self.lock_log();
+            if log.closed {
+                return Err(self.closed_error());
+            }
+            if self.lock_records().memtable.is_empty() {
+                // Every record of the retired logs is in the file already (or they were
+                // empty): nothing to write, only logs to delete.
+                let retired = std::mem::take(&mut log.retired);
+                drop(log);
+                for seq in retired {
+                    wal::remove(&self.dir, seq)
+                        .map_err(|e| io_context("removing an empty log", &self.dir, e))?;
+                }
+                return Ok(());
+            }
+            // The new log first: when it cannot be made, nothing has moved.
+            let next = Wal::create(&self.dir, log.wal.seq() + 1)
+                .map_err(|e| io_context("creating its log", &self.dir, e))?;
+            let old = std::mem::replace(&mut log.wal, next);
+            log.retired.push(old.seq());
+            let mut records = self.lock_records();
+            let frozen = Arc::new(std::mem::take(&mut records.memtable));
+            records.frozen = Some(Arc::clone(&frozen));
+            (frozen, log.retired.clone())
+        };
+        match self.write_frozen(&frozen, now_ms) {
+            Ok(()) => {
+                self.lock_records().frozen = None;
+                let mut log = self.lock_log();
+                log.retired.retain(|seq| !retired.contains(seq));
+                drop(log);
+                for seq in retired {
+                    wal::remove(&self.dir, seq)
+                        .map_err(|e| io_context("removing a checkpointed log", &self.dir, e))?;
+                }
+                Ok(())
+            }
+            Err(error) => {
+                // Back into the memtable, for the next checkpoint; their logs stay.
+                let mut records = self.lock_records();
+                records.frozen = None;
+                for (hash, at) in frozen.iter() {
+                    let newest = records.memtable.get(hash).map_or(*at, |m| (*at).max(*m));
+                    records.memtable.insert(*hash, newest);
+                }
+                Err(error)
+            }
+        }
+    }
+
+    fn write_frozen(&self, frozen: &HashMap<KeyHash, u64>, now_ms: u64) -> io::Result<()> {
+        let mut batch: Vec<(KeyHash, u64)> = frozen.iter().map(|(h, at)| (*h, *at)).collect();
+        let table = self.table();
+        let occupied = self.occupied.load(Ordering::SeqCst);
+        let incoming = batch.len() as u64;
+        if (occupied + incoming).saturating_mul(2) > table.capacity {
+            return self.rebuild(capacity_for(occupied + incoming), now_ms, batch);
+        }
+        let path = self.path();
+        let taken = table
+            .apply(&mut batch, now_ms, self.ttl_ms)
+            .map_err(|e| io_context("writing", &path, e))?;
+        let occupied = occupied + taken;
+        table
+            .write_header(occupied)
+            .map_err(|e| io_context("writing the header", &path, e))?;
+        table
+            .file
+            .sync_data()
+            .map_err(|e| io_context("syncing", &path, e))?;
+        self.occupied.store(occupied, Ordering::SeqCst);
+        Ok(())
+    }
+
+    /// Writes a new file of `capacity` slots with the live records of the table and `extra`,
+    /// syncs it and renames it over the table. The caller holds `maintaining`.
+    fn rebuild(
+        &self,
+        capacity: u64,
+        now_ms: u64,
+        mut extra: Vec<(KeyHash, u64)>,
+    ) -> io::Result<()> {
+        let new_path = self.dir.join(NEW_FILE_NAME);
+        let ctx = |what: &'static str| {
+            let new_path = new_path.clone();
+            move |e| io_context(what, &new_path, e)
+        };
+        let started = std::time::Instant::now();
+        let old = self.table();
+        let result = (|| {
+            let new = TableFile::create(&new_path, capacity).map_err(ctx("creating"))?;
+            let mut occupied = 0u64;
+            let mut chunk = Vec::with_capacity(SCAN_SLOTS);
+            old.for_each_record(&self.stop, |hash, at| {
+                if is_live(at, now_ms, self.ttl_ms) {
+                    chunk.push((*hash, at));
+                }
+                if chunk.len() >= SCAN_SLOTS {
+                    occupied += new.apply(&mut chunk, now_ms, self.ttl_ms)?;
+                    chunk.clear();
+                }
+                Ok(())
+            })
+            .map_err(ctx("copying records"))?;
+            chunk.append(&mut extra);
+            occupied += new
+                .apply(&mut chunk, now_ms, self.ttl_ms)
+                .map_err(ctx("writing"))?;
+            new.write_header(occupied)
+                .map_err(ctx("writing the header"))?;
+            new.file.sync_all().map_err(ctx("syncing"))?;
+            let log = self.lock_log();
+            if log.closed {
+                return Err(self.closed_error());
+            }
+            std::fs::rename(&new_path, self.path()).map_err(ctx("renaming"))?;
+            sync_dir(&self.dir);
+            *self.current.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(new);
+            self.occupied.store(occupied, Ordering::SeqCst);
+            drop(log);
+            Ok(occupied)
+        })();
+        match result {
+            Ok(records) => {
+                tracing::info!(
+                    from = old.capacity,
+                    to = capacity,
+                    records,
+                    took = ?started.elapsed(),
+                    "dedup table rebuilt"
+                );
+                Ok(())
+            }
+            Err(error) => {
+                let _ = std::fs::remove_file(&new_path);
+                Err(error)
+            }
+        }
+    }
+
+    /// Live records: in memory or in the file, and younger than the TTL. Reads the whole file.
+    pub(super) fn live_count(&self, now_ms: u64) -> io::Result<usize> {
+        let ttl_ms = self.ttl_ms;
+        let mut in_memory: HashMap<KeyHash, u64> = HashMap::new();
+        {
+            let records = self.lock_records();
+            let frozen = records.frozen.iter().flat_map(|f| f.iter());
+            for (hash, at) in records
+                .pending
+                .iter()
+                .chain(&records.memtable)
+                .chain(frozen)
+            {
+                in_memory.insert(*hash, *at);
+            }
+        }
+        let mut count = in_memory
+            .values()
+            .filter(|at| is_live(**at, now_ms, ttl_ms))
+            .count();
+        let never = AtomicBool::new(false);
+        self.table()
+            .for_each_record(&never, |hash, at| {
+                if is_live(at, now_ms, ttl_ms) && !in_memory.contains_key(hash) {
+                    count += 1;
+                }
+                Ok(())
+            })
+            .map_err(|e| io_context("counting", &self.path(), e))?;
+        Ok(count)
+    }
+
+    /// The dedup sweep: when expired records in the file are at least as many as live ones,
+    /// rebuilds it without them (at the size its live records need) and returns how many it
+    /// dropped. Skips a round while a checkpoint or a rebuild runs.
+    pub(super) fn sweep(&self, now_ms: u64) -> io::Result<usize> {
+        if self.maintaining.swap(true, Ordering::SeqCst) {
+            return Ok(0);
+        }
+        let result = self.sweep_claimed(now_ms);
+        self.maintaining.store(false, Ordering::SeqCst);
+        result
+    }
+
+    fn sweep_claimed(&self, now_ms: u64) -> io::Result<usize> {
+        let (mut live, mut expired) = (0u64, 0usize);
+        self.table()
+            .for_each_record(&self.stop, |_, at| {
+                if is_live(at, now_ms, self.ttl_ms) {
+                    live += 1;
+                } else {
+                    expired += 1;
+                }
+                Ok(())
+            })
+            .map_err(|e| io_context("sweeping", &self.path(), e))?;
+        if expired == 0 || (expired as u64) < live {
+            return Ok(0);
+        }
+        self.rebuild(capacity_for(live), now_ms, Vec::new())?;
+        Ok(expired)
+    }
+
+    /// Asks a running checkpoint or rebuild to stop; the table keeps answering.
+    pub(super) fn stop_background(&self) {
+        self.stop.store(true, Ordering::SeqCst);
+    }
+
+    /// For a reopen of the store: after this, commits, checkpoints and rebuilds of this
+    /// instance fail, so only the table the reopen opens writes to the files.
+    pub(super) fn close(&self) {
+        self.stop_background();
+        self.lock_log().closed = true;
+    }
+}
+
+/// Makes a rename in `dir` survive a power loss. Best effort, as for the store's own directory
+/// entries: some filesystems refuse to sync a directory.
+fn sync_dir(dir: &Path) {
+    if let Err(error) = std::fs::File::open(dir).and_then(|d| d.sync_all()) {
+        tracing::warn!(dir = %dir.display(), %error, "cannot sync the store directory after renaming the dedup table");
+    }
+}
+
+/// The smallest power of two that holds `records` at most a quarter full, and at least
+/// [`INITIAL_CAPACITY`].
+fn capacity_for(records: u64) -> u64 {
+    records
+        .saturating_mul(4)
+        .max(INITIAL_CAPACITY)
+        .checked_next_power_of_two()
+        .unwrap_or(1 << 62)
+}
+
+#[cfg(test)]
+mod tests;
