@@ -193,13 +193,17 @@ pub(super) async fn flush_and_sync(db: &Db, h: &Handles) -> Result<(), StoreErro
     result
 }
 
-/// Runs a checkpoint or a rebuild of the dedup table in a thread of its own: a rebuild reads
-/// and writes the whole table, a checkpoint syncs it, and commits go on meanwhile.
-fn spawn_background(task: Box<dyn FnOnce() + Send>) {
-    if let Err(error) = std::thread::Builder::new()
+/// Runs a checkpoint of the dedup table in a thread of its own (it writes many pages, and a
+/// rebuild the whole table), so that commits go on meanwhile. Returns whether it started.
+fn spawn_background(task: Box<dyn FnOnce() + Send>) -> bool {
+    match std::thread::Builder::new()
         .name("courier-dedup-table".to_string())
         .spawn(task)
     {
-        tracing::error!(%error, "cannot start a thread for the dedup table's checkpoint or growth");
+        Ok(_) => true,
+        Err(error) => {
+            tracing::error!(%error, "cannot start a thread for a dedup table checkpoint; a later commit tries again");
+            false
+        }
     }
 }

@@ -146,9 +146,12 @@ impl Db {
                 *self.lock_reason() = Some(error.to_string());
             }
             // sled releases its file lock only when the last handle is dropped; operations that
-            // cloned it finish quickly (they fail).
+            // cloned it finish quickly (they fail). A checkpoint of the old dedup table stops at
+            // its next page write, before the new table reads the file.
             let deadline = std::time::Instant::now() + Duration::from_secs(5);
-            while Arc::strong_count(&old) > 1 && std::time::Instant::now() < deadline {
+            while (Arc::strong_count(&old) > 1 || old.dedup.busy())
+                && std::time::Instant::now() < deadline
+            {
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }
             let _ = tokio::task::spawn_blocking(move || drop(old)).await;
@@ -289,16 +292,22 @@ fn open_dedup_table(
         table.record(joined_key_hash(&key), u64::from_be_bytes(at));
         moved += 1;
         if moved % 100_000 == 0 {
-            table.commit(now, |rebuild| rebuild()).map_err(io_err)?;
+            table.commit(now, run_now).map_err(io_err)?;
         }
     }
-    table.commit(now, |rebuild| rebuild()).map_err(io_err)?;
+    table.commit(now, run_now).map_err(io_err)?;
     // Emptied, not dropped: sled 0.34 keeps a dropped tree's handle, and with it the store's
     // file lock, until its epoch-based garbage collection runs.
     tree.clear().map_err(sled_err)?;
     db.flush().map_err(sled_err)?;
     tracing::info!(store = %path, records = moved, "dedup records moved from the sled tree to the dedup table");
     Ok(table)
+}
+
+/// Runs a dedup table checkpoint on the caller's thread (while the store opens).
+fn run_now(checkpoint: Box<dyn FnOnce() + Send>) -> bool {
+    checkpoint();
+    true
 }
 
 /// The sled tree that held the dedup record before the dedup table.

@@ -196,12 +196,13 @@ impl TableFile {
 
     /// Writes `records` into their slots (not synced), in the order of their home slots and a
     /// page at a time, so that records sharing a page cost one read and one write of it.
-    /// Returns how many empty slots they took.
+    /// Returns how many empty slots they took. Gives up, between two writes, once `stop` is set.
     pub(super) fn apply(
         &self,
         records: &mut [(KeyHash, u64)],
         now_ms: u64,
         ttl_ms: u64,
+        stop: &AtomicBool,
     ) -> io::Result<u64> {
         records.sort_unstable_by_key(|(hash, _)| self.home(hash));
         let mut pages = Pages {
@@ -214,8 +215,14 @@ impl TableFile {
                 taken += 1;
             }
             if pages.cached.len() >= DIRTY_PAGES {
+                if stop.load(Ordering::SeqCst) {
+                    return Err(io::Error::other("stopped"));
+                }
                 pages.write_back()?;
             }
+        }
+        if stop.load(Ordering::SeqCst) {
+            return Err(io::Error::other("stopped"));
         }
         pages.write_back()?;
         Ok(taken)
@@ -291,7 +298,11 @@ impl Pages<'_> {
         let mut target = None;
         for _ in 0..capacity {
             match self.slot(index)? {
-                Slot::Record(h, _) if h == *hash => {
+                Slot::Record(h, at) if h == *hash => {
+                    if at >= at_ms {
+                        // Already there, as new or newer.
+                        return Ok(false);
+                    }
                     target = Some((index, false));
                     break;
                 }

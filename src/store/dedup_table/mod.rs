@@ -49,10 +49,11 @@ pub(super) type KeyHash = [u8; 16];
 pub(super) const INITIAL_CAPACITY: u64 = 1 << 16;
 /// Committed records after which a checkpoint writes them into the table (2 MiB of log).
 const CHECKPOINT_RECORDS: usize = 1 << 16;
-/// Committed records waiting for a checkpoint past which commits fail: checkpoints that keep
-/// failing (a full disk) must not let memory grow without bound. The store then holds acks back
-/// and reopens, as after any failed write.
-const MAX_WAITING: usize = 8 * CHECKPOINT_RECORDS;
+/// Committed records waiting for a checkpoint, in multiples of the checkpoint's size, past
+/// which a commit runs or waits for a checkpoint first: checkpoints that keep failing (a full
+/// disk) must not let memory grow without bound. The store then holds acks back and reopens,
+/// as after any failed write.
+const MAX_WAITING_CHECKPOINTS: usize = 8;
 
 /// The table's file name inside the store's directory.
 const FILE_NAME: &str = "dedup.table";
@@ -208,7 +209,15 @@ impl DedupTable {
         });
         let checkpointed = opened.checkpoint(super::records::millis(std::time::SystemTime::now()));
         opened.maintaining.store(false, Ordering::SeqCst);
-        checkpointed?;
+        if let Err(error) = checkpointed {
+            // The logs this open made hold nothing; without this, an open that fails every few
+            // seconds (a full disk) would leave two more each time.
+            let last = opened.lock_log().wal.seq();
+            for seq in next..=last {
+                let _ = wal::remove_if_empty(dir, seq);
+            }
+            return Err(error);
+        }
         if replayed > 0 {
             tracing::debug!(dir = %dir.display(), records = replayed, "dedup table logs replayed");
         }
@@ -257,9 +266,9 @@ impl DedupTable {
     pub(super) fn commit(
         self: &Arc<Self>,
         now_ms: u64,
-        spawn_background: impl FnOnce(Box<dyn FnOnce() + Send>),
+        spawn_background: impl FnOnce(Box<dyn FnOnce() + Send>) -> bool,
     ) -> io::Result<()> {
-        self.wait_for_room()?;
+        self.wait_for_room(now_ms)?;
         let checkpoint = {
             let mut log = self.lock_log();
             if log.closed {
@@ -292,36 +301,43 @@ impl DedupTable {
         };
         if checkpoint {
             let table = Arc::clone(self);
-            spawn_background(Box::new(move || {
+            let started = spawn_background(Box::new(move || {
+                let _release = Release(&table.maintaining);
                 if let Err(error) = table.checkpoint(now_ms) {
                     tracing::warn!(%error, "dedup table checkpoint failed; will try again at a later commit");
                 }
-                table.maintaining.store(false, Ordering::SeqCst);
             }));
+            if !started {
+                self.maintaining.store(false, Ordering::SeqCst);
+            }
         }
         Ok(())
     }
 
-    /// Returns once fewer than [`MAX_WAITING`] committed records wait for the table file:
-    /// at once normally; after the checkpoint under way when a burst outran it (a rebuild of a
-    /// large table takes seconds). Fails when they wait and no checkpoint runs: the last ones
-    /// failed, and the caller's store-failure handling takes over.
-    fn wait_for_room(&self) -> io::Result<()> {
+    /// Returns once fewer than [`MAX_WAITING_CHECKPOINTS`] checkpoints' worth of records wait for the table file: at
+    /// once normally. When a burst outran the checkpoints (a rebuild of a large table, or a
+    /// sweep, takes seconds), waits for the one under way, or runs one itself; fails when that
+    /// one fails, and the caller's store-failure handling takes over.
+    fn wait_for_room(&self, now_ms: u64) -> io::Result<()> {
         loop {
             let waiting = {
                 let records = self.lock_records();
                 records.memtable.len() + records.frozen.as_ref().map_or(0, |f| f.len())
             };
-            if waiting < MAX_WAITING {
+            if waiting < MAX_WAITING_CHECKPOINTS * self.checkpoint_records {
                 return Ok(());
             }
-            if !self.maintaining.load(Ordering::SeqCst) {
-                return Err(io::Error::other(format!(
-                    "dedup table {}: {waiting} records wait for a checkpoint that has not succeeded",
-                    self.path().display()
-                )));
+            if self.maintaining.swap(true, Ordering::SeqCst) {
+                std::thread::sleep(std::time::Duration::from_millis(5));
+                continue;
             }
-            std::thread::sleep(std::time::Duration::from_millis(5));
+            let _release = Release(&self.maintaining);
+            self.checkpoint(now_ms).map_err(|error| {
+                io::Error::new(
+                    error.kind(),
+                    format!("{waiting} dedup records wait for a checkpoint, which failed: {error}"),
+                )
+            })?;
         }
     }
 
@@ -396,19 +412,32 @@ impl DedupTable {
             return self.rebuild(capacity_for(occupied + incoming), now_ms, batch);
         }
         let path = self.path();
-        let taken = table
-            .apply(&mut batch, now_ms, self.ttl_ms)
-            .map_err(|e| io_context("writing", &path, e))?;
-        let occupied = occupied + taken;
-        table
-            .write_header(occupied)
-            .map_err(|e| io_context("writing the header", &path, e))?;
-        table
-            .file
-            .sync_data()
-            .map_err(|e| io_context("syncing", &path, e))?;
-        self.occupied.store(occupied, Ordering::SeqCst);
-        Ok(())
+        let written = table
+            .apply(&mut batch, now_ms, self.ttl_ms, &self.stop)
+            .map_err(|e| io_context("writing", &path, e))
+            .and_then(|taken| {
+                table
+                    .write_header(occupied + taken)
+                    .map_err(|e| io_context("writing the header", &path, e))?;
+                table
+                    .file
+                    .sync_data()
+                    .map_err(|e| io_context("syncing", &path, e))?;
+                Ok(taken)
+            });
+        match written {
+            Ok(taken) => {
+                self.occupied.store(occupied + taken, Ordering::SeqCst);
+                Ok(())
+            }
+            Err(error) => {
+                // Some of the batch may be in the file already, where the next try finds it in
+                // its own slot and does not count it again: count it all now. Too high a count
+                // only makes the table grow sooner.
+                self.occupied.store(occupied + incoming, Ordering::SeqCst);
+                Err(error)
+            }
+        }
     }
 
     /// Writes a new file of `capacity` slots with the live records of the table and `extra`,
@@ -435,15 +464,18 @@ impl DedupTable {
                     chunk.push((*hash, at));
                 }
                 if chunk.len() >= SCAN_SLOTS {
-                    occupied += new.apply(&mut chunk, now_ms, self.ttl_ms)?;
+                    occupied += new.apply(&mut chunk, now_ms, self.ttl_ms, &self.stop)?;
                     chunk.clear();
                 }
                 Ok(())
             })
             .map_err(ctx("copying records"))?;
-            chunk.append(&mut extra);
             occupied += new
-                .apply(&mut chunk, now_ms, self.ttl_ms)
+                .apply(&mut chunk, now_ms, self.ttl_ms, &self.stop)
+                .map_err(ctx("copying records"))?;
+            // After the file's records, so that a key in both keeps the newer time.
+            occupied += new
+                .apply(&mut extra, now_ms, self.ttl_ms, &self.stop)
                 .map_err(ctx("writing"))?;
             new.write_header(occupied)
                 .map_err(ctx("writing the header"))?;
@@ -471,7 +503,10 @@ impl DedupTable {
                 Ok(())
             }
             Err(error) => {
-                let _ = std::fs::remove_file(&new_path);
+                // Once closed, the file of that name may be the new instance's.
+                if !self.lock_log().closed {
+                    let _ = std::fs::remove_file(&new_path);
+                }
                 Err(error)
             }
         }
@@ -546,10 +581,27 @@ impl DedupTable {
     }
 
     /// For a reopen of the store: after this, commits, checkpoints and rebuilds of this
-    /// instance fail, so only the table the reopen opens writes to the files.
+    /// instance fail, so only the table the reopen opens writes to the files. A checkpoint or
+    /// rebuild under way stops at its next write; [`DedupTable::busy`] says when it has.
     pub(super) fn close(&self) {
         self.stop_background();
         self.lock_log().closed = true;
+    }
+
+    /// Whether a checkpoint, a rebuild or a sweep still runs: a reopen waits for it to stop
+    /// before another instance opens the same file.
+    pub(super) fn busy(&self) -> bool {
+        self.maintaining.load(Ordering::SeqCst)
+    }
+}
+
+/// Clears a `maintaining` flag when dropped, so that a checkpoint that fails or panics lets the
+/// next one start.
+struct Release<'a>(&'a AtomicBool);
+
+impl Drop for Release<'_> {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::SeqCst);
     }
 }
 

@@ -5,8 +5,9 @@ use super::*;
 
 const TTL: u64 = 60_000;
 
-fn run_inline(task: Box<dyn FnOnce() + Send>) {
-    task()
+fn run_inline(task: Box<dyn FnOnce() + Send>) -> bool {
+    task();
+    true
 }
 
 fn commit(table: &Arc<DedupTable>, now: u64) {
@@ -331,4 +332,69 @@ fn capacity_holds_records_a_quarter_full() {
     assert_eq!(capacity_for(0), INITIAL_CAPACITY);
     assert_eq!(capacity_for(INITIAL_CAPACITY), INITIAL_CAPACITY * 4);
     assert_eq!(capacity_for(INITIAL_CAPACITY + 1), INITIAL_CAPACITY * 8);
+}
+
+#[test]
+fn a_stopped_table_commits_but_writes_nothing_into_its_file() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let table = open_writing_through(dir.path());
+    table.stop_background();
+    let h = key_hash("d", "e1");
+    table.record(h, 1000);
+    commit(&table, 1000);
+    assert!(!table.busy(), "the checkpoint gave up");
+    assert_eq!(
+        table.get(&h).unwrap(),
+        Some(1000),
+        "committed, kept in memory"
+    );
+    assert_eq!(
+        table.table().get(&h).unwrap(),
+        None,
+        "not written into the file"
+    );
+    drop(table);
+    let table = DedupTable::open(dir.path(), 0, TTL).expect("reopen");
+    assert_eq!(
+        table.table().get(&h).unwrap(),
+        Some(1000),
+        "from its log at open"
+    );
+}
+
+#[test]
+fn an_older_time_does_not_replace_a_newer_one() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let table = open_writing_through(dir.path());
+    let h = key_hash("d", "e1");
+    table.record(h, 5000);
+    commit(&table, 5000);
+    table.record(h, 1000);
+    commit(&table, 5000);
+    assert_eq!(table.table().get(&h).unwrap(), Some(5000));
+}
+
+#[test]
+fn commits_run_a_checkpoint_themselves_when_none_could_start() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let table = DedupTable::open_with(dir.path(), 0, TTL, 2).expect("open");
+    let no_thread = |_: Box<dyn FnOnce() + Send>| false;
+    for i in 0..40 {
+        table.record(key_hash("d", &format!("e{i}")), 1000);
+        table.commit(1000, no_thread).expect("commit");
+        assert!(
+            !table.busy(),
+            "a checkpoint that could not start leaves no flag behind"
+        );
+    }
+    let waiting = table.lock_records().memtable.len();
+    assert!(
+        waiting <= 16,
+        "{waiting} records wait: the commits checkpointed"
+    );
+    assert_eq!(
+        table.table().get(&key_hash("d", "e0")).unwrap(),
+        Some(1000),
+        "in the file"
+    );
 }

@@ -97,6 +97,14 @@ pub(super) fn read(dir: &Path, seq: u64) -> io::Result<Vec<(KeyHash, u64)>> {
     Ok(bytes.chunks_exact(SLOT).map_while(decode_record).collect())
 }
 
+/// Deletes log `seq` if it holds nothing.
+pub(super) fn remove_if_empty(dir: &Path, seq: u64) -> io::Result<()> {
+    if std::fs::metadata(path(dir, seq))?.len() == 0 {
+        remove(dir, seq)?;
+    }
+    Ok(())
+}
+
 /// Deletes log `seq` (a log already gone is fine).
 pub(super) fn remove(dir: &Path, seq: u64) -> io::Result<()> {
     match std::fs::remove_file(path(dir, seq)) {
