@@ -166,9 +166,9 @@ pub(super) async fn flush_and_sync(db: &Db, h: &Handles) -> Result<(), StoreErro
             return Err(StoreError::Sled { path, source });
         }
     }
-    let (log, dedup, dirty) = (h.log.clone(), h.dedup.clone(), sled_dirty);
+    let (log, dedup) = (h.log.clone(), h.dedup.clone());
     let blocking = tokio::task::spawn_blocking(move || {
-        if dirty {
+        if sled_dirty {
             log.sync_data().map_err(|e| StoreError::Sled {
                 path: path.clone(),
                 source: sled::Error::Io(e),

@@ -66,15 +66,9 @@ impl Store {
         event_id: &str,
     ) -> Result<bool, StoreError> {
         let h = self.handles()?;
-        let found = h
-            .dedup
-            .get(&key_hash(destination, event_id))
-            .map_err(|e| self.io_err(e))?;
-        let Some(at) = found else {
-            return Ok(false);
-        };
-        let now = millis(SystemTime::now());
-        Ok(now.saturating_sub(at) < self.inner.dedup_ttl.as_millis() as u64)
+        h.dedup
+            .is_delivered(&key_hash(destination, event_id), millis(SystemTime::now()))
+            .map_err(|e| self.io_err(e))
     }
 
     /// Remembers a 2xx delivery in the dedup table. Durable after the next commit.

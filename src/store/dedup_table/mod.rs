@@ -255,6 +255,13 @@ impl DedupTable {
             .map_err(|e| io_context("reading", &self.path(), e))
     }
 
+    /// Whether `hash` was recorded less than the TTL before `now_ms`.
+    pub(super) fn is_delivered(&self, hash: &KeyHash, now_ms: u64) -> io::Result<bool> {
+        Ok(self
+            .get(hash)?
+            .is_some_and(|at| is_live(at, now_ms, self.ttl_ms)))
+    }
+
     /// Records a delivery at `at_ms`; durable after the next commit.
     pub(super) fn record(&self, hash: KeyHash, at_ms: u64) {
         self.lock_records().pending.insert(hash, at_ms);
