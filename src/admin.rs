@@ -258,8 +258,17 @@ async fn metrics(State(s): State<AdminState>) -> Response {
         .into_response()
 }
 
+/// `503` while the store is closed or keeps failing (try again once `/readyz` says ready);
+/// `500` for anything else.
 fn store_error(e: crate::store::StoreError) -> Response {
-    (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response()
+    use crate::store::StoreError;
+    let status = match e {
+        StoreError::Closed { .. } | StoreError::Failing { .. } | StoreError::Locked { .. } => {
+            StatusCode::SERVICE_UNAVAILABLE
+        }
+        _ => StatusCode::INTERNAL_SERVER_ERROR,
+    };
+    (status, e.to_string()).into_response()
 }
 
 async fn list(State(s): State<AdminState>, Query(filter): Query<Filter>) -> Response {

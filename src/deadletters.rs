@@ -1,6 +1,8 @@
 //! The dead-letter operations behind `courier dead-letters` and the admin port: list, replay
 //! (a new attempt now, through the same attempt path as every delivery), purge.
 
+use std::time::Duration;
+
 use serde::Serialize;
 
 use crate::delivery::{Deliverer, Origin, Settled};
@@ -77,10 +79,15 @@ pub struct ReplayOptions {
     pub force: bool,
 }
 
+/// How long a replay waits for a failing store before it answers with the store's error.
+pub const REPLAY_STORE_PATIENCE: Duration = Duration::from_secs(10);
+
 /// Attempts every matching letter once, now, through its destination's circuit and rate limit
 /// (unless `options.force`). A delivered letter leaves the dead-letter tree (and enters the
 /// dedup record); a failed one stays, with its attempts, status and reason updated; one its
-/// destination's open circuit blocked stays as it was.
+/// destination's open circuit blocked stays as it was. A store that keeps failing for
+/// [`REPLAY_STORE_PATIENCE`] ends the replay with [`StoreError::Failing`]; the letters it had
+/// not reached stay as they were.
 pub async fn replay(
     deliverer: &Deliverer,
     destinations: &DestinationSet,
@@ -138,7 +145,16 @@ pub async fn replay(
             letter: &letter,
             force: options.force,
         };
-        let (outcome, detail) = match deliverer.attempt(dest, &event, origin).await {
+        // The attempt waits for a failing store as a queue message's would; the operator gets
+        // an error instead once it has failed for a while. Dropping the attempt then is safe:
+        // its letter stays until a later replay, which dedup keeps from POSTing twice once the
+        // delivery was recorded.
+        let store = deliverer.store();
+        let settled = tokio::select! {
+            settled = deliverer.attempt(dest, &event, origin) => settled,
+            error = store.failing_for(REPLAY_STORE_PATIENCE) => return Err(error),
+        };
+        let (outcome, detail) = match settled {
             Settled::Delivered { status } => ("delivered", format!("HTTP {status}")),
             Settled::Duplicate => (
                 "delivered",

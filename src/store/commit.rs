@@ -174,9 +174,12 @@ pub(super) async fn flush_and_sync(db: &Db, h: &Handles) -> Result<(), StoreErro
                 source: sled::Error::Io(e),
             })?;
         }
-        dedup
-            .commit(millis(SystemTime::now()), spawn_background)
-            .map_err(|source| StoreError::Io { path, source })
+        match dedup {
+            Some(dedup) => dedup
+                .commit(millis(SystemTime::now()), spawn_background)
+                .map_err(|source| StoreError::Io { path, source }),
+            None => Ok(()),
+        }
     });
     let result = match blocking.await {
         Ok(done) => done,

@@ -13,7 +13,7 @@ use std::time::{Duration, SystemTime};
 use super::dedup_table::{joined_key_hash, DedupTable};
 use super::records::millis;
 use super::StoreError;
-use crate::config::StoreConfig;
+use crate::config::{DedupBackend, StoreConfig};
 
 /// The open sled database and its trees. Replaced as a whole when the store is reopened.
 pub(super) struct Handles {
@@ -23,8 +23,9 @@ pub(super) struct Handles {
     /// length) nor the disk's write cache, so a power loss could drop writes it reported
     /// flushed. Syncing the same file through another descriptor covers both.
     pub(super) log: Arc<std::fs::File>,
-    /// The dedup record: which event reached which destination with a 2xx, and when.
-    pub(super) dedup: Arc<DedupTable>,
+    /// The dedup record: which event reached which destination with a 2xx, and when. `None`
+    /// with `dedup = "redis"`, where Redis holds it and no table file is made.
+    pub(super) dedup: Option<Arc<DedupTable>>,
     /// Whether sled's trees were written since the last commit began. A commit whose writes
     /// are all dedup records (the commit after each 2xx-only message) then skips sled's flush
     /// and its `fdatasync`, and costs one `fdatasync`, the dedup table's.
@@ -140,7 +141,9 @@ impl Db {
         if let Some(old) = old {
             // Commits still holding the old handles must not write the table file the new
             // handles open.
-            old.dedup.close();
+            if let Some(dedup) = &old.dedup {
+                dedup.close();
+            }
             self.generation.fetch_add(1, Ordering::SeqCst);
             if let Some(error) = error {
                 *self.lock_reason() = Some(error.to_string());
@@ -149,7 +152,7 @@ impl Db {
             // cloned it finish quickly (they fail). A checkpoint of the old dedup table stops at
             // its next page write, before the new table reads the file.
             let deadline = std::time::Instant::now() + Duration::from_secs(5);
-            while (Arc::strong_count(&old) > 1 || old.dedup.busy())
+            while (Arc::strong_count(&old) > 1 || old.dedup.as_ref().is_some_and(|d| d.busy()))
                 && std::time::Instant::now() < deadline
             {
                 tokio::time::sleep(Duration::from_millis(10)).await;
@@ -241,7 +244,11 @@ fn open_handles(config: &StoreConfig, path: &str) -> Result<Handles, StoreError>
     if let Err(error) = std::fs::File::open(&config.path).and_then(|dir| dir.sync_all()) {
         tracing::warn!(store = %path, %error, "cannot sync the store directory; a power loss right after the store was created could lose it");
     }
-    let dedup = open_dedup_table(config, path, &db)?;
+    let dedup = match config.dedup {
+        DedupBackend::Local => Some(open_dedup_table(config, path, &db)?),
+        // Redis holds the record; a `delivered` tree of an earlier version stays as it was.
+        DedupBackend::Redis => None,
+    };
     Ok(Handles {
         log: Arc::new(log),
         dedup,

@@ -73,6 +73,10 @@ pub enum StoreError {
     /// A stored record could not be decoded.
     #[error("store {path}: corrupt record: {message}")]
     Corrupt { path: String, message: String },
+    /// The store's operations kept failing for this long (the log says why), and the caller
+    /// stopped waiting: only a caller that can answer with an error does ([`Store::failing_for`]).
+    #[error("store {path}: its operations kept failing for {} (the log says why)", humantime::format_duration(*.waited))]
+    Failing { path: String, waited: Duration },
 }
 
 impl StoreError {
@@ -205,8 +209,8 @@ impl Store {
     /// sled releases its file lock when the last clone of the store is gone; after this, no
     /// background task holds one.
     pub async fn close(&self) -> Result<(), StoreError> {
-        if let Ok(h) = self.inner.db.handles() {
-            h.dedup.stop_background();
+        if let Some(dedup) = self.inner.db.handles().ok().and_then(|h| h.dedup.clone()) {
+            dedup.stop_background();
         }
         let background = self.lock_background().take();
         if let Some(background) = background {
@@ -242,6 +246,30 @@ impl Store {
             reasons.push(format!("store: closed: {why}"));
         }
         reasons
+    }
+
+    /// Resolves once the store's operations have failed, or the store has been closed, for
+    /// `patience` without a break. A queue message waits for the store as long as it takes
+    /// ([`Store::until_ok`]), because the broker holds it meanwhile; an operator waiting for an
+    /// answer ([`crate::deadletters::replay`]) gets this error instead of an answer that never
+    /// comes while the disk is broken.
+    pub async fn failing_for(&self, patience: Duration) -> StoreError {
+        const LOOK_EVERY: Duration = Duration::from_millis(100);
+        let mut since: Option<std::time::Instant> = None;
+        loop {
+            let failing =
+                self.inner.failing.load(Ordering::Relaxed) || self.closed_reason().is_some();
+            let now = std::time::Instant::now();
+            since = if failing { since.or(Some(now)) } else { None };
+            if let Some(since) = since.filter(|s| now.duration_since(*s) >= patience) {
+                return StoreError::Failing {
+                    path: self.path().to_string(),
+                    // Whole seconds: the message is for people.
+                    waited: Duration::from_secs(now.duration_since(since).as_secs()),
+                };
+            }
+            tokio::time::sleep(LOOK_EVERY).await;
+        }
     }
 
     /// Now, as a point to compare with [`Store::reopened_since`].

@@ -5,7 +5,7 @@
 use std::time::SystemTime;
 
 use super::db::Handles;
-use super::dedup_table::key_hash;
+use super::dedup_table::{key_hash, DedupTable};
 use super::records::{millis, DeadLetter, RetryRecord};
 use super::{Store, StoreError};
 
@@ -58,6 +58,17 @@ impl Store {
         self.inner.commits.wrote();
     }
 
+    /// The dedup table, which a store with `dedup = "redis"` does not have. The store asks
+    /// Redis then and never comes here; should it, the error says so instead of a silent miss.
+    fn dedup_table<'h>(&self, h: &'h Handles) -> Result<&'h DedupTable, StoreError> {
+        h.dedup.as_deref().ok_or_else(|| {
+            StoreError::Redis(format!(
+                "store {} keeps its dedup record in Redis (store.dedup = \"redis\"), not in a dedup table",
+                self.inner.db.path()
+            ))
+        })
+    }
+
     /// Whether `event_id` was delivered with a 2xx to `destination` within the dedup TTL,
     /// by the dedup table.
     pub(super) fn local_is_delivered(
@@ -66,7 +77,7 @@ impl Store {
         event_id: &str,
     ) -> Result<bool, StoreError> {
         let h = self.handles()?;
-        h.dedup
+        self.dedup_table(&h)?
             .is_delivered(&key_hash(destination, event_id), millis(SystemTime::now()))
             .map_err(|e| self.io_err(e))
     }
@@ -78,7 +89,7 @@ impl Store {
         event_id: &str,
     ) -> Result<(), StoreError> {
         let h = self.handles()?;
-        h.dedup
+        self.dedup_table(&h)?
             .record(key_hash(destination, event_id), millis(SystemTime::now()));
         self.inner.commits.wrote();
         Ok(())
@@ -284,7 +295,10 @@ impl Store {
     /// rebuild of the table); returns how many. Runs in the background.
     pub fn sweep_expired(&self) -> Result<usize, StoreError> {
         let h = self.handles()?;
-        h.dedup
+        let Some(dedup) = &h.dedup else {
+            return Ok(0);
+        };
+        dedup
             .sweep(millis(SystemTime::now()))
             .map_err(|e| self.io_err(e))
     }
@@ -293,10 +307,11 @@ impl Store {
     /// dedup table).
     pub fn delivered_count(&self) -> usize {
         self.handles()
-            .and_then(|h| {
-                h.dedup
+            .and_then(|h| match &h.dedup {
+                Some(dedup) => dedup
                     .live_count(millis(SystemTime::now()))
-                    .map_err(|e| self.io_err(e))
+                    .map_err(|e| self.io_err(e)),
+                None => Ok(0),
             })
             .unwrap_or(0)
     }

@@ -761,3 +761,143 @@ async fn courier_sigkilled_mid_stream_mqtt() {
     })
     .await;
 }
+
+/// An operator's replay that meets a broken store gets an error within
+/// `REPLAY_STORE_PATIENCE` and a bit, not an answer that never comes; once the disk is fixed,
+/// replaying again delivers the letter.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replay_on_a_broken_store_answers_with_the_error() {
+    let _turn = Turn::take(Disturbs::Nothing).await;
+    let rx = receiver(Duration::from_millis(2)).await;
+    let queue = unique("replay-broken-store");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mount = dir.path().join("disk");
+    let _disk = Tmpfs::mount(&mount, "64m");
+    let admin = free_port();
+    // Topic `a` goes to the receiver; topic `b` to a port nobody listens on, so that its event
+    // needs a retry written to the store.
+    let nobody = format!("http://127.0.0.1:{}/", free_port());
+    let config = rabbit_config(&queue, &mount.join("store"))
+        .admin(admin)
+        .destination(
+            Dest::new("partner", &rx.url("/a"))
+                .timeout(Duration::from_secs(60))
+                .topics(["a"]),
+        )
+        .destination(Dest::new("nobody", &nobody).topics(["b"]));
+    let publisher = Publisher::connect().await;
+    publisher.declare_queue(&queue).await;
+    let courier = spawn(&config, dir.path());
+    let log = courier.log().to_path_buf();
+    publisher.wait_consumers(&queue, 1).await;
+    let event = |id: &str, topic: &str| {
+        let pad = "x".repeat(4000);
+        format!(r#"{{"id":"{id}","topic":"{topic}","data":{{"pad":"{pad}"}}}}"#).into_bytes()
+    };
+    let base = format!("http://127.0.0.1:{admin}");
+    let http = reqwest::Client::new();
+    let letters = || async {
+        match http.get(format!("{base}/dead-letters")).send().await {
+            Ok(r) => r.text().await.unwrap_or_default(),
+            Err(_) => String::new(),
+        }
+    };
+
+    // A 400 is final: the event becomes a dead letter.
+    rx.set_status(400);
+    publisher
+        .publish("", &queue, &event("r-1", "a"), Default::default())
+        .await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !letters().await.contains("r-1") {
+        assert!(
+            Instant::now() < deadline,
+            "no dead letter:\n{}",
+            log_tail(&log)
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // The replay's POST is held at the receiver while the store breaks.
+    rx.set_status(200);
+    rx.hold();
+    let replay = {
+        let (http, url) = (http.clone(), format!("{base}/dead-letters/replay"));
+        tokio::spawn(async move {
+            let answer = http.post(url).timeout(Duration::from_secs(90)).send().await;
+            match answer {
+                Ok(r) => Some((r.status().as_u16(), r.text().await.unwrap_or_default())),
+                Err(_) => None,
+            }
+        })
+    };
+    eventually(
+        "the replay's POST at the receiver",
+        Duration::from_secs(20),
+        || rx.held() == 1,
+    )
+    .await;
+    let filler = mount.join("filler");
+    fill(&filler);
+    // Each of these needs a retry written; sled's log soon needs room the disk does not have.
+    publisher
+        .fill(
+            &queue,
+            (0..3000).map(|i| event(&format!("r-b-{i}"), "b")),
+            500,
+        )
+        .await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while readyz(admin).await != Some(503) {
+        assert!(
+            Instant::now() < deadline,
+            "courier stayed ready on a full disk:\n{}",
+            log_tail(&log)
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let released = Instant::now();
+    rx.release();
+    let answer = replay.await.expect("replay task");
+    let took = released.elapsed();
+    let (status, text) = answer.unwrap_or_else(|| {
+        panic!(
+            "the replay did not answer while the store was broken:\n{}",
+            log_tail(&log)
+        )
+    });
+    println!("replay on a broken store: {status} {took:?} after its POST was answered: {text}");
+    assert_eq!(status, 503, "{text}");
+    assert!(text.contains("kept failing"), "{text}");
+    assert!(
+        took < Duration::from_secs(30),
+        "answered {took:?} after the POST"
+    );
+
+    // Disk fixed: the store recovers, and a replay delivers the letter (or finds it delivered).
+    std::fs::remove_file(&filler).expect("remove filler");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while readyz(admin).await != Some(200) {
+        assert!(
+            Instant::now() < deadline,
+            "not ready after the disk came back:\n{}",
+            log_tail(&log)
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let again = http
+        .post(format!("{base}/dead-letters/replay"))
+        .send()
+        .await
+        .expect("replay again");
+    assert_eq!(again.status().as_u16(), 200);
+    let text = again.text().await.unwrap_or_default();
+    assert!(text.contains(r#""outcome":"delivered""#), "{text}");
+    assert!(!letters().await.contains("r-1"), "the letter stayed");
+    assert!(
+        rx.delivered_counts().contains_key("r-1"),
+        "r-1 never reached the receiver with a 2xx"
+    );
+    drop(courier);
+    publisher.delete_queue(&queue).await;
+}

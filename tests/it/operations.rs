@@ -336,6 +336,18 @@ async fn two_replicas_on_one_queue_share_dedup_in_redis_and_survive_kill_9() {
     println!("two replicas, kill -9 of one: {N} sent, {N} received, 0 lost, {twice} POSTed twice");
     // Only POSTs that were in flight at the kill (answer never recorded) can come twice.
     assert!(twice <= 16, "{twice} POSTed twice");
+    // Redis holds the dedup record: the replicas' stores have no dedup table or log of their own.
+    for name in ["a", "b"] {
+        let files: Vec<String> = std::fs::read_dir(dir.path().join(name))
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        assert!(
+            files.iter().any(|f| f == "db") && !files.iter().any(|f| f.starts_with("dedup.")),
+            "store {name} with dedup = \"redis\": {files:?}"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
