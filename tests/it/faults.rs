@@ -338,6 +338,15 @@ impl Drop for RabbitGuard {
     }
 }
 
+/// Waits until `/readyz` answers `status`, failing with `what` and the log's tail after `within`.
+async fn wait_readyz(port: u16, status: u16, within: Duration, what: &str, log: &Path) {
+    let deadline = Instant::now() + within;
+    while readyz(port).await != Some(status) {
+        assert!(Instant::now() < deadline, "{what}:\n{}", log_tail(log));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 async fn readyz(port: u16) -> Option<u16> {
     reqwest::Client::new()
         .get(format!("http://127.0.0.1:{port}/readyz"))
@@ -613,15 +622,14 @@ async fn store_disk_full_then_read_only_then_writable() {
     // Disk full: the next flush fails.
     let filler = mount.join("filler");
     fill(&filler);
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while readyz(admin).await != Some(503) {
-        assert!(
-            Instant::now() < deadline,
-            "courier stayed ready on a full disk:\n{}",
-            log_tail(&log)
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_readyz(
+        admin,
+        503,
+        Duration::from_secs(20),
+        "courier stayed ready on a full disk",
+        &log,
+    )
+    .await;
     // Nothing is acked while the store fails: the queue and the receiver stand still.
     tokio::time::sleep(Duration::from_secs(1)).await;
     let (ready, unacked) = Publisher::counts(&queue);
@@ -683,15 +691,14 @@ async fn store_disk_full_then_read_only_then_writable() {
     let repaired = Instant::now();
     assert_mid_stream(&rx, &ids, &log);
     wait_delivered(&rx, &ids, ids.len(), &log).await;
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while readyz(admin).await != Some(200) {
-        assert!(
-            Instant::now() < deadline,
-            "not ready after the disk came back:\n{}",
-            log_tail(&log)
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_readyz(
+        admin,
+        200,
+        Duration::from_secs(30),
+        "not ready after the disk came back",
+        &log,
+    )
+    .await;
     wait_drained(&queue, "queue drained", Duration::from_secs(30)).await;
     Figures::count(case, &ids, &rx, started, repaired).check(IN_FLIGHT, &log);
     drop(courier);
@@ -847,15 +854,14 @@ async fn replay_on_a_broken_store_answers_with_the_error() {
             500,
         )
         .await;
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while readyz(admin).await != Some(503) {
-        assert!(
-            Instant::now() < deadline,
-            "courier stayed ready on a full disk:\n{}",
-            log_tail(&log)
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_readyz(
+        admin,
+        503,
+        Duration::from_secs(30),
+        "courier stayed ready on a full disk",
+        &log,
+    )
+    .await;
     let released = Instant::now();
     rx.release();
     let answer = replay.await.expect("replay task");
@@ -876,15 +882,14 @@ async fn replay_on_a_broken_store_answers_with_the_error() {
 
     // Disk fixed: the store recovers, and a replay delivers the letter (or finds it delivered).
     std::fs::remove_file(&filler).expect("remove filler");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while readyz(admin).await != Some(200) {
-        assert!(
-            Instant::now() < deadline,
-            "not ready after the disk came back:\n{}",
-            log_tail(&log)
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_readyz(
+        admin,
+        200,
+        Duration::from_secs(30),
+        "not ready after the disk came back",
+        &log,
+    )
+    .await;
     let again = http
         .post(format!("{base}/dead-letters/replay"))
         .send()
