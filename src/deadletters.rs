@@ -152,7 +152,14 @@ pub async fn replay(
         let store = deliverer.store();
         let settled = tokio::select! {
             settled = deliverer.attempt(dest, &event, origin) => settled,
-            error = store.failing_for(REPLAY_STORE_PATIENCE) => return Err(error),
+            error = store.failing_for(REPLAY_STORE_PATIENCE) => {
+                // The attempt's wait was what reopened the store once the disk is fixed. Without
+                // someone else doing that, a worker with no message under way would keep its
+                // store closed, and stay not ready, until the next message.
+                let store = store.clone();
+                tokio::spawn(async move { store.commit().await });
+                return Err(error);
+            }
         };
         let (outcome, detail) = match settled {
             Settled::Delivered { status } => ("delivered", format!("HTTP {status}")),
