@@ -67,7 +67,7 @@ struct ClientSettings {
     proxy: Option<ProxyUrl>,
 }
 
-/// The HTTP clients of a set of destinations, one per [`ClientSettings`].
+/// The HTTP clients of a set of destinations, one per `ClientSettings`.
 #[derive(Default)]
 pub struct Clients {
     delivery: Vec<(ClientSettings, HttpClient)>,
@@ -124,7 +124,7 @@ fn settings(dest: &DestinationConfig) -> ClientSettings {
     }
 }
 
-/// The pooled client of one [`ClientSettings`]: cheap to clone, one pool for all clones.
+/// The pooled client of one `ClientSettings`: cheap to clone, one pool for all clones.
 #[derive(Clone)]
 pub struct HttpClient {
     pool: hyper_util::client::legacy::Client<Connector, Body>,

@@ -214,7 +214,7 @@ impl Telemetry {
         }
     }
 
-    /// Sends the spans still batched and stops the exporter; at most [`FLUSH_TIMEOUT`].
+    /// Sends the spans still batched and stops the exporter; at most `FLUSH_TIMEOUT` (5 s).
     pub async fn shutdown(&self) {
         let Some(export) = &self.export else { return };
         let provider = export.provider.clone();

@@ -7,12 +7,12 @@
 //!   keep flowing however slow the endpoints are;
 //! - the **session** task numbers each QoS 1 PUBLISH, hands it to the pipeline, and subscribes
 //!   on every connect (so a changed filter list takes effect; retained re-sends hit dedup);
-//! - the **sequencer** ([`ack_order`]) receives "done" marks in any order and sends PUBACKs for
+//! - the **sequencer** (`ack_order`) receives "done" marks in any order and sends PUBACKs for
 //!   the longest done prefix, as MQTT requires.
 //!
 //! The three are written once. What differs between the protocols (rumqttc has a client per
-//! version, with its own packet types) sits behind [`Client`] and [`Connection`], in [`v3`] and
-//! [`v5`]: the connect options, and turning packets into [`Polled`].
+//! version, with its own packet types) sits behind `Client` and `Connection`, in `v3` and
+//! `v5`: the connect options, and turning packets into `Polled`.
 //!
 //! A broker may cap the unacked QoS 1 messages in flight per client (Mosquitto's
 //! `max_inflight_messages` under 3.1.1, courier's `receive_maximum` under 5: docs/mqtt.md
