@@ -166,6 +166,10 @@ pub(super) async fn flush_and_sync(db: &Db, h: &Handles) -> Result<(), StoreErro
             return Err(StoreError::Sled { path, source });
         }
     }
+    // With Redis holding the dedup record there is nothing more to sync.
+    if !sled_dirty && h.dedup.is_none() {
+        return Ok(());
+    }
     let (log, dedup) = (h.log.clone(), h.dedup.clone());
     let blocking = tokio::task::spawn_blocking(move || {
         if sled_dirty {
