@@ -393,6 +393,8 @@ impl Store {
                 Ok(Ok(n)) => tracing::info!(removed = n, "expired dedup entries swept"),
                 // Closed after a failure: the next sweep finds it reopened.
                 Ok(Err(StoreError::Closed { .. })) => {}
+                // Stopped by a close or reopen of the store: not a failure.
+                Ok(Err(StoreError::Io { source, .. })) if dedup_table::is_stopped(&source) => {}
                 Ok(Err(error)) => tracing::warn!(%error, "dedup sweep failed; will try again"),
                 Err(error) => tracing::warn!(%error, "dedup sweep task failed"),
             }

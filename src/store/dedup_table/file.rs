@@ -216,13 +216,13 @@ impl TableFile {
             }
             if pages.cached.len() >= DIRTY_PAGES {
                 if stop.load(Ordering::SeqCst) {
-                    return Err(io::Error::other("stopped"));
+                    return Err(super::stopped());
                 }
                 pages.write_back()?;
             }
         }
         if stop.load(Ordering::SeqCst) {
-            return Err(io::Error::other("stopped"));
+            return Err(super::stopped());
         }
         pages.write_back()?;
         Ok(taken)
@@ -238,7 +238,7 @@ impl TableFile {
         let mut index = 0u64;
         while index < self.capacity {
             if stop.load(Ordering::SeqCst) {
-                return Err(io::Error::other("stopped"));
+                return Err(super::stopped());
             }
             let run = (SCAN_SLOTS as u64).min(self.capacity - index) as usize;
             let bytes = &mut buf[..run * SLOT];

@@ -132,6 +132,21 @@ pub(super) struct DedupTable {
     stop: AtomicBool,
 }
 
+/// The error of a checkpoint, rebuild or sweep that gave up because the store is closing or
+/// reopening ([`DedupTable::stop_background`]): not a failure, and its records stay in their
+/// log for the next instance.
+fn stopped() -> io::Error {
+    io::Error::new(
+        io::ErrorKind::Interrupted,
+        "stopped: the store is closing or reopening",
+    )
+}
+
+/// Whether `error` is [`stopped`]'s (kept through [`io_context`]).
+pub(super) fn is_stopped(error: &io::Error) -> bool {
+    error.kind() == io::ErrorKind::Interrupted
+}
+
 fn io_context(what: &str, path: &Path, error: io::Error) -> io::Error {
     io::Error::new(
         error.kind(),
@@ -187,7 +202,8 @@ impl DedupTable {
             }
         }
         let next = logs.last().map_or(0, |last| last + 1);
-        let wal = Wal::create(dir, next).map_err(|e| io_context("creating its log", dir, e))?;
+        let wal = Wal::create(dir, next, checkpoint_records)
+            .map_err(|e| io_context("creating its log", dir, e))?;
         let replayed = memtable.len();
         let opened = Arc::new(DedupTable {
             dir: dir.to_path_buf(),
@@ -310,8 +326,14 @@ impl DedupTable {
             let table = Arc::clone(self);
             let started = spawn_background(Box::new(move || {
                 let _release = Release(&table.maintaining);
-                if let Err(error) = table.checkpoint(now_ms) {
-                    tracing::warn!(%error, "dedup table checkpoint failed; will try again at a later commit");
+                match table.checkpoint(now_ms) {
+                    Ok(()) => {}
+                    Err(error) if is_stopped(&error) => {
+                        tracing::debug!(%error, "dedup table checkpoint stopped; its records stay in their log");
+                    }
+                    Err(error) => {
+                        tracing::warn!(%error, "dedup table checkpoint failed; will try again at a later commit");
+                    }
                 }
             }));
             if !started {
@@ -359,7 +381,7 @@ impl DedupTable {
     /// half full), syncs it, and deletes the logs that held those records. The caller holds
     /// `maintaining`.
     fn checkpoint(&self, now_ms: u64) -> io::Result<()> {
-        let (frozen, retired) = {
+        let seq = {
             let mut log = self.lock_log();
             if log.closed {
                 return Err(self.closed_error());
@@ -375,9 +397,22 @@ impl DedupTable {
                 }
                 return Ok(());
             }
-            // The new log first: when it cannot be made, nothing has moved.
-            let next = Wal::create(&self.dir, log.wal.seq() + 1)
-                .map_err(|e| io_context("creating its log", &self.dir, e))?;
+            log.wal.seq() + 1
+        };
+        // The new log first, when it cannot be made, nothing has moved; and outside the lock,
+        // so that commits go on while its room is written. Only the holder of `maintaining`
+        // makes logs, so the number is still free.
+        let next = Wal::create(&self.dir, seq, self.checkpoint_records)
+            .map_err(|e| io_context("creating its log", &self.dir, e))?;
+        let (frozen, retired) = {
+            let mut log = self.lock_log();
+            if log.closed {
+                // A reopen waits for this checkpoint before it lists the logs: the empty one
+                // is still this instance's to delete.
+                drop(log);
+                let _ = wal::remove(&self.dir, seq);
+                return Err(self.closed_error());
+            }
             let old = std::mem::replace(&mut log.wal, next);
             log.retired.push(old.seq());
             let mut records = self.lock_records();

@@ -353,6 +353,15 @@ fn a_stopped_table_commits_but_writes_nothing_into_its_file() {
         None,
         "not written into the file"
     );
+    table.maintaining.store(true, Ordering::SeqCst);
+    let error = table
+        .checkpoint(1000)
+        .expect_err("a stopped checkpoint gives up");
+    table.maintaining.store(false, Ordering::SeqCst);
+    assert!(
+        is_stopped(&error),
+        "told apart from a failure, so it is not logged as one: {error}"
+    );
     drop(table);
     let table = DedupTable::open(dir.path(), 0, TTL).expect("reopen");
     assert_eq!(
