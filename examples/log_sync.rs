@@ -1,6 +1,7 @@
 //! Prints what one append and `fdatasync` of the dedup table's log costs on this disk, in a log
-//! that grows with each append and in one whose room was written (zeros) when it was made, as
-//! courier makes its logs (`src/store/dedup_table/wal.rs`).
+//! that grows with each append, as courier's logs do (`src/store/dedup_table/wal.rs`), and in
+//! one whose room was written (zeros) when it was made: what writing the room up front would
+//! save, and why it is not done, is in docs/performance.md ("Tried, did not help").
 //!
 //! `cargo run --release --example log_sync [appends] [records per append] [dir]`
 //!

@@ -202,8 +202,7 @@ impl DedupTable {
             }
         }
         let next = logs.last().map_or(0, |last| last + 1);
-        let wal = Wal::create(dir, next, checkpoint_records)
-            .map_err(|e| io_context("creating its log", dir, e))?;
+        let wal = Wal::create(dir, next).map_err(|e| io_context("creating its log", dir, e))?;
         let replayed = memtable.len();
         let opened = Arc::new(DedupTable {
             dir: dir.to_path_buf(),
@@ -381,7 +380,7 @@ impl DedupTable {
     /// half full), syncs it, and deletes the logs that held those records. The caller holds
     /// `maintaining`.
     fn checkpoint(&self, now_ms: u64) -> io::Result<()> {
-        let seq = {
+        let (frozen, retired) = {
             let mut log = self.lock_log();
             if log.closed {
                 return Err(self.closed_error());
@@ -397,22 +396,9 @@ impl DedupTable {
                 }
                 return Ok(());
             }
-            log.wal.seq() + 1
-        };
-        // The new log first, when it cannot be made, nothing has moved; and outside the lock,
-        // so that commits go on while its room is written. Only the holder of `maintaining`
-        // makes logs, so the number is still free.
-        let next = Wal::create(&self.dir, seq, self.checkpoint_records)
-            .map_err(|e| io_context("creating its log", &self.dir, e))?;
-        let (frozen, retired) = {
-            let mut log = self.lock_log();
-            if log.closed {
-                // A reopen waits for this checkpoint before it lists the logs: the empty one
-                // is still this instance's to delete.
-                drop(log);
-                let _ = wal::remove(&self.dir, seq);
-                return Err(self.closed_error());
-            }
+            // The new log first: when it cannot be made, nothing has moved.
+            let next = Wal::create(&self.dir, log.wal.seq() + 1)
+                .map_err(|e| io_context("creating its log", &self.dir, e))?;
             let old = std::mem::replace(&mut log.wal, next);
             log.retired.push(old.seq());
             let mut records = self.lock_records();
