@@ -263,18 +263,25 @@ pub async fn latency(b: &Bench, rate: u64) -> Latency {
     tokio::time::sleep(Duration::from_secs(2)).await;
     b.rx.record_latency(true);
     let total = (rate * a.latency_seconds) as usize;
+    let (started, cpu_before) = (Instant::now(), courier.cpu_seconds());
     let offered = publish_paced(&publisher, &q_lat, rate, total, b.size).await;
     let _ = b
         .wait_unique(&format!("/{name}"), total, Duration::from_secs(60), || {
             courier.exited()
         })
         .await;
+    // What courier costs at a steady rate well below its limit: the CPU a deployment sizes for.
+    let cpu = courier.cpu_seconds() - cpu_before;
+    let (cpu_us, cores) = (
+        cpu * 1e6 / total.max(1) as f64,
+        cpu / started.elapsed().as_secs_f64(),
+    );
     b.rx.record_latency(false);
     courier.stop().await;
     publisher.delete_queue(&q_lat).await;
     let courier = Percentiles::of(b.rx.take_latencies_ns());
     println!(
-        "latency at {rate} events/s for {} s (published at {offered:.0}/s): {courier} ({} samples)",
+        "latency at {rate} events/s for {} s (published at {offered:.0}/s): {courier} ({} samples), courier CPU {cpu_us:.1} us/event ({cores:.2} of a core)",
         a.latency_seconds, courier.samples
     );
 
@@ -289,7 +296,13 @@ pub async fn latency(b: &Bench, rate: u64) -> Latency {
     };
     publisher.delete_queue(&q_raw).await;
     println!("raw RabbitMQ publish-to-consume latency at {rate} events/s (lapin, ack on arrival, no HTTP): {raw} ({} samples)", raw.samples);
-    Latency { rate, courier, raw }
+    Latency {
+        rate,
+        courier,
+        raw,
+        cpu_us,
+        cores,
+    }
 }
 
 /// The latency figures of one rate.
@@ -297,6 +310,10 @@ pub struct Latency {
     pub rate: u64,
     pub courier: Percentiles,
     pub raw: Percentiles,
+    /// courier's CPU per event over the run, µs.
+    pub cpu_us: f64,
+    /// courier's CPU over the run, in cores.
+    pub cores: f64,
 }
 
 /// p50, p99 and max of a set of latencies, in ms.

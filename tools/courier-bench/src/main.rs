@@ -39,7 +39,7 @@ enum Case {
     Python,
     /// MQTT -> HTTP drain rate, `--mqtt-runs` times.
     Mqtt,
-    /// Publish-to-receive latency at each steady `--rate`.
+    /// Publish-to-receive latency, and courier's CPU, at each steady `--rate`.
     Latency,
     /// One event to 10 destinations.
     Fanout,
@@ -301,8 +301,8 @@ fn rows(r: &Results) -> Vec<Row> {
         rows.push(Row {
             case: "p99 latency",
             figure: format!(
-                "{:.2} ms at {}/s (p50 {:.2}, max {:.2}); RabbitMQ alone p99 {:.2} (p50 {:.2}, max {:.2})",
-                c.p99, l.rate, c.p50, c.max, raw.p99, raw.p50, raw.max
+                "{:.2} ms at {}/s (p50 {:.2}, max {:.2}); RabbitMQ alone p99 {:.2} (p50 {:.2}, max {:.2}); courier CPU {:.0} us/event, {:.2} of a core",
+                c.p99, l.rate, c.p50, c.max, raw.p99, raw.p50, raw.max, l.cpu_us, l.cores
             ),
             target: "< 10 ms".into(),
             met: Some(c.p99 < 10.0),
