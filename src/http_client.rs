@@ -1,15 +1,14 @@
 //! The HTTP clients courier POSTs through: one per distinct connection settings (TLS, timeout,
 //! proxy), shared by the destinations that have the same ones.
 //!
-//! A delivery goes out through hyper-util's pooled client with a connector of courier's own
-//! (TCP, TLS with the destination's settings, and the destination's or the environment's proxy),
-//! not through reqwest: reqwest's per-request layers (its redirect hook, its `Url` round trip,
+//! A delivery goes out through courier's own connection pool ([`crate::http_pool`]) with the
+//! connector here (TCP, TLS with the destination's settings, and the destination's or the
+//! environment's proxy), not through reqwest: reqwest's per-request layers (its redirect hook, its `Url` round trip,
 //! its request building) cost more than the rest of a POST (docs/performance.md#a-fanout-delivery).
 //! What reqwest gave, courier does itself: the redirect rule and the timeout in
 //! [`crate::sender`], the proxy here. The OAuth2 token endpoints are still asked through
 //! reqwest ([`Clients::token_client`]), whose cost is paid once per token.
 
-use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -18,12 +17,11 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::Full;
-use hyper::body::Incoming;
 use hyper::header::{HeaderValue, PROXY_AUTHORIZATION};
 use hyper::{Request, Response, Uri};
-use hyper_util::client::legacy::connect::{Connected, Connection, HttpConnector};
+use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::proxy::matcher::Matcher;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::TokioIo;
 use rustls::pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _, ReadBuf};
 use tokio::net::TcpStream;
@@ -39,8 +37,6 @@ pub type Body = Full<Bytes>;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
-/// How long an idle pooled connection is kept.
-const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 /// Idle time before TCP keepalive probes, and the time between them.
 const TCP_KEEPALIVE: Duration = Duration::from_secs(15);
 /// The largest answer head a proxy may give to `CONNECT`.
@@ -51,11 +47,8 @@ const CONNECT_HEAD_LIMIT: usize = 8 * 1024;
 #[error("cannot build the HTTP client: {0}")]
 pub struct SenderError(pub(crate) String);
 
-/// A request that got no answer: no connection, a failed TLS handshake or proxy tunnel, or a
-/// connection that closed before the answer.
-#[derive(Debug, thiserror::Error)]
-#[error(transparent)]
-pub struct SendError(#[from] hyper_util::client::legacy::Error);
+use crate::http_pool::Pool;
+pub use crate::http_pool::{Answer, SendError};
 
 /// What a destination's HTTP client is built from. Destinations whose settings are equal share
 /// one client, and so one connection pool.
@@ -127,7 +120,7 @@ fn settings(dest: &DestinationConfig) -> ClientSettings {
 /// The pooled client of one `ClientSettings`: cheap to clone, one pool for all clones.
 #[derive(Clone)]
 pub struct HttpClient {
-    pool: hyper_util::client::legacy::Client<Connector, Body>,
+    pool: Pool,
     /// Which requests go through a proxy; `None` when none does.
     proxies: Option<Arc<Matcher>>,
 }
@@ -154,16 +147,32 @@ impl HttpClient {
             tls_to_proxy: TlsConnector::from(Arc::new(to_proxy)),
             proxies: proxies.clone(),
         };
-        let pool = hyper_util::client::legacy::Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(POOL_IDLE_TIMEOUT)
-            .pool_timer(TokioTimer::new())
-            .build(connector);
-        Ok(HttpClient { pool, proxies })
+        Ok(HttpClient {
+            pool: Pool::new(connector),
+            proxies,
+        })
+    }
+
+    /// A client with no TLS material, proxy or special timeout, for tests.
+    #[cfg(test)]
+    pub(crate) fn for_tests() -> HttpClient {
+        let settings = ClientSettings {
+            verify: true,
+            timeout: Duration::from_secs(60),
+            tls: None,
+            proxy: None,
+        };
+        HttpClient::new("test", &settings).expect("client")
+    }
+
+    #[cfg(test)]
+    pub(crate) fn pool(&self) -> &Pool {
+        &self.pool
     }
 
     /// Sends `request` and returns the answer's head; the body is read by the caller. A plain
     /// `http` request through a proxy gets the proxy's credentials here.
-    pub async fn send(&self, mut request: Request<Body>) -> Result<Response<Incoming>, SendError> {
+    pub async fn send(&self, mut request: Request<Body>) -> Result<Response<Answer>, SendError> {
         if let Some(proxies) = &self.proxies {
             if request.uri().scheme() == Some(&hyper::http::uri::Scheme::HTTP) {
                 if let Some(auth) = proxies
@@ -174,7 +183,7 @@ impl HttpClient {
                 }
             }
         }
-        Ok(self.pool.request(request).await?)
+        self.pool.send(request).await
     }
 }
 
@@ -204,32 +213,17 @@ fn proxies(key: &str, proxy: Option<&ProxyUrl>) -> Result<Option<Arc<Matcher>>, 
 }
 
 /// Makes TCP connections, the TLS handshake with the partner, and the way through a proxy, for
-/// hyper-util's pool.
+/// the pool ([`crate::http_pool`]).
 #[derive(Clone)]
-struct Connector {
+pub(crate) struct Connector {
     tcp: HttpConnector,
     tls: TlsConnector,
     tls_to_proxy: TlsConnector,
     proxies: Option<Arc<Matcher>>,
 }
 
-impl Service<Uri> for Connector {
-    type Response = Conn;
-    type Error = BoxError;
-    type Future = Pin<Box<dyn Future<Output = Result<Conn, BoxError>> + Send>>;
-
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, dst: Uri) -> Self::Future {
-        let this = self.clone();
-        Box::pin(async move { this.connect(dst).await })
-    }
-}
-
 impl Connector {
-    async fn connect(self, dst: Uri) -> Result<Conn, BoxError> {
+    pub(crate) async fn connect(self, dst: Uri) -> Result<Conn, BoxError> {
         let https = dst.scheme() == Some(&hyper::http::uri::Scheme::HTTPS);
         let Some(proxy) = self.proxies.as_deref().and_then(|m| m.intercept(&dst)) else {
             let tcp = Stream::Tcp(self.tcp(dst.clone()).await?);
@@ -395,12 +389,12 @@ impl AsyncWrite for Stream {
     }
 }
 
-/// A connection as hyper-util's pool takes it, with what the pool must know of it: whether
-/// requests on it go to a proxy in absolute form, and whether it speaks HTTP/2.
-struct Conn {
+/// A connection as the pool takes it, with what the pool must know of it: whether requests on
+/// it go to a proxy in absolute form, and whether it speaks HTTP/2.
+pub(crate) struct Conn {
     io: TokioIo<Stream>,
-    proxied: bool,
-    h2: bool,
+    pub(crate) proxied: bool,
+    pub(crate) h2: bool,
 }
 
 impl Conn {
@@ -414,16 +408,6 @@ impl Conn {
 
     fn stream(self) -> Stream {
         self.io.into_inner()
-    }
-}
-
-impl Connection for Conn {
-    fn connected(&self) -> Connected {
-        let connected = Connected::new().proxy(self.proxied);
-        match self.h2 {
-            true => connected.negotiated_h2(),
-            false => connected,
-        }
     }
 }
 
@@ -516,7 +500,7 @@ fn token_client(key: &str, settings: &ClientSettings) -> Result<reqwest::Client,
         .referer(false)
         .tls_backend_preconfigured(tls)
         .tcp_nodelay(true)
-        .pool_idle_timeout(POOL_IDLE_TIMEOUT)
+        .pool_idle_timeout(crate::http_pool::IDLE_TIMEOUT)
         .user_agent(crate::sender::USER_AGENT_VALUE)
         .build()
         .map_err(|e| SenderError(error_chain(&e)))

@@ -17,6 +17,7 @@ pub mod delivery;
 pub mod destination;
 pub mod event;
 pub mod http_client;
+pub mod http_pool;
 pub mod oauth2;
 pub mod pipeline;
 pub mod properties;

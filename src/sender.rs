@@ -13,7 +13,6 @@ use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use http_body_util::{BodyExt as _, Full};
-use hyper::body::Incoming;
 use hyper::header::{
     HeaderMap, HeaderName, HeaderValue, ACCEPT, AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE, HOST,
     LOCATION, RETRY_AFTER, USER_AGENT,
@@ -26,7 +25,7 @@ use crate::config::{to_uri, DestinationConfig, OrganizationConfig, RESERVED_HEAD
 use crate::destination::Destination;
 use crate::error_chain;
 use crate::event::Event;
-use crate::http_client::Body;
+use crate::http_client::{Answer, Body};
 use crate::oauth2::TokenError;
 use crate::signature;
 use crate::status::Verdict;
@@ -200,10 +199,7 @@ impl Post<'_> {
     /// request a POST with its body, and another host must not receive the destination's
     /// credentials. A 301/302/303 would turn it into a body-less GET that a 2xx would wrongly
     /// mark delivered. Any other redirect is the answer, a failed attempt.
-    async fn send(
-        &self,
-        authorization: Option<&HeaderValue>,
-    ) -> Result<Response<Incoming>, Outcome> {
+    async fn send(&self, authorization: Option<&HeaderValue>) -> Result<Response<Answer>, Outcome> {
         let config = self.dest.config();
         let mut url = Cow::Borrowed(config.url.url());
         let mut uri = Cow::Borrowed(config.url.uri());
@@ -237,8 +233,8 @@ impl Post<'_> {
         if let Some(authorization) = authorization {
             headers.insert(AUTHORIZATION, authorization.clone());
         }
-        // Set here, where the map still has room, rather than by hyper-util, which would grow
-        // the map and format the host and port again on every request. Redirects are followed
+        // Set here, where the map still has room, rather than by the pool, which would grow the
+        // map and format the host and port again on every request. Redirects are followed
         // only to the same origin, so the value holds for them too.
         if let Some(host) = config.url.host_header() {
             headers.insert(HOST, host.clone());
@@ -276,7 +272,7 @@ impl Post<'_> {
 }
 
 /// Where a 307/308 answer points, when that is on the same origin as `url`.
-fn same_origin_location(url: &Url, response: &Response<Incoming>) -> Option<Url> {
+fn same_origin_location(url: &Url, response: &Response<Answer>) -> Option<Url> {
     let location = response.headers().get(LOCATION)?.to_str().ok()?;
     let next = url.join(location).ok()?;
     (next.origin() == url.origin()).then_some(next)
@@ -336,7 +332,7 @@ fn headers(
 
 /// The outcome of an answer, by the destination's status-code rules over the default table
 /// (crate::status): 2xx delivered; 408, 429 and 5xx retryable; everything else final.
-async fn classify(response: Response<Incoming>, config: &DestinationConfig) -> Outcome {
+async fn classify(response: Response<Answer>, config: &DestinationConfig) -> Outcome {
     let status = response.status();
     let code = status.as_u16();
     let verdict = config.status_rules().verdict(code);
@@ -394,7 +390,7 @@ fn parse_retry_after(value: &str) -> Option<Duration> {
 }
 
 /// Reads the response to its end (up to a limit) so the connection goes back to the pool.
-async fn drain(response: Response<Incoming>) {
+async fn drain(response: Response<Answer>) {
     let mut body = response.into_body();
     let mut read = 0usize;
     while let Some(Ok(frame)) = body.frame().await {
@@ -405,7 +401,7 @@ async fn drain(response: Response<Incoming>) {
     }
 }
 
-async fn snippet(response: Response<Incoming>) -> String {
+async fn snippet(response: Response<Answer>) -> String {
     let mut body = response.into_body();
     let mut buf = Vec::new();
     while let Some(Ok(frame)) = body.frame().await {

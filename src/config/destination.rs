@@ -275,7 +275,7 @@ impl HttpUrl {
             return Err("has no host".into());
         }
         // Only for plain http, which goes out over HTTP/1.1: HTTP/2 is negotiated only through
-        // TLS, and over HTTP/2 hyper-util sets no Host.
+        // TLS, and over HTTP/2 the pool (src/http_pool.rs) sets no Host.
         let host = match url.scheme() {
             "http" => Some(host_header(&url)?),
             _ => None,
@@ -295,7 +295,7 @@ impl HttpUrl {
     }
 
     /// The `Host` header courier sets itself on `http` requests; `None` for `https`, whose
-    /// requests may go out over HTTP/2 and keep hyper-util's own handling.
+    /// requests may go out over HTTP/2 and get theirs from the pool over HTTP/1.1.
     pub fn host_header(&self) -> Option<&HeaderValue> {
         self.host.as_ref()
     }
@@ -309,7 +309,8 @@ pub fn to_uri(url: &Url) -> Result<hyper::Uri, String> {
         .map_err(|e| format!("{e}: {:?}", redact_url(url.as_str())))
 }
 
-/// `host[:port]` as hyper-util sets it: the port only when it is not the scheme's default, which
+/// `host[:port]` as HTTP clients set it (hyper-util's rule, and `host_header` in
+/// src/http_pool.rs): the port only when it is not the scheme's default, which
 /// `Url` already leaves out; IPv6 hosts keep their brackets. Redirects are followed only to the
 /// same origin, so the value holds for a followed 307/308 too.
 fn host_header(url: &Url) -> Result<HeaderValue, String> {

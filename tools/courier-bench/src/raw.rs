@@ -1,15 +1,18 @@
 //! The raw limits of the machine each courier figure is divided by: how fast a bare consumer
 //! drains RabbitMQ and Mosquitto, and how fast a bare client POSTs to the receiver.
 
+use std::future::Future;
+use std::pin::pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use futures_util::future::{select, Either};
 use futures_util::{FutureExt as _, StreamExt as _};
 use http_body_util::{BodyExt as _, Full};
 use hyper_util::client::legacy::Client as HyperClient;
-use hyper_util::rt::TokioExecutor;
+use hyper_util::rt::{TokioExecutor, TokioIo};
 use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions};
 use lapin::types::FieldTable;
 
@@ -60,7 +63,7 @@ pub async fn limits(b: &mut Bench, needs_amqp: bool, needs_mqtt: bool) -> RawLim
         let cpu_before = cpu_seconds(b.pid).unwrap_or(0.0);
         let post = post_rate(&b.rx.url("/raw-post"), b.n, b.size, 64).await;
         let post_cpu_us = (cpu_seconds(b.pid).unwrap_or(0.0) - cpu_before) * 1e6 / b.n as f64;
-        println!("raw HTTP POST (hyper, 64 concurrent): {post:.0} requests/s, client + receiver CPU {post_cpu_us:.1} us/request");
+        println!("raw HTTP POST (hyper HTTP/1.1, 64 connections each driven by its sender): {post:.0} requests/s, client + receiver CPU {post_cpu_us:.1} us/request");
         b.raw_limits.push(format!("POST {post:.0}/s"));
         post
     } else {
@@ -128,10 +131,67 @@ async fn amqp_drain(queue: &str, n: usize, prefetch: u16) -> f64 {
     got as f64 / start.elapsed().as_secs_f64()
 }
 
-/// A bare client POSTing `n` bodies to `url` with `concurrency` workers: requests/s. It is
-/// hyper-util's pooled client, the one courier delivers through, without courier's work per
-/// request, so it is the fastest POST rate the receiver allows on this machine.
+/// A bare client POSTing `n` bodies to `url` with `concurrency` workers: requests/s. Each
+/// worker owns one HTTP/1.1 connection and drives it itself while it waits for its answer, as
+/// courier does (src/http_pool.rs), without courier's work per request: the fastest POST rate
+/// the receiver allows on this machine (the `clients` case compares it with other clients).
 pub async fn post_rate(url: &str, n: usize, size: usize, concurrency: usize) -> f64 {
+    let uri: hyper::Uri = url.parse().expect("receiver URL");
+    let host = uri.authority().expect("host and port").to_string();
+    let next = Arc::new(AtomicU64::new(0));
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..concurrency {
+        let (next, uri, host) = (next.clone(), uri.clone(), host.clone());
+        tasks.push(tokio::spawn(async move {
+            let stream = tokio::net::TcpStream::connect(&host)
+                .await
+                .expect("connect");
+            stream.set_nodelay(true).expect("nodelay");
+            let (mut sender, mut conn) =
+                hyper::client::conn::http1::handshake::<_, Full<Bytes>>(TokioIo::new(stream))
+                    .await
+                    .expect("handshake");
+            let path = hyper::Uri::from(uri.path_and_query().expect("path").clone());
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed) as usize;
+                if i >= n {
+                    break;
+                }
+                let request = hyper::Request::post(path.clone())
+                    .header("host", &host)
+                    .header("content-type", "application/json")
+                    .header("x-request-id", format!("p{i}"))
+                    .body(Full::new(Bytes::from(event(&format!("p{i}"), size))))
+                    .expect("request");
+                let response = driving(&mut conn, sender.send_request(request))
+                    .await
+                    .expect("answer");
+                let _ = driving(&mut conn, response.into_body().collect()).await;
+            }
+        }));
+    }
+    for t in tasks {
+        let _ = t.await;
+    }
+    n as f64 / start.elapsed().as_secs_f64()
+}
+
+/// `work`'s output, polling `conn` alongside it, as a connection task would.
+async fn driving<C, F>(conn: &mut C, work: F) -> F::Output
+where
+    C: Future + Unpin,
+    F: Future,
+{
+    match select(conn, pin!(work)).await {
+        Either::Right((out, _)) => out,
+        Either::Left(_) => panic!("the receiver closed a connection"),
+    }
+}
+
+/// What [`post_rate`] measures, with hyper-util's pooled client, which runs a task per
+/// connection (the `clients` case).
+pub async fn pooled_post_rate(url: &str, n: usize, size: usize, concurrency: usize) -> f64 {
     let mut connector = hyper_util::client::legacy::connect::HttpConnector::new();
     connector.set_nodelay(true);
     let client: HyperClient<_, Full<Bytes>> =

@@ -1,0 +1,686 @@
+//! The connections deliveries go out on, kept per origin: HTTP/1.1 connections that the
+//! delivering task drives itself, and one shared HTTP/2 connection where the partner picks `h2`.
+//!
+//! An HTTP/1.1 connection carries one request at a time, so it needs no task of its own: the
+//! attempt that holds it writes the request and reads the answer on it while it waits, and hands
+//! it back to the pool when the answer's body ends. A connection task (hyper-util's pooled
+//! client) costs two wakes of another task per request, and a thread hop when that task runs on
+//! the other worker; in the fanout case that was about a fifth of a delivery's CPU
+//! (docs/performance.md#a-fanout-delivery). An idle connection is looked at when it is taken
+//! (a closed one is dropped and the next one or a new one used) and by a sweep every
+//! [`SWEEP_EVERY`], which closes the ones idle for [`IDLE_TIMEOUT`] and the ones the partner
+//! closed.
+
+use std::future::{poll_fn, Future};
+use std::pin::{pin, Pin};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError, Weak};
+use std::task::{Context, Poll, Waker};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use hyper::body::{Frame, Incoming, SizeHint};
+use hyper::client::conn::{http1, http2};
+use hyper::header::{HeaderValue, HOST};
+use hyper::http::uri::{Authority, Scheme};
+use hyper::{Request, Response, Uri};
+use hyper_util::rt::TokioExecutor;
+
+use crate::http_client::{Body, Conn, Connector};
+
+/// How long an idle connection is kept.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
+/// How often idle connections are looked at for the timeout and for a close by the partner.
+pub const SWEEP_EVERY: Duration = Duration::from_secs(15);
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+type H1Conn = http1::Connection<Conn, Body>;
+
+/// A request that got no answer. The messages match hyper-util's client, which delivered before,
+/// so logs and dead letters read the same: `client error (Connect): <cause>`.
+#[derive(Debug, thiserror::Error)]
+pub enum SendError {
+    /// No connection: DNS, TCP, the TLS handshake or the proxy's tunnel failed.
+    #[error("client error (Connect)")]
+    Connect(#[source] BoxError),
+    /// The connection failed or closed before the answer.
+    #[error("client error (SendRequest)")]
+    Request(#[source] hyper::Error),
+    /// The request's URL has no scheme or host (not expected: destination URLs are checked).
+    #[error("the request URL {0} has no scheme or host")]
+    Url(Uri),
+}
+
+/// The scheme and authority requests share connections by.
+#[derive(Clone, PartialEq, Eq, Hash)]
+struct Origin {
+    scheme: Scheme,
+    authority: Authority,
+}
+
+impl Origin {
+    fn of(uri: &Uri) -> Option<Origin> {
+        Some(Origin {
+            scheme: uri.scheme()?.clone(),
+            authority: uri.authority()?.clone(),
+        })
+    }
+}
+
+/// An HTTP/1.1 connection and its request side.
+struct H1 {
+    sender: http1::SendRequest<Body>,
+    /// `None` once the connection has closed.
+    conn: Option<H1Conn>,
+    /// Whether requests go to a proxy in absolute form.
+    proxied: bool,
+}
+
+impl H1 {
+    /// Whether the connection has closed, read without waiting.
+    fn poll_closed(&mut self) -> bool {
+        let mut cx = Context::from_waker(Waker::noop());
+        let closed = self
+            .conn
+            .as_mut()
+            .is_none_or(|conn| Pin::new(conn).poll(&mut cx).is_ready());
+        if closed {
+            self.conn = None;
+        }
+        closed
+    }
+}
+
+/// What one origin has open.
+#[derive(Default)]
+struct Open {
+    /// Boxed, so that taking one out and lending it moves a pointer, not the connection.
+    idle: Vec<(Box<H1>, Instant)>,
+    h2: Option<http2::SendRequest<Body>>,
+}
+
+/// What each origin has open. A client's destinations have one origin or a few, so a list
+/// searched in order costs less than hashing the origin on every request.
+#[derive(Default)]
+struct Origins(Vec<(Origin, Open)>);
+
+impl Origins {
+    fn get(&self, origin: &Origin) -> Option<&Open> {
+        self.0
+            .iter()
+            .find(|(o, _)| o == origin)
+            .map(|(_, open)| open)
+    }
+
+    fn get_mut(&mut self, origin: &Origin) -> Option<&mut Open> {
+        self.0
+            .iter_mut()
+            .find(|(o, _)| o == origin)
+            .map(|(_, open)| open)
+    }
+
+    fn entry(&mut self, origin: Origin) -> &mut Open {
+        let at = match self.0.iter().position(|(o, _)| *o == origin) {
+            Some(at) => at,
+            None => {
+                self.0.push((origin, Open::default()));
+                self.0.len() - 1
+            }
+        };
+        &mut self.0[at].1
+    }
+}
+
+/// The connections of one HTTP client (one set of connection settings); cheap to clone.
+#[derive(Clone)]
+pub(crate) struct Pool {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    connector: Connector,
+    origins: Mutex<Origins>,
+    /// Whether the sweep task runs: started with the first idle connection, on the runtime
+    /// that made it.
+    sweeping: AtomicBool,
+}
+
+impl Pool {
+    pub(crate) fn new(connector: Connector) -> Pool {
+        Pool {
+            inner: Arc::new(Inner {
+                connector,
+                origins: Mutex::new(Origins::default()),
+                sweeping: AtomicBool::new(false),
+            }),
+        }
+    }
+
+    /// Sends `request` on an idle connection to its origin, or a new one, and returns the
+    /// answer's head. The body is read by the caller; reading it to its end gives the
+    /// connection back. A request that an idle connection could not take (the partner closed
+    /// it) goes on the next connection; one that was written is never sent twice.
+    pub(crate) async fn send(
+        &self,
+        mut request: Request<Body>,
+    ) -> Result<Response<Answer>, SendError> {
+        let Some(origin) = Origin::of(request.uri()) else {
+            return Err(SendError::Url(request.uri().clone()));
+        };
+        loop {
+            if let Some(mut h2) = self.inner.h2(&origin) {
+                if h2.ready().await.is_ok() {
+                    let response = h2.send_request(request).await;
+                    return response
+                        .map(|r| r.map(Answer::plain))
+                        .map_err(SendError::Request);
+                }
+                self.inner.forget_h2(&origin);
+                continue;
+            }
+            let (mut h1, reused) = match self.inner.idle(&origin) {
+                Some(h1) => (h1, true),
+                // Boxed: making a connection (TCP, TLS, a proxy's tunnel) takes a large future,
+                // which would otherwise make every request's future, and each move of it, larger.
+                None => match Box::pin(self.connect(&origin, request.uri())).await? {
+                    Connected::H1(h1) => (h1, false),
+                    Connected::H2 => continue,
+                },
+            };
+            // What arrived while it was idle is read first, so that a close by the partner (its
+            // keep-alive ran out) shows before a request is written to it.
+            if reused && h1.poll_closed() {
+                continue;
+            }
+            if let Err(error) = driving(&mut h1.conn, h1.sender.ready()).await {
+                match reused {
+                    // Closed while idle: the partner's keep-alive ran out.
+                    true => continue,
+                    false => return Err(SendError::Request(error)),
+                }
+            }
+            // Over HTTP/1.1 only: HTTP/2 carries the host in the request's `:authority`.
+            if !request.headers().contains_key(HOST) {
+                if let Some(host) = host_header(request.uri()) {
+                    request.headers_mut().insert(HOST, host);
+                }
+            }
+            let uri = request.uri().clone();
+            if !h1.proxied {
+                *request.uri_mut() = origin_form(&uri);
+            }
+            match driving(&mut h1.conn, h1.sender.try_send_request(request)).await {
+                Ok(response) => {
+                    let lease = Lease {
+                        pool: self.clone(),
+                        origin,
+                        h1,
+                    };
+                    return Ok(response.map(|body| Answer {
+                        body,
+                        lease: Some(lease),
+                    }));
+                }
+                Err(mut error) => match error.take_message() {
+                    // Not written: the connection closed before it could take the request.
+                    Some(unsent) if reused => {
+                        request = unsent;
+                        *request.uri_mut() = uri;
+                    }
+                    _ => return Err(SendError::Request(error.into_error())),
+                },
+            }
+        }
+    }
+
+    /// A new connection to `origin`: an HTTP/1.1 one for the caller, or an HTTP/2 one, which
+    /// goes into the pool for every request to share.
+    async fn connect(&self, origin: &Origin, uri: &Uri) -> Result<Connected, SendError> {
+        let conn = self
+            .inner
+            .connector
+            .clone()
+            .connect(uri.clone())
+            .await
+            .map_err(SendError::Connect)?;
+        let proxied = conn.proxied;
+        if conn.h2 {
+            let (sender, connection) = http2::handshake(TokioExecutor::new(), conn)
+                .await
+                .map_err(|e| SendError::Connect(e.into()))?;
+            tokio::spawn(async move {
+                if let Err(error) = connection.await {
+                    tracing::debug!(error = %crate::error_chain(&error), "HTTP/2 connection closed");
+                }
+            });
+            self.inner.lock().entry(origin.clone()).h2 = Some(sender);
+            return Ok(Connected::H2);
+        }
+        let (sender, conn) = http1::handshake(conn)
+            .await
+            .map_err(|e| SendError::Connect(e.into()))?;
+        Ok(Connected::H1(Box::new(H1 {
+            sender,
+            conn: Some(conn),
+            proxied,
+        })))
+    }
+
+    /// Takes `h1` back as idle once its answer has been read to the end.
+    fn put(&self, origin: Origin, h1: Box<H1>) {
+        if h1.conn.is_none() {
+            return;
+        }
+        self.inner
+            .lock()
+            .entry(origin)
+            .idle
+            .push((h1, Instant::now()));
+        if !self.inner.sweeping.swap(true, Ordering::Relaxed) {
+            match tokio::runtime::Handle::try_current() {
+                Ok(runtime) => {
+                    runtime.spawn(sweep(Arc::downgrade(&self.inner)));
+                }
+                Err(_) => self.inner.sweeping.store(false, Ordering::Relaxed),
+            }
+        }
+    }
+
+    /// How many idle HTTP/1.1 connections the pool holds, over all origins (for tests).
+    #[cfg(test)]
+    fn idle_count(&self) -> usize {
+        self.inner.lock().0.iter().map(|(_, o)| o.idle.len()).sum()
+    }
+}
+
+enum Connected {
+    H1(Box<H1>),
+    H2,
+}
+
+impl Inner {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Origins> {
+        // The map holds no invariant a panic could break half-way.
+        self.origins.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn h2(&self, origin: &Origin) -> Option<http2::SendRequest<Body>> {
+        self.lock().get(origin)?.h2.clone()
+    }
+
+    /// Drops the shared HTTP/2 connection of `origin`, which has closed. (One that another
+    /// request has just made in its place would go too and be made again: rare and harmless.)
+    fn forget_h2(&self, origin: &Origin) {
+        if let Some(open) = self.lock().get_mut(origin) {
+            open.h2 = None;
+        }
+    }
+
+    /// The most recently used idle connection to `origin` that has not timed out.
+    fn idle(&self, origin: &Origin) -> Option<Box<H1>> {
+        let mut origins = self.lock();
+        let open = origins.get_mut(origin)?;
+        while let Some((h1, since)) = open.idle.pop() {
+            if since.elapsed() < IDLE_TIMEOUT {
+                return Some(h1);
+            }
+        }
+        None
+    }
+
+    /// Closes the connections idle for [`IDLE_TIMEOUT`] and the ones their partner closed.
+    fn sweep(&self) {
+        let mut origins = self.lock();
+        for (_, open) in &mut origins.0 {
+            open.idle
+                .retain_mut(|(h1, since)| since.elapsed() < IDLE_TIMEOUT && !h1.poll_closed());
+            if open.h2.as_ref().is_some_and(|h2| h2.is_closed()) {
+                open.h2 = None;
+            }
+        }
+        origins
+            .0
+            .retain(|(_, open)| !open.idle.is_empty() || open.h2.is_some());
+    }
+}
+
+/// Sweeps `pool` every [`SWEEP_EVERY`] until it is dropped.
+async fn sweep(pool: Weak<Inner>) {
+    loop {
+        tokio::time::sleep(SWEEP_EVERY).await;
+        let Some(pool) = pool.upgrade() else { return };
+        pool.sweep();
+    }
+}
+
+/// `work`'s output, with `conn` driven while it waits, as a connection task would drive it.
+/// `conn` becomes `None` when the connection closes; `work` then ends with hyper's error.
+async fn driving<F: Future>(conn: &mut Option<H1Conn>, work: F) -> F::Output {
+    let mut work = pin!(work);
+    poll_fn(|cx| {
+        let mut driven = false;
+        loop {
+            if let Poll::Ready(out) = work.as_mut().poll(cx) {
+                return Poll::Ready(out);
+            }
+            // Once more after the connection is driven: what it read or wrote may end `work`.
+            if driven {
+                return Poll::Pending;
+            }
+            driven = true;
+            match conn.as_mut() {
+                Some(open) => {
+                    if Pin::new(open).poll(cx).is_ready() {
+                        *conn = None;
+                    }
+                }
+                None => return Poll::Pending,
+            }
+        }
+    })
+    .await
+}
+
+/// An HTTP/1.1 connection lent to one answer until its body ends.
+struct Lease {
+    pool: Pool,
+    origin: Origin,
+    h1: Box<H1>,
+}
+
+/// An answer's body. On an HTTP/1.1 connection, reading it drives the connection, and its end
+/// gives the connection back to the pool; dropping it before the end closes the connection.
+pub struct Answer {
+    body: Incoming,
+    lease: Option<Lease>,
+}
+
+impl Answer {
+    fn plain(body: Incoming) -> Answer {
+        Answer { body, lease: None }
+    }
+}
+
+impl hyper::body::Body for Answer {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let this = self.get_mut();
+        let mut driven = false;
+        loop {
+            if let Poll::Ready(frame) = Pin::new(&mut this.body).poll_frame(cx) {
+                if frame.is_none() {
+                    if let Some(lease) = this.lease.take() {
+                        lease.pool.put(lease.origin, lease.h1);
+                    }
+                }
+                return Poll::Ready(frame);
+            }
+            // As in `driving`: the connection once, then the body once more.
+            if driven {
+                return Poll::Pending;
+            }
+            driven = true;
+            let Some(conn) = this.lease.as_mut().and_then(|l| l.h1.conn.as_mut()) else {
+                return Poll::Pending;
+            };
+            if Pin::new(conn).poll(cx).is_ready() {
+                // Closed: the body ends with hyper's error, and the connection is not given back.
+                this.lease = None;
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
+}
+
+/// `uri` as an HTTP/1.1 request line names it to the server itself: the path and query.
+fn origin_form(uri: &Uri) -> Uri {
+    match uri.path_and_query() {
+        Some(path) if path.as_str() != "/" => Uri::from(path.clone()),
+        _ => Uri::from_static("/"),
+    }
+}
+
+/// The `Host` header for `uri`: its host, and its port unless the scheme's default.
+fn host_header(uri: &Uri) -> Option<HeaderValue> {
+    let host = uri.host()?;
+    let default = match uri.scheme_str() {
+        Some("https") => 443,
+        _ => 80,
+    };
+    let value = match uri.port_u16() {
+        Some(port) if port != default => format!("{host}:{port}"),
+        _ => host.to_string(),
+    };
+    HeaderValue::from_str(&value).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicUsize;
+
+    use http_body_util::{BodyExt as _, Full};
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+    use super::*;
+
+    /// How the test server ends each answer.
+    #[derive(Clone, Copy)]
+    enum Then {
+        /// Keeps the connection open for the next request.
+        KeepAlive,
+        /// Says `connection: close` and closes.
+        SayClose,
+    }
+
+    /// A loopback HTTP/1.1 server that answers every request `200` with the body `ok` and
+    /// counts the connections it accepted and the requests it answered.
+    struct Server {
+        url: String,
+        accepted: Arc<AtomicUsize>,
+        answered: Arc<AtomicUsize>,
+        /// Closes every connection that waits for a request, as a keep-alive timeout does.
+        close_idle: Arc<tokio::sync::Notify>,
+    }
+
+    impl Server {
+        async fn start(then: Then) -> Server {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+                .await
+                .expect("bind");
+            let url = format!("http://{}/in", listener.local_addr().expect("addr"));
+            let accepted = Arc::new(AtomicUsize::new(0));
+            let answered = Arc::new(AtomicUsize::new(0));
+            let close_idle = Arc::new(tokio::sync::Notify::new());
+            let (acc, ans, close) = (accepted.clone(), answered.clone(), close_idle.clone());
+            tokio::spawn(async move {
+                while let Ok((mut socket, _)) = listener.accept().await {
+                    acc.fetch_add(1, Ordering::SeqCst);
+                    let (ans, close) = (ans.clone(), close.clone());
+                    tokio::spawn(async move {
+                        let mut seen = Vec::new();
+                        let mut buf = [0u8; 4096];
+                        loop {
+                            // A request is a head and a 2-byte body (`{}`) in these tests.
+                            while !seen.windows(6).any(|w| w == b"\r\n\r\n{}") {
+                                let read = tokio::select! {
+                                    read = socket.read(&mut buf) => read,
+                                    () = close.notified(), if seen.is_empty() => return,
+                                };
+                                match read {
+                                    Ok(0) | Err(_) => return,
+                                    Ok(n) => seen.extend_from_slice(&buf[..n]),
+                                }
+                            }
+                            seen.clear();
+                            let close = match then {
+                                Then::SayClose => "connection: close\r\n",
+                                _ => "",
+                            };
+                            let answer =
+                                format!("HTTP/1.1 200 OK\r\ncontent-length: 2\r\n{close}\r\nok");
+                            if socket.write_all(answer.as_bytes()).await.is_err() {
+                                return;
+                            }
+                            ans.fetch_add(1, Ordering::SeqCst);
+                            if !matches!(then, Then::KeepAlive) {
+                                return;
+                            }
+                        }
+                    });
+                }
+            });
+            Server {
+                url,
+                accepted,
+                answered,
+                close_idle,
+            }
+        }
+
+        /// Closes the idle connections and waits until the close has reached the client side.
+        async fn close_idle(&self) {
+            self.close_idle.notify_waiters();
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+
+        fn accepted(&self) -> usize {
+            self.accepted.load(Ordering::SeqCst)
+        }
+
+        fn answered(&self) -> usize {
+            self.answered.load(Ordering::SeqCst)
+        }
+    }
+
+    fn pool() -> Pool {
+        crate::http_client::HttpClient::for_tests().pool().clone()
+    }
+
+    fn post(url: &str) -> Request<Body> {
+        let mut request = Request::new(Full::new(Bytes::from_static(b"{}")));
+        *request.method_mut() = hyper::Method::POST;
+        *request.uri_mut() = url.parse().expect("url");
+        request
+    }
+
+    /// POSTs to `url` and reads the answer to its end.
+    async fn round_trip(pool: &Pool, url: &str) -> Bytes {
+        let response = pool.send(post(url)).await.expect("answer");
+        assert_eq!(response.status(), 200);
+        let body = response.into_body().collect().await.expect("body");
+        body.to_bytes()
+    }
+
+    #[tokio::test]
+    async fn one_connection_carries_requests_one_after_another() {
+        let server = Server::start(Then::KeepAlive).await;
+        let pool = pool();
+        for _ in 0..3 {
+            assert_eq!(round_trip(&pool, &server.url).await, "ok");
+        }
+        assert_eq!((server.accepted(), server.answered()), (1, 3));
+        assert_eq!(pool.idle_count(), 1);
+    }
+
+    #[tokio::test]
+    async fn requests_at_once_get_a_connection_each_and_give_them_back() {
+        let server = Server::start(Then::KeepAlive).await;
+        let pool = pool();
+        for round in 1..=2 {
+            let all = (0..8).map(|_| round_trip(&pool, &server.url));
+            let bodies = futures_util::future::join_all(all).await;
+            assert!(bodies.iter().all(|b| b == "ok"));
+            assert_eq!(server.answered(), 8 * round);
+        }
+        // The second round found the first round's connections idle.
+        assert_eq!(server.accepted(), 8);
+        assert_eq!(pool.idle_count(), 8);
+    }
+
+    /// The partner closed the idle connection (its keep-alive ran out): the next request goes
+    /// on a new connection and is not lost.
+    #[tokio::test]
+    async fn a_connection_closed_while_idle_is_not_used() {
+        let server = Server::start(Then::KeepAlive).await;
+        let pool = pool();
+        assert_eq!(round_trip(&pool, &server.url).await, "ok");
+        assert_eq!(pool.idle_count(), 1);
+        server.close_idle().await;
+        assert_eq!(round_trip(&pool, &server.url).await, "ok");
+        assert_eq!((server.accepted(), server.answered()), (2, 2));
+    }
+
+    #[tokio::test]
+    async fn an_answer_that_says_close_is_not_pooled() {
+        let server = Server::start(Then::SayClose).await;
+        let pool = pool();
+        for _ in 0..2 {
+            assert_eq!(round_trip(&pool, &server.url).await, "ok");
+        }
+        assert_eq!((server.accepted(), server.answered()), (2, 2));
+    }
+
+    /// A body not read to its end leaves the connection in the middle of an answer: it is
+    /// closed, not given back.
+    #[tokio::test]
+    async fn an_unread_answer_closes_its_connection() {
+        let server = Server::start(Then::KeepAlive).await;
+        let pool = pool();
+        let response = pool.send(post(&server.url)).await.expect("answer");
+        drop(response);
+        assert_eq!(pool.idle_count(), 0);
+        assert_eq!(round_trip(&pool, &server.url).await, "ok");
+        assert_eq!(server.accepted(), 2);
+    }
+
+    /// The sweep closes what the partner closed and what has been idle too long, and keeps
+    /// the rest.
+    #[tokio::test]
+    async fn the_sweep_drops_closed_and_expired_connections() {
+        let open = Server::start(Then::KeepAlive).await;
+        let closing = Server::start(Then::KeepAlive).await;
+        let pool = pool();
+        round_trip(&pool, &open.url).await;
+        round_trip(&pool, &closing.url).await;
+        assert_eq!(pool.idle_count(), 2);
+        closing.close_idle().await;
+        pool.inner.sweep();
+        assert_eq!(pool.idle_count(), 1, "the closed one goes");
+        for (_, open) in &mut pool.inner.lock().0 {
+            for (_, since) in &mut open.idle {
+                *since = since
+                    .checked_sub(IDLE_TIMEOUT)
+                    .expect("the machine has been up longer than the idle timeout");
+            }
+        }
+        pool.inner.sweep();
+        assert_eq!(pool.idle_count(), 0, "the expired one goes");
+        assert!(pool.inner.lock().0.is_empty());
+    }
+
+    #[test]
+    fn request_targets_and_host_headers() {
+        let uri = |s: &str| s.parse::<Uri>().expect("uri");
+        assert_eq!(origin_form(&uri("http://a:8080/in?x=1")), "/in?x=1");
+        assert_eq!(origin_form(&uri("http://a:8080")), "/");
+        assert_eq!(host_header(&uri("http://a:8080/in")).unwrap(), "a:8080");
+        assert_eq!(host_header(&uri("http://a:80/in")).unwrap(), "a");
+        assert_eq!(host_header(&uri("https://a/in")).unwrap(), "a");
+        assert_eq!(
+            host_header(&uri("https://[::1]:8443/")).unwrap(),
+            "[::1]:8443"
+        );
+    }
+}
