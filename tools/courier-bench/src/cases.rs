@@ -153,9 +153,9 @@ pub struct MqttFigures {
 /// RabbitMQ cases ran first (`after_amqp`), since by then it is a minute or more old, and L is
 /// meant to describe the machine during this case.
 pub async fn mqtt(b: &mut Bench, run: usize, post: f64, after_amqp: bool) -> MqttFigures {
-    let (n, size, pid) = (b.n, b.size, b.pid);
+    let (n, pid) = (b.n, b.pid);
     let post_before = if after_amqp {
-        let p = raw::post_rate(&b.rx.url("/raw-post-before"), n, size, 64).await;
+        let p = raw::limit_post_rate(b, &b.rx.url("/raw-post-before"), n).await;
         println!("raw HTTP POST again before the MQTT run: {p:.0} requests/s");
         b.raw_limits
             .push(format!("before the MQTT run: POST {p:.0}/s"));
@@ -217,7 +217,7 @@ pub async fn mqtt(b: &mut Bench, run: usize, post: f64, after_amqp: bool) -> Mqt
     courier.stop().await;
     // The raw limits again, right after: L is the model of their means, so a slow or fast spell
     // during one raw measurement moves the ratio half as much.
-    let post_after = raw::post_rate(&b.rx.url("/raw-post-after"), n, size, 64).await;
+    let post_after = raw::limit_post_rate(b, &b.rx.url("/raw-post-after"), n).await;
     let drain_after = raw::mqtt_drain(b).await;
     println!(
         "raw limits again after the MQTT run: POST {post_after:.0} requests/s, MQTT drain {drain_after:.0} events/s"

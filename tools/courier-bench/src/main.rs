@@ -5,6 +5,7 @@
 //!                      [--max-concurrency C] [--mqtt-runs N] [--slow-seconds S] [--kills K]
 //!                      [--only mqtt,fanout,...] [--courier PATH]
 //!                      [--tracing off|start|export] [--dedup local|redis] [--id-len N]
+//!                      [--post-limit driven|pooled]
 //!     (= cargo build --release -p courier -p courier-bench && target/release/courier-bench ...;
 //!     --help lists the cases)
 //!
@@ -110,6 +111,29 @@ struct Args {
     /// record's key holds the id, so its length is part of what a delivery costs.
     #[arg(long, default_value_t = 0)]
     id_len: usize,
+    /// The bare client whose POST rate is the raw POST limit in L and L_fanout.
+    #[arg(long, value_enum, default_value_t = PostLimit::Driven)]
+    post_limit: PostLimit,
+}
+
+impl PostLimit {
+    fn name(self) -> &'static str {
+        match self {
+            PostLimit::Driven => "hyper HTTP/1.1, connections driven by their sender",
+            PostLimit::Pooled => "hyper-util's pooled client",
+        }
+    }
+}
+
+/// The bare client of the raw POST limit.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum PostLimit {
+    /// hyper's HTTP/1.1 connections, each driven by the task that sends on it, as courier does:
+    /// the fastest bare client of the `clients` case.
+    Driven,
+    /// hyper-util's pooled client, a task per connection: the raw POST limit before courier
+    /// drove its own connections, for figures that compare with those of that time.
+    Pooled,
 }
 
 /// `store.dedup` of courier in every case.

@@ -20,6 +20,7 @@ use courier_testkit::process::cpu_seconds;
 use courier_testkit::Publisher;
 
 use crate::bench::{event, Bench};
+use crate::PostLimit;
 
 /// The raw RabbitMQ drain and POST rates at the start of the run (NaN where not measured).
 pub struct RawLimits {
@@ -59,11 +60,14 @@ pub async fn limits(b: &mut Bench, needs_amqp: bool, needs_mqtt: bool) -> RawLim
     let post = if needs_amqp || needs_mqtt {
         // Untimed first: the first POSTs of a process (new connections, a cold receiver) can be
         // far slower than later ones, which would make L too low.
-        post_rate(&b.rx.url("/warm-up"), b.n.min(5_000), b.size, 64).await;
+        limit_post_rate(b, &b.rx.url("/warm-up"), b.n.min(5_000)).await;
         let cpu_before = cpu_seconds(b.pid).unwrap_or(0.0);
-        let post = post_rate(&b.rx.url("/raw-post"), b.n, b.size, 64).await;
+        let post = limit_post_rate(b, &b.rx.url("/raw-post"), b.n).await;
         let post_cpu_us = (cpu_seconds(b.pid).unwrap_or(0.0) - cpu_before) * 1e6 / b.n as f64;
-        println!("raw HTTP POST (hyper HTTP/1.1, 64 connections each driven by its sender): {post:.0} requests/s, client + receiver CPU {post_cpu_us:.1} us/request");
+        println!(
+            "raw HTTP POST ({}, 64 concurrent): {post:.0} requests/s, client + receiver CPU {post_cpu_us:.1} us/request",
+            b.args.post_limit.name()
+        );
         b.raw_limits.push(format!("POST {post:.0}/s"));
         post
     } else {
@@ -186,6 +190,14 @@ where
     match select(conn, pin!(work)).await {
         Either::Right((out, _)) => out,
         Either::Left(_) => panic!("the receiver closed a connection"),
+    }
+}
+
+/// The raw POST limit: [`post_rate`], or with `--post-limit pooled` [`pooled_post_rate`].
+pub async fn limit_post_rate(b: &Bench, url: &str, n: usize) -> f64 {
+    match b.args.post_limit {
+        PostLimit::Driven => post_rate(url, n, b.size, 64).await,
+        PostLimit::Pooled => pooled_post_rate(url, n, b.size, 64).await,
     }
 }
 
