@@ -5,15 +5,17 @@
 //! attempt that holds it writes the request and reads the answer on it while it waits, and hands
 //! it back to the pool when the answer's body ends. A connection task (hyper-util's pooled
 //! client) costs two wakes of another task per request, and a thread hop when that task runs on
-//! the other worker; in the fanout case that was about a fifth of a delivery's CPU
-//! (docs/performance.md#a-fanout-delivery). An idle connection is looked at when it is taken
-//! (a closed one is dropped and the next one or a new one used) and by a sweep every
-//! [`SWEEP_EVERY`], which closes the ones idle for [`IDLE_TIMEOUT`] and the ones the partner
-//! closed.
+//! the other worker: 3 to 4.5 µs of a fanout delivery's 23 to 25
+//! (docs/performance.md#connections-driven-by-the-attempt). An idle connection is looked at
+//! when it is taken (a closed one, or one still writing its last request, is dropped and the
+//! next one or a new one used) and by a sweep every [`SWEEP_EVERY`], which closes the ones idle
+//! for [`IDLE_TIMEOUT`] and the ones the partner closed. What the pool promises:
+//! docs/delivery.md#why-an-attempt-drives-its-own-connection.
 
+use std::collections::HashMap;
 use std::future::{poll_fn, Future};
 use std::pin::{pin, Pin};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
@@ -96,39 +98,14 @@ impl H1 {
 struct Open {
     /// Boxed, so that taking one out and lending it moves a pointer, not the connection.
     idle: Vec<(Box<H1>, Instant)>,
-    h2: Option<http2::SendRequest<Body>>,
+    h2: Option<H2>,
 }
 
-/// What each origin has open. A client's destinations have one origin or a few, so a list
-/// searched in order costs less than hashing the origin on every request.
-#[derive(Default)]
-struct Origins(Vec<(Origin, Open)>);
-
-impl Origins {
-    fn get(&self, origin: &Origin) -> Option<&Open> {
-        self.0
-            .iter()
-            .find(|(o, _)| o == origin)
-            .map(|(_, open)| open)
-    }
-
-    fn get_mut(&mut self, origin: &Origin) -> Option<&mut Open> {
-        self.0
-            .iter_mut()
-            .find(|(o, _)| o == origin)
-            .map(|(_, open)| open)
-    }
-
-    fn entry(&mut self, origin: Origin) -> &mut Open {
-        let at = match self.0.iter().position(|(o, _)| *o == origin) {
-            Some(at) => at,
-            None => {
-                self.0.push((origin, Open::default()));
-                self.0.len() - 1
-            }
-        };
-        &mut self.0[at].1
-    }
+/// A shared HTTP/2 connection's request side, and its name in the pool.
+#[derive(Clone)]
+struct H2 {
+    id: u64,
+    sender: http2::SendRequest<Body>,
 }
 
 /// The connections of one HTTP client (one set of connection settings); cheap to clone.
@@ -139,7 +116,12 @@ pub(crate) struct Pool {
 
 struct Inner {
     connector: Connector,
-    origins: Mutex<Origins>,
+    /// Every destination with the same connection settings shares the pool, so there may be
+    /// many origins.
+    origins: Mutex<HashMap<Origin, Open>>,
+    /// Names each shared HTTP/2 connection, so that one found closed is not mistaken for the
+    /// one that replaced it.
+    next_h2: AtomicU64,
     /// Whether the sweep task runs: started with the first idle connection, on the runtime
     /// that made it.
     sweeping: AtomicBool,
@@ -150,7 +132,8 @@ impl Pool {
         Pool {
             inner: Arc::new(Inner {
                 connector,
-                origins: Mutex::new(Origins::default()),
+                origins: Mutex::new(HashMap::new()),
+                next_h2: AtomicU64::new(0),
                 sweeping: AtomicBool::new(false),
             }),
         }
@@ -168,28 +151,49 @@ impl Pool {
             return Err(SendError::Url(request.uri().clone()));
         };
         loop {
-            if let Some(mut h2) = self.inner.h2(&origin) {
-                if h2.ready().await.is_ok() {
-                    let response = h2.send_request(request).await;
-                    return response
-                        .map(|r| r.map(Answer::plain))
-                        .map_err(SendError::Request);
-                }
-                self.inner.forget_h2(&origin);
-                continue;
-            }
-            let (mut h1, reused) = match self.inner.idle(&origin) {
-                Some(h1) => (h1, true),
-                // Boxed: making a connection (TCP, TLS, a proxy's tunnel) takes a large future,
-                // which would otherwise make every request's future, and each move of it, larger.
-                None => match Box::pin(self.connect(&origin, request.uri())).await? {
-                    Connected::H1(h1) => (h1, false),
-                    Connected::H2 => continue,
+            let (connection, reused) = match self.inner.h2(&origin) {
+                Some(h2) => (Connected::H2(h2), true),
+                None => match self.inner.idle(&origin) {
+                    Some(h1) => (Connected::H1(h1), true),
+                    // Boxed: making a connection (TCP, TLS, a proxy's tunnel) takes a large
+                    // future, which would otherwise make every request's future, and each move
+                    // of it, larger.
+                    None => (Box::pin(self.connect(&origin, request.uri())).await?, false),
                 },
+            };
+            let mut h1 = match connection {
+                Connected::H1(h1) => h1,
+                Connected::H2(mut h2) => {
+                    if let Err(error) = h2.sender.ready().await {
+                        self.inner.forget_h2(&origin, h2.id);
+                        match reused {
+                            true => continue,
+                            false => return Err(SendError::Request(error)),
+                        }
+                    }
+                    match h2.sender.try_send_request(request).await {
+                        Ok(response) => return Ok(response.map(Answer::plain)),
+                        Err(mut error) => match error.take_message() {
+                            // Not sent: the connection closed (a GOAWAY) before it took the
+                            // request.
+                            Some(unsent) if reused => {
+                                self.inner.forget_h2(&origin, h2.id);
+                                request = unsent;
+                                continue;
+                            }
+                            _ => return Err(SendError::Request(error.into_error())),
+                        },
+                    }
+                }
             };
             // What arrived while it was idle is read first, so that a close by the partner (its
             // keep-alive ran out) shows before a request is written to it.
             if reused && h1.poll_closed() {
+                continue;
+            }
+            // Still busy with the last request (its body not all written, the partner having
+            // answered early): waiting could take until the timeout, so a new one is used.
+            if reused && !h1.sender.is_ready() {
                 continue;
             }
             if let Err(error) = driving(&mut h1.conn, h1.sender.ready()).await {
@@ -253,8 +257,12 @@ impl Pool {
                     tracing::debug!(error = %crate::error_chain(&error), "HTTP/2 connection closed");
                 }
             });
-            self.inner.lock().entry(origin.clone()).h2 = Some(sender);
-            return Ok(Connected::H2);
+            let h2 = H2 {
+                id: self.inner.next_h2.fetch_add(1, Ordering::Relaxed),
+                sender,
+            };
+            self.inner.lock().entry(origin.clone()).or_default().h2 = Some(h2.clone());
+            return Ok(Connected::H2(h2));
         }
         let (sender, conn) = http1::handshake(conn)
             .await
@@ -274,6 +282,7 @@ impl Pool {
         self.inner
             .lock()
             .entry(origin)
+            .or_default()
             .idle
             .push((h1, Instant::now()));
         if !self.inner.sweeping.swap(true, Ordering::Relaxed) {
@@ -289,30 +298,32 @@ impl Pool {
     /// How many idle HTTP/1.1 connections the pool holds, over all origins (for tests).
     #[cfg(test)]
     fn idle_count(&self) -> usize {
-        self.inner.lock().0.iter().map(|(_, o)| o.idle.len()).sum()
+        self.inner.lock().values().map(|o| o.idle.len()).sum()
     }
 }
 
 enum Connected {
     H1(Box<H1>),
-    H2,
+    H2(H2),
 }
 
 impl Inner {
-    fn lock(&self) -> std::sync::MutexGuard<'_, Origins> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Origin, Open>> {
         // The map holds no invariant a panic could break half-way.
         self.origins.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    fn h2(&self, origin: &Origin) -> Option<http2::SendRequest<Body>> {
+    fn h2(&self, origin: &Origin) -> Option<H2> {
         self.lock().get(origin)?.h2.clone()
     }
 
-    /// Drops the shared HTTP/2 connection of `origin`, which has closed. (One that another
-    /// request has just made in its place would go too and be made again: rare and harmless.)
-    fn forget_h2(&self, origin: &Origin) {
+    /// Drops the shared HTTP/2 connection `id` of `origin`, which has closed, unless another
+    /// has replaced it already.
+    fn forget_h2(&self, origin: &Origin, id: u64) {
         if let Some(open) = self.lock().get_mut(origin) {
-            open.h2 = None;
+            if open.h2.as_ref().is_some_and(|h2| h2.id == id) {
+                open.h2 = None;
+            }
         }
     }
 
@@ -331,16 +342,14 @@ impl Inner {
     /// Closes the connections idle for [`IDLE_TIMEOUT`] and the ones their partner closed.
     fn sweep(&self) {
         let mut origins = self.lock();
-        for (_, open) in &mut origins.0 {
+        for open in origins.values_mut() {
             open.idle
                 .retain_mut(|(h1, since)| since.elapsed() < IDLE_TIMEOUT && !h1.poll_closed());
-            if open.h2.as_ref().is_some_and(|h2| h2.is_closed()) {
+            if open.h2.as_ref().is_some_and(|h2| h2.sender.is_closed()) {
                 open.h2 = None;
             }
         }
-        origins
-            .0
-            .retain(|(_, open)| !open.idle.is_empty() || open.h2.is_some());
+        origins.retain(|_, open| !open.idle.is_empty() || open.h2.is_some());
     }
 }
 
@@ -658,7 +667,7 @@ mod tests {
         closing.close_idle().await;
         pool.inner.sweep();
         assert_eq!(pool.idle_count(), 1, "the closed one goes");
-        for (_, open) in &mut pool.inner.lock().0 {
+        for open in pool.inner.lock().values_mut() {
             for (_, since) in &mut open.idle {
                 *since = since
                     .checked_sub(IDLE_TIMEOUT)
@@ -667,7 +676,49 @@ mod tests {
         }
         pool.inner.sweep();
         assert_eq!(pool.idle_count(), 0, "the expired one goes");
-        assert!(pool.inner.lock().0.is_empty());
+        assert!(pool.inner.lock().is_empty());
+    }
+
+    /// A partner that answers before it has read the whole request body, and then reads no
+    /// more: the connection, still writing, is not waited on for the next request.
+    #[tokio::test]
+    async fn a_connection_still_writing_is_not_waited_on() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let url = format!("http://{}/in", listener.local_addr().expect("addr"));
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; 64 * 1024];
+            // The first connection: the head, an early answer, then nothing read for a minute.
+            let (mut first, _) = listener.accept().await.expect("accept");
+            let _ = first.read(&mut buf).await;
+            let early = "HTTP/1.1 413 Payload Too Large\r\ncontent-length: 0\r\n\r\n";
+            first.write_all(early.as_bytes()).await.expect("write");
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_secs(60)).await;
+                drop(first);
+            });
+            // The next: one small request, answered.
+            let (mut next, _) = listener.accept().await.expect("accept");
+            let mut seen = Vec::new();
+            while !seen.windows(6).any(|w| w == b"\r\n\r\n{}") {
+                match next.read(&mut buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => seen.extend_from_slice(&buf[..n]),
+                }
+            }
+            let answer = "HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+            next.write_all(answer.as_bytes()).await.expect("write");
+            tokio::time::sleep(Duration::from_secs(60)).await;
+        });
+        let pool = pool();
+        let mut large = post(&url);
+        *large.body_mut() = Full::new(Bytes::from(vec![b' '; 16 * 1024 * 1024]));
+        let response = pool.send(large).await.expect("early answer");
+        assert_eq!(response.status(), 413);
+        response.into_body().collect().await.expect("empty body");
+        let next = tokio::time::timeout(Duration::from_secs(10), round_trip(&pool, &url)).await;
+        assert_eq!(next.expect("not waited on"), "ok");
     }
 
     #[test]
