@@ -3,8 +3,9 @@
 //!
 //! A delivery goes out through courier's own connection pool ([`crate::http_pool`]) with the
 //! connector here (TCP, TLS with the destination's settings, and the destination's or the
-//! environment's proxy), not through reqwest: reqwest's per-request layers (its redirect hook, its `Url` round trip,
-//! its request building) cost more than the rest of a POST (docs/performance.md#a-fanout-delivery).
+//! environment's proxy), not through reqwest: reqwest's per-request layers (its redirect hook,
+//! its `Url` round trip, its request building) cost more than the rest of a POST
+//! (docs/performance.md#a-fanout-delivery).
 //! What reqwest gave, courier does itself: the redirect rule and the timeout in
 //! [`crate::sender`], the proxy here. The OAuth2 token endpoints are still asked through
 //! reqwest ([`Clients::token_client`]), whose cost is paid once per token.
@@ -31,6 +32,8 @@ use tower_service::Service;
 
 use crate::config::{DestinationConfig, ProxyUrl, TlsConfig};
 use crate::error_chain;
+use crate::http_pool::Pool;
+pub use crate::http_pool::{Answer, SendError};
 
 /// A request body: the event's bytes, shared, never copied.
 pub type Body = Full<Bytes>;
@@ -46,9 +49,6 @@ const CONNECT_HEAD_LIMIT: usize = 8 * 1024;
 #[derive(Debug, thiserror::Error)]
 #[error("cannot build the HTTP client: {0}")]
 pub struct SenderError(pub(crate) String);
-
-use crate::http_pool::Pool;
-pub use crate::http_pool::{Answer, SendError};
 
 /// What a destination's HTTP client is built from. Destinations whose settings are equal share
 /// one client, and so one connection pool.

@@ -151,15 +151,12 @@ impl Pool {
             return Err(SendError::Url(request.uri().clone()));
         };
         loop {
-            let (connection, reused) = match self.inner.h2(&origin) {
-                Some(h2) => (Connected::H2(h2), true),
-                None => match self.inner.idle(&origin) {
-                    Some(h1) => (Connected::H1(h1), true),
-                    // Boxed: making a connection (TCP, TLS, a proxy's tunnel) takes a large
-                    // future, which would otherwise make every request's future, and each move
-                    // of it, larger.
-                    None => (Box::pin(self.connect(&origin, request.uri())).await?, false),
-                },
+            let (connection, reused) = match self.inner.take(&origin) {
+                Some(open) => (open, true),
+                // Boxed: making a connection (TCP, TLS, a proxy's tunnel) takes a large future,
+                // which would otherwise make every request's future, and each move of it,
+                // larger.
+                None => (Box::pin(self.connect(&origin, request.uri())).await?, false),
             };
             let mut h1 = match connection {
                 Connected::H1(h1) => h1,
@@ -313,10 +310,6 @@ impl Inner {
         self.origins.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    fn h2(&self, origin: &Origin) -> Option<H2> {
-        self.lock().get(origin)?.h2.clone()
-    }
-
     /// Drops the shared HTTP/2 connection `id` of `origin`, which has closed, unless another
     /// has replaced it already.
     fn forget_h2(&self, origin: &Origin, id: u64) {
@@ -327,13 +320,17 @@ impl Inner {
         }
     }
 
-    /// The most recently used idle connection to `origin` that has not timed out.
-    fn idle(&self, origin: &Origin) -> Option<Box<H1>> {
+    /// A connection to `origin` to send on, in one look: its shared HTTP/2 connection, or else
+    /// the most recently used idle HTTP/1.1 one that has not timed out.
+    fn take(&self, origin: &Origin) -> Option<Connected> {
         let mut origins = self.lock();
         let open = origins.get_mut(origin)?;
+        if let Some(h2) = &open.h2 {
+            return Some(Connected::H2(h2.clone()));
+        }
         while let Some((h1, since)) = open.idle.pop() {
             if since.elapsed() < IDLE_TIMEOUT {
-                return Some(h1);
+                return Some(Connected::H1(h1));
             }
         }
         None
