@@ -14,6 +14,7 @@ use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 
+use super::filter::Filter;
 use super::KeyHash;
 
 const MAGIC: &[u8; 16] = b"courier-dedup-1\n";
@@ -79,6 +80,11 @@ pub(super) fn is_live(at_ms: u64, now_ms: u64, ttl_ms: u64) -> bool {
 pub(super) struct TableFile {
     pub(super) file: File,
     pub(super) capacity: u64,
+    /// Which keys the file may hold: a lookup of any other reads nothing.
+    pub(super) filter: Filter,
+    /// Positioned reads made by lookups.
+    #[cfg(test)]
+    pub(super) lookup_reads: std::sync::atomic::AtomicU64,
 }
 
 impl TableFile {
@@ -100,7 +106,13 @@ impl TableFile {
             file.write_all_at(&zeros[..n], at)?;
             at += n as u64;
         }
-        let table = TableFile { file, capacity };
+        let table = TableFile {
+            file,
+            capacity,
+            filter: Filter::new(capacity, true),
+            #[cfg(test)]
+            lookup_reads: Default::default(),
+        };
         table.write_header(0)?;
         Ok(table)
     }
@@ -148,7 +160,18 @@ impl TableFile {
         if len < HEADER + capacity * SLOT as u64 {
             return Err(invalid("file shorter than its capacity says"));
         }
-        Ok(Some((TableFile { file, capacity }, occupied)))
+        // Incomplete until [`TableFile::scan_into_filter`] has read the records on disk.
+        let filter = Filter::new(capacity, false);
+        Ok(Some((
+            TableFile {
+                file,
+                capacity,
+                filter,
+                #[cfg(test)]
+                lookup_reads: Default::default(),
+            },
+            occupied,
+        )))
     }
 
     pub(super) fn write_header(&self, occupied: u64) -> io::Result<()> {
@@ -169,9 +192,13 @@ impl TableFile {
         HEADER + index * SLOT as u64
     }
 
-    /// The delivery time recorded for `hash`, if any: reads a few slots at a time from the
-    /// home slot on until it finds the key or an empty slot.
+    /// The delivery time recorded for `hash`, if any: nothing when the filter rules the key
+    /// out, else reads a few slots at a time from the home slot on until it finds the key or
+    /// an empty slot.
     pub(super) fn get(&self, hash: &KeyHash) -> io::Result<Option<u64>> {
+        if !self.filter.may_hold(hash) {
+            return Ok(None);
+        }
         let mut index = self.home(hash);
         let mut seen = 0u64;
         let mut buf = [0u8; SLOT * PROBE_READ];
@@ -180,6 +207,8 @@ impl TableFile {
                 .min(self.capacity - index)
                 .min(self.capacity - seen) as usize;
             let bytes = &mut buf[..run * SLOT];
+            #[cfg(test)]
+            self.lookup_reads.fetch_add(1, Ordering::Relaxed);
             self.file.read_exact_at(bytes, Self::offset(index))?;
             for slot in bytes.chunks_exact(SLOT) {
                 match decode(slot) {
@@ -211,6 +240,9 @@ impl TableFile {
         };
         let mut taken = 0;
         for (hash, at) in records.iter() {
+            // Before the write: a lookup that no longer finds the record in memory must not
+            // be told it is absent.
+            self.filter.insert(hash);
             if pages.put(hash, *at, now_ms, ttl_ms)? {
                 taken += 1;
             }
@@ -226,6 +258,17 @@ impl TableFile {
         }
         pages.write_back()?;
         Ok(taken)
+    }
+
+    /// Reads every record on disk into the filter, then lets the filter answer "absent".
+    /// Records written meanwhile set their own bits.
+    pub(super) fn scan_into_filter(&self, stop: &AtomicBool) -> io::Result<()> {
+        self.for_each_record(stop, |hash, _| {
+            self.filter.insert(hash);
+            Ok(())
+        })?;
+        self.filter.set_complete();
+        Ok(())
     }
 
     /// Calls `visit` with every record, in slot order, until `stop` is set.

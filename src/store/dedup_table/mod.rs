@@ -5,8 +5,9 @@
 //! Why not a sled tree: sled 0.34 copies a 16-key leaf on every insert and walks the whole tree
 //! to find it, which made the dedup record a large part of courier's CPU and memory per event,
 //! and its cost grew several-fold as the tree filled to millions of records
-//! (docs/performance.md). Here a check is one positioned read of a few slots whatever the
-//! table holds, and memory is the operating system's page cache, not courier's.
+//! (docs/performance.md). Here a check is at most one positioned read of a few slots whatever
+//! the table holds (none for most new keys, which the filter rules out), and memory is the
+//! operating system's page cache, not courier's, but for the filter.
 //!
 //! A record's way to the disk:
 //! 1. [`DedupTable::record`] puts it in `pending`, in memory;
@@ -18,8 +19,10 @@
 //!    more than half full), syncs the table, and deletes the old log.
 //!
 //! Only a checkpoint or a rebuild writes the table file, one at a time. A lookup reads
-//! `pending`, the memtable and the frozen memtable first, then the file. At open, the logs left
-//! behind are read back into the memtable and checkpointed.
+//! `pending`, the memtable and the frozen memtable first, then the file, unless the file's
+//! Bloom filter (`filter.rs`) says it does not hold the key. At open, the logs left behind are
+//! read back into the memtable and checkpointed, and a background scan reads the file into its
+//! filter.
 //!
 //! A 128-bit cryptographic hash keeps the answers exact in practice (two keys share one with a
 //! probability near 2^-128 per pair) and keeps a producer from choosing ids that collide on
@@ -29,6 +32,7 @@
 //! records are at least as many, which is how disk space comes back.
 
 mod file;
+mod filter;
 mod wal;
 
 use std::collections::HashMap;
@@ -236,7 +240,47 @@ impl DedupTable {
         if replayed > 0 {
             tracing::debug!(dir = %dir.display(), records = replayed, "dedup table logs replayed");
         }
+        opened.scan_filter_in_background();
         Ok(opened)
+    }
+
+    /// Reads the table file opened from disk into its filter, in a thread of its own so that
+    /// a large table does not hold up the start; until the scan is done, every lookup reads
+    /// the file. Stops when the table closes.
+    fn scan_filter_in_background(self: &Arc<Self>) {
+        let table = self.table();
+        if table.filter.is_complete() {
+            // Made by this open, or rebuilt by its checkpoint: its filter saw every record.
+            return;
+        }
+        let this = Arc::clone(self);
+        let spawned = std::thread::Builder::new()
+            .name("courier-dedup-scan".into())
+            .spawn(move || {
+                let started = std::time::Instant::now();
+                match table.scan_into_filter(&this.stop) {
+                    Ok(()) => tracing::debug!(
+                        capacity = table.capacity,
+                        took = ?started.elapsed(),
+                        "dedup table read into its filter"
+                    ),
+                    Err(error) if is_stopped(&error) => {}
+                    Err(error) => tracing::warn!(
+                        path = %this.path().display(),
+                        %error,
+                        "cannot read the dedup table into its filter; every dedup check reads the file"
+                    ),
+                }
+            });
+        if let Err(error) = spawned {
+            tracing::warn!(%error, "cannot start the dedup table's filter scan; every dedup check reads the file");
+        }
+    }
+
+    /// Whether the current file's filter answers "absent" (its scan is done).
+    #[cfg(test)]
+    fn filter_complete(&self) -> bool {
+        self.table().filter.is_complete()
     }
 
     fn path(&self) -> PathBuf {

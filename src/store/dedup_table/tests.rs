@@ -407,3 +407,101 @@ fn commits_run_a_checkpoint_themselves_when_none_could_start() {
         "in the file"
     );
 }
+
+/// Waits for the background scan of a reopened table's file into its filter.
+fn wait_for_filter(table: &DedupTable) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !table.filter_complete() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the filter scan did not finish"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+}
+
+#[test]
+fn a_reopened_table_reads_the_file_only_for_keys_its_filter_cannot_rule_out() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let table = open_writing_through(dir.path());
+    let n = 2_000;
+    for i in 0..n {
+        table.record(key_hash("d", &format!("e{i}")), 1000);
+    }
+    commit(&table, 1000);
+    drop(table);
+    let table = DedupTable::open(dir.path(), 0, TTL).expect("reopen");
+    wait_for_filter(&table);
+    let file = table.table();
+    for i in 0..n {
+        let h = key_hash("d", &format!("e{i}"));
+        assert_eq!(
+            file.get(&h).unwrap(),
+            Some(1000),
+            "e{i}, read back by the scan"
+        );
+    }
+    let reads_for_present = file.lookup_reads.load(Ordering::Relaxed);
+    assert!(
+        reads_for_present >= n,
+        "every present key is read from the file"
+    );
+    for i in 0..n {
+        let h = key_hash("d", &format!("absent{i}"));
+        assert_eq!(file.get(&h).unwrap(), None);
+    }
+    let reads_for_absent = file.lookup_reads.load(Ordering::Relaxed) - reads_for_present;
+    // 2,000 records in 65,536 slots: nearly every absent key is ruled out from memory.
+    assert!(
+        reads_for_absent < n / 20,
+        "{reads_for_absent} reads for {n} absent keys"
+    );
+}
+
+#[test]
+fn records_written_before_the_scan_ends_are_found_and_an_unscanned_file_is_read() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let table = open_writing_through(dir.path());
+    let old = key_hash("d", "on disk before the open");
+    table.record(old, 1000);
+    commit(&table, 1000);
+    drop(table);
+    let (file, _) = file::TableFile::open(&dir.path().join(FILE_NAME))
+        .expect("open")
+        .expect("exists");
+    assert_eq!(file.get(&old).unwrap(), Some(1000), "not scanned: read");
+    // A checkpoint while the scan has not run yet: the new record sets its own bits.
+    let new = key_hash("d", "written during the scan");
+    let never = AtomicBool::new(false);
+    file.apply(&mut [(new, 2000)], 2000, TTL, &never)
+        .expect("apply");
+    let stop = AtomicBool::new(true);
+    assert!(file.scan_into_filter(&stop).is_err(), "a stopped scan");
+    assert!(!file.filter.is_complete(), "stays incomplete");
+    assert_eq!(file.get(&old).unwrap(), Some(1000));
+    file.scan_into_filter(&never).expect("scan");
+    assert!(file.filter.is_complete());
+    assert_eq!(file.get(&old).unwrap(), Some(1000));
+    assert_eq!(file.get(&new).unwrap(), Some(2000));
+}
+
+#[test]
+fn a_new_or_rebuilt_file_needs_no_scan() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let table = open_writing_through(dir.path());
+    assert!(table.filter_complete(), "a new, empty file");
+    let n = INITIAL_CAPACITY;
+    for i in 0..n {
+        table.record(key_hash("d", &format!("e{i}")), 1000);
+    }
+    commit(&table, 1000);
+    assert!(table.table().capacity > INITIAL_CAPACITY, "rebuilt larger");
+    assert!(
+        table.filter_complete(),
+        "the rebuild set every record's bits"
+    );
+    for i in (0..n).step_by(97) {
+        let h = key_hash("d", &format!("e{i}"));
+        assert_eq!(table.table().get(&h).unwrap(), Some(1000), "e{i}");
+    }
+}
