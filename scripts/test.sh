@@ -10,7 +10,9 @@
 #    (verify_peer, fail_if_no_peer_cert), for tests/it/tls.rs. The first time, the script makes a
 #    test CA, the listener's certificate and a client certificate in /var/lib/courier-test/tls,
 #    adds the listener to /etc/rabbitmq/rabbitmq.conf (in a block marked as courier's) and
-#    restarts RabbitMQ once.
+#    restarts RabbitMQ once. The same restart turns on SASL EXTERNAL (the plugin
+#    rabbitmq_auth_mechanism_ssl, and EXTERNAL next to PLAIN and AMQPLAIN in another marked
+#    block), for the test that logs in with the client certificate.
 # 2. Makes sure the Python packages some tests use can be imported: the Standard Webhooks
 #    reference library (standardwebhooks, for the signature tests), installed once per machine
 #    with pip into ~/.cache/courier-test/python (when it cannot be installed, the signature tests
@@ -37,6 +39,7 @@ readonly AMQPS_PORT=5671
 readonly TLS_DIR=/var/lib/courier-test/tls
 readonly RABBITMQ_CONF=/etc/rabbitmq/rabbitmq.conf
 readonly RABBITMQ_TLS_MARK="# courier test suite: TLS listener (scripts/test.sh)"
+readonly RABBITMQ_EXTERNAL_MARK="# courier test suite: SASL EXTERNAL (scripts/test.sh)"
 
 # The test CA, RabbitMQ's server certificate (localhost, 127.0.0.1) and a client certificate, in
 # TLS_DIR: readable by everyone (they protect nothing but a loopback test listener), except the
@@ -76,22 +79,41 @@ ensure_test_certificates() {
     rm -rf "$work"
 }
 
-# RabbitMQ's TLS listener on 127.0.0.1:5671, which requires a client certificate of the test CA.
+# RabbitMQ's TLS listener on 127.0.0.1:5671, which requires a client certificate of the test CA,
+# and the SASL EXTERNAL mechanism (rabbitmq_auth_mechanism_ssl), with which a client logs in
+# with that certificate instead of a password. What is missing is added, then RabbitMQ restarts
+# once.
 ensure_rabbitmq_tls() {
     ensure_test_certificates
-    if port_open "$AMQPS_PORT"; then
-        return
-    fi
-    if ! as_root grep -qF "$RABBITMQ_TLS_MARK" "$RABBITMQ_CONF" 2>/dev/null; then
-        if as_root grep -qE '^[[:space:]]*(ssl_options\.|listeners\.ssl\.)' "$RABBITMQ_CONF" 2>/dev/null; then
-            die "$RABBITMQ_CONF has TLS settings of its own but nothing listens on 127.0.0.1:$AMQPS_PORT; add a TLS listener there with verify_peer and fail_if_no_peer_cert, using the files in $TLS_DIR"
+    local restart=false
+    if ! port_open "$AMQPS_PORT"; then
+        restart=true
+        if ! as_root grep -qF "$RABBITMQ_TLS_MARK" "$RABBITMQ_CONF" 2>/dev/null; then
+            if as_root grep -qE '^[[:space:]]*(ssl_options\.|listeners\.ssl\.)' "$RABBITMQ_CONF" 2>/dev/null; then
+                die "$RABBITMQ_CONF has TLS settings of its own but nothing listens on 127.0.0.1:$AMQPS_PORT; add a TLS listener there with verify_peer and fail_if_no_peer_cert, using the files in $TLS_DIR"
+            fi
+            log "adding a TLS listener on 127.0.0.1:$AMQPS_PORT to $RABBITMQ_CONF"
+            printf '\n%s\nlisteners.ssl.courier = 127.0.0.1:%s\nssl_options.cacertfile = %s/ca.pem\nssl_options.certfile = %s/server.pem\nssl_options.keyfile = %s/server.key\nssl_options.verify = verify_peer\nssl_options.fail_if_no_peer_cert = true\n' \
+                "$RABBITMQ_TLS_MARK" "$AMQPS_PORT" "$TLS_DIR" "$TLS_DIR" "$TLS_DIR" |
+                as_root tee -a "$RABBITMQ_CONF" >/dev/null
         fi
-        log "adding a TLS listener on 127.0.0.1:$AMQPS_PORT to $RABBITMQ_CONF"
-        printf '\n%s\nlisteners.ssl.courier = 127.0.0.1:%s\nssl_options.cacertfile = %s/ca.pem\nssl_options.certfile = %s/server.pem\nssl_options.keyfile = %s/server.key\nssl_options.verify = verify_peer\nssl_options.fail_if_no_peer_cert = true\n' \
-            "$RABBITMQ_TLS_MARK" "$AMQPS_PORT" "$TLS_DIR" "$TLS_DIR" "$TLS_DIR" |
-            as_root tee -a "$RABBITMQ_CONF" >/dev/null
     fi
-    log "restarting RabbitMQ so that it opens 127.0.0.1:$AMQPS_PORT"
+    if ! rabbitmq_offers_external; then
+        restart=true
+        log "enabling RabbitMQ's SASL EXTERNAL mechanism (plugin rabbitmq_auth_mechanism_ssl)"
+        as_root rabbitmq-plugins -q enable --offline rabbitmq_auth_mechanism_ssl >/dev/null ||
+            die "cannot enable the RabbitMQ plugin rabbitmq_auth_mechanism_ssl"
+        if ! as_root grep -qF "$RABBITMQ_EXTERNAL_MARK" "$RABBITMQ_CONF" 2>/dev/null; then
+            if as_root grep -qE '^[[:space:]]*auth_mechanisms\.' "$RABBITMQ_CONF" 2>/dev/null; then
+                die "$RABBITMQ_CONF lists auth_mechanisms of its own; add EXTERNAL to them (next to PLAIN and AMQPLAIN)"
+            fi
+            # Listing the mechanisms replaces RabbitMQ's default list, so PLAIN and AMQPLAIN stay.
+            printf '\n%s\nauth_mechanisms.1 = PLAIN\nauth_mechanisms.2 = AMQPLAIN\nauth_mechanisms.3 = EXTERNAL\n' \
+                "$RABBITMQ_EXTERNAL_MARK" | as_root tee -a "$RABBITMQ_CONF" >/dev/null
+        fi
+    fi
+    [ "$restart" = true ] || return 0
+    log "restarting RabbitMQ so that it takes the TLS listener and SASL EXTERNAL"
     if command -v systemctl >/dev/null 2>&1 && systemctl is-active --quiet rabbitmq-server 2>/dev/null; then
         as_root systemctl restart rabbitmq-server
     else
@@ -105,7 +127,14 @@ ensure_rabbitmq_tls() {
     fi
     await_rabbitmq
     wait_for_port "RabbitMQ's TLS listener" "$AMQPS_PORT" /var/log/rabbitmq/
-    log "RabbitMQ is up on 127.0.0.1:$AMQP_PORT and, with TLS, 127.0.0.1:$AMQPS_PORT"
+    rabbitmq_offers_external || die "RabbitMQ does not offer SASL EXTERNAL after the restart; see /var/log/rabbitmq/"
+    log "RabbitMQ is up on 127.0.0.1:$AMQP_PORT and, with TLS and SASL EXTERNAL, 127.0.0.1:$AMQPS_PORT"
+}
+
+# Whether the running RabbitMQ offers SASL EXTERNAL: the mechanism is listed and its plugin runs.
+rabbitmq_offers_external() {
+    as_root rabbitmqctl -q eval 'application:get_env(rabbit, auth_mechanisms).' 2>/dev/null | grep -q EXTERNAL &&
+        as_root rabbitmq-plugins -q is_enabled rabbitmq_auth_mechanism_ssl >/dev/null 2>&1
 }
 
 # The integration tests call `rabbitmqctl`. Debian's wrapper refuses to run for users other

@@ -318,6 +318,86 @@ async fn rabbitmq_over_tls_without_a_client_certificate_does_not_connect() {
     child.stop(Duration::from_secs(10)).await;
 }
 
+/// The RabbitMQ user that SASL EXTERNAL logs the test's client certificate in as: RabbitMQ names
+/// it by the certificate's distinguished name (`ssl_cert_login_from` at its default).
+const EXTERNAL_USER: &str = "CN=courier test client";
+
+/// Makes [`EXTERNAL_USER`], with every permission on the default vhost, unless it exists. Its
+/// password is never used: EXTERNAL takes the certificate the TLS handshake proved.
+fn ensure_external_user() {
+    let users = rabbitmqctl(&["-q", "list_users", "--no-table-headers"]);
+    if !users
+        .lines()
+        .any(|l| l.split('\t').next() == Some(EXTERNAL_USER))
+    {
+        // Another run may make it between the look and the add; the permissions are set anyway.
+        let _ = std::process::Command::new("rabbitmqctl")
+            .args(["-q", "add_user", EXTERNAL_USER, &unique("unused-password")])
+            .output();
+    }
+    rabbitmqctl(&[
+        "-q",
+        "set_permissions",
+        "-p",
+        "/",
+        EXTERNAL_USER,
+        ".*",
+        ".*",
+        ".*",
+    ]);
+}
+
+/// `?auth_mechanism=external` logs in with the client certificate alone (RabbitMQ's
+/// rabbitmq_auth_mechanism_ssl, which scripts/test.sh turns on): no user or password in the URL,
+/// and RabbitMQ names the connection's user after the certificate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rabbitmq_sasl_external_logs_in_with_the_client_certificate_alone() {
+    let _brokers = brokers().await;
+    ensure_external_user();
+    let rx = Receiver::start().await;
+    let store = tempfile::tempdir().unwrap();
+    let queue = unique("tls-external");
+    let publisher = Publisher::connect().await;
+    publisher.declare_queue(&queue).await;
+    let courier = Courier::start(
+        &test_defaults(store.path())
+            .rabbitmq(
+                Rabbit::queue(&queue)
+                    .connection_name(&queue)
+                    .url("amqps://127.0.0.1:5671/%2f?auth_mechanism=external")
+                    .tls(
+                        Tls::default()
+                            .ca_only(rabbit_tls_file("ca.pem"))
+                            .client(rabbit_tls_file("client.pem"), rabbit_tls_file("client.key"))
+                            .server_name("localhost"),
+                    ),
+            )
+            .destination(Dest::new("d", &rx.url("/d"))),
+    );
+    publisher.wait_consumers(&queue, 1).await;
+    publisher
+        .to_queue(&queue, event("X1", "t").as_bytes())
+        .await;
+    rx.wait_for_id("X1", WAIT).await;
+    let connections = rabbitmqctl(&[
+        "-q",
+        "list_connections",
+        "--no-table-headers",
+        "client_properties",
+        "user",
+        "auth_mechanism",
+        "ssl",
+    ]);
+    let ours: Vec<&str> = connections.lines().filter(|l| l.contains(&queue)).collect();
+    assert_eq!(ours.len(), 1, "{connections}");
+    assert!(
+        ours[0].ends_with(&format!("\t{EXTERNAL_USER}\tEXTERNAL\ttrue")),
+        "courier's connection: {}",
+        ours[0]
+    );
+    courier.stop().await;
+}
+
 /// The RabbitMQ queue of a test and a courier that POSTs from it; `dests` are its destinations.
 async fn from_queue(prefix: &str, store: &Path, dests: Vec<Dest>) -> (String, Publisher, Courier) {
     let queue = unique(prefix);
