@@ -40,6 +40,33 @@ async fn a_long_event_id_is_deduplicated_too() {
     assert!(!store.is_delivered("d", &long_id[1..]).await.unwrap());
 }
 
+/// A new store's dedup checks never read its table's file; a reopened store's stop reading it
+/// once the background scan has read the file into the filter, and they still find what the
+/// file holds.
+#[tokio::test]
+async fn the_dedup_filter_is_ready_when_new_and_once_a_reopened_table_is_scanned() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cfg = config(dir.path(), Duration::from_secs(3600));
+    {
+        let store = Store::open(&cfg).expect("open");
+        assert!(store.dedup_filter_ready(), "a new table needs no scan");
+        store.record_delivered("d", "e1").await.unwrap();
+        store.try_commit().await.unwrap();
+        store.close().await.unwrap();
+    }
+    let store = open_again(&cfg);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !store.dedup_filter_ready() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the scan of the reopened table did not end"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert!(store.is_delivered("d", "e1").await.unwrap());
+    assert!(!store.is_delivered("d", "e2").await.unwrap());
+}
+
 #[tokio::test]
 async fn dedup_survives_reopen_and_expires() {
     let dir = tempfile::tempdir().expect("tempdir");

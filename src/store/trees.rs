@@ -69,6 +69,17 @@ impl Store {
         })
     }
 
+    /// Whether the dedup check of an event that was never delivered is answered from memory.
+    /// A store opened from disk reads its dedup table into the table's filter in the
+    /// background, and until then each such check reads the file; this says when that ended.
+    /// False with `dedup = "redis"` (no table) and while a failed store waits to be reopened.
+    pub fn dedup_filter_ready(&self) -> bool {
+        self.handles()
+            .ok()
+            .and_then(|h| h.dedup.as_ref().map(|table| table.filter_complete()))
+            .unwrap_or(false)
+    }
+
     /// Whether `event_id` was delivered with a 2xx to `destination` within the dedup TTL,
     /// by the dedup table.
     pub(super) fn local_is_delivered(

@@ -278,8 +278,7 @@ impl DedupTable {
     }
 
     /// Whether the current file's filter answers "absent" (its scan is done).
-    #[cfg(test)]
-    fn filter_complete(&self) -> bool {
+    pub(in crate::store) fn filter_complete(&self) -> bool {
         self.table().filter.is_complete()
     }
 
