@@ -99,6 +99,10 @@ struct Open {
     /// Boxed, so that taking one out and lending it moves a pointer, not the connection.
     idle: Vec<(Box<H1>, Instant)>,
     h2: Option<H2>,
+    /// Set once the origin has picked `h2`: a request that finds no connection takes its turn
+    /// here, so that one new connection is made and shared. After a GOAWAY every request under
+    /// way finds none at once, and each would otherwise make its own.
+    h2_turn: Option<Arc<tokio::sync::Mutex<()>>>,
 }
 
 /// A shared HTTP/2 connection's request side, and its name in the pool.
@@ -153,10 +157,22 @@ impl Pool {
         loop {
             let (connection, reused) = match self.inner.take(&origin) {
                 Some(open) => (open, true),
-                // Boxed: making a connection (TCP, TLS, a proxy's tunnel) takes a large future,
-                // which would otherwise make every request's future, and each move of it,
-                // larger.
-                None => (Box::pin(self.connect(&origin, request.uri())).await?, false),
+                None => {
+                    // Held until the connection made in this turn is in the pool.
+                    let turn = match self.inner.h2_turn(&origin) {
+                        Some(turn) => Some(turn.lock_owned().await),
+                        None => None,
+                    };
+                    // The turn before may have made one.
+                    let made = turn.as_ref().and_then(|_| self.inner.take(&origin));
+                    match made {
+                        Some(open) => (open, true),
+                        // Boxed: making a connection (TCP, TLS, a proxy's tunnel) takes a large
+                        // future, which would otherwise make every request's future, and each
+                        // move of it, larger.
+                        None => (Box::pin(self.connect(&origin, request.uri())).await?, false),
+                    }
+                }
             };
             let mut h1 = match connection {
                 Connected::H1(h1) => h1,
@@ -258,8 +274,16 @@ impl Pool {
                 id: self.inner.next_h2.fetch_add(1, Ordering::Relaxed),
                 sender,
             };
-            self.inner.lock().entry(origin.clone()).or_default().h2 = Some(h2.clone());
+            let mut origins = self.inner.lock();
+            let open = origins.entry(origin.clone()).or_default();
+            open.h2 = Some(h2.clone());
+            open.h2_turn.get_or_insert_with(Default::default);
             return Ok(Connected::H2(h2));
+        }
+        // No longer HTTP/2 (the partner changed what it offers): HTTP/1.1 connections are made
+        // side by side, not in turns.
+        if let Some(open) = self.inner.lock().get_mut(origin) {
+            open.h2_turn = None;
         }
         let (sender, conn) = http1::handshake(conn)
             .await
@@ -320,6 +344,12 @@ impl Inner {
         }
     }
 
+    /// Where a request to `origin` that found no connection waits for its turn to make one, if
+    /// the origin speaks HTTP/2.
+    fn h2_turn(&self, origin: &Origin) -> Option<Arc<tokio::sync::Mutex<()>>> {
+        self.lock().get(origin)?.h2_turn.clone()
+    }
+
     /// A connection to `origin` to send on, in one look: its shared HTTP/2 connection, or else
     /// the most recently used idle HTTP/1.1 one that has not timed out.
     fn take(&self, origin: &Origin) -> Option<Connected> {
@@ -346,7 +376,9 @@ impl Inner {
                 open.h2 = None;
             }
         }
-        origins.retain(|_, open| !open.idle.is_empty() || open.h2.is_some());
+        // An HTTP/2 origin is kept for its turns.
+        origins
+            .retain(|_, open| !open.idle.is_empty() || open.h2.is_some() || open.h2_turn.is_some());
     }
 }
 
@@ -716,6 +748,372 @@ mod tests {
         response.into_body().collect().await.expect("empty body");
         let next = tokio::time::timeout(Duration::from_secs(10), round_trip(&pool, &url)).await;
         assert_eq!(next.expect("not waited on"), "ok");
+    }
+
+    /// How connection 1 of an [`H2Server`] is served.
+    #[derive(Clone, Copy)]
+    enum First {
+        /// By hyper, with at most this many streams open at once.
+        Hyper(u32),
+        /// Frame by frame, by [`refusing`].
+        Refusing,
+    }
+
+    /// A loopback HTTPS server that offers only `h2`. It answers `200` with the number (from 1)
+    /// of the connection in `x-conn`, and records the `x-request-id` of each request it takes
+    /// with that number. A request with the id `hold<k>` is answered once `release` has reached
+    /// `k + 1`.
+    struct H2Server {
+        url: String,
+        ca_file: std::path::PathBuf,
+        _dir: tempfile::TempDir,
+        accepted: Arc<AtomicUsize>,
+        seen: Arc<Mutex<Vec<(String, usize)>>>,
+        /// How many requests have arrived.
+        arrived: tokio::sync::watch::Receiver<usize>,
+        release: tokio::sync::watch::Sender<usize>,
+        /// Makes connection 1 shut down gracefully, as a server does at its limit of requests
+        /// per connection or when it restarts: GOAWAY, then the requests it took are answered.
+        goaway: Arc<tokio::sync::Notify>,
+        /// Set once connection 1 has its GOAWAY queued: what it writes after comes after it.
+        going_away: tokio::sync::watch::Receiver<bool>,
+    }
+
+    impl H2Server {
+        async fn start(first: First) -> H2Server {
+            let ca = courier_testkit::TestCa::new("h2 partner");
+            let mut tls = courier_testkit::pki::server_config(&ca.server(&["127.0.0.1"]), &[]);
+            tls.alpn_protocols = vec![b"h2".to_vec()];
+            let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
+            let dir = tempfile::tempdir().expect("dir");
+            let ca_file = ca.write(dir.path(), "ca.pem");
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+                .await
+                .expect("bind");
+            let url = format!("https://{}/in", listener.local_addr().expect("addr"));
+            let accepted = Arc::new(AtomicUsize::new(0));
+            let seen = Arc::new(Mutex::new(Vec::new()));
+            let (arrive, arrived) = tokio::sync::watch::channel(0);
+            let arrive = Arc::new(arrive);
+            let (release, released) = tokio::sync::watch::channel(0);
+            let (went, going_away) = tokio::sync::watch::channel(false);
+            let went = Arc::new(went);
+            let goaway = Arc::new(tokio::sync::Notify::new());
+            let (acc, rec, shut) = (accepted.clone(), seen.clone(), goaway.clone());
+            tokio::spawn(async move {
+                while let Ok((tcp, _)) = listener.accept().await {
+                    let n = acc.fetch_add(1, Ordering::SeqCst) + 1;
+                    let (acceptor, rec, arrive) = (acceptor.clone(), rec.clone(), arrive.clone());
+                    let (released, shut, went) = (released.clone(), shut.clone(), went.clone());
+                    tokio::spawn(async move {
+                        let Ok(tls) = acceptor.accept(tcp).await else {
+                            return;
+                        };
+                        let max_streams = match first {
+                            First::Refusing if n == 1 => return refusing(tls, rec, arrive).await,
+                            First::Hyper(max) if n == 1 => max,
+                            _ => 100,
+                        };
+                        let service =
+                            hyper::service::service_fn(move |request: Request<Incoming>| {
+                                let id = request
+                                    .headers()
+                                    .get("x-request-id")
+                                    .and_then(|v| v.to_str().ok())
+                                    .unwrap_or_default()
+                                    .to_string();
+                                let hold = id
+                                    .strip_prefix("hold")
+                                    .and_then(|k| k.parse::<usize>().ok());
+                                rec.lock().expect("seen").push((id, n));
+                                arrive.send_modify(|a| *a += 1);
+                                let mut released = released.clone();
+                                async move {
+                                    if let Some(k) = hold {
+                                        let _ = released.wait_for(|r| *r > k).await;
+                                    }
+                                    let answer = hyper::Response::builder()
+                                        .header("x-conn", n)
+                                        .body(Full::new(Bytes::from_static(b"ok")))
+                                        .expect("answer");
+                                    Ok::<_, std::convert::Infallible>(answer)
+                                }
+                            });
+                        let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                            .max_concurrent_streams(max_streams)
+                            .serve_connection(hyper_util::rt::TokioIo::new(tls), service);
+                        let mut conn = pin!(conn);
+                        if n == 1 {
+                            tokio::select! {
+                                _ = conn.as_mut() => return,
+                                () = shut.notified() => {
+                                    conn.as_mut().graceful_shutdown();
+                                    went.send_replace(true);
+                                }
+                            }
+                        }
+                        let _ = conn.await;
+                    });
+                }
+            });
+            H2Server {
+                url,
+                ca_file,
+                _dir: dir,
+                accepted,
+                seen,
+                arrived,
+                release,
+                goaway,
+                going_away,
+            }
+        }
+
+        fn accepted(&self) -> usize {
+            self.accepted.load(Ordering::SeqCst)
+        }
+
+        /// The requests the server took, by id, each with the connections it came on.
+        fn seen(&self) -> HashMap<String, Vec<usize>> {
+            let mut seen = HashMap::<_, Vec<_>>::new();
+            for (id, conn) in self.seen.lock().expect("seen").iter() {
+                seen.entry(id.clone()).or_default().push(*conn);
+            }
+            seen
+        }
+
+        async fn wait_arrived(&self, n: usize) {
+            let mut arrived = self.arrived.clone();
+            arrived.wait_for(|a| *a >= n).await.expect("server runs");
+        }
+
+        /// Sends GOAWAY on connection 1 and waits until it is queued there.
+        async fn go_away(&self) {
+            self.goaway.notify_one();
+            let mut going_away = self.going_away.clone();
+            going_away.wait_for(|g| *g).await.expect("server runs");
+        }
+    }
+
+    /// Connection 1 of a [`First::Refusing`] server, frame by frame, to send what hyper's server
+    /// does not: a GOAWAY whose last stream id refuses streams that have arrived. It answers
+    /// stream 1, waits until streams 3, 5 and 7 have arrived whole, sends GOAWAY with the last
+    /// stream id 3 (so 5 and 7 were not processed), answers stream 3, and reads until the
+    /// client closes. `seen` gets `stream <id>` for each stream that arrived.
+    async fn refusing(
+        mut tls: tokio_rustls::server::TlsStream<tokio::net::TcpStream>,
+        seen: Arc<Mutex<Vec<(String, usize)>>>,
+        arrive: Arc<tokio::sync::watch::Sender<usize>>,
+    ) {
+        const DATA: u8 = 0;
+        const HEADERS: u8 = 1;
+        const SETTINGS: u8 = 4;
+        const PING: u8 = 6;
+        const GOAWAY: u8 = 7;
+        const END_STREAM: u8 = 0x1;
+        const ACK: u8 = 0x1;
+        const END_HEADERS: u8 = 0x4;
+        fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+            let len = u32::try_from(payload.len()).expect("a small frame");
+            let mut out = len.to_be_bytes()[1..].to_vec();
+            out.extend_from_slice(&[kind, flags]);
+            out.extend_from_slice(&stream.to_be_bytes());
+            out.extend_from_slice(payload);
+            out
+        }
+        // `:status: 200` is entry 8 of HPACK's static table.
+        let ok = |stream| frame(HEADERS, END_HEADERS | END_STREAM, stream, &[0x80 | 8]);
+        let mut preface = [0u8; 24];
+        if tls.read_exact(&mut preface).await.is_err() {
+            return;
+        }
+        let _ = tls.write_all(&frame(SETTINGS, 0, 0, &[])).await;
+        let mut whole = 0;
+        loop {
+            let mut head = [0u8; 9];
+            if tls.read_exact(&mut head).await.is_err() {
+                return;
+            }
+            let len = usize::from(head[0]) << 16 | usize::from(head[1]) << 8 | usize::from(head[2]);
+            let (kind, flags) = (head[3], head[4]);
+            let stream = u32::from_be_bytes([head[5], head[6], head[7], head[8]]) & 0x7fff_ffff;
+            let mut payload = vec![0u8; len];
+            if tls.read_exact(&mut payload).await.is_err() {
+                return;
+            }
+            let mut out = match kind {
+                SETTINGS if flags & ACK == 0 => frame(SETTINGS, ACK, 0, &[]),
+                PING if flags & ACK == 0 => frame(PING, ACK, 0, &payload),
+                _ => Vec::new(),
+            };
+            if kind == HEADERS {
+                seen.lock()
+                    .expect("seen")
+                    .push((format!("stream {stream}"), 1));
+                arrive.send_modify(|a| *a += 1);
+            }
+            if matches!(kind, DATA | HEADERS) && flags & END_STREAM != 0 {
+                whole += 1;
+                match whole {
+                    1 => out = ok(1),
+                    4 => {
+                        let last_stream_and_no_error = [0, 0, 0, 3, 0, 0, 0, 0];
+                        out = frame(GOAWAY, 0, 0, &last_stream_and_no_error);
+                        out.extend_from_slice(&ok(3));
+                    }
+                    _ => {}
+                }
+            }
+            if !out.is_empty() && tls.write_all(&out).await.is_err() {
+                return;
+            }
+        }
+    }
+
+    /// A pool that trusts `ca_file`, as the one of a destination with `tls.ca_file`.
+    fn https_pool(ca_file: &std::path::Path) -> Pool {
+        let config = crate::config::Config::from_toml(&format!(
+            "[rabbitmq]\nurl = \"amqp://127.0.0.1\"\nqueue = \"q\"\n\
+             [[destinations]]\nname = \"a\"\nurl = \"https://127.0.0.1/\"\n\
+             tls = {{ ca_file = {:?} }}\n",
+            ca_file.display().to_string()
+        ))
+        .expect("config");
+        crate::install_crypto_provider();
+        crate::http_client::Clients::default()
+            .for_destination("destinations[0]", &config.destinations[0])
+            .expect("client")
+            .pool()
+            .clone()
+    }
+
+    /// POSTs with `x-request-id: <id>`: the number of the connection that answered, or the
+    /// error. It must end within 5 s.
+    async fn outcome(pool: &Pool, url: &str, id: &str) -> Result<usize, String> {
+        let mut request = post(url);
+        let id = HeaderValue::from_str(id).expect("id");
+        request.headers_mut().insert("x-request-id", id);
+        let sent = async {
+            let response = pool
+                .send(request)
+                .await
+                .map_err(|e| crate::error_chain(&e))?;
+            assert_eq!(response.status(), 200);
+            let conn = response.headers().get("x-conn").cloned();
+            response
+                .into_body()
+                .collect()
+                .await
+                .map_err(|e| crate::error_chain(&e))?;
+            Ok(conn.map_or(1, |c| c.to_str().expect("x-conn").parse().expect("x-conn")))
+        };
+        tokio::time::timeout(Duration::from_secs(5), sent)
+            .await
+            .expect("the request ends")
+    }
+
+    /// `outcome` of each of `ids`, all sent at once: each reaches the pool's connection before
+    /// any task of the connection runs.
+    async fn outcomes(pool: &Pool, url: &str, ids: &[&str]) -> Vec<Result<usize, String>> {
+        futures_util::future::join_all(ids.iter().map(|id| outcome(pool, url, id))).await
+    }
+
+    /// Requests handed to the HTTP/2 connection after the GOAWAY reached it, before its task
+    /// saw it: the connection gives them back unsent, and each goes, once, on one new
+    /// connection, which the requests after share. The request the closed connection had
+    /// taken is answered on it.
+    #[tokio::test]
+    async fn requests_the_connection_had_not_taken_at_a_goaway_go_on_one_new_connection() {
+        let server = H2Server::start(First::Hyper(100)).await;
+        let pool = https_pool(&server.ca_file);
+        assert_eq!(outcome(&pool, &server.url, "first").await, Ok(1));
+        let held = tokio::spawn({
+            let (pool, url) = (pool.clone(), server.url.clone());
+            async move { outcomes(&pool, &url, &["hold0", "hold1"]).await }
+        });
+        server.wait_arrived(3).await;
+        server.go_away().await;
+        // The GOAWAY comes before this answer on the connection; `hold1` keeps it open.
+        server.release.send_replace(1);
+        let after = ["a0", "a1", "a2", "a3", "a4", "a5"];
+        let results = outcomes(&pool, &server.url, &after).await;
+        assert_eq!(results, vec![Ok(2); 6]);
+        server.release.send_replace(2);
+        assert_eq!(held.await.expect("held"), vec![Ok(1); 2]);
+        assert_eq!(outcome(&pool, &server.url, "later").await, Ok(2));
+        let seen = server.seen();
+        assert_eq!(seen.len(), 10, "{seen:?}");
+        for id in after.iter().chain(&["later"]) {
+            assert_eq!(seen[*id], [2], "{id} once, on connection 2");
+        }
+        for id in ["first", "hold0", "hold1"] {
+            assert_eq!(seen[id], [1], "{id} once, on connection 1");
+        }
+        assert_eq!(server.accepted(), 2, "one new connection");
+    }
+
+    /// Requests that wait for a stream (the partner allows 2 at once) when the GOAWAY comes:
+    /// hyper has handed them to the HTTP/2 connection, which fails them without sending them
+    /// (their streams would be above the GOAWAY's last stream id). They end with an error,
+    /// reach the partner neither there nor on another connection, and the next request goes
+    /// on a new connection.
+    #[tokio::test]
+    async fn requests_waiting_for_a_stream_at_a_goaway_fail_unsent() {
+        let server = H2Server::start(First::Hyper(2)).await;
+        let pool = https_pool(&server.ca_file);
+        assert_eq!(outcome(&pool, &server.url, "first").await, Ok(1));
+        let ids = ["hold0", "hold1", "w0", "w1", "w2", "w3"];
+        let control = async {
+            server.wait_arrived(3).await;
+            server.go_away().await;
+            server.release.send_replace(2);
+        };
+        let (results, ()) = tokio::join!(outcomes(&pool, &server.url, &ids), control);
+        assert_eq!(results[..2], [Ok(1), Ok(1)]);
+        for (id, result) in ids.iter().zip(&results).skip(2) {
+            let error = result.as_ref().expect_err(id);
+            assert!(error.contains("http2 error"), "{id}: {error}");
+        }
+        assert_eq!(outcome(&pool, &server.url, "later").await, Ok(2));
+        let seen = server.seen();
+        let taken: HashMap<&str, Vec<usize>> = [
+            ("first", vec![1]),
+            ("hold0", vec![1]),
+            ("hold1", vec![1]),
+            ("later", vec![2]),
+        ]
+        .into();
+        assert_eq!(seen.len(), taken.len(), "{seen:?}");
+        for (id, conns) in taken {
+            assert_eq!(seen[id], conns, "{id}");
+        }
+        assert_eq!(server.accepted(), 2);
+    }
+
+    /// A GOAWAY whose last stream id is below streams the partner has received: those
+    /// requests end with an error (hyper does not give them back), are not sent again, and
+    /// the next request goes on a new connection.
+    #[tokio::test]
+    async fn requests_refused_by_a_goaway_end_with_an_error_and_are_not_resent() {
+        let server = H2Server::start(First::Refusing).await;
+        let pool = https_pool(&server.ca_file);
+        assert_eq!(outcome(&pool, &server.url, "first").await, Ok(1));
+        let results = outcomes(&pool, &server.url, &["r0", "r1", "r2"]).await;
+        // Streams 3, 5 and 7 in that order: the first is answered, the others refused.
+        assert_eq!(results[0], Ok(1));
+        for result in &results[1..] {
+            let error = result.as_ref().expect_err("refused");
+            assert!(error.contains("http2 error"), "{error}");
+        }
+        assert_eq!(outcome(&pool, &server.url, "later").await, Ok(2));
+        let seen = server.seen();
+        let streams = ["stream 1", "stream 3", "stream 5", "stream 7"];
+        for id in streams {
+            assert_eq!(seen[id], [1], "{id} arrived once");
+        }
+        assert_eq!(seen["later"], [2]);
+        assert_eq!(seen.len(), streams.len() + 1, "{seen:?}");
+        assert_eq!(server.accepted(), 2);
     }
 
     #[test]
