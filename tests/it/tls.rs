@@ -231,6 +231,18 @@ fn rabbit_tls_file(name: &str) -> PathBuf {
 
 const AMQPS_URL: &str = "amqps://guest:guest@127.0.0.1:5671/%2f";
 
+/// `queue` at `url`, RabbitMQ's TLS listener, with the test CA and its client certificate;
+/// the connection is named after the queue.
+fn with_client_certificate(queue: &str, url: &str) -> Rabbit {
+    Rabbit::queue(queue).connection_name(queue).url(url).tls(
+        Tls::default()
+            .ca_only(rabbit_tls_file("ca.pem"))
+            .client(rabbit_tls_file("client.pem"), rabbit_tls_file("client.key"))
+            // The listener's certificate names localhost and 127.0.0.1.
+            .server_name("localhost"),
+    )
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rabbitmq_over_tls_with_a_client_certificate_delivers() {
     let _brokers = brokers().await;
@@ -243,18 +255,7 @@ async fn rabbitmq_over_tls_with_a_client_certificate_delivers() {
     let courier = Courier::start(
         &test_defaults(store.path())
             .admin(port)
-            .rabbitmq(
-                Rabbit::queue(&queue)
-                    .connection_name(&queue)
-                    .url(AMQPS_URL)
-                    .tls(
-                        Tls::default()
-                            .ca_only(rabbit_tls_file("ca.pem"))
-                            .client(rabbit_tls_file("client.pem"), rabbit_tls_file("client.key"))
-                            // The listener's certificate names localhost and 127.0.0.1.
-                            .server_name("localhost"),
-                    ),
-            )
+            .rabbitmq(with_client_certificate(&queue, AMQPS_URL))
             .destination(Dest::new("d", &rx.url("/d"))),
     );
     publisher.wait_consumers(&queue, 1).await;
@@ -361,17 +362,10 @@ async fn rabbitmq_sasl_external_logs_in_with_the_client_certificate_alone() {
     publisher.declare_queue(&queue).await;
     let courier = Courier::start(
         &test_defaults(store.path())
-            .rabbitmq(
-                Rabbit::queue(&queue)
-                    .connection_name(&queue)
-                    .url("amqps://127.0.0.1:5671/%2f?auth_mechanism=external")
-                    .tls(
-                        Tls::default()
-                            .ca_only(rabbit_tls_file("ca.pem"))
-                            .client(rabbit_tls_file("client.pem"), rabbit_tls_file("client.key"))
-                            .server_name("localhost"),
-                    ),
-            )
+            .rabbitmq(with_client_certificate(
+                &queue,
+                "amqps://127.0.0.1:5671/%2f?auth_mechanism=external",
+            ))
             .destination(Dest::new("d", &rx.url("/d"))),
     );
     publisher.wait_consumers(&queue, 1).await;
