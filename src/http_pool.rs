@@ -74,11 +74,22 @@ struct H1 {
     sender: http1::SendRequest<Body>,
     /// `None` once the connection has closed.
     conn: Option<H1Conn>,
+    /// The error the connection closed with, if it closed with one while a request waited on
+    /// it. The request then fails with hyper's "channel closed", which does not say why: a
+    /// TLS 1.3 partner refuses a client certificate with an alert after the handshake, and
+    /// that alert is here.
+    closed_with: Option<hyper::Error>,
     /// Whether requests go to a proxy in absolute form.
     proxied: bool,
 }
 
 impl H1 {
+    /// The error a request on this connection failed with: the connection's own, when it
+    /// closed with one, else the request's.
+    fn failed(&mut self, error: hyper::Error) -> SendError {
+        SendError::Request(self.closed_with.take().unwrap_or(error))
+    }
+
     /// Whether the connection has closed, read without waiting.
     fn poll_closed(&mut self) -> bool {
         let mut cx = Context::from_waker(Waker::noop());
@@ -102,7 +113,38 @@ struct Open {
     /// Set once the origin has picked `h2`: a request that finds no connection takes its turn
     /// here, so that one new connection is made and shared. After a GOAWAY every request under
     /// way finds none at once, and each would otherwise make its own.
-    h2_turn: Option<Arc<tokio::sync::Mutex<()>>>,
+    h2_turn: Option<Arc<Turn>>,
+}
+
+/// Turns at making the one HTTP/2 connection of an origin, and how the last one failed.
+#[derive(Default)]
+struct Turn {
+    /// The last turn's failure to connect, until a turn connects.
+    last_failure: tokio::sync::Mutex<Option<Failure>>,
+    /// How many turns have failed to connect.
+    failures: AtomicU64,
+}
+
+/// A turn that could not connect: which failure it was (counted from 0), and why.
+struct Failure {
+    number: u64,
+    cause: Arc<BoxError>,
+}
+
+/// A connect failure handed to every request that waited for the turn that met it.
+#[derive(Debug)]
+struct Shared(Arc<BoxError>);
+
+impl std::fmt::Display for Shared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl std::error::Error for Shared {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.0.source()
+    }
 }
 
 /// A shared HTTP/2 connection's request side, and its name in the pool.
@@ -157,22 +199,10 @@ impl Pool {
         loop {
             let (connection, reused) = match self.inner.take(&origin) {
                 Some(open) => (open, true),
-                None => {
-                    // Held until the connection made in this turn is in the pool.
-                    let turn = match self.inner.h2_turn(&origin) {
-                        Some(turn) => Some(turn.lock_owned().await),
-                        None => None,
-                    };
-                    // The turn before may have made one.
-                    let made = turn.as_ref().and_then(|_| self.inner.take(&origin));
-                    match made {
-                        Some(open) => (open, true),
-                        // Boxed: making a connection (TCP, TLS, a proxy's tunnel) takes a large
-                        // future, which would otherwise make every request's future, and each
-                        // move of it, larger.
-                        None => (Box::pin(self.connect(&origin, request.uri())).await?, false),
-                    }
-                }
+                // Boxed: making a connection (TCP, TLS, a proxy's tunnel) takes a large future,
+                // which would otherwise make every request's future, and each move of it,
+                // larger.
+                None => Box::pin(self.connect_in_turn(&origin, request.uri())).await?,
             };
             let mut h1 = match connection {
                 Connected::H1(h1) => h1,
@@ -209,11 +239,12 @@ impl Pool {
             if reused && !h1.sender.is_ready() {
                 continue;
             }
-            if let Err(error) = driving(&mut h1.conn, h1.sender.ready()).await {
+            if let Err(error) = driving(&mut h1.conn, &mut h1.closed_with, h1.sender.ready()).await
+            {
                 match reused {
                     // Closed while idle: the partner's keep-alive ran out.
                     true => continue,
-                    false => return Err(SendError::Request(error)),
+                    false => return Err(h1.failed(error)),
                 }
             }
             // Over HTTP/1.1 only: HTTP/2 carries the host in the request's `:authority`.
@@ -226,7 +257,8 @@ impl Pool {
             if !h1.proxied {
                 *request.uri_mut() = origin_form(&uri);
             }
-            match driving(&mut h1.conn, h1.sender.try_send_request(request)).await {
+            let sent = h1.sender.try_send_request(request);
+            match driving(&mut h1.conn, &mut h1.closed_with, sent).await {
                 Ok(response) => {
                     let lease = Lease {
                         pool: self.clone(),
@@ -244,9 +276,49 @@ impl Pool {
                         request = unsent;
                         *request.uri_mut() = uri;
                     }
-                    _ => return Err(SendError::Request(error.into_error())),
+                    _ => return Err(h1.failed(error.into_error())),
                 },
             }
+        }
+    }
+
+    /// A connection for a request that found none, and whether it was made by another request.
+    /// To an origin that speaks HTTP/2, requests take turns: the first makes the connection
+    /// that the others then take, and when it cannot connect, the requests that waited for it
+    /// fail with its cause, as each would have failed on its own, rather than trying again one
+    /// after another.
+    async fn connect_in_turn(
+        &self,
+        origin: &Origin,
+        uri: &Uri,
+    ) -> Result<(Connected, bool), SendError> {
+        let Some(turn) = self.inner.h2_turn(origin) else {
+            return Ok((self.connect(origin, uri).await?, false));
+        };
+        // A failure numbered from here on ended a turn this request waited for.
+        let waited_from = turn.failures.load(Ordering::SeqCst);
+        // Held until the connection made in this turn is in the pool.
+        let mut last_failure = turn.last_failure.lock().await;
+        if let Some(failure) = last_failure.as_ref().filter(|f| f.number >= waited_from) {
+            return Err(SendError::Connect(Box::new(Shared(failure.cause.clone()))));
+        }
+        if let Some(made) = self.inner.take(origin) {
+            return Ok((made, true));
+        }
+        match self.connect(origin, uri).await {
+            Ok(connected) => {
+                *last_failure = None;
+                Ok((connected, false))
+            }
+            Err(SendError::Connect(cause)) => {
+                let cause = Arc::new(cause);
+                *last_failure = Some(Failure {
+                    number: turn.failures.fetch_add(1, Ordering::SeqCst),
+                    cause: cause.clone(),
+                });
+                Err(SendError::Connect(Box::new(Shared(cause))))
+            }
+            Err(other) => Err(other),
         }
     }
 
@@ -291,6 +363,7 @@ impl Pool {
         Ok(Connected::H1(Box::new(H1 {
             sender,
             conn: Some(conn),
+            closed_with: None,
             proxied,
         })))
     }
@@ -346,7 +419,7 @@ impl Inner {
 
     /// Where a request to `origin` that found no connection waits for its turn to make one, if
     /// the origin speaks HTTP/2.
-    fn h2_turn(&self, origin: &Origin) -> Option<Arc<tokio::sync::Mutex<()>>> {
+    fn h2_turn(&self, origin: &Origin) -> Option<Arc<Turn>> {
         self.lock().get(origin)?.h2_turn.clone()
     }
 
@@ -392,8 +465,13 @@ async fn sweep(pool: Weak<Inner>) {
 }
 
 /// `work`'s output, with `conn` driven while it waits, as a connection task would drive it.
-/// `conn` becomes `None` when the connection closes; `work` then ends with hyper's error.
-async fn driving<F: Future>(conn: &mut Option<H1Conn>, work: F) -> F::Output {
+/// `conn` becomes `None` when the connection closes, and the error it closed with goes to
+/// `closed_with`; `work` then ends with hyper's error.
+async fn driving<F: Future>(
+    conn: &mut Option<H1Conn>,
+    closed_with: &mut Option<hyper::Error>,
+    work: F,
+) -> F::Output {
     let mut work = pin!(work);
     poll_fn(|cx| {
         let mut driven = false;
@@ -408,8 +486,9 @@ async fn driving<F: Future>(conn: &mut Option<H1Conn>, work: F) -> F::Output {
             driven = true;
             match conn.as_mut() {
                 Some(open) => {
-                    if Pin::new(open).poll(cx).is_ready() {
+                    if let Poll::Ready(closed) = Pin::new(open).poll(cx) {
                         *conn = None;
+                        *closed_with = closed.err();
                     }
                 }
                 None => return Poll::Pending,
@@ -757,6 +836,9 @@ mod tests {
         Hyper(u32),
         /// Frame by frame, by [`refusing`].
         Refusing,
+        /// By hyper, and every later connection is closed as soon as it is accepted, as by a
+        /// partner that stopped listening.
+        OnlyOne,
     }
 
     /// A loopback HTTPS server that offers only `h2`. It answers `200` with the number (from 1)
@@ -803,6 +885,10 @@ mod tests {
             tokio::spawn(async move {
                 while let Ok((tcp, _)) = listener.accept().await {
                     let n = acc.fetch_add(1, Ordering::SeqCst) + 1;
+                    if n > 1 && matches!(first, First::OnlyOne) {
+                        drop(tcp);
+                        continue;
+                    }
                     let (acceptor, rec, arrive) = (acceptor.clone(), rec.clone(), arrive.clone());
                     let (released, shut, went) = (released.clone(), shut.clone(), went.clone());
                     tokio::spawn(async move {
@@ -1022,7 +1108,9 @@ mod tests {
     /// saw it: the connection gives them back unsent, and each goes, once, on one new
     /// connection, which the requests after share. The request the closed connection had
     /// taken is answered on it.
-    #[tokio::test]
+    // One thread: the test's requests reach the HTTP/2 connection's task only after the runtime
+    // has read the GOAWAY that `go_away` queued, as it polls its I/O before the test again.
+    #[tokio::test(flavor = "current_thread")]
     async fn requests_the_connection_had_not_taken_at_a_goaway_go_on_one_new_connection() {
         let server = H2Server::start(First::Hyper(100)).await;
         let pool = https_pool(&server.ca_file);
@@ -1114,6 +1202,32 @@ mod tests {
         assert_eq!(seen["later"], [2]);
         assert_eq!(seen.len(), streams.len() + 1, "{seen:?}");
         assert_eq!(server.accepted(), 2);
+    }
+
+    /// When the connection after a GOAWAY cannot be made, the requests that waited for that
+    /// turn fail with its cause: one connect for all of them, not one after another. A request
+    /// that comes after the failure tries again.
+    #[tokio::test]
+    async fn requests_that_waited_for_a_failed_connect_fail_with_its_cause() {
+        let server = H2Server::start(First::OnlyOne).await;
+        let pool = https_pool(&server.ca_file);
+        assert_eq!(outcome(&pool, &server.url, "first").await, Ok(1));
+        server.go_away().await;
+        let results = outcomes(&pool, &server.url, &["c0", "c1", "c2", "c3", "c4", "c5"]).await;
+        let errors: Vec<&String> = results
+            .iter()
+            .map(|r| r.as_ref().expect_err("no connection"))
+            .collect();
+        assert!(
+            errors[0].starts_with("client error (Connect): "),
+            "{errors:?}"
+        );
+        assert!(errors.iter().all(|e| e == &errors[0]), "{errors:?}");
+        assert_eq!(server.accepted(), 2, "one connect for the six");
+        let again = outcome(&pool, &server.url, "again").await;
+        assert_eq!(again.as_ref(), Err(errors[0]));
+        assert_eq!(server.accepted(), 3, "a later request connects again");
+        assert_eq!(server.seen().len(), 1, "only the first request arrived");
     }
 
     #[test]
