@@ -121,7 +121,7 @@ async fn main() {
             break;
         }
         let started = Instant::now();
-        let store = or_exit(Store::open(&config));
+        let store = open_when_unlocked(&config);
         let opened = started.elapsed();
         while !store.dedup_filter_ready() {
             if started.elapsed() > Duration::from_secs(600) {
@@ -139,6 +139,21 @@ async fn main() {
         or_exit(store.close().await);
     }
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Opens the store again. sled lets go of the file lock of a store just closed through its
+/// epoch-based reclamation, which may run a moment after the drop; the time until then counts
+/// as the open's.
+fn open_when_unlocked(config: &StoreConfig) -> Store {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match Store::open(config) {
+            Err(courier::store::StoreError::Locked { .. }) if Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            opened => return or_exit(opened),
+        }
+    }
 }
 
 /// Writes dirty pages out and drops the page cache, so that the next open reads from the disk;

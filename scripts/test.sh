@@ -131,10 +131,16 @@ ensure_rabbitmq_tls() {
     log "RabbitMQ is up on 127.0.0.1:$AMQP_PORT and, with TLS and SASL EXTERNAL, 127.0.0.1:$AMQPS_PORT"
 }
 
-# Whether the running RabbitMQ offers SASL EXTERNAL: the mechanism is listed and its plugin runs.
+# Whether the running RabbitMQ offers SASL EXTERNAL: the mechanism is listed and its plugin is
+# enabled. A broker that cannot be asked stops the script: guessing "no" would restart it.
 rabbitmq_offers_external() {
-    as_root rabbitmqctl -q eval 'application:get_env(rabbit, auth_mechanisms).' 2>/dev/null | grep -q EXTERNAL &&
-        as_root rabbitmq-plugins -q is_enabled rabbitmq_auth_mechanism_ssl >/dev/null 2>&1
+    local mechanisms plugins
+    mechanisms=$(as_root rabbitmqctl -q eval 'application:get_env(rabbit, auth_mechanisms).' 2>&1) ||
+        die "cannot ask RabbitMQ for its auth_mechanisms (rabbitmqctl eval): $mechanisms"
+    [[ $mechanisms == *EXTERNAL* ]] || return 1
+    plugins=$(as_root rabbitmq-plugins -q list --enabled --minimal 2>&1) ||
+        die "cannot ask RabbitMQ for its plugins (rabbitmq-plugins list): $plugins"
+    [[ $'\n'$plugins$'\n' == *$'\n'rabbitmq_auth_mechanism_ssl$'\n'* ]]
 }
 
 # The integration tests call `rabbitmqctl`. Debian's wrapper refuses to run for users other

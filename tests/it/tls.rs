@@ -323,8 +323,8 @@ async fn rabbitmq_over_tls_without_a_client_certificate_does_not_connect() {
 /// it by the certificate's distinguished name (`ssl_cert_login_from` at its default).
 const EXTERNAL_USER: &str = "CN=courier test client";
 
-/// Makes [`EXTERNAL_USER`], with every permission on the default vhost, unless it exists. Its
-/// password is never used: EXTERNAL takes the certificate the TLS handshake proved.
+/// Makes [`EXTERNAL_USER`], with every permission on the default vhost and no password (the
+/// certificate is its only way in), unless it exists.
 fn ensure_external_user() {
     let users = rabbitmqctl(&["-q", "list_users", "--no-table-headers"]);
     if !users
@@ -333,9 +333,10 @@ fn ensure_external_user() {
     {
         // Another run may make it between the look and the add; the permissions are set anyway.
         let _ = std::process::Command::new("rabbitmqctl")
-            .args(["-q", "add_user", EXTERNAL_USER, &unique("unused-password")])
+            .args(["-q", "add_user", EXTERNAL_USER, &unique("cleared-next")])
             .output();
     }
+    rabbitmqctl(&["-q", "clear_password", EXTERNAL_USER]);
     rabbitmqctl(&[
         "-q",
         "set_permissions",
