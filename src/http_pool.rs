@@ -955,6 +955,15 @@ mod tests {
             }
         }
 
+        /// A server and a pool that trusts it, with connection 1 made by a request `first`,
+        /// which it answers.
+        async fn answering_first(first: First) -> (H2Server, Pool) {
+            let server = H2Server::start(first).await;
+            let pool = https_pool(&server.ca_file);
+            assert_eq!(outcome(&pool, &server.url, "first").await, Ok(1));
+            (server, pool)
+        }
+
         fn accepted(&self) -> usize {
             self.accepted.load(Ordering::SeqCst)
         }
@@ -1112,9 +1121,7 @@ mod tests {
     // has read the GOAWAY that `go_away` queued, as it polls its I/O before the test again.
     #[tokio::test(flavor = "current_thread")]
     async fn requests_the_connection_had_not_taken_at_a_goaway_go_on_one_new_connection() {
-        let server = H2Server::start(First::Hyper(100)).await;
-        let pool = https_pool(&server.ca_file);
-        assert_eq!(outcome(&pool, &server.url, "first").await, Ok(1));
+        let (server, pool) = H2Server::answering_first(First::Hyper(100)).await;
         let held = tokio::spawn({
             let (pool, url) = (pool.clone(), server.url.clone());
             async move { outcomes(&pool, &url, &["hold0", "hold1"]).await }
@@ -1147,9 +1154,7 @@ mod tests {
     /// on a new connection.
     #[tokio::test]
     async fn requests_waiting_for_a_stream_at_a_goaway_fail_unsent() {
-        let server = H2Server::start(First::Hyper(2)).await;
-        let pool = https_pool(&server.ca_file);
-        assert_eq!(outcome(&pool, &server.url, "first").await, Ok(1));
+        let (server, pool) = H2Server::answering_first(First::Hyper(2)).await;
         let ids = ["hold0", "hold1", "w0", "w1", "w2", "w3"];
         let control = async {
             server.wait_arrived(3).await;
@@ -1183,9 +1188,7 @@ mod tests {
     /// the next request goes on a new connection.
     #[tokio::test]
     async fn requests_refused_by_a_goaway_end_with_an_error_and_are_not_resent() {
-        let server = H2Server::start(First::Refusing).await;
-        let pool = https_pool(&server.ca_file);
-        assert_eq!(outcome(&pool, &server.url, "first").await, Ok(1));
+        let (server, pool) = H2Server::answering_first(First::Refusing).await;
         let results = outcomes(&pool, &server.url, &["r0", "r1", "r2"]).await;
         // Streams 3, 5 and 7 in that order: the first is answered, the others refused.
         assert_eq!(results[0], Ok(1));
@@ -1209,9 +1212,7 @@ mod tests {
     /// that comes after the failure tries again.
     #[tokio::test]
     async fn requests_that_waited_for_a_failed_connect_fail_with_its_cause() {
-        let server = H2Server::start(First::OnlyOne).await;
-        let pool = https_pool(&server.ca_file);
-        assert_eq!(outcome(&pool, &server.url, "first").await, Ok(1));
+        let (server, pool) = H2Server::answering_first(First::OnlyOne).await;
         server.go_away().await;
         let results = outcomes(&pool, &server.url, &["c0", "c1", "c2", "c3", "c4", "c5"]).await;
         let errors: Vec<&String> = results
