@@ -5,7 +5,6 @@
 //! destination's rate limit, its concurrency limit, the POST, and the outcome written to the
 //! store and counted once.
 
-use std::collections::HashSet;
 use std::hash::BuildHasher as _;
 use std::sync::{Arc, Mutex};
 use std::time::{Instant, SystemTime};
@@ -16,6 +15,7 @@ use crate::backoff::retry_delay;
 use crate::circuit::Gate;
 use crate::destination::{Destination, DestinationId};
 use crate::event::Event;
+use crate::prehashed::PrehashedSet;
 use crate::ratelimit::{RateLimiter, Throttle};
 use crate::sender::{self, format_time, Outcome};
 use crate::stats::Stats;
@@ -536,7 +536,7 @@ fn throttle(
 /// record. Two different pairs with the same 64-bit hash only wait for each other.
 #[derive(Default)]
 struct Claims {
-    in_progress: Mutex<HashSet<u64>>,
+    in_progress: Mutex<PrehashedSet<u64>>,
     hasher: std::hash::RandomState,
     released: Notify,
 }

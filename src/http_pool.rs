@@ -14,6 +14,7 @@
 
 use std::collections::HashMap;
 use std::future::{poll_fn, Future};
+use std::hash::{Hash, Hasher};
 use std::pin::{pin, Pin};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, Weak};
@@ -54,10 +55,29 @@ pub enum SendError {
 }
 
 /// The scheme and authority requests share connections by.
-#[derive(Clone, PartialEq, Eq, Hash)]
+#[derive(Clone, PartialEq, Eq)]
 struct Origin {
     scheme: Scheme,
     authority: Authority,
+}
+
+/// Feeds the hasher what `http`'s own `Hash` does (the scheme, then the authority's length and
+/// its bytes in lower case, as its case-blind `Eq` needs), but the bytes in one write instead
+/// of a `write_u8` each: every request looks its origin up twice, and SipHash byte by byte
+/// cost about 1,000 instructions a look.
+impl Hash for Origin {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        self.scheme.hash(state);
+        let authority = self.authority.as_str().as_bytes();
+        state.write_usize(authority.len());
+        let mut lower = [0u8; 64];
+        for chunk in authority.chunks(lower.len()) {
+            let lower = &mut lower[..chunk.len()];
+            lower.copy_from_slice(chunk);
+            lower.make_ascii_lowercase();
+            state.write(lower);
+        }
+    }
 }
 
 impl Origin {
@@ -1229,6 +1249,43 @@ mod tests {
         assert_eq!(again.as_ref(), Err(errors[0]));
         assert_eq!(server.accepted(), 3, "a later request connects again");
         assert_eq!(server.seen().len(), 1, "only the first request arrived");
+    }
+
+    #[test]
+    fn origins_equal_but_for_case_hash_alike() {
+        use std::hash::BuildHasher as _;
+        let state = std::hash::RandomState::new();
+        let origin = |url: &str| Origin::of(&url.parse::<Uri>().unwrap()).unwrap();
+        let long = format!("http://{}.example:8080/", "Ab".repeat(60));
+        for (a, b) in [
+            (
+                "http://Partner.Example:8080/x",
+                "http://partner.example:8080/y",
+            ),
+            (long.as_str(), long.to_lowercase().as_str()),
+        ] {
+            assert!(origin(a) == origin(b));
+            assert_eq!(state.hash_one(origin(a)), state.hash_one(origin(b)), "{a}");
+            // The same bytes as `http`'s own `Hash` gives SipHash, one at a time.
+            let Origin { scheme, authority } = origin(a);
+            assert_eq!(
+                state.hash_one(origin(a)),
+                state.hash_one((scheme, authority))
+            );
+        }
+        for (a, b) in [
+            (
+                "http://partner.example:8080/",
+                "https://partner.example:8080/",
+            ),
+            (
+                "http://partner.example:8080/",
+                "http://partner.example:8081/",
+            ),
+        ] {
+            assert!(origin(a) != origin(b));
+            assert_ne!(state.hash_one(origin(a)), state.hash_one(origin(b)), "{a}");
+        }
     }
 
     #[test]

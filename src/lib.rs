@@ -20,6 +20,7 @@ pub mod http_client;
 pub mod http_pool;
 pub mod oauth2;
 pub mod pipeline;
+pub mod prehashed;
 pub mod properties;
 pub mod ratelimit;
 pub mod reload;

@@ -43,6 +43,8 @@ use std::sync::{Arc, Mutex, RwLock};
 
 use sha2::{Digest, Sha256};
 
+use crate::prehashed::PrehashedMap;
+
 use file::{is_live, TableFile, SCAN_SLOTS};
 use wal::Wal;
 
@@ -92,11 +94,11 @@ fn finish(hasher: Sha256) -> KeyHash {
 #[derive(Default)]
 struct Records {
     /// Made, not committed yet.
-    pending: HashMap<KeyHash, u64>,
+    pending: PrehashedMap<KeyHash, u64>,
     /// Committed (in the log), not in the table file yet.
-    memtable: HashMap<KeyHash, u64>,
+    memtable: PrehashedMap<KeyHash, u64>,
     /// Being written into the table file by a checkpoint.
-    frozen: Option<Arc<HashMap<KeyHash, u64>>>,
+    frozen: Option<Arc<PrehashedMap<KeyHash, u64>>>,
 }
 
 impl Records {
@@ -196,7 +198,7 @@ impl DedupTable {
             Err(e) => return Err(io_context("opening", &path, e)),
         };
         let logs = wal::list(dir).map_err(|e| io_context("listing its logs", dir, e))?;
-        let mut memtable = HashMap::new();
+        let mut memtable = PrehashedMap::default();
         for seq in &logs {
             let records =
                 wal::read(dir, *seq).map_err(|e| io_context("reading its log", dir, e))?;
@@ -474,7 +476,7 @@ impl DedupTable {
         }
     }
 
-    fn write_frozen(&self, frozen: &HashMap<KeyHash, u64>, now_ms: u64) -> io::Result<()> {
+    fn write_frozen(&self, frozen: &PrehashedMap<KeyHash, u64>, now_ms: u64) -> io::Result<()> {
         let mut batch: Vec<(KeyHash, u64)> = frozen.iter().map(|(h, at)| (*h, *at)).collect();
         let table = self.table();
         let occupied = self.occupied.load(Ordering::SeqCst);
