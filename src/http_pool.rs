@@ -54,6 +54,43 @@ pub enum SendError {
     Url(Uri),
 }
 
+/// A copy of an HTTP/2 request, to send again if the partner refuses it unprocessed.
+fn copy(request: &Request<Body>) -> Request<Body> {
+    let mut copy = Request::new(request.body().clone());
+    *copy.method_mut() = request.method().clone();
+    *copy.uri_mut() = request.uri().clone();
+    *copy.version_mut() = request.version();
+    *copy.headers_mut() = request.headers().clone();
+    copy
+}
+
+/// The HTTP/2 error of a failed request, if it is one.
+fn h2_error(error: &hyper::Error) -> Option<&h2::Error> {
+    std::error::Error::source(error)?.downcast_ref::<h2::Error>()
+}
+
+/// Whether the partner said it did not process the request, which makes sending it again safe
+/// (RFC 9113, section 8.7): it reset the stream with `REFUSED_STREAM`, or its graceful GOAWAY
+/// (`NO_ERROR`) named a last stream below the request's. h2 gives a request the partner's
+/// GOAWAY only then, and also to a request it held back for a free stream and never sent; a
+/// request at or below the last stream whose connection then closes ends with a broken pipe,
+/// which is not sent again, since the partner may have processed it.
+fn refused_unprocessed(error: &hyper::Error) -> bool {
+    h2_error(error).is_some_and(|e| {
+        e.is_remote()
+            && match e.reason() {
+                Some(h2::Reason::REFUSED_STREAM) => e.is_reset(),
+                Some(h2::Reason::NO_ERROR) => e.is_go_away(),
+                _ => false,
+            }
+    })
+}
+
+/// Whether the request failed because the partner is closing the connection.
+fn is_go_away(error: &hyper::Error) -> bool {
+    h2_error(error).is_some_and(h2::Error::is_go_away)
+}
+
 /// The scheme and authority requests share connections by.
 #[derive(Clone, PartialEq, Eq)]
 struct Origin {
@@ -208,7 +245,8 @@ impl Pool {
     /// Sends `request` on an idle connection to its origin, or a new one, and returns the
     /// answer's head. The body is read by the caller; reading it to its end gives the
     /// connection back. A request that an idle connection could not take (the partner closed
-    /// it) goes on the next connection; one that was written is never sent twice.
+    /// it) goes on the next connection; one that was written is sent twice only when an HTTP/2
+    /// partner said it did not process it ([`refused_unprocessed`]), and then only once more.
     pub(crate) async fn send(
         &self,
         mut request: Request<Body>,
@@ -216,6 +254,9 @@ impl Pool {
         let Some(origin) = Origin::of(request.uri()) else {
             return Err(SendError::Url(request.uri().clone()));
         };
+        // Whether the request was refused unprocessed once already: it is sent again only once,
+        // so a partner that refuses everything meets the retry policy's backoff, not a loop.
+        let mut refused = false;
         loop {
             let (connection, reused) = match self.inner.take(&origin) {
                 Some(open) => (open, true),
@@ -234,14 +275,30 @@ impl Pool {
                             false => return Err(SendError::Request(error)),
                         }
                     }
+                    // Kept until the answer: hyper does not give back a request that the
+                    // partner refused unprocessed.
+                    let again = (!refused).then(|| copy(&request));
                     match h2.sender.try_send_request(request).await {
                         Ok(response) => return Ok(response.map(Answer::plain)),
-                        Err(mut error) => match error.take_message() {
+                        Err(mut error) => match (error.take_message(), again) {
                             // Not sent: the connection closed (a GOAWAY) before it took the
                             // request.
-                            Some(unsent) if reused => {
+                            (Some(unsent), _) if reused => {
                                 self.inner.forget_h2(&origin, h2.id);
                                 request = unsent;
+                                continue;
+                            }
+                            (None, Some(again)) if refused_unprocessed(error.error()) => {
+                                tracing::debug!(
+                                    host = origin.authority.host(),
+                                    error = %crate::error_chain(error.error()),
+                                    "the partner refused a request unprocessed; sending it once more"
+                                );
+                                if is_go_away(error.error()) {
+                                    self.inner.forget_h2(&origin, h2.id);
+                                }
+                                refused = true;
+                                request = again;
                                 continue;
                             }
                             _ => return Err(SendError::Request(error.into_error())),
@@ -855,7 +912,7 @@ mod tests {
         /// By hyper, with at most this many streams open at once.
         Hyper(u32),
         /// Frame by frame, by [`refusing`].
-        Refusing,
+        Refusing(Refusal),
         /// By hyper, and every later connection is closed as soon as it is accepted, as by a
         /// partner that stopped listening.
         OnlyOne,
@@ -916,7 +973,9 @@ mod tests {
                             return;
                         };
                         let max_streams = match first {
-                            First::Refusing if n == 1 => return refusing(tls, rec, arrive).await,
+                            First::Refusing(how) if n == 1 => {
+                                return refusing(tls, how, rec, arrive).await
+                            }
                             First::Hyper(max) if n == 1 => max,
                             _ => 100,
                         };
@@ -1010,13 +1069,27 @@ mod tests {
         }
     }
 
+    /// How a [`First::Refusing`] connection refuses streams.
+    #[derive(Clone, Copy)]
+    enum Refusal {
+        /// A graceful GOAWAY with the last stream id 3; then stream 3 is answered.
+        GoAway,
+        /// The same GOAWAY; then the connection closes with stream 3 unanswered.
+        GoAwayThenClose,
+        /// Each reset with `REFUSED_STREAM`; streams 3 and later are answered.
+        Reset,
+        /// Every stream after stream 1 reset with `REFUSED_STREAM` once it has arrived.
+        ResetAll,
+    }
+
     /// Connection 1 of a [`First::Refusing`] server, frame by frame, to send what hyper's server
-    /// does not: a GOAWAY whose last stream id refuses streams that have arrived. It answers
-    /// stream 1, waits until streams 3, 5 and 7 have arrived whole, sends GOAWAY with the last
-    /// stream id 3 (so 5 and 7 were not processed), answers stream 3, and reads until the
-    /// client closes. `seen` gets `stream <id>` for each stream that arrived.
+    /// does not: refusals of streams that have arrived. It answers stream 1, waits until streams
+    /// 3, 5 and 7 have arrived whole, refuses 5 and 7 (so they were not processed) as `how`
+    /// says, and reads until the client closes. `seen` gets `stream <id>` for each stream that
+    /// arrived.
     async fn refusing(
         mut tls: tokio_rustls::server::TlsStream<tokio::net::TcpStream>,
+        how: Refusal,
         seen: Arc<Mutex<Vec<(String, usize)>>>,
         arrive: Arc<tokio::sync::watch::Sender<usize>>,
     ) {
@@ -1024,7 +1097,9 @@ mod tests {
         const HEADERS: u8 = 1;
         const SETTINGS: u8 = 4;
         const PING: u8 = 6;
+        const RST_STREAM: u8 = 3;
         const GOAWAY: u8 = 7;
+        const REFUSED_STREAM: [u8; 4] = [0, 0, 0, 7];
         const END_STREAM: u8 = 0x1;
         const ACK: u8 = 0x1;
         const END_HEADERS: u8 = 0x4;
@@ -1069,13 +1144,26 @@ mod tests {
             }
             if matches!(kind, DATA | HEADERS) && flags & END_STREAM != 0 {
                 whole += 1;
-                match whole {
-                    1 => out = ok(1),
-                    4 => {
-                        let last_stream_and_no_error = [0, 0, 0, 3, 0, 0, 0, 0];
+                let last_stream_and_no_error = [0, 0, 0, 3, 0, 0, 0, 0];
+                match (whole, how) {
+                    (1, _) => out = ok(1),
+                    (_, Refusal::ResetAll) => out = frame(RST_STREAM, 0, stream, &REFUSED_STREAM),
+                    (4, Refusal::GoAway) => {
                         out = frame(GOAWAY, 0, 0, &last_stream_and_no_error);
                         out.extend_from_slice(&ok(3));
                     }
+                    (4, Refusal::GoAwayThenClose) => {
+                        out = frame(GOAWAY, 0, 0, &last_stream_and_no_error);
+                        let _ = tls.write_all(&out).await;
+                        let _ = tls.shutdown().await;
+                        return;
+                    }
+                    (4, Refusal::Reset) => {
+                        out = frame(RST_STREAM, 0, 5, &REFUSED_STREAM);
+                        out.extend_from_slice(&frame(RST_STREAM, 0, 7, &REFUSED_STREAM));
+                        out.extend_from_slice(&ok(3));
+                    }
+                    (5.., Refusal::Reset) => out = ok(stream),
                     _ => {}
                 }
             }
@@ -1169,11 +1257,10 @@ mod tests {
 
     /// Requests that wait for a stream (the partner allows 2 at once) when the GOAWAY comes:
     /// hyper has handed them to the HTTP/2 connection, which fails them without sending them
-    /// (their streams would be above the GOAWAY's last stream id). They end with an error,
-    /// reach the partner neither there nor on another connection, and the next request goes
-    /// on a new connection.
+    /// (their streams are above the GOAWAY's last stream id). Each goes once more, on the one
+    /// new connection, and reaches the partner once.
     #[tokio::test]
-    async fn requests_waiting_for_a_stream_at_a_goaway_fail_unsent() {
+    async fn requests_waiting_for_a_stream_at_a_goaway_go_on_the_new_connection() {
         let (server, pool) = H2Server::answering_first(First::Hyper(2)).await;
         let ids = ["hold0", "hold1", "w0", "w1", "w2", "w3"];
         let control = async {
@@ -1182,49 +1269,88 @@ mod tests {
             server.release.send_replace(2);
         };
         let (results, ()) = tokio::join!(outcomes(&pool, &server.url, &ids), control);
-        assert_eq!(results[..2], [Ok(1), Ok(1)]);
-        for (id, result) in ids.iter().zip(&results).skip(2) {
-            let error = result.as_ref().expect_err(id);
-            assert!(error.contains("http2 error"), "{id}: {error}");
-        }
-        assert_eq!(outcome(&pool, &server.url, "later").await, Ok(2));
+        assert_eq!(results, [Ok(1), Ok(1), Ok(2), Ok(2), Ok(2), Ok(2)]);
         let seen = server.seen();
-        let taken: HashMap<&str, Vec<usize>> = [
-            ("first", vec![1]),
-            ("hold0", vec![1]),
-            ("hold1", vec![1]),
-            ("later", vec![2]),
-        ]
-        .into();
-        assert_eq!(seen.len(), taken.len(), "{seen:?}");
-        for (id, conns) in taken {
-            assert_eq!(seen[id], conns, "{id}");
+        assert_eq!(seen.len(), 1 + ids.len(), "{seen:?}");
+        for (id, conn) in [("first", 1), ("hold0", 1), ("hold1", 1)] {
+            assert_eq!(seen[id], [conn], "{id}");
+        }
+        for id in &ids[2..] {
+            assert_eq!(seen[*id], [2], "{id} once, on connection 2");
         }
         assert_eq!(server.accepted(), 2);
     }
 
-    /// A GOAWAY whose last stream id is below streams the partner has received: those
-    /// requests end with an error (hyper does not give them back), are not sent again, and
-    /// the next request goes on a new connection.
+    /// A graceful GOAWAY whose last stream id is below streams the partner has received: the
+    /// partner did not process those, so each is sent once more, on one new connection. The
+    /// request at the last stream id is answered where it was sent.
     #[tokio::test]
-    async fn requests_refused_by_a_goaway_end_with_an_error_and_are_not_resent() {
-        let (server, pool) = H2Server::answering_first(First::Refusing).await;
-        let results = outcomes(&pool, &server.url, &["r0", "r1", "r2"]).await;
+    async fn requests_refused_by_a_goaway_go_once_more_on_a_new_connection() {
+        let (server, pool) = H2Server::answering_first(First::Refusing(Refusal::GoAway)).await;
         // Streams 3, 5 and 7 in that order: the first is answered, the others refused.
-        assert_eq!(results[0], Ok(1));
-        for result in &results[1..] {
-            let error = result.as_ref().expect_err("refused");
-            assert!(error.contains("http2 error"), "{error}");
-        }
+        let results = outcomes(&pool, &server.url, &["r0", "r1", "r2"]).await;
+        assert_eq!(results, [Ok(1), Ok(2), Ok(2)]);
         assert_eq!(outcome(&pool, &server.url, "later").await, Ok(2));
         let seen = server.seen();
         let streams = ["stream 1", "stream 3", "stream 5", "stream 7"];
         for id in streams {
             assert_eq!(seen[id], [1], "{id} arrived once");
         }
-        assert_eq!(seen["later"], [2]);
-        assert_eq!(seen.len(), streams.len() + 1, "{seen:?}");
+        for id in ["r1", "r2", "later"] {
+            assert_eq!(seen[id], [2], "{id} on connection 2");
+        }
+        assert_eq!(seen.len(), streams.len() + 3, "{seen:?}");
         assert_eq!(server.accepted(), 2);
+    }
+
+    /// The same GOAWAY, and then the connection closes before the request at the last stream
+    /// id is answered: the partner may have processed that one, so it ends with an error and
+    /// is not sent again; the two it refused are.
+    #[tokio::test]
+    async fn a_request_the_partner_may_have_processed_is_not_sent_again() {
+        let (server, pool) =
+            H2Server::answering_first(First::Refusing(Refusal::GoAwayThenClose)).await;
+        let results = outcomes(&pool, &server.url, &["r0", "r1", "r2"]).await;
+        let error = results[0].as_ref().expect_err("unanswered");
+        assert!(error.contains("broken pipe"), "{error}");
+        assert_eq!(results[1..], [Ok(2), Ok(2)]);
+        let seen = server.seen();
+        for id in ["stream 1", "stream 3", "stream 5", "stream 7"] {
+            assert_eq!(seen[id], [1], "{id} arrived once");
+        }
+        for id in ["r1", "r2"] {
+            assert_eq!(seen[id], [2], "{id} on connection 2");
+        }
+        assert_eq!(seen.len(), 6, "{seen:?}");
+    }
+
+    /// A request the partner refuses again is not sent a third time: its attempt fails, and
+    /// the retry policy decides when to try again.
+    #[tokio::test]
+    async fn a_request_refused_twice_fails() {
+        let (server, pool) = H2Server::answering_first(First::Refusing(Refusal::ResetAll)).await;
+        let error = outcome(&pool, &server.url, "r").await.expect_err("refused");
+        assert!(error.contains("refused stream"), "{error}");
+        let seen = server.seen();
+        assert_eq!(seen.len(), 3, "streams 1, 3 and 5: {seen:?}");
+        assert_eq!(seen["stream 5"], [1]);
+    }
+
+    /// Streams reset with `REFUSED_STREAM` are sent once more, on the same connection, which
+    /// stays open.
+    #[tokio::test]
+    async fn requests_reset_as_refused_are_sent_once_more() {
+        let (server, pool) = H2Server::answering_first(First::Refusing(Refusal::Reset)).await;
+        let results = outcomes(&pool, &server.url, &["r0", "r1", "r2"]).await;
+        assert_eq!(results, [Ok(1), Ok(1), Ok(1)]);
+        assert_eq!(outcome(&pool, &server.url, "later").await, Ok(1));
+        let seen = server.seen();
+        // 1 and 3 to 7 as above, 9 and 11 the two sent again, 13 the later request.
+        for stream in [1, 3, 5, 7, 9, 11, 13] {
+            assert_eq!(seen[&format!("stream {stream}")], [1], "stream {stream}");
+        }
+        assert_eq!(seen.len(), 7, "{seen:?}");
+        assert_eq!(server.accepted(), 1);
     }
 
     /// When the connection after a GOAWAY cannot be made, the requests that waited for that
