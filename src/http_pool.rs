@@ -167,9 +167,10 @@ struct Open {
     /// Boxed, so that taking one out and lending it moves a pointer, not the connection.
     idle: Vec<(Box<H1>, Instant)>,
     h2: Option<H2>,
-    /// Set once the origin has picked `h2`: a request that finds no connection takes its turn
-    /// here, so that one new connection is made and shared. After a GOAWAY every request under
-    /// way finds none at once, and each would otherwise make its own.
+    /// Set while the origin speaks `h2`, and for an `https` origin before its first connection
+    /// shows whether it does: a request that finds no connection takes its turn here, so that
+    /// one new connection is made and shared. After a GOAWAY every request under way finds none
+    /// at once, as does a burst of first requests, and each would otherwise make its own.
     h2_turn: Option<Arc<Turn>>,
 }
 
@@ -360,16 +361,17 @@ impl Pool {
     }
 
     /// A connection for a request that found none, and whether it was made by another request.
-    /// To an origin that speaks HTTP/2, requests take turns: the first makes the connection
-    /// that the others then take, and when it cannot connect, the requests that waited for it
-    /// fail with its cause, as each would have failed on its own, rather than trying again one
-    /// after another.
+    /// To an origin that speaks HTTP/2, or an `https` one not connected to yet (it may pick
+    /// `h2`), requests take turns: the first makes the connection that the others then take,
+    /// and when it cannot connect, the requests that waited for it fail with its cause, as each
+    /// would have failed on its own, rather than trying again one after another. When the
+    /// connection turns out to be HTTP/1.1, the requests that waited make theirs side by side.
     async fn connect_in_turn(
         &self,
         origin: &Origin,
         uri: &Uri,
     ) -> Result<(Connected, bool), SendError> {
-        let Some(turn) = self.inner.h2_turn(origin) else {
+        let Some(turn) = self.inner.turn(origin) else {
             return Ok((self.connect(origin, uri).await?, false));
         };
         // A failure numbered from here on ended a turn this request waited for.
@@ -381,6 +383,15 @@ impl Pool {
         }
         if let Some(made) = self.inner.take(origin) {
             return Ok((made, true));
+        }
+        // The turn before found HTTP/1.1, which takes a connection per request.
+        if !self
+            .inner
+            .h2_turn(origin)
+            .is_some_and(|now| Arc::ptr_eq(&now, &turn))
+        {
+            drop(last_failure);
+            return Ok((self.connect(origin, uri).await?, false));
         }
         match self.connect(origin, uri).await {
             Ok(connected) => {
@@ -494,10 +505,29 @@ impl Inner {
         }
     }
 
-    /// Where a request to `origin` that found no connection waits for its turn to make one, if
-    /// the origin speaks HTTP/2.
+    /// The turns of `origin`, if it speaks HTTP/2 or has not shown yet whether it does.
     fn h2_turn(&self, origin: &Origin) -> Option<Arc<Turn>> {
         self.lock().get(origin)?.h2_turn.clone()
+    }
+
+    /// Where a request to `origin` that found no connection waits for its turn to make one:
+    /// [`Inner::h2_turn`], and for an `https` origin not connected to yet (or not since the
+    /// sweep let it go), new turns.
+    fn turn(&self, origin: &Origin) -> Option<Arc<Turn>> {
+        let mut origins = self.lock();
+        if let Some(open) = origins.get(origin) {
+            return open.h2_turn.clone();
+        }
+        if origin.scheme != Scheme::HTTPS {
+            return None;
+        }
+        let turn = Arc::new(Turn::default());
+        let open = Open {
+            h2_turn: Some(turn.clone()),
+            ..Open::default()
+        };
+        origins.insert(origin.clone(), open);
+        Some(turn)
     }
 
     /// A connection to `origin` to send on, in one look: its shared HTTP/2 connection, or else
@@ -526,7 +556,7 @@ impl Inner {
                 open.h2 = None;
             }
         }
-        // An HTTP/2 origin is kept for its turns.
+        // An origin with turns (HTTP/2, or not known yet) is kept for them.
         origins
             .retain(|_, open| !open.idle.is_empty() || open.h2.is_some() || open.h2_turn.is_some());
     }
@@ -916,6 +946,11 @@ mod tests {
         /// By hyper, and every later connection is closed as soon as it is accepted, as by a
         /// partner that stopped listening.
         OnlyOne,
+        /// Not at all: every connection is closed as soon as it is accepted.
+        Closing,
+        /// By hyper over HTTP/1.1, which is all this server offers by ALPN, as every later
+        /// connection.
+        Http1Only,
     }
 
     /// A loopback HTTPS server that offers only `h2`. It answers `200` with the number (from 1)
@@ -942,7 +977,10 @@ mod tests {
         async fn start(first: First) -> H2Server {
             let ca = courier_testkit::TestCa::new("h2 partner");
             let mut tls = courier_testkit::pki::server_config(&ca.server(&["127.0.0.1"]), &[]);
-            tls.alpn_protocols = vec![b"h2".to_vec()];
+            tls.alpn_protocols = match first {
+                First::Http1Only => vec![b"http/1.1".to_vec()],
+                _ => vec![b"h2".to_vec()],
+            };
             let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
             let dir = tempfile::tempdir().expect("dir");
             let ca_file = ca.write(dir.path(), "ca.pem");
@@ -962,7 +1000,7 @@ mod tests {
             tokio::spawn(async move {
                 while let Ok((tcp, _)) = listener.accept().await {
                     let n = acc.fetch_add(1, Ordering::SeqCst) + 1;
-                    if n > 1 && matches!(first, First::OnlyOne) {
+                    if matches!(first, First::Closing) || n > 1 && matches!(first, First::OnlyOne) {
                         drop(tcp);
                         continue;
                     }
@@ -1004,9 +1042,16 @@ mod tests {
                                     Ok::<_, std::convert::Infallible>(answer)
                                 }
                             });
+                        let tls = hyper_util::rt::TokioIo::new(tls);
+                        if matches!(first, First::Http1Only) {
+                            let conn = hyper::server::conn::http1::Builder::new()
+                                .serve_connection(tls, service);
+                            let _ = conn.await;
+                            return;
+                        }
                         let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
                             .max_concurrent_streams(max_streams)
-                            .serve_connection(hyper_util::rt::TokioIo::new(tls), service);
+                            .serve_connection(tls, service);
                         let mut conn = pin!(conn);
                         if n == 1 {
                             tokio::select! {
@@ -1221,6 +1266,22 @@ mod tests {
         futures_util::future::join_all(ids.iter().map(|id| outcome(pool, url, id))).await
     }
 
+    /// Sends six requests at once, which must all fail to connect with the same error: the
+    /// error.
+    async fn six_fail_alike(pool: &Pool, url: &str) -> String {
+        let results = outcomes(pool, url, &["c0", "c1", "c2", "c3", "c4", "c5"]).await;
+        let errors: Vec<&String> = results
+            .iter()
+            .map(|r| r.as_ref().expect_err("no connection"))
+            .collect();
+        assert!(
+            errors[0].starts_with("client error (Connect): "),
+            "{errors:?}"
+        );
+        assert!(errors.iter().all(|e| e == &errors[0]), "{errors:?}");
+        errors[0].clone()
+    }
+
     /// Requests handed to the HTTP/2 connection after the GOAWAY reached it, before its task
     /// saw it: the connection gives them back unsent, and each goes, once, on one new
     /// connection, which the requests after share. The request the closed connection had
@@ -1353,6 +1414,46 @@ mod tests {
         assert_eq!(server.accepted(), 1);
     }
 
+    /// The first requests to an `https` partner, all at once: the first connects, and the
+    /// others, which wait for its turn, share the HTTP/2 connection it made.
+    #[tokio::test]
+    async fn a_first_burst_to_an_h2_partner_makes_one_connection() {
+        let server = H2Server::start(First::Hyper(100)).await;
+        let pool = https_pool(&server.ca_file);
+        let results = outcomes(&pool, &server.url, &["c0", "c1", "c2", "c3", "c4", "c5"]).await;
+        assert_eq!(results, vec![Ok(1); 6]);
+        assert_eq!(server.accepted(), 1);
+    }
+
+    /// The same burst to a partner that picks HTTP/1.1: once the first connection shows it,
+    /// the requests that waited make a connection each, and all six are at the partner at
+    /// once.
+    #[tokio::test]
+    async fn a_first_burst_to_an_http1_partner_gets_a_connection_per_request() {
+        let server = H2Server::start(First::Http1Only).await;
+        let pool = https_pool(&server.ca_file);
+        let ids = ["hold0", "hold1", "hold2", "hold3", "hold4", "hold5"];
+        let control = async {
+            server.wait_arrived(ids.len()).await;
+            server.release.send_replace(ids.len());
+        };
+        let (results, ()) = tokio::join!(outcomes(&pool, &server.url, &ids), control);
+        let mut conns: Vec<usize> = results.into_iter().map(|r| r.expect("answered")).collect();
+        conns.sort_unstable();
+        assert_eq!(conns, [1, 2, 3, 4, 5, 6]);
+        assert_eq!(server.accepted(), 6);
+    }
+
+    /// The same burst to a partner that closes every connection: one connect for all six,
+    /// which fail with its cause.
+    #[tokio::test]
+    async fn a_first_burst_that_cannot_connect_tries_once() {
+        let server = H2Server::start(First::Closing).await;
+        let pool = https_pool(&server.ca_file);
+        six_fail_alike(&pool, &server.url).await;
+        assert_eq!(server.accepted(), 1);
+    }
+
     /// When the connection after a GOAWAY cannot be made, the requests that waited for that
     /// turn fail with its cause: one connect for all of them, not one after another. A request
     /// that comes after the failure tries again.
@@ -1360,19 +1461,10 @@ mod tests {
     async fn requests_that_waited_for_a_failed_connect_fail_with_its_cause() {
         let (server, pool) = H2Server::answering_first(First::OnlyOne).await;
         server.go_away().await;
-        let results = outcomes(&pool, &server.url, &["c0", "c1", "c2", "c3", "c4", "c5"]).await;
-        let errors: Vec<&String> = results
-            .iter()
-            .map(|r| r.as_ref().expect_err("no connection"))
-            .collect();
-        assert!(
-            errors[0].starts_with("client error (Connect): "),
-            "{errors:?}"
-        );
-        assert!(errors.iter().all(|e| e == &errors[0]), "{errors:?}");
+        let error = six_fail_alike(&pool, &server.url).await;
         assert_eq!(server.accepted(), 2, "one connect for the six");
         let again = outcome(&pool, &server.url, "again").await;
-        assert_eq!(again.as_ref(), Err(errors[0]));
+        assert_eq!(again, Err(error));
         assert_eq!(server.accepted(), 3, "a later request connects again");
         assert_eq!(server.seen().len(), 1, "only the first request arrived");
     }
