@@ -69,26 +69,16 @@ fn h2_error(error: &hyper::Error) -> Option<&h2::Error> {
     std::error::Error::source(error)?.downcast_ref::<h2::Error>()
 }
 
-/// Whether the partner said it did not process the request, which makes sending it again safe
-/// (RFC 9113, section 8.7): it reset the stream with `REFUSED_STREAM`, or its graceful GOAWAY
-/// (`NO_ERROR`) named a last stream below the request's. h2 gives a request the partner's
-/// GOAWAY only then, and also to a request it held back for a free stream and never sent; a
-/// request at or below the last stream whose connection then closes ends with a broken pipe,
-/// which is not sent again, since the partner may have processed it.
+/// Whether the partner reset the request's stream with `REFUSED_STREAM`, which says it did not
+/// process it and makes sending it again safe (RFC 9113, section 8.7). A stream above the last
+/// stream id of a GOAWAY was not processed either, but hyper reports the same error for a
+/// request whose stream it had just sent when the GOAWAY came, which a partner's first GOAWAY
+/// of a graceful shutdown (last stream id 2^31 - 1) still lets it process: those fail, and the
+/// retry policy decides.
 fn refused_unprocessed(error: &hyper::Error) -> bool {
     h2_error(error).is_some_and(|e| {
-        e.is_remote()
-            && match e.reason() {
-                Some(h2::Reason::REFUSED_STREAM) => e.is_reset(),
-                Some(h2::Reason::NO_ERROR) => e.is_go_away(),
-                _ => false,
-            }
+        e.is_remote() && e.is_reset() && e.reason() == Some(h2::Reason::REFUSED_STREAM)
     })
-}
-
-/// Whether the request failed because the partner is closing the connection.
-fn is_go_away(error: &hyper::Error) -> bool {
-    h2_error(error).is_some_and(h2::Error::is_go_away)
 }
 
 /// The scheme and authority requests share connections by.
@@ -174,23 +164,22 @@ struct Open {
     h2_turn: Option<Arc<Turn>>,
 }
 
-/// Turns at making the one HTTP/2 connection of an origin, and how the last one failed.
+/// Turns at making the one HTTP/2 connection of an origin: the connect under way, which every
+/// request that finds no connection awaits instead of making its own.
 #[derive(Default)]
 struct Turn {
-    /// The last turn's failure to connect, until a turn connects.
-    last_failure: tokio::sync::Mutex<Option<Failure>>,
-    /// How many turns have failed to connect.
-    failures: AtomicU64,
+    connecting: Mutex<Option<Connecting>>,
 }
 
-/// A turn that could not connect: which failure it was (counted from 0), and why.
-struct Failure {
-    number: u64,
-    cause: Arc<BoxError>,
-}
+/// A connect made for a turn, on a task of its own: a request that stops waiting for it (its
+/// attempt's timeout) leaves it running for the others. It ends with its connection in the
+/// pool.
+type Connecting = futures_util::future::Shared<
+    std::pin::Pin<Box<dyn Future<Output = Result<(), Shared>> + Send>>,
+>;
 
 /// A connect failure handed to every request that waited for the turn that met it.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 struct Shared(Arc<BoxError>);
 
 impl std::fmt::Display for Shared {
@@ -295,9 +284,6 @@ impl Pool {
                                     error = %crate::error_chain(error.error()),
                                     "the partner refused a request unprocessed; sending it once more"
                                 );
-                                if is_go_away(error.error()) {
-                                    self.inner.forget_h2(&origin, h2.id);
-                                }
                                 refused = true;
                                 request = again;
                                 continue;
@@ -362,10 +348,12 @@ impl Pool {
 
     /// A connection for a request that found none, and whether it was made by another request.
     /// To an origin that speaks HTTP/2, or an `https` one not connected to yet (it may pick
-    /// `h2`), requests take turns: the first makes the connection that the others then take,
-    /// and when it cannot connect, the requests that waited for it fail with its cause, as each
-    /// would have failed on its own, rather than trying again one after another. When the
-    /// connection turns out to be HTTP/1.1, the requests that waited make theirs side by side.
+    /// `h2`), requests take turns: one connect is made, on a task of its own, and the requests
+    /// that find no connection while it runs wait for it and then take the connection it made;
+    /// when it cannot connect, they fail with its cause, as each would have failed on its own,
+    /// rather than trying again one after another. A request that comes after it ended makes the
+    /// next one. When the connection is HTTP/1.1 (it carries one request), the requests that
+    /// waited and did not get it make theirs side by side.
     async fn connect_in_turn(
         &self,
         origin: &Origin,
@@ -374,40 +362,57 @@ impl Pool {
         let Some(turn) = self.inner.turn(origin) else {
             return Ok((self.connect(origin, uri).await?, false));
         };
-        // A failure numbered from here on ended a turn this request waited for.
-        let waited_from = turn.failures.load(Ordering::SeqCst);
-        // Held until the connection made in this turn is in the pool.
-        let mut last_failure = turn.last_failure.lock().await;
-        if let Some(failure) = last_failure.as_ref().filter(|f| f.number >= waited_from) {
-            return Err(SendError::Connect(Box::new(Shared(failure.cause.clone()))));
-        }
+        let connecting = {
+            let mut current = turn
+                .connecting
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            // A connect that ended between this request's look at the pool and here.
+            if let Some(made) = self.inner.take(origin) {
+                return Ok((made, true));
+            }
+            current
+                .get_or_insert_with(|| self.connect_for(&turn, origin, uri))
+                .clone()
+        };
+        connecting
+            .await
+            .map_err(|failure| SendError::Connect(Box::new(failure)))?;
+        // Taken for this request, which fails rather than waits for another turn if the
+        // connection fails at once.
         if let Some(made) = self.inner.take(origin) {
-            return Ok((made, true));
+            return Ok((made, false));
         }
-        // The turn before found HTTP/1.1, which takes a connection per request.
-        if !self
-            .inner
-            .h2_turn(origin)
-            .is_some_and(|now| Arc::ptr_eq(&now, &turn))
-        {
-            drop(last_failure);
-            return Ok((self.connect(origin, uri).await?, false));
-        }
-        match self.connect(origin, uri).await {
-            Ok(connected) => {
-                *last_failure = None;
-                Ok((connected, false))
-            }
-            Err(SendError::Connect(cause)) => {
-                let cause = Arc::new(cause);
-                *last_failure = Some(Failure {
-                    number: turn.failures.fetch_add(1, Ordering::SeqCst),
-                    cause: cause.clone(),
-                });
-                Err(SendError::Connect(Box::new(Shared(cause))))
-            }
-            Err(other) => Err(other),
-        }
+        Ok((self.connect(origin, uri).await?, false))
+    }
+
+    /// Starts the connect of `turn`: its connection goes into the pool, as an HTTP/2 one
+    /// always does and an HTTP/1.1 one does idle, for a request that waited to take.
+    fn connect_for(&self, turn: &Arc<Turn>, origin: &Origin, uri: &Uri) -> Connecting {
+        let (pool, turn, origin, uri) = (self.clone(), turn.clone(), origin.clone(), uri.clone());
+        let task = tokio::spawn(async move {
+            let made = match pool.connect(&origin, &uri).await {
+                Ok(Connected::H1(h1)) => {
+                    pool.put(origin, h1);
+                    Ok(())
+                }
+                Ok(Connected::H2(_)) => Ok(()),
+                Err(SendError::Connect(cause)) => Err(Shared(Arc::new(cause))),
+                Err(other) => Err(Shared(Arc::new(Box::new(other)))),
+            };
+            // Ended before the requests that wait for it go on, so that the next one to find
+            // no connection makes a new connect.
+            *turn
+                .connecting
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner) = None;
+            made
+        });
+        let joined = async move {
+            task.await
+                .unwrap_or_else(|panicked| Err(Shared(Arc::new(Box::new(panicked)))))
+        };
+        futures_util::FutureExt::shared(Box::pin(joined) as std::pin::Pin<Box<_>>)
     }
 
     /// A new connection to `origin`: an HTTP/1.1 one for the caller, or an HTTP/2 one, which
@@ -505,14 +510,9 @@ impl Inner {
         }
     }
 
-    /// The turns of `origin`, if it speaks HTTP/2 or has not shown yet whether it does.
-    fn h2_turn(&self, origin: &Origin) -> Option<Arc<Turn>> {
-        self.lock().get(origin)?.h2_turn.clone()
-    }
-
-    /// Where a request to `origin` that found no connection waits for its turn to make one:
-    /// [`Inner::h2_turn`], and for an `https` origin not connected to yet (or not since the
-    /// sweep let it go), new turns.
+    /// Where a request to `origin` that found no connection waits for its turn to make one: the
+    /// origin's turns if it speaks HTTP/2, and for an `https` origin not connected to yet (or
+    /// not since the sweep let it go), new turns.
     fn turn(&self, origin: &Origin) -> Option<Arc<Turn>> {
         let mut origins = self.lock();
         if let Some(open) = origins.get(origin) {
@@ -948,6 +948,8 @@ mod tests {
         OnlyOne,
         /// Not at all: every connection is closed as soon as it is accepted.
         Closing,
+        /// By hyper, each connection's TLS handshake 300 ms after it was accepted.
+        SlowHandshake,
         /// By hyper over HTTP/1.1, which is all this server offers by ALPN, as every later
         /// connection.
         Http1Only,
@@ -1007,6 +1009,9 @@ mod tests {
                     let (acceptor, rec, arrive) = (acceptor.clone(), rec.clone(), arrive.clone());
                     let (released, shut, went) = (released.clone(), shut.clone(), went.clone());
                     tokio::spawn(async move {
+                        if matches!(first, First::SlowHandshake) {
+                            tokio::time::sleep(Duration::from_millis(300)).await;
+                        }
                         let Ok(tls) = acceptor.accept(tcp).await else {
                             return;
                         };
@@ -1119,8 +1124,6 @@ mod tests {
     enum Refusal {
         /// A graceful GOAWAY with the last stream id 3; then stream 3 is answered.
         GoAway,
-        /// The same GOAWAY; then the connection closes with stream 3 unanswered.
-        GoAwayThenClose,
         /// Each reset with `REFUSED_STREAM`; streams 3 and later are answered.
         Reset,
         /// Every stream after stream 1 reset with `REFUSED_STREAM` once it has arrived.
@@ -1197,12 +1200,6 @@ mod tests {
                         out = frame(GOAWAY, 0, 0, &last_stream_and_no_error);
                         out.extend_from_slice(&ok(3));
                     }
-                    (4, Refusal::GoAwayThenClose) => {
-                        out = frame(GOAWAY, 0, 0, &last_stream_and_no_error);
-                        let _ = tls.write_all(&out).await;
-                        let _ = tls.shutdown().await;
-                        return;
-                    }
                     (4, Refusal::Reset) => {
                         out = frame(RST_STREAM, 0, 5, &REFUSED_STREAM);
                         out.extend_from_slice(&frame(RST_STREAM, 0, 7, &REFUSED_STREAM));
@@ -1266,6 +1263,24 @@ mod tests {
         futures_util::future::join_all(ids.iter().map(|id| outcome(pool, url, id))).await
     }
 
+    /// Waits until the pool's HTTP/2 connections have closed.
+    async fn wait_h2_closed(pool: &Pool) {
+        let closed = || {
+            pool.inner
+                .lock()
+                .values()
+                .all(|open| open.h2.as_ref().is_none_or(|h2| h2.sender.is_closed()))
+        };
+        let wait = async {
+            while !closed() {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(5), wait)
+            .await
+            .expect("the connection closes");
+    }
+
     /// Sends six requests at once, which must all fail to connect with the same error: the
     /// error.
     async fn six_fail_alike(pool: &Pool, url: &str) -> String {
@@ -1318,10 +1333,11 @@ mod tests {
 
     /// Requests that wait for a stream (the partner allows 2 at once) when the GOAWAY comes:
     /// hyper has handed them to the HTTP/2 connection, which fails them without sending them
-    /// (their streams are above the GOAWAY's last stream id). Each goes once more, on the one
-    /// new connection, and reaches the partner once.
+    /// (their streams would be above the GOAWAY's last stream id). They end with an error,
+    /// reach the partner neither there nor on another connection, and the next request goes
+    /// on a new connection.
     #[tokio::test]
-    async fn requests_waiting_for_a_stream_at_a_goaway_go_on_the_new_connection() {
+    async fn requests_waiting_for_a_stream_at_a_goaway_fail_unsent() {
         let (server, pool) = H2Server::answering_first(First::Hyper(2)).await;
         let ids = ["hold0", "hold1", "w0", "w1", "w2", "w3"];
         let control = async {
@@ -1330,59 +1346,49 @@ mod tests {
             server.release.send_replace(2);
         };
         let (results, ()) = tokio::join!(outcomes(&pool, &server.url, &ids), control);
-        assert_eq!(results, [Ok(1), Ok(1), Ok(2), Ok(2), Ok(2), Ok(2)]);
-        let seen = server.seen();
-        assert_eq!(seen.len(), 1 + ids.len(), "{seen:?}");
-        for (id, conn) in [("first", 1), ("hold0", 1), ("hold1", 1)] {
-            assert_eq!(seen[id], [conn], "{id}");
+        assert_eq!(results[..2], [Ok(1), Ok(1)]);
+        for (id, result) in ids.iter().zip(&results).skip(2) {
+            let error = result.as_ref().expect_err(id);
+            assert!(error.contains("http2 error"), "{id}: {error}");
         }
-        for id in &ids[2..] {
-            assert_eq!(seen[*id], [2], "{id} once, on connection 2");
+        assert_eq!(outcome(&pool, &server.url, "later").await, Ok(2));
+        let seen = server.seen();
+        let taken: HashMap<&str, Vec<usize>> = [
+            ("first", vec![1]),
+            ("hold0", vec![1]),
+            ("hold1", vec![1]),
+            ("later", vec![2]),
+        ]
+        .into();
+        assert_eq!(seen.len(), taken.len(), "{seen:?}");
+        for (id, conns) in taken {
+            assert_eq!(seen[id], conns, "{id}");
         }
         assert_eq!(server.accepted(), 2);
     }
 
-    /// A graceful GOAWAY whose last stream id is below streams the partner has received: the
-    /// partner did not process those, so each is sent once more, on one new connection. The
-    /// request at the last stream id is answered where it was sent.
+    /// A GOAWAY whose last stream id is below streams the partner has received: those
+    /// requests end with an error (hyper does not give them back), are not sent again, and
+    /// the next request goes on a new connection.
     #[tokio::test]
-    async fn requests_refused_by_a_goaway_go_once_more_on_a_new_connection() {
+    async fn requests_refused_by_a_goaway_end_with_an_error_and_are_not_resent() {
         let (server, pool) = H2Server::answering_first(First::Refusing(Refusal::GoAway)).await;
-        // Streams 3, 5 and 7 in that order: the first is answered, the others refused.
         let results = outcomes(&pool, &server.url, &["r0", "r1", "r2"]).await;
-        assert_eq!(results, [Ok(1), Ok(2), Ok(2)]);
+        // Streams 3, 5 and 7 in that order: the first is answered, the others refused.
+        assert_eq!(results[0], Ok(1));
+        for result in &results[1..] {
+            let error = result.as_ref().expect_err("refused");
+            assert!(error.contains("http2 error"), "{error}");
+        }
         assert_eq!(outcome(&pool, &server.url, "later").await, Ok(2));
         let seen = server.seen();
         let streams = ["stream 1", "stream 3", "stream 5", "stream 7"];
         for id in streams {
             assert_eq!(seen[id], [1], "{id} arrived once");
         }
-        for id in ["r1", "r2", "later"] {
-            assert_eq!(seen[id], [2], "{id} on connection 2");
-        }
-        assert_eq!(seen.len(), streams.len() + 3, "{seen:?}");
+        assert_eq!(seen["later"], [2]);
+        assert_eq!(seen.len(), streams.len() + 1, "{seen:?}");
         assert_eq!(server.accepted(), 2);
-    }
-
-    /// The same GOAWAY, and then the connection closes before the request at the last stream
-    /// id is answered: the partner may have processed that one, so it ends with an error and
-    /// is not sent again; the two it refused are.
-    #[tokio::test]
-    async fn a_request_the_partner_may_have_processed_is_not_sent_again() {
-        let (server, pool) =
-            H2Server::answering_first(First::Refusing(Refusal::GoAwayThenClose)).await;
-        let results = outcomes(&pool, &server.url, &["r0", "r1", "r2"]).await;
-        let error = results[0].as_ref().expect_err("unanswered");
-        assert!(error.contains("broken pipe"), "{error}");
-        assert_eq!(results[1..], [Ok(2), Ok(2)]);
-        let seen = server.seen();
-        for id in ["stream 1", "stream 3", "stream 5", "stream 7"] {
-            assert_eq!(seen[id], [1], "{id} arrived once");
-        }
-        for id in ["r1", "r2"] {
-            assert_eq!(seen[id], [2], "{id} on connection 2");
-        }
-        assert_eq!(seen.len(), 6, "{seen:?}");
     }
 
     /// A request the partner refuses again is not sent a third time: its attempt fails, and
@@ -1444,6 +1450,20 @@ mod tests {
         assert_eq!(server.accepted(), 6);
     }
 
+    /// A request that stops waiting while the turn's connect is under way (its attempt's
+    /// timeout) leaves the connect running: the next request takes the connection it made.
+    #[tokio::test]
+    async fn a_connect_outlives_the_request_that_started_it() {
+        let server = H2Server::start(First::SlowHandshake).await;
+        let pool = https_pool(&server.ca_file);
+        let gave_up = outcome(&pool, &server.url, "gave-up");
+        let gave_up = tokio::time::timeout(Duration::from_millis(50), gave_up).await;
+        assert!(gave_up.is_err(), "{gave_up:?}");
+        assert_eq!(outcome(&pool, &server.url, "next").await, Ok(1));
+        assert_eq!(server.accepted(), 1);
+        assert_eq!(server.seen().len(), 1, "{:?}", server.seen());
+    }
+
     /// The same burst to a partner that closes every connection: one connect for all six,
     /// which fail with its cause.
     #[tokio::test]
@@ -1461,6 +1481,9 @@ mod tests {
     async fn requests_that_waited_for_a_failed_connect_fail_with_its_cause() {
         let (server, pool) = H2Server::answering_first(First::OnlyOne).await;
         server.go_away().await;
+        // Until then the connection still takes requests, between the two GOAWAYs of hyper's
+        // graceful shutdown.
+        wait_h2_closed(&pool).await;
         let error = six_fail_alike(&pool, &server.url).await;
         assert_eq!(server.accepted(), 2, "one connect for the six");
         let again = outcome(&pool, &server.url, "again").await;

@@ -3,7 +3,7 @@
 //!
 //! Every delivery looks such keys up about ten times. SipHash, the standard maps' hasher, costs
 //! more per look than the look itself; these keys are already spread evenly, so [`Prehashed`]
-//! only folds their first eight bytes with a seed of the process. The seed is random, so a
+//! only folds their first eight bytes with a seed of the map's own. The seed is random, so a
 //! producer that picks event ids still cannot choose keys that share a bucket.
 
 use std::collections::{HashMap, HashSet};
