@@ -148,7 +148,7 @@ impl HttpClient {
             proxies: proxies.clone(),
         };
         Ok(HttpClient {
-            pool: Pool::new(connector),
+            pool: Pool::new(connector, settings.timeout),
             proxies,
         })
     }

@@ -209,6 +209,10 @@ pub(crate) struct Pool {
 
 struct Inner {
     connector: Connector,
+    /// How long a turn's connect may take. It runs on a task of its own, which no attempt's
+    /// timeout ends: a partner that takes the TCP connection and never answers the TLS
+    /// handshake would otherwise hold the turn, and every request to it, forever.
+    connect_timeout: Duration,
     /// Every destination with the same connection settings shares the pool, so there may be
     /// many origins.
     origins: Mutex<HashMap<Origin, Open>>,
@@ -221,10 +225,13 @@ struct Inner {
 }
 
 impl Pool {
-    pub(crate) fn new(connector: Connector) -> Pool {
+    /// A pool whose shared connects give up after `connect_timeout`: the `timeout` of the
+    /// destinations it serves, which would end each of their attempts by then.
+    pub(crate) fn new(connector: Connector, connect_timeout: Duration) -> Pool {
         Pool {
             inner: Arc::new(Inner {
                 connector,
+                connect_timeout,
                 origins: Mutex::new(HashMap::new()),
                 next_h2: AtomicU64::new(0),
                 sweeping: AtomicBool::new(false),
@@ -391,14 +398,25 @@ impl Pool {
     fn connect_for(&self, turn: &Arc<Turn>, origin: &Origin, uri: &Uri) -> Connecting {
         let (pool, turn, origin, uri) = (self.clone(), turn.clone(), origin.clone(), uri.clone());
         let task = tokio::spawn(async move {
-            let made = match pool.connect(&origin, &uri).await {
-                Ok(Connected::H1(h1)) => {
+            let limit = pool.inner.connect_timeout;
+            let made = match tokio::time::timeout(limit, pool.connect(&origin, &uri)).await {
+                Ok(Ok(Connected::H1(h1))) => {
                     pool.put(origin, h1);
                     Ok(())
                 }
-                Ok(Connected::H2(_)) => Ok(()),
-                Err(SendError::Connect(cause)) => Err(Shared(Arc::new(cause))),
-                Err(other) => Err(Shared(Arc::new(Box::new(other)))),
+                Ok(Ok(Connected::H2(_))) => Ok(()),
+                Ok(Err(SendError::Connect(cause))) => Err(Shared(Arc::new(cause))),
+                Ok(Err(other)) => Err(Shared(Arc::new(Box::new(other)))),
+                Err(_) => {
+                    let timed_out = std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        format!(
+                            "no connection within the timeout of {}",
+                            humantime::format_duration(limit)
+                        ),
+                    );
+                    Err(Shared(Arc::new(Box::new(timed_out))))
+                }
             };
             // Ended before the requests that wait for it go on, so that the next one to find
             // no connection makes a new connect.
@@ -950,6 +968,8 @@ mod tests {
         Closing,
         /// By hyper, each connection's TLS handshake 300 ms after it was accepted.
         SlowHandshake,
+        /// Not at all: connection 1 is held open without a word of TLS; later ones by hyper.
+        Hanging,
         /// By hyper over HTTP/1.1, which is all this server offers by ALPN, as every later
         /// connection.
         Http1Only,
@@ -1011,6 +1031,10 @@ mod tests {
                     tokio::spawn(async move {
                         if matches!(first, First::SlowHandshake) {
                             tokio::time::sleep(Duration::from_millis(300)).await;
+                        }
+                        if n == 1 && matches!(first, First::Hanging) {
+                            tokio::time::sleep(Duration::from_secs(30)).await;
+                            return drop(tcp);
                         }
                         let Ok(tls) = acceptor.accept(tcp).await else {
                             return;
@@ -1217,10 +1241,15 @@ mod tests {
 
     /// A pool that trusts `ca_file`, as the one of a destination with `tls.ca_file`.
     fn https_pool(ca_file: &std::path::Path) -> Pool {
+        https_pool_with_timeout(ca_file, "60s")
+    }
+
+    /// The same, with the destination's `timeout`.
+    fn https_pool_with_timeout(ca_file: &std::path::Path, timeout: &str) -> Pool {
         let config = crate::config::Config::from_toml(&format!(
             "[rabbitmq]\nurl = \"amqp://127.0.0.1\"\nqueue = \"q\"\n\
              [[destinations]]\nname = \"a\"\nurl = \"https://127.0.0.1/\"\n\
-             tls = {{ ca_file = {:?} }}\n",
+             timeout = {timeout:?}\ntls = {{ ca_file = {:?} }}\n",
             ca_file.display().to_string()
         ))
         .expect("config");
@@ -1462,6 +1491,23 @@ mod tests {
         assert_eq!(outcome(&pool, &server.url, "next").await, Ok(1));
         assert_eq!(server.accepted(), 1);
         assert_eq!(server.seen().len(), 1, "{:?}", server.seen());
+    }
+
+    /// A turn's connect that the partner never answers gives up after the destinations'
+    /// `timeout`, and the next request connects anew.
+    #[tokio::test]
+    async fn a_connect_the_partner_never_answers_gives_up_at_the_timeout() {
+        let server = H2Server::start(First::Hanging).await;
+        let pool = https_pool_with_timeout(&server.ca_file, "300ms");
+        let error = outcome(&pool, &server.url, "hung")
+            .await
+            .expect_err("no answer");
+        assert!(
+            error.ends_with("no connection within the timeout of 300ms"),
+            "{error}"
+        );
+        assert_eq!(outcome(&pool, &server.url, "next").await, Ok(2));
+        assert_eq!(server.accepted(), 2);
     }
 
     /// The same burst to a partner that closes every connection: one connect for all six,
