@@ -178,6 +178,19 @@ type Connecting = futures_util::future::Shared<
     std::pin::Pin<Box<dyn Future<Output = Result<(), Shared>> + Send>>,
 >;
 
+/// Clears its turn's connect when dropped.
+struct EndOfConnect(Arc<Turn>);
+
+impl Drop for EndOfConnect {
+    fn drop(&mut self) {
+        *self
+            .0
+            .connecting
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = None;
+    }
+}
+
 /// A connect failure handed to every request that waited for the turn that met it.
 #[derive(Debug, Clone)]
 struct Shared(Arc<BoxError>);
@@ -353,8 +366,9 @@ impl Pool {
         }
     }
 
-    /// A connection for a request that found none, and whether it was made by another request.
-    /// To an origin that speaks HTTP/2, or an `https` one not connected to yet (it may pick
+    /// A connection for a request that found none, and whether the request may go on to
+    /// another one should it turn out closed (`reused`: one from the pool that the request did
+    /// not wait to be made). To an origin that speaks HTTP/2, or an `https` one not connected to yet (it may pick
     /// `h2`), requests take turns: one connect is made, on a task of its own, and the requests
     /// that find no connection while it runs wait for it and then take the connection it made;
     /// when it cannot connect, they fail with its cause, as each would have failed on its own,
@@ -385,12 +399,15 @@ impl Pool {
         connecting
             .await
             .map_err(|failure| SendError::Connect(Box::new(failure)))?;
-        // Taken for this request, which fails rather than waits for another turn if the
-        // connection fails at once.
-        if let Some(made) = self.inner.take(origin) {
-            return Ok((made, false));
+        match self.inner.take(origin) {
+            // Made for this request, which fails rather than waits for another turn if the
+            // connection fails at once.
+            Some(Connected::H2(h2)) => Ok((Connected::H2(h2), false)),
+            // The turn's own, or one that an answer gave back meanwhile: looked at as any idle
+            // connection is.
+            Some(h1) => Ok((h1, true)),
+            None => Ok((self.connect(origin, uri).await?, false)),
         }
-        Ok((self.connect(origin, uri).await?, false))
     }
 
     /// Starts the connect of `turn`: its connection goes into the pool, as an HTTP/2 one
@@ -398,6 +415,10 @@ impl Pool {
     fn connect_for(&self, turn: &Arc<Turn>, origin: &Origin, uri: &Uri) -> Connecting {
         let (pool, turn, origin, uri) = (self.clone(), turn.clone(), origin.clone(), uri.clone());
         let task = tokio::spawn(async move {
+            // Ends the turn's connect when the task ends, also by a panic or the runtime's
+            // shutdown, so that the next request to find no connection makes a new one rather
+            // than gets this one's end for ever. It ends before the requests that wait go on.
+            let _ended = EndOfConnect(turn);
             let limit = pool.inner.connect_timeout;
             let made = match tokio::time::timeout(limit, pool.connect(&origin, &uri)).await {
                 Ok(Ok(Connected::H1(h1))) => {
@@ -418,12 +439,6 @@ impl Pool {
                     Err(Shared(Arc::new(Box::new(timed_out))))
                 }
             };
-            // Ended before the requests that wait for it go on, so that the next one to find
-            // no connection makes a new connect.
-            *turn
-                .connecting
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner) = None;
             made
         });
         let joined = async move {
