@@ -368,13 +368,13 @@ impl Pool {
 
     /// A connection for a request that found none, and whether the request may go on to
     /// another one should it turn out closed (`reused`: one from the pool that the request did
-    /// not wait to be made). To an origin that speaks HTTP/2, or an `https` one not connected to yet (it may pick
-    /// `h2`), requests take turns: one connect is made, on a task of its own, and the requests
-    /// that find no connection while it runs wait for it and then take the connection it made;
-    /// when it cannot connect, they fail with its cause, as each would have failed on its own,
-    /// rather than trying again one after another. A request that comes after it ended makes the
-    /// next one. When the connection is HTTP/1.1 (it carries one request), the requests that
-    /// waited and did not get it make theirs side by side.
+    /// not wait to be made). To an origin that speaks HTTP/2, or an `https` one not connected
+    /// to yet (it may pick `h2`), requests take turns: one connect is made, on a task of its
+    /// own, and the requests that find no connection while it runs wait for it and then take
+    /// the connection it made; when it cannot connect, they fail with its cause, as each would
+    /// have failed on its own, rather than trying again one after another. A request that
+    /// comes after it ended makes the next one. When the connection is HTTP/1.1 (it carries one
+    /// request), the requests that waited and did not get it make theirs side by side.
     async fn connect_in_turn(
         &self,
         origin: &Origin,
@@ -969,7 +969,7 @@ mod tests {
         assert_eq!(next.expect("not waited on"), "ok");
     }
 
-    /// How connection 1 of an [`H2Server`] is served.
+    /// How an [`H2Server`] serves its connections, connection 1 above all.
     #[derive(Clone, Copy)]
     enum First {
         /// By hyper, with at most this many streams open at once.
@@ -990,7 +990,8 @@ mod tests {
         Http1Only,
     }
 
-    /// A loopback HTTPS server that offers only `h2`. It answers `200` with the number (from 1)
+    /// A loopback HTTPS server that offers only `h2` (only HTTP/1.1 with
+    /// [`First::Http1Only`]). It answers `200` with the number (from 1)
     /// of the connection in `x-conn`, and records the `x-request-id` of each request it takes
     /// with that number. A request with the id `hold<k>` is answered once `release` has reached
     /// `k + 1`.
