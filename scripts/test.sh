@@ -4,7 +4,8 @@
 # 1. Makes sure RabbitMQ (127.0.0.1:5672, guest/guest), Mosquitto (127.0.0.1:1883) and Redis
 #    (127.0.0.1:6379) answer. A service whose port does not answer is started; a missing binary is
 #    first installed from the Debian packages (rabbitmq-server, mosquitto, redis-server, and
-#    openssl for the test certificates). Root is needed only for that; without root the commands
+#    openssl for the test certificates), mosquitto and redis-server even when their ports answer,
+#    because tests/it/tls.rs and tests/it/redis_tls.rs start TLS servers of their own. Root is needed only for that; without root the commands
 #    go through sudo.
 #    RabbitMQ also gets a TLS listener on 127.0.0.1:5671 that requires a client certificate
 #    (verify_peer, fail_if_no_peer_cert), for tests/it/tls.rs. The first time, the script makes a

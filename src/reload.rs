@@ -199,6 +199,7 @@ fn fixed_key_changed(current: &Config, new: &Config) -> Option<&'static str> {
         ),
         ("store.dedup", a.dedup != b.dedup),
         ("store.redis_url", a.redis_url != b.redis_url),
+        ("store.redis_tls", a.redis_tls != b.redis_tls),
         ("store.redis_prefix", a.redis_prefix != b.redis_prefix),
     ];
     let (a, b) = (&current.service, &new.service);

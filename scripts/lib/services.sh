@@ -108,35 +108,33 @@ await_rabbitmq() {
     wait_for_port RabbitMQ "$AMQP_PORT" /var/log/rabbitmq/
 }
 
+# The binaries are installed even when something already answers on the port: the TLS tests
+# start a Mosquitto and a Redis of their own.
 ensure_mosquitto() {
+    if ! command -v mosquitto >/dev/null 2>&1 && [ ! -x /usr/sbin/mosquitto ]; then
+        install_packages mosquitto
+    fi
     if port_open "$MQTT_PORT"; then
         return
     fi
-    if ! command -v mosquitto >/dev/null 2>&1; then
-        install_packages mosquitto
-    fi
-    if ! port_open "$MQTT_PORT"; then
-        log "starting Mosquitto"
-        as_root mkdir -p /run/mosquitto
-        as_root chown mosquitto /run/mosquitto
-        detached as_root mosquitto -d -c "$MOSQUITTO_CONF"
-    fi
+    log "starting Mosquitto"
+    as_root mkdir -p /run/mosquitto
+    as_root chown mosquitto /run/mosquitto
+    detached as_root mosquitto -d -c "$MOSQUITTO_CONF"
     wait_for_port Mosquitto "$MQTT_PORT" /var/log/mosquitto/mosquitto.log
     log "Mosquitto is up on 127.0.0.1:$MQTT_PORT"
 }
 
 ensure_redis() {
-    if port_open "$REDIS_PORT"; then
-        return
-    fi
     if ! command -v redis-server >/dev/null 2>&1; then
         install_packages redis-server
     fi
-    if ! port_open "$REDIS_PORT"; then
-        log "starting Redis"
-        # Tests only need a scratch Redis: no snapshots, loopback only.
-        detached as_root redis-server --daemonize yes --bind 127.0.0.1 --port "$REDIS_PORT" --save "" --appendonly no
+    if port_open "$REDIS_PORT"; then
+        return
     fi
+    log "starting Redis"
+    # Tests only need a scratch Redis: no snapshots, loopback only.
+    detached as_root redis-server --daemonize yes --bind 127.0.0.1 --port "$REDIS_PORT" --save "" --appendonly no
     wait_for_port Redis "$REDIS_PORT" "redis-server's log"
     log "Redis is up on 127.0.0.1:$REDIS_PORT"
 }

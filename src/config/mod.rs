@@ -31,7 +31,7 @@ pub use sources::{
     AmqpUrl, BindingConfig, ExpiredAction, Format, MqttConfig, MqttProtocol, MqttUrl,
     QueueArgument, RabbitMqConfig,
 };
-pub use store::{DedupBackend, StoreConfig};
+pub use store::{DedupBackend, RedisEndpoint, StoreConfig};
 pub use tls::TlsConfig;
 pub use tracing::TracingConfig;
 
@@ -337,6 +337,44 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("expected \"local\" or \"redis\""), "{e}");
+    }
+
+    #[test]
+    fn rediss_urls_name_the_endpoint_and_take_redis_tls() {
+        let with = |url: &str, extra: &str| {
+            MINIMAL.replace(
+                "[rabbitmq]",
+                &format!("[store]\ndedup = \"redis\"\nredis_url = \"{url}\"\n{extra}\n[rabbitmq]"),
+            )
+        };
+        let c = Config::from_toml(&with(
+            "rediss://courier:pw@redis.internal:6380/2",
+            "redis_tls = { server_name = \"cache.example.com\" }",
+        ))
+        .expect("rediss with redis_tls");
+        let e = c.store.redis_endpoint().expect("endpoint");
+        assert!(e.tls);
+        assert_eq!((e.host.as_str(), e.port), ("redis.internal", 6380));
+        assert_eq!(e.shown, "rediss://courier:***@redis.internal:6380/2");
+        assert_eq!(e.settings.db(), 2);
+        assert_eq!(e.settings.username(), Some("courier"));
+        assert_eq!(e.settings.password(), Some("pw"));
+        let plain = Config::from_toml(&with("redis://127.0.0.1", ""))
+            .expect("redis without TLS")
+            .store
+            .redis_endpoint()
+            .expect("endpoint");
+        assert!(!plain.tls);
+        assert_eq!(plain.port, 6379);
+        // TLS is optional with rediss:// (a publicly trusted certificate needs no table).
+        let c = Config::from_toml(&with("rediss://127.0.0.1:6380", "")).expect("rediss alone");
+        assert!(c.store.redis_endpoint().expect("endpoint").tls);
+        // With the local dedup table, the Redis keys are not read and so not checked.
+        let local = MINIMAL.replace(
+            "[rabbitmq]",
+            "[store]\nredis_url = \"redis://x\"\nredis_tls = { server_name = \"x\" }\n[rabbitmq]",
+        );
+        Config::from_toml(&local).expect("redis keys unused with dedup = local");
     }
 
     #[test]

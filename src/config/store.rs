@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use super::{redact_url, ConfigError, Secret};
+use super::{redact_url, ConfigError, Secret, TlsConfig};
 
 /// The local store.
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
@@ -30,8 +30,12 @@ pub struct StoreConfig {
     /// Where the dedup record lives: `local` (this process's store) or `redis` (shared by
     /// replicas).
     pub dedup: DedupBackend,
-    /// `redis://[:password@]host:6379[/db]`, for `dedup = "redis"`.
+    /// `redis://[[user]:password@]host:6379[/db]`, or `rediss://` for TLS, for `dedup = "redis"`.
     pub redis_url: Secret,
+    /// TLS settings of a `rediss://` Redis: managed Redis services (Azure Cache for Redis,
+    /// ElastiCache with in-transit encryption, Redis Enterprise) require TLS, often with a
+    /// private CA or a client certificate.
+    pub redis_tls: Option<TlsConfig>,
     /// Prefix of the dedup keys in Redis, so several deployments can share one Redis.
     pub redis_prefix: String,
 }
@@ -45,6 +49,7 @@ impl Default for StoreConfig {
             dedup_flush_interval: Duration::from_millis(10),
             dedup: DedupBackend::Local,
             redis_url: Secret::new("redis://127.0.0.1:6379"),
+            redis_tls: None,
             redis_prefix: "courier:dedup:".to_string(),
         }
     }
@@ -68,26 +73,68 @@ impl StoreConfig {
             return Err(ConfigError::invalid("store.path", "must not be empty"));
         }
         if self.dedup == DedupBackend::Redis {
-            self.redis_client()
+            let endpoint = self
+                .redis_endpoint()
                 .map_err(|e| ConfigError::invalid("store.redis_url", e))?;
+            if self.redis_tls.is_some() && !endpoint.tls {
+                return Err(ConfigError::invalid(
+                    "store.redis_tls",
+                    "is set, but store.redis_url is redis:// (plain TCP); use rediss:// for TLS",
+                ));
+            }
         }
         Ok(())
     }
 
-    /// The Redis client of `redis_url`; the error text hides the password. Connects to nothing.
-    pub fn redis_client(&self) -> Result<redis::Client, String> {
+    /// Where `redis_url` points; the error text hides the password. Connects to nothing.
+    pub fn redis_endpoint(&self) -> Result<RedisEndpoint, String> {
         let url = self.redis_url.expose();
         let shown = redact_url(url);
-        if url.starts_with("rediss://") {
+        // The redis crate parses the rest of the URL; TLS is courier's own (crate::tls), so
+        // that a rediss:// Redis is verified with `redis_tls` the way the brokers are.
+        let (tls, rest) = if let Some(rest) = url.strip_prefix("rediss://") {
+            (true, rest)
+        } else if let Some(rest) = url.strip_prefix("redis://") {
+            (false, rest)
+        } else {
+            return Err(format!("{shown:?} is not a redis:// or rediss:// URL"));
+        };
+        if tls && rest.contains('#') {
             return Err(format!(
-                "{shown:?}: rediss:// (TLS) is not supported by this build; use redis://"
+                "{shown:?}: a #fragment such as #insecure (no certificate verification) is not \
+                 supported; give the server's CA in store.redis_tls.ca_file"
             ));
         }
-        if !url.starts_with("redis://") {
-            return Err(format!("{shown:?} is not a redis:// URL"));
+        let client = redis::Client::open(format!("redis://{rest}"))
+            .map_err(|e| format!("{shown:?}: {e}"))?;
+        let info = client.get_connection_info();
+        match info.addr() {
+            redis::ConnectionAddr::Tcp(host, port) => Ok(RedisEndpoint {
+                tls,
+                host: host.clone(),
+                port: *port,
+                settings: info.redis_settings().clone(),
+                shown,
+            }),
+            other => Err(format!("{shown:?}: not a TCP address ({other})")),
         }
-        redis::Client::open(url).map_err(|e| format!("{shown:?}: {e}"))
     }
+}
+
+/// A Redis as `store.redis_url` names it.
+#[derive(Clone)]
+pub struct RedisEndpoint {
+    /// `rediss://`: the connection is TLS.
+    pub tls: bool,
+    /// The host name or IP address, also the name the server's certificate is verified against
+    /// unless `redis_tls.server_name` says otherwise.
+    pub host: String,
+    /// The TCP port.
+    pub port: u16,
+    /// The database, user and password that each new connection logs in with.
+    pub settings: redis::RedisConnectionInfo,
+    /// The URL with its password replaced by `***`, for logs and errors.
+    pub shown: String,
 }
 
 /// Where the dedup record lives.

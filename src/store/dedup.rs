@@ -4,23 +4,20 @@
 //!
 //! Keys are `<prefix><destination>\0<event id>` set with `SET NX EX <dedup_ttl>`, so Redis
 //! expires them itself. Durability is Redis's own (AOF/RDB settings); see docs/operations.md.
+//! The connection, plain or TLS, is [`RedisLink`]'s.
 
 use std::time::Duration;
 
-use tokio::sync::OnceCell;
-
+use super::redis_link::RedisLink;
 use super::StoreError;
 use crate::backoff::ReconnectBackoff;
-use crate::config::{redact_url, StoreConfig};
+use crate::config::StoreConfig;
 use crate::shutdown::Shutdown;
 
 /// A Redis that holds the dedup record. The connection is made on first use, or by
 /// [`RedisDedup::connect`] before the worker takes messages.
 pub(super) struct RedisDedup {
-    client: redis::Client,
-    /// The URL without its password, for logs and errors.
-    shown: String,
-    connection: OnceCell<redis::aio::ConnectionManager>,
+    link: RedisLink,
     prefix: String,
     ttl_secs: u64,
 }
@@ -29,9 +26,7 @@ impl RedisDedup {
     /// The Redis of `config`; connects to nothing yet.
     pub(super) fn new(config: &StoreConfig) -> Result<RedisDedup, StoreError> {
         Ok(RedisDedup {
-            client: config.redis_client().map_err(StoreError::Redis)?,
-            shown: redact_url(config.redis_url.expose()),
-            connection: OnceCell::new(),
+            link: RedisLink::new(config)?,
             prefix: config.redis_prefix.clone(),
             ttl_secs: config.dedup_ttl.as_secs().max(1),
         })
@@ -42,14 +37,14 @@ impl RedisDedup {
         let mut backoff =
             ReconnectBackoff::new(Duration::from_millis(200), Duration::from_secs(10));
         loop {
-            match self.connection().await {
+            match self.link.connection().await {
                 Ok(_) => {
-                    tracing::info!(url = %self.shown, "dedup in Redis");
+                    tracing::info!(url = %self.link.shown(), "dedup in Redis");
                     return Ok(());
                 }
                 Err(error) => {
                     let delay = backoff.next_delay();
-                    tracing::warn!(url = %self.shown, %error, retry_in = ?delay, "cannot reach Redis for dedup; retrying");
+                    tracing::warn!(%error, retry_in = ?delay, "cannot reach Redis for dedup; retrying");
                     tokio::select! {
                         _ = tokio::time::sleep(delay) => {}
                         _ = shutdown.requested() => return Err(error),
@@ -57,14 +52,6 @@ impl RedisDedup {
                 }
             }
         }
-    }
-
-    async fn connection(&self) -> Result<redis::aio::ConnectionManager, StoreError> {
-        self.connection
-            .get_or_try_init(|| redis::aio::ConnectionManager::new(self.client.clone()))
-            .await
-            .cloned()
-            .map_err(|e| StoreError::Redis(format!("{}: {e}", self.shown)))
     }
 
     fn key(&self, destination: &str, event_id: &str) -> Vec<u8> {
@@ -83,27 +70,19 @@ impl RedisDedup {
         destination: &str,
         event_id: &str,
     ) -> Result<bool, StoreError> {
-        let mut conn = self.connection().await?;
-        redis::cmd("EXISTS")
-            .arg(self.key(destination, event_id))
-            .query_async::<u64>(&mut conn)
-            .await
-            .map(|n| n > 0)
-            .map_err(|e| StoreError::Redis(e.to_string()))
+        let mut cmd = redis::cmd("EXISTS");
+        cmd.arg(self.key(destination, event_id));
+        self.link.query::<u64>(&cmd).await.map(|n| n > 0)
     }
 
     /// Remembers a 2xx delivery; durable as Redis keeps it when this returns.
     pub(super) async fn record(&self, destination: &str, event_id: &str) -> Result<(), StoreError> {
-        let mut conn = self.connection().await?;
-        redis::cmd("SET")
-            .arg(self.key(destination, event_id))
+        let mut cmd = redis::cmd("SET");
+        cmd.arg(self.key(destination, event_id))
             .arg(1)
             .arg("NX")
             .arg("EX")
-            .arg(self.ttl_secs)
-            .query_async::<Option<String>>(&mut conn)
-            .await
-            .map(|_| ())
-            .map_err(|e| StoreError::Redis(e.to_string()))
+            .arg(self.ttl_secs);
+        self.link.query::<Option<String>>(&cmd).await.map(|_| ())
     }
 }

@@ -21,6 +21,7 @@ mod db;
 mod dedup;
 mod dedup_table;
 mod records;
+mod redis_link;
 mod trees;
 
 use std::future::Future;

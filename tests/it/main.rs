@@ -28,6 +28,7 @@ mod operations;
 mod policy;
 mod proxy;
 mod rate_limit;
+mod redis_tls;
 mod reload;
 mod retries;
 mod tls;

@@ -36,30 +36,6 @@ async fn wait_not_ready(port: u16, part: &str) -> String {
     }
 }
 
-/// Waits until `log` has a line with every one of `parts`; returns that line.
-async fn wait_log_line(log: &Path, parts: &[&str]) -> String {
-    let deadline = std::time::Instant::now() + WAIT;
-    loop {
-        let text = std::fs::read_to_string(log).unwrap_or_default();
-        if let Some(line) = text.lines().find(|l| parts.iter().all(|p| l.contains(p))) {
-            return line.to_string();
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "no log line with {parts:?} in:\n{text}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
-/// Whether a reason says the server refused the TLS handshake. A server that refuses the client's
-/// certificate sends an alert (`received fatal alert: CertificateRequired`, `... UnknownCA`), or,
-/// when the client has already moved on, closes the connection (`peer closed connection without
-/// sending TLS close_notify`).
-fn refused_by_tls(reason: &str) -> bool {
-    reason.contains("received fatal alert") || reason.contains("without sending TLS close_notify")
-}
-
 /// A directory that Mosquitto, started as root and running as the `mosquitto` user, can read.
 fn broker_dir(parent: &Path) -> PathBuf {
     let dir = parent.join("broker");

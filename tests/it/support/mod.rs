@@ -3,9 +3,11 @@
 //! store opened for assertions, and an OAuth2 token endpoint.
 
 mod brokers;
+pub mod child;
 pub mod mosquitto;
 pub mod otlp;
 pub mod proxy;
+pub mod tls_redis;
 mod token_endpoint;
 pub mod webhooks;
 
@@ -293,4 +295,28 @@ pub async fn wait_http_status(url: &str, want: u16, timeout: Duration) -> String
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// Waits until `log` has a line with every one of `parts`; returns that line.
+pub async fn wait_log_line(log: &Path, parts: &[&str]) -> String {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        if let Some(line) = text.lines().find(|l| parts.iter().all(|p| l.contains(p))) {
+            return line.to_string();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no log line with {parts:?} in:\n{text}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Whether a reason says the server refused the TLS handshake. A server that refuses the client's
+/// certificate sends an alert (`received fatal alert: CertificateRequired`, `... UnknownCA`), or,
+/// when the client has already moved on, closes the connection (`peer closed connection without
+/// sending TLS close_notify`).
+pub fn refused_by_tls(reason: &str) -> bool {
+    reason.contains("received fatal alert") || reason.contains("without sending TLS close_notify")
 }

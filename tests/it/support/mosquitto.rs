@@ -3,20 +3,11 @@
 //! the test's publisher. Both on free ports of 127.0.0.1, so the shared broker is not disturbed.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Child;
 
 use courier_testkit::{free_port, Issued, TestCa};
 
-/// Runs the command with none of this process's file descriptors but stdin, stdout and stderr
-/// (see tools/testkit/src/brokers.rs), in the foreground so that the test owns the process.
-const START: &str = r#"
-for fd in /proc/$$/fd/*; do
-    fd=${fd##*/}
-    if [ "$fd" -gt 2 ]; then eval "exec $fd>&-"; fi
-done 2>/dev/null
-exec mosquitto -c "$1"
-"#;
+use super::child::{start, stop, wait_port};
 
 /// The broker; stopped when dropped.
 pub struct TlsMosquitto {
@@ -52,7 +43,7 @@ impl TlsMosquitto {
     /// `client_ca` (a broker whose CA was rotated).
     pub fn restart(&mut self, server: &Issued, client_ca: &TestCa) {
         stop(&mut self.child);
-        wait_port(self.tls_port, false);
+        wait_port("the test's Mosquitto", self.tls_port, false);
         self.child = launch(&self.dir, self.tls_port, self.plain_port, server, client_ca);
     }
 }
@@ -61,11 +52,6 @@ impl Drop for TlsMosquitto {
     fn drop(&mut self) {
         stop(&mut self.child);
     }
-}
-
-fn stop(child: &mut Child) {
-    let _ = child.kill();
-    let _ = child.wait();
 }
 
 fn launch(dir: &Path, tls_port: u16, plain_port: u16, server: &Issued, ca: &TestCa) -> Child {
@@ -96,22 +82,14 @@ fn launch(dir: &Path, tls_port: u16, plain_port: u16, server: &Issued, ca: &Test
     )
     .expect("write mosquitto.conf");
     readable(&conf);
-    let log = std::fs::File::create(dir.join("mosquitto.log")).expect("log file");
-    let path = format!(
-        "{}:/usr/sbin:/sbin",
-        std::env::var("PATH").unwrap_or_default()
+    let child = start(
+        "mosquitto",
+        &["-c", &conf.to_string_lossy()],
+        &dir.join("mosquitto.log"),
+        "mosquitto",
     );
-    let child = Command::new("bash")
-        .args(["-c", START, "mosquitto"])
-        .arg(&conf)
-        .env("PATH", path)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .expect("start mosquitto (scripts/test.sh installs it)");
-    wait_port(tls_port, true);
-    wait_port(plain_port, true);
+    wait_port("the test's Mosquitto", tls_port, true);
+    wait_port("the test's Mosquitto", plain_port, true);
     child
 }
 
@@ -120,16 +98,4 @@ fn readable(path: &Path) {
     use std::os::unix::fs::PermissionsExt as _;
     let mode = if path.is_dir() { 0o755 } else { 0o644 };
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).expect("chmod");
-}
-
-fn wait_port(port: u16, open: bool) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
-    while std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() != open {
-        assert!(
-            Instant::now() < deadline,
-            "the test's Mosquitto never became open={open} on port {port}"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }

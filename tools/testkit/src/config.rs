@@ -130,6 +130,9 @@ struct Store {
     redis_prefix: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none", serialize_with = "duration")]
     dedup_ttl: Option<Duration>,
+    // Last: a table, which TOML writes after the plain keys.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    redis_tls: Option<Tls>,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -188,6 +191,12 @@ impl ConfigBuilder {
         self.store.dedup = Some("redis".into());
         self.store.redis_url = Some(url.into());
         self.store.redis_prefix = Some(prefix.into());
+        self
+    }
+
+    /// `store.redis_tls`: the TLS settings of a `rediss://` dedup Redis.
+    pub fn redis_tls(mut self, tls: Tls) -> Self {
+        self.store.redis_tls = Some(tls);
         self
     }
 

@@ -1,0 +1,171 @@
+//! The connection to the Redis that holds the dedup record, plain (`redis://`) or TLS
+//! (`rediss://`), made again when it breaks.
+//!
+//! courier makes the TCP and TLS connection itself and hands the stream to the redis crate's
+//! multiplexed connection, so that a `rediss://` Redis is verified with `store.redis_tls` by
+//! [`crate::tls::client_config`], as the brokers and the destinations are: a private CA, a client
+//! certificate, a verification name, and files read again when they change on disk.
+//!
+//! One connection carries every request (the redis crate pipelines them). Callers that find no
+//! connection wait for one connect together instead of each making their own; a request whose
+//! connection broke or stopped answering forgets it, and the next request connects again.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use redis::aio::MultiplexedConnection;
+use redis::AsyncConnectionConfig;
+use rustls::pki_types::ServerName;
+use tokio::net::TcpStream;
+use tokio::sync::Mutex;
+use tokio_rustls::TlsConnector;
+
+use super::StoreError;
+use crate::config::{RedisEndpoint, StoreConfig};
+
+/// How long making a connection may take: TCP, the TLS handshake and the setup (`AUTH`,
+/// `SELECT`). A managed Redis in another zone answers within it; a dead address does not hold a
+/// delivery longer.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How long a request may wait for its answer before it fails (and the connection is dropped,
+/// because a connection that stopped answering may be one whose peer is gone without a reset).
+const RESPONSE_TIMEOUT: Duration = Duration::from_millis(500);
+
+/// The link to one Redis.
+pub(super) struct RedisLink {
+    endpoint: RedisEndpoint,
+    /// The TLS connector and the name the server's certificate must carry, for `rediss://`.
+    tls: Option<(TlsConnector, ServerName<'static>)>,
+    current: Mutex<Current>,
+}
+
+/// The connection in use, if any (none until the first request, and after one broke), and how
+/// many were made: a connection's number tells a request whether the one that failed it is
+/// still the one in use, or was already replaced.
+#[derive(Default)]
+struct Current {
+    connection: Option<MultiplexedConnection>,
+    made: u64,
+}
+
+impl RedisLink {
+    /// The link to `config`'s Redis; connects to nothing yet.
+    pub(super) fn new(config: &StoreConfig) -> Result<RedisLink, StoreError> {
+        let endpoint = config.redis_endpoint().map_err(StoreError::Redis)?;
+        let tls = if endpoint.tls {
+            let tls_config = config.redis_tls.as_ref();
+            let client = crate::tls::client_config("store.redis_tls", tls_config, true, &[])
+                .map_err(|e| StoreError::Redis(e.to_string()))?;
+            let name = crate::tls::server_name(tls_config, &endpoint.host);
+            let name = ServerName::try_from(name.into_owned()).map_err(|_| {
+                StoreError::Redis(format!(
+                    "{}: the host is not a DNS name or an IP address to verify the certificate against",
+                    endpoint.shown
+                ))
+            })?;
+            Some((TlsConnector::from(Arc::new(client)), name))
+        } else {
+            None
+        };
+        Ok(RedisLink {
+            endpoint,
+            tls,
+            current: Mutex::new(Current::default()),
+        })
+    }
+
+    /// The URL without its password, for logs.
+    pub(super) fn shown(&self) -> &str {
+        &self.endpoint.shown
+    }
+
+    /// Sends `cmd` and reads its answer as `T`. A connection that broke or did not answer in
+    /// time is dropped, so that the next request connects again.
+    pub(super) async fn query<T: redis::FromRedisValue>(
+        &self,
+        cmd: &redis::Cmd,
+    ) -> Result<T, StoreError> {
+        let (number, mut connection) = self.connection().await?;
+        match cmd.query_async::<T>(&mut connection).await {
+            Ok(value) => Ok(value),
+            Err(error) => {
+                if error.is_unrecoverable_error() || error.is_timeout() || error.is_io_error() {
+                    let mut current = self.current.lock().await;
+                    if current.made == number {
+                        current.connection = None;
+                    }
+                }
+                Err(StoreError::Redis(format!(
+                    "{}: {error}",
+                    self.endpoint.shown
+                )))
+            }
+        }
+    }
+
+    /// The connection in use, or a new one.
+    pub(super) async fn connection(&self) -> Result<(u64, MultiplexedConnection), StoreError> {
+        let mut current = self.current.lock().await;
+        if let Some(connection) = &current.connection {
+            return Ok((current.made, connection.clone()));
+        }
+        let connection = tokio::time::timeout(CONNECT_TIMEOUT, self.connect())
+            .await
+            .map_err(|_| {
+                StoreError::Redis(format!(
+                    "{}: no connection within {CONNECT_TIMEOUT:?}",
+                    self.endpoint.shown
+                ))
+            })??;
+        current.made += 1;
+        current.connection = Some(connection.clone());
+        Ok((current.made, connection))
+    }
+
+    async fn connect(&self) -> Result<MultiplexedConnection, StoreError> {
+        let fail = |what: &str, e: &dyn std::fmt::Display| {
+            StoreError::Redis(format!("{}: {what}: {e}", self.endpoint.shown))
+        };
+        let tcp = TcpStream::connect((self.endpoint.host.as_str(), self.endpoint.port))
+            .await
+            .map_err(|e| fail("cannot connect", &e))?;
+        // Requests are small and each waits for its answer: send them at once.
+        tcp.set_nodelay(true)
+            .map_err(|e| fail("cannot set TCP_NODELAY", &e))?;
+        let config = AsyncConnectionConfig::new().set_response_timeout(Some(RESPONSE_TIMEOUT));
+        match &self.tls {
+            Some((connector, name)) => {
+                let stream = connector
+                    .connect(name.clone(), tcp)
+                    .await
+                    .map_err(|e| fail("TLS handshake failed", &e))?;
+                self.set_up(stream, config).await
+            }
+            None => self.set_up(tcp, config).await,
+        }
+    }
+
+    /// Logs in on `stream` (`AUTH`, `SELECT`) and starts the driver that reads and writes it,
+    /// which ends when the stream breaks or every clone of the connection is gone.
+    async fn set_up<S>(
+        &self,
+        stream: S,
+        config: AsyncConnectionConfig,
+    ) -> Result<MultiplexedConnection, StoreError>
+    where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
+        let (connection, driver) =
+            MultiplexedConnection::new_with_config(&self.endpoint.settings, stream, config)
+                .await
+                .map_err(|e| {
+                    StoreError::Redis(format!(
+                        "{}: setting up the connection failed: {e}",
+                        self.endpoint.shown
+                    ))
+                })?;
+        tokio::spawn(driver);
+        Ok(connection)
+    }
+}

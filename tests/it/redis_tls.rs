@@ -1,0 +1,175 @@
+//! The shared dedup record in a Redis reached over TLS (`rediss://`): a Redis of the test's own
+//! with a TLS port that requires a client certificate and a password.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use crate::support::tls_redis::TlsRedis;
+use crate::support::*;
+
+const WAIT: Duration = Duration::from_secs(30);
+
+/// The Redis key of `event_id`'s record for `destination` (see src/store/dedup.rs).
+fn key(prefix: &str, destination: &str, event_id: &str) -> Vec<u8> {
+    [
+        prefix.as_bytes(),
+        destination.as_bytes(),
+        b"\0",
+        event_id.as_bytes(),
+    ]
+    .concat()
+}
+
+/// Publishes the event `id` into `queue` and waits until `rx` has it and the queue is drained.
+async fn deliver(publisher: &Publisher, queue: &str, rx: &Receiver, id: &str) {
+    publisher.to_queue(queue, event(id, "t").as_bytes()).await;
+    eventually(&format!("{id} delivered"), WAIT, || {
+        rx.delivered_counts().contains_key(id)
+    })
+    .await;
+    wait_drained(queue, "queue drained", WAIT).await;
+}
+
+/// The seconds to live of the record of `id` for destination `d` in `redis` (-2: no record).
+async fn record_ttl(redis: &TlsRedis, prefix: &str, id: &str) -> i64 {
+    let mut plain = redis.plain().await;
+    redis::cmd("TTL")
+        .arg(key(prefix, "d", id))
+        .query_async(&mut plain)
+        .await
+        .expect("TTL")
+}
+
+/// The test's Redis (password `redis-secret`), with the files of its CA and of a client
+/// certificate and key it accepts, written in `dir`.
+fn start_redis(dir: &Path) -> (TlsRedis, [PathBuf; 3]) {
+    let server_ca = TestCa::new("redis CA");
+    let client_ca = TestCa::new("redis client CA");
+    let redis = TlsRedis::start(
+        dir,
+        &server_ca.server(&["127.0.0.1"]),
+        &client_ca,
+        "redis-secret",
+    );
+    let ca_file = server_ca.write(dir, "redis-ca.pem");
+    let (cert, key) = client_ca.client("courier").write(dir, "courier");
+    (redis, [ca_file, cert, key])
+}
+
+/// A courier on its own queue with its dedup record in `redis`, presenting `tls`.
+fn config(
+    queue: &str,
+    store: &Path,
+    redis: &TlsRedis,
+    prefix: &str,
+    tls: Tls,
+    rx: &Receiver,
+) -> ConfigBuilder {
+    rabbit_config(queue, store)
+        .redis_dedup(&redis.url(), prefix)
+        .redis_tls(tls)
+        .destination(Dest::new("d", &rx.url("/d")))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dedup_in_redis_over_mutual_tls_records_recognises_and_reconnects() {
+    let _brokers = brokers().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (mut redis, [ca_file, cert, key_file]) = start_redis(dir.path());
+    let (queue, store, publisher) = setup("redis-tls").await;
+    let rx = Receiver::start().await;
+    let prefix = format!("{}:", unique("courier-tls"));
+    let tls = Tls::default().ca_only(&ca_file).client(&cert, &key_file);
+    let courier = spawn(
+        &config(&queue, store.path(), &redis, &prefix, tls, &rx),
+        store.path(),
+    );
+
+    deliver(&publisher, &queue, &rx, "R1").await;
+    // The record went to the test's Redis, through TLS, with the URL's password.
+    let ttl = record_ttl(&redis, &prefix, "R1").await;
+    assert!(ttl > 0, "the record of R1 in the test's Redis: TTL {ttl}");
+
+    // A second copy of R1 is recognised from that record and not POSTed.
+    publisher
+        .to_queue(&queue, event("R1", "t").as_bytes())
+        .await;
+    wait_drained(&queue, "second copy settled", WAIT).await;
+    deliver(&publisher, &queue, &rx, "R2").await;
+    assert_eq!(rx.delivered_counts().get("R1"), Some(&1));
+
+    // Redis goes away and comes back empty: courier connects again on its own.
+    redis.restart();
+    deliver(&publisher, &queue, &rx, "R3").await;
+    let ttl = record_ttl(&redis, &prefix, "R3").await;
+    assert!(
+        ttl > 0,
+        "the record of R3 in the restarted Redis: TTL {ttl}"
+    );
+    let log = std::fs::read_to_string(courier.log()).unwrap_or_default();
+    assert!(
+        !log.contains("redis-secret"),
+        "the password in the log:\n{log}"
+    );
+    courier.stop(Duration::from_secs(10)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_over_tls_without_a_client_certificate_or_the_ca_does_not_connect_and_says_why() {
+    let _brokers = brokers().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (redis, [ca_file, cert, key_file]) = start_redis(dir.path());
+    let rx = Receiver::start().await;
+    let cases = [
+        // The server asks for a certificate and gets none.
+        (
+            "no-certificate",
+            Tls::default().ca_only(&ca_file),
+            "rediss://:***@127.0.0.1:",
+        ),
+        // The server's certificate is from a CA courier does not trust.
+        (
+            "unknown-ca",
+            Tls::default().client(&cert, &key_file),
+            "UnknownIssuer",
+        ),
+    ];
+    let mut running = Vec::new();
+    for (name, tls, reason) in cases {
+        let (queue, store, publisher) = setup(&format!("redis-tls-{name}")).await;
+        let prefix = format!("{}:", unique(name));
+        let courier = spawn(
+            &config(&queue, store.path(), &redis, &prefix, tls, &rx),
+            store.path(),
+        );
+        publisher
+            .to_queue(&queue, event(name, "t").as_bytes())
+            .await;
+        running.push((name, reason, queue, store, courier));
+    }
+    for (name, reason, _, _, courier) in &running {
+        let line = wait_log_line(courier.log(), &["cannot reach Redis for dedup; retrying"]).await;
+        println!("{name}: {line}");
+        assert!(
+            line.contains("WARN") && line.contains(reason),
+            "{name}: {line}"
+        );
+        if *name == "no-certificate" {
+            assert!(
+                refused_by_tls(&line) || line.contains("reset"),
+                "{name}: {line}"
+            );
+        }
+        assert!(
+            !line.contains("redis-secret"),
+            "{name}: the password in {line}"
+        );
+    }
+    // Nothing is taken from the queue while the dedup record cannot be reached.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(rx.requests().is_empty(), "{:?}", rx.requests());
+    for (_, _, queue, _, courier) in running {
+        assert_eq!(Publisher::counts(&queue).0, 1, "{queue} keeps its message");
+        courier.stop(Duration::from_secs(10)).await;
+    }
+}
