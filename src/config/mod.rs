@@ -230,16 +230,19 @@ impl Config {
 }
 
 /// `amqp://user:secret@host/` → `amqp://user:***@host/`, for logs and error messages.
+///
+/// The user information ends at the last `@`, not at the first `/`: a password written without
+/// percent-encoding (an Azure access key holds `/`, `+` and `=`) makes the URL unparseable, and
+/// the error that says so must not show it. An `@` later in the URL hides more than the password,
+/// never less.
 pub fn redact_url(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else {
         return url.to_string();
     };
-    let authority_end = rest.find('/').unwrap_or(rest.len());
-    let (authority, path) = rest.split_at(authority_end);
-    match authority.rsplit_once('@') {
+    match rest.rsplit_once('@') {
         Some((userinfo, host)) => {
-            let user = userinfo.split(':').next().unwrap_or("");
-            format!("{scheme}://{user}:***@{host}{path}")
+            let user = userinfo.split([':', '/']).next().unwrap_or("");
+            format!("{scheme}://{user}:***@{host}")
         }
         None => url.to_string(),
     }
@@ -481,5 +484,14 @@ mod tests {
             "amqp://guest:***@host:5672/%2f"
         );
         assert_eq!(redact_url("amqp://host/"), "amqp://host/");
+        // A password with characters that should have been percent-encoded is still hidden.
+        assert_eq!(
+            redact_url("rediss://:ab/c+d=@cache.example.com:6380/0"),
+            "rediss://:***@cache.example.com:6380/0"
+        );
+        assert_eq!(
+            redact_url("amqp://u:p@ss/w#rd@host/%2f"),
+            "amqp://u:***@host/%2f"
+        );
     }
 }

@@ -7,11 +7,15 @@
 //! certificate, a verification name, and files read again when they change on disk.
 //!
 //! One connection carries every request (the redis crate pipelines them). Callers that find no
-//! connection wait for one connect together instead of each making their own; a request whose
-//! connection broke or stopped answering forgets it, and the next request connects again.
+//! connection wait for one connect together instead of each making their own, and a connect that
+//! failed answers the callers of the next second with its error instead of being tried again by
+//! each. A request whose connection broke (closed by the server's idle timeout, or by a failover)
+//! or reached a primary that became a replica (`READONLY`) is sent once more on a new connection:
+//! `EXISTS` and `SET NX` are safe to repeat. A connection that stops answering is dropped too, and
+//! the next request connects again.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use redis::aio::MultiplexedConnection;
 use redis::AsyncConnectionConfig;
@@ -32,6 +36,10 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// because a connection that stopped answering may be one whose peer is gone without a reset).
 const RESPONSE_TIMEOUT: Duration = Duration::from_millis(500);
 
+/// How long a failed connect answers for the next ones: at most one connect a second while
+/// Redis cannot be reached, whatever the number of deliveries that wait for it.
+const CONNECT_AGAIN_AFTER: Duration = Duration::from_secs(1);
+
 /// The link to one Redis.
 pub(super) struct RedisLink {
     endpoint: RedisEndpoint,
@@ -40,13 +48,14 @@ pub(super) struct RedisLink {
     current: Mutex<Current>,
 }
 
-/// The connection in use, if any (none until the first request, and after one broke), and how
-/// many were made: a connection's number tells a request whether the one that failed it is
-/// still the one in use, or was already replaced.
+/// The connection in use, if any (none until the first request, and after one broke), how many
+/// were made (a connection's number tells a request whether the one that failed it is still the
+/// one in use, or was already replaced), and the last failed connect.
 #[derive(Default)]
 struct Current {
     connection: Option<MultiplexedConnection>,
     made: u64,
+    failed: Option<(Instant, String)>,
 }
 
 impl RedisLink {
@@ -80,27 +89,36 @@ impl RedisLink {
         &self.endpoint.shown
     }
 
-    /// Sends `cmd` and reads its answer as `T`. A connection that broke or did not answer in
-    /// time is dropped, so that the next request connects again.
+    /// Sends `cmd` and reads its answer as `T`; `cmd` must be safe to send twice.
     pub(super) async fn query<T: redis::FromRedisValue>(
         &self,
         cmd: &redis::Cmd,
     ) -> Result<T, StoreError> {
-        let (number, mut connection) = self.connection().await?;
-        match cmd.query_async::<T>(&mut connection).await {
-            Ok(value) => Ok(value),
-            Err(error) => {
-                if error.is_unrecoverable_error() || error.is_timeout() || error.is_io_error() {
-                    let mut current = self.current.lock().await;
-                    if current.made == number {
-                        current.connection = None;
-                    }
+        let mut again = true;
+        loop {
+            let (number, mut connection) = self.connection().await?;
+            let error = match cmd.query_async::<T>(&mut connection).await {
+                Ok(value) => return Ok(value),
+                Err(error) => error,
+            };
+            let stalled = error.is_timeout();
+            let broken = !stalled
+                && (error.is_connection_dropped()
+                    || error.is_unrecoverable_error()
+                    || error.code() == Some("READONLY"));
+            if stalled || broken {
+                let mut current = self.current.lock().await;
+                if current.made == number {
+                    current.connection = None;
                 }
-                Err(StoreError::Redis(format!(
+            }
+            if !(broken && std::mem::take(&mut again)) {
+                return Err(StoreError::Redis(format!(
                     "{}: {error}",
                     self.endpoint.shown
-                )))
+                )));
             }
+            tracing::debug!(url = %self.endpoint.shown, %error, "Redis connection lost; sending again on a new one");
         }
     }
 
@@ -110,23 +128,36 @@ impl RedisLink {
         if let Some(connection) = &current.connection {
             return Ok((current.made, connection.clone()));
         }
-        let connection = tokio::time::timeout(CONNECT_TIMEOUT, self.connect())
+        if let Some((at, error)) = &current.failed {
+            if at.elapsed() < CONNECT_AGAIN_AFTER {
+                return Err(StoreError::Redis(error.clone()));
+            }
+        }
+        let made = tokio::time::timeout(CONNECT_TIMEOUT, self.connect())
             .await
-            .map_err(|_| {
-                StoreError::Redis(format!(
+            .unwrap_or_else(|_| {
+                Err(format!(
                     "{}: no connection within {CONNECT_TIMEOUT:?}",
                     self.endpoint.shown
                 ))
-            })??;
-        current.made += 1;
-        current.connection = Some(connection.clone());
-        Ok((current.made, connection))
+            });
+        match made {
+            Ok(connection) => {
+                current.made += 1;
+                current.connection = Some(connection.clone());
+                current.failed = None;
+                Ok((current.made, connection))
+            }
+            Err(error) => {
+                current.failed = Some((Instant::now(), error.clone()));
+                Err(StoreError::Redis(error))
+            }
+        }
     }
 
-    async fn connect(&self) -> Result<MultiplexedConnection, StoreError> {
-        let fail = |what: &str, e: &dyn std::fmt::Display| {
-            StoreError::Redis(format!("{}: {what}: {e}", self.endpoint.shown))
-        };
+    async fn connect(&self) -> Result<MultiplexedConnection, String> {
+        let fail =
+            |what: &str, e: &dyn std::fmt::Display| format!("{}: {what}: {e}", self.endpoint.shown);
         let tcp = TcpStream::connect((self.endpoint.host.as_str(), self.endpoint.port))
             .await
             .map_err(|e| fail("cannot connect", &e))?;
@@ -152,7 +183,7 @@ impl RedisLink {
         &self,
         stream: S,
         config: AsyncConnectionConfig,
-    ) -> Result<MultiplexedConnection, StoreError>
+    ) -> Result<MultiplexedConnection, String>
     where
         S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     {
@@ -160,10 +191,10 @@ impl RedisLink {
             MultiplexedConnection::new_with_config(&self.endpoint.settings, stream, config)
                 .await
                 .map_err(|e| {
-                    StoreError::Redis(format!(
+                    format!(
                         "{}: setting up the connection failed: {e}",
                         self.endpoint.shown
-                    ))
+                    )
                 })?;
         tokio::spawn(driver);
         Ok(connection)

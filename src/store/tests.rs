@@ -65,6 +65,14 @@ async fn the_dedup_filter_is_ready_when_new_and_once_a_reopened_table_is_scanned
     }
     assert!(store.is_delivered("d", "e1").await.unwrap());
     assert!(!store.is_delivered("d", "e2").await.unwrap());
+    // With the record in Redis there is no table, so no filter to be ready.
+    let redis_dir = tempfile::tempdir().expect("tempdir");
+    let redis = Store::open(&StoreConfig {
+        dedup: DedupBackend::Redis,
+        ..config(redis_dir.path(), Duration::from_secs(3600))
+    })
+    .expect("open a store whose dedup record is in Redis (connects to nothing)");
+    assert!(!redis.dedup_filter_ready());
 }
 
 #[tokio::test]
