@@ -140,7 +140,7 @@ async fn run_from(
     stats: Arc<Stats>,
 ) -> Result<(), Error> {
     install_crypto_provider();
-    let store = Store::start(&config.store, &shutdown).await?;
+    let store = Store::start(&config.store)?;
     store.cap_deferred(config.service.max_in_flight);
     let ran = run_on(config, file, store.clone(), shutdown, stats).await;
     // Also after a failed start: the store's background tasks hold it open until it is closed,

@@ -20,6 +20,9 @@ pub(super) struct RedisDedup {
     link: RedisLink,
     prefix: String,
     ttl_secs: u64,
+    /// Why the worker does not take messages yet: Redis has not been reached since start, with
+    /// the last connect's error (for `/readyz`); `None` once it has.
+    unreachable: std::sync::Mutex<Option<String>>,
 }
 
 impl RedisDedup {
@@ -29,6 +32,7 @@ impl RedisDedup {
             link: RedisLink::new(config)?,
             prefix: config.redis_prefix.clone(),
             ttl_secs: config.dedup_ttl.as_secs().max(1),
+            unreachable: std::sync::Mutex::new(Some("not connected yet".to_string())),
         })
     }
 
@@ -40,9 +44,11 @@ impl RedisDedup {
             match self.link.connection().await {
                 Ok(_) => {
                     tracing::info!(url = %self.link.shown(), "dedup in Redis");
+                    *self.lock_unreachable() = None;
                     return Ok(());
                 }
                 Err(error) => {
+                    *self.lock_unreachable() = Some(error.to_string());
                     let delay = backoff.next_delay();
                     tracing::warn!(%error, retry_in = ?delay, "cannot reach Redis for dedup; retrying");
                     tokio::select! {
@@ -52,6 +58,15 @@ impl RedisDedup {
                 }
             }
         }
+    }
+
+    /// Why Redis has not been reached since start, while it has not.
+    pub(super) fn unreachable(&self) -> Option<String> {
+        self.lock_unreachable().clone()
+    }
+
+    fn lock_unreachable(&self) -> std::sync::MutexGuard<'_, Option<String>> {
+        self.unreachable.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn key(&self, destination: &str, event_id: &str) -> Vec<u8> {

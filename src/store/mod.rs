@@ -136,19 +136,15 @@ impl Store {
 
     /// The worker's store: opened now when it can be, and otherwise closed, to be opened by
     /// [`Store::wait_open`]; an unwritable disk, or a lock still held by a stopping
-    /// predecessor, then holds deliveries back the way an unreachable broker does. Connects to
-    /// Redis when the dedup record lives there (retrying until the stop is requested), and
-    /// starts the background flush of deferred commits and the dedup sweep, which
-    /// [`Store::close`] stops.
-    pub async fn start(config: &StoreConfig, shutdown: &Shutdown) -> Result<Store, StoreError> {
+    /// predecessor, then holds deliveries back the way an unreachable broker does, as does a
+    /// Redis that holds the dedup record and cannot be reached yet. Starts the background flush
+    /// of deferred commits and the dedup sweep, which [`Store::close`] stops.
+    pub fn start(config: &StoreConfig) -> Result<Store, StoreError> {
         let (db, opened) = Db::open(config);
         if let Err(error) = opened {
             tracing::error!(%error, "STORE CANNOT BE OPENED: nothing is acked until it can; retrying");
         }
         let store = Store::with_db(config, db)?;
-        if let Some(redis) = &store.inner.redis {
-            redis.connect(shutdown).await?;
-        }
         let stop = CancellationToken::new();
         store.inner.commits.take_deferred_commits();
         let flush = tokio::spawn({
@@ -194,8 +190,9 @@ impl Store {
             .unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Returns once the store is open (at once, normally), trying to open it with backoff, or
-    /// when the stop is requested.
+    /// Returns once the store is open (at once, normally) and the Redis of the dedup record, if
+    /// any, has been reached, trying both with backoff, or when the stop is requested. Until
+    /// then, [`Store::not_ready_reasons`] says why, and the admin port already answers.
     pub async fn wait_open(&self, shutdown: &Shutdown) {
         let mut backoff = ReconnectBackoff::new(Duration::from_millis(100), RETRY_MAX);
         while !self.inner.db.open_if_closed().await {
@@ -203,6 +200,10 @@ impl Store {
                 _ = tokio::time::sleep(backoff.next_delay()) => {}
                 _ = shutdown.requested() => return,
             }
+        }
+        if let Some(redis) = &self.inner.redis {
+            // An error here means the stop was requested.
+            let _ = redis.connect(shutdown).await;
         }
     }
 
@@ -245,6 +246,9 @@ impl Store {
         }
         if let Some(why) = self.closed_reason() {
             reasons.push(format!("store: closed: {why}"));
+        }
+        if let Some(why) = self.inner.redis.as_ref().and_then(RedisDedup::unreachable) {
+            reasons.push(format!("store: cannot reach Redis: {why}"));
         }
         reasons
     }

@@ -209,7 +209,7 @@ async fn a_store_that_cannot_open_waits_and_recovers() {
 
     // The lock is held: the worker's store starts closed and says why.
     let shutdown = Shutdown::new();
-    let second = Store::start(&cfg, &shutdown).await.expect("starts closed");
+    let second = Store::start(&cfg).expect("starts closed");
     let error = second.is_delivered("d", "e1").await.expect_err("closed");
     assert!(matches!(error, StoreError::Closed { .. }), "{error}");
     assert!(error.to_string().contains("in use"), "{error}");
@@ -295,9 +295,7 @@ async fn started(dir: &std::path::Path, interval: Duration) -> Store {
         dedup_flush_interval: interval,
         ..config(dir, Duration::from_secs(3600))
     };
-    Store::start(&config, &Shutdown::new())
-        .await
-        .expect("start")
+    Store::start(&config).expect("start")
 }
 
 /// Waits up to `limit` for every write to be durable; returns how long that took.

@@ -49,7 +49,7 @@ async fn durable_at_ack(status: u16, body: &str) -> (bool, bool) {
     );
     install_crypto_provider();
     let shutdown = Shutdown::new();
-    let store = Store::start(&config.store, &shutdown).await.expect("store");
+    let store = Store::start(&config.store).expect("store");
     let stats = Arc::new(Stats::default());
     let deliverer = Arc::new(Deliverer::new(store.clone(), stats.clone()));
     let pipeline = Arc::new(Pipeline::new(

@@ -80,12 +80,14 @@ async fn dedup_in_redis_over_mutual_tls_records_recognises_and_reconnects() {
     let rx = Receiver::start().await;
     let prefix = format!("{}:", unique("courier-tls"));
     let tls = Tls::default().ca_only(&ca_file).client(&cert, &key_file);
+    let port = free_port();
     let courier = spawn(
-        &config(&queue, store.path(), &redis, &prefix, tls, &rx),
+        &config(&queue, store.path(), &redis, &prefix, tls, &rx).admin(port),
         store.path(),
     );
 
     deliver(&publisher, &queue, &rx, "R1").await;
+    wait_http_status(&format!("http://127.0.0.1:{port}/readyz"), 200, WAIT).await;
     // The record went to the test's Redis, through TLS, with the URL's password.
     let ttl = record_ttl(&redis, &prefix, "R1").await;
     assert!(ttl > 0, "the record of R1 in the test's Redis: TTL {ttl}");
@@ -133,7 +135,8 @@ async fn dedup_in_redis_over_mutual_tls_records_recognises_and_reconnects() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn redis_over_tls_without_a_client_certificate_or_the_ca_does_not_connect_and_says_why() {
+async fn redis_over_tls_without_a_client_certificate_or_the_ca_does_not_connect_and_says_why_on_readyz(
+) {
     let _brokers = brokers().await;
     let dir = tempfile::tempdir().unwrap();
     let (redis, [ca_file, cert, key_file]) = start_redis(dir.path());
@@ -159,16 +162,17 @@ async fn redis_over_tls_without_a_client_certificate_or_the_ca_does_not_connect_
     for (name, tls, reason) in cases {
         let (queue, store, publisher) = setup(&format!("redis-tls-{name}")).await;
         let prefix = format!("{}:", unique(name));
+        let port = free_port();
         let courier = spawn(
-            &config(&queue, store.path(), &redis, &prefix, tls, &rx),
+            &config(&queue, store.path(), &redis, &prefix, tls, &rx).admin(port),
             store.path(),
         );
         publisher
             .to_queue(&queue, event(name, "t").as_bytes())
             .await;
-        running.push((name, reason, queue, store, courier));
+        running.push((name, reason, queue, store, courier, port));
     }
-    for (name, reason, _, _, courier) in &running {
+    for (name, reason, _, _, courier, port) in &running {
         let line = wait_log_line(courier.log(), &["cannot reach Redis for dedup; retrying"]).await;
         println!("{name}: {line}");
         assert!(line.contains("WARN") && reason(&line), "{name}: {line}");
@@ -177,12 +181,22 @@ async fn redis_over_tls_without_a_client_certificate_or_the_ca_does_not_connect_
             !line.contains("redis-secret"),
             "{name}: the password in {line}"
         );
+        // The admin port answers meanwhile: alive, not ready, and why.
+        wait_http_status(&format!("http://127.0.0.1:{port}/healthz"), 200, WAIT).await;
+        let body = wait_not_ready(*port, "store: cannot reach Redis: ").await;
+        assert!(reason(&body), "{name}: {body}");
     }
     // Nothing is taken from the queue while the dedup record cannot be reached.
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert!(rx.requests().is_empty(), "{:?}", rx.requests());
-    for (_, _, queue, _, courier) in running {
+    for (_, _, queue, _, mut courier, _) in running {
         assert_eq!(Publisher::counts(&queue).0, 1, "{queue} keeps its message");
-        courier.stop(Duration::from_secs(10)).await;
+        // A stop while waiting for Redis is a clean one.
+        assert!(courier.sigterm());
+        let status = courier.wait_exit(Duration::from_secs(10)).await;
+        assert!(
+            status.is_some_and(|s| s.success()),
+            "{queue}: exit after SIGTERM while waiting for Redis: {status:?}"
+        );
     }
 }

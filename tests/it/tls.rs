@@ -19,23 +19,6 @@ const WAIT: Duration = Duration::from_secs(30);
 /// listener on 127.0.0.1:5671.
 const RABBIT_TLS_DIR: &str = "/var/lib/courier-test/tls";
 
-/// `/readyz` of the admin port `port`, once it answers 503 with a reason that contains `part`.
-async fn wait_not_ready(port: u16, part: &str) -> String {
-    let url = format!("http://127.0.0.1:{port}/readyz");
-    let deadline = std::time::Instant::now() + WAIT;
-    loop {
-        let (status, body) = http_get(&url).await;
-        if status == 503 && body.contains(part) {
-            return body;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "/readyz never said {part:?}; last: {status} {body}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
 /// A directory that Mosquitto, started as root and running as the `mosquitto` user, can read.
 fn broker_dir(parent: &Path) -> PathBuf {
     let dir = parent.join("broker");

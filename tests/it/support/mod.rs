@@ -320,3 +320,20 @@ pub async fn wait_log_line(log: &Path, parts: &[&str]) -> String {
 pub fn refused_by_tls(reason: &str) -> bool {
     reason.contains("received fatal alert") || reason.contains("without sending TLS close_notify")
 }
+
+/// `/readyz` of the admin port `port`, once it answers 503 with a reason that contains `part`.
+pub async fn wait_not_ready(port: u16, part: &str) -> String {
+    let url = format!("http://127.0.0.1:{port}/readyz");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (status, body) = http_get(&url).await;
+        if status == 503 && body.contains(part) {
+            return body;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "/readyz never said {part:?}; last: {status} {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
