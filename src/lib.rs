@@ -193,6 +193,10 @@ async fn run_on(
         config.service.max_payload_bytes,
         stats.clone(),
     ));
+    // A worker that cannot store an outcome must not take messages, nor retries, it would only
+    // hold hostage (a rolling restart's new process waits here for the old one's lock, and any
+    // worker for the Redis of its dedup record).
+    store.wait_open(&shutdown).await;
     let scheduler = tokio::spawn(retry::run(
         deliverer.clone(),
         destinations.clone(),
@@ -200,10 +204,6 @@ async fn run_on(
         shutdown.clone(),
         config.service.shutdown_timeout,
     ));
-
-    // A worker that cannot store an outcome must not take messages it would only hold hostage
-    // (a rolling restart's new process waits here for the old one's lock).
-    store.wait_open(&shutdown).await;
 
     let (tx, rx) = mpsc::channel(max_in_flight.clamp(1, 1024));
     sources.start(&tx, &shutdown);

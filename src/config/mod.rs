@@ -231,14 +231,24 @@ impl Config {
 
 /// `amqp://user:secret@host/` → `amqp://user:***@host/`, for logs and error messages.
 ///
-/// The user information ends at the last `@`, not at the first `/`: a password written without
-/// percent-encoding (an Azure access key holds `/`, `+` and `=`) makes the URL unparseable, and
-/// the error that says so must not show it. An `@` later in the URL hides more than the password,
-/// never less.
+/// A password written without percent-encoding may hold `/`, `?`, `#` or `@` (an Azure access
+/// key holds `/`), which makes the URL unparseable, and the error that says so must not show
+/// it. So when the authority (up to the first `/`, `?` or `#`) holds an `@`, or a `:` followed by
+/// something that is not a port with an `@` further on, the user information ends at the last
+/// `@`: that can hide more than the password, never less.
 pub fn redact_url(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else {
         return url.to_string();
     };
+    let authority = &rest[..rest.find(['/', '?', '#']).unwrap_or(rest.len())];
+    let cut_password = !authority.starts_with('[')
+        && authority
+            .split_once(':')
+            .is_some_and(|(_, after)| !after.bytes().all(|b| b.is_ascii_digit()));
+    let has_userinfo = authority.contains('@') || (cut_password && rest.contains('@'));
+    if !has_userinfo {
+        return url.to_string();
+    }
     match rest.rsplit_once('@') {
         Some((userinfo, host)) => {
             let user = userinfo.split([':', '/']).next().unwrap_or("");
@@ -493,5 +503,13 @@ mod tests {
             redact_url("amqp://u:p@ss/w#rd@host/%2f"),
             "amqp://u:***@host/%2f"
         );
+        // An @ after the host, with no user information, is left as it is.
+        for plain in [
+            "https://hooks.example.com/x?to=ops@example.com",
+            "https://hooks.example.com:8443/x?to=ops@example.com",
+            "http://[::1]:8080/a@b",
+        ] {
+            assert_eq!(redact_url(plain), plain);
+        }
     }
 }

@@ -20,8 +20,8 @@ pub(super) struct RedisDedup {
     link: RedisLink,
     prefix: String,
     ttl_secs: u64,
-    /// Why the worker does not take messages yet: Redis has not been reached since start, with
-    /// the last connect's error (for `/readyz`); `None` once it has.
+    /// The last error of [`RedisDedup::connect`], which holds the worker back until Redis has
+    /// been reached (for `/readyz`).
     unreachable: std::sync::Mutex<Option<String>>,
 }
 
@@ -44,7 +44,6 @@ impl RedisDedup {
             match self.link.connection().await {
                 Ok(_) => {
                     tracing::info!(url = %self.link.shown(), "dedup in Redis");
-                    *self.lock_unreachable() = None;
                     return Ok(());
                 }
                 Err(error) => {
@@ -62,7 +61,10 @@ impl RedisDedup {
 
     /// Why Redis has not been reached since start, while it has not.
     pub(super) fn unreachable(&self) -> Option<String> {
-        self.lock_unreachable().clone()
+        match self.link.reached() {
+            true => None,
+            false => self.lock_unreachable().clone(),
+        }
     }
 
     fn lock_unreachable(&self) -> std::sync::MutexGuard<'_, Option<String>> {

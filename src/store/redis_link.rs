@@ -14,6 +14,7 @@
 //! `EXISTS` and `SET NX` are safe to repeat. A connection that stops answering is dropped too, and
 //! the next request connects again.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -46,6 +47,8 @@ pub(super) struct RedisLink {
     /// The TLS connector and the name the server's certificate must carry, for `rediss://`.
     tls: Option<(TlsConnector, ServerName<'static>)>,
     current: Mutex<Current>,
+    /// Whether a connection was ever made.
+    reached: AtomicBool,
 }
 
 /// The connection in use, if any (none until the first request, and after one broke), how many
@@ -81,7 +84,13 @@ impl RedisLink {
             endpoint,
             tls,
             current: Mutex::new(Current::default()),
+            reached: AtomicBool::new(false),
         })
+    }
+
+    /// Whether Redis has been reached since start, by any request.
+    pub(super) fn reached(&self) -> bool {
+        self.reached.load(Ordering::Relaxed)
     }
 
     /// The URL without its password, for logs.
@@ -101,10 +110,12 @@ impl RedisLink {
                 Ok(value) => return Ok(value),
                 Err(error) => error,
             };
+            // A timeout is not sent again (the first may still be answered); an answer that
+            // does not parse or a server error such as NOAUTH leaves the connection as it is.
             let stalled = error.is_timeout();
             let broken = !stalled
-                && (error.is_connection_dropped()
-                    || error.is_unrecoverable_error()
+                && (error.is_io_error()
+                    || error.is_connection_dropped()
                     || error.code() == Some("READONLY"));
             if stalled || broken {
                 let mut current = self.current.lock().await;
@@ -146,6 +157,7 @@ impl RedisLink {
                 current.made += 1;
                 current.connection = Some(connection.clone());
                 current.failed = None;
+                self.reached.store(true, Ordering::Relaxed);
                 Ok((current.made, connection))
             }
             Err(error) => {
