@@ -227,6 +227,7 @@ async fn run_on(
     tracing::info!(
         destinations = config.destinations.len(),
         max_in_flight,
+        worker_threads = tokio::runtime::Handle::current().metrics().num_workers(),
         "courier started"
     );
 

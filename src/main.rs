@@ -172,7 +172,11 @@ fn load_with_runtime(
         ExitCode::from(2)
     })?;
     let mut builder = if multi_thread {
-        tokio::runtime::Builder::new_multi_thread()
+        let mut builder = tokio::runtime::Builder::new_multi_thread();
+        if let Some(threads) = config.service.worker_threads {
+            builder.worker_threads(threads);
+        }
+        builder
     } else {
         tokio::runtime::Builder::new_current_thread()
     };

@@ -206,6 +206,10 @@ fn fixed_key_changed(current: &Config, new: &Config) -> Option<&'static str> {
     let service = [
         ("service.max_in_flight", a.max_in_flight != b.max_in_flight),
         (
+            "service.worker_threads",
+            a.worker_threads != b.worker_threads,
+        ),
+        (
             "service.shutdown_timeout",
             a.shutdown_timeout != b.shutdown_timeout,
         ),

@@ -17,7 +17,15 @@ pub struct ServiceConfig {
     pub shutdown_timeout: Duration,
     /// Bodies larger than this are dead-lettered unparsed, so one huge message cannot exhaust memory.
     pub max_payload_bytes: usize,
+    /// Threads of the async runtime of `courier run`; unset, one per core (or tokio's
+    /// `TOKIO_WORKER_THREADS`). One suits a sidecar: its threads stop waking each other, which
+    /// costs more CPU at moderate rates than a second core gains.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub worker_threads: Option<usize>,
 }
+
+/// The most `service.worker_threads` takes: far more than any machine courier runs on needs.
+pub const MAX_WORKER_THREADS: usize = 256;
 
 impl Default for ServiceConfig {
     fn default() -> Self {
@@ -25,6 +33,7 @@ impl Default for ServiceConfig {
             max_in_flight: 256,
             shutdown_timeout: Duration::from_secs(30),
             max_payload_bytes: 1024 * 1024,
+            worker_threads: None,
         }
     }
 }
@@ -49,7 +58,17 @@ impl ServiceConfig {
                 "must be at least 1",
             ));
         }
-        Ok(())
+        match self.worker_threads {
+            Some(0) => Err(ConfigError::invalid(
+                "service.worker_threads",
+                "must be at least 1",
+            )),
+            Some(n) if n > MAX_WORKER_THREADS => Err(ConfigError::invalid(
+                "service.worker_threads",
+                format!("must be at most {MAX_WORKER_THREADS}"),
+            )),
+            _ => Ok(()),
+        }
     }
 }
 

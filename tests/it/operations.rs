@@ -443,3 +443,34 @@ async fn a_second_worker_on_the_same_store_waits_and_takes_over() {
     drop(first);
     assert!(rx.delivered_counts().values().all(|&n| n == 1), "each once");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn service_worker_threads_sets_the_runtime_threads() {
+    let _brokers = brokers().await;
+    let rx = Receiver::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    // Unset: tokio's default, TOKIO_WORKER_THREADS (which the child inherits) or one per core.
+    let cores = std::env::var("TOKIO_WORKER_THREADS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    for (name, threads, want) in [
+        ("one", Some(1), 1),
+        ("three", Some(3), 3),
+        ("unset", None, cores),
+    ] {
+        let queue = unique(&format!("threads-{name}"));
+        let mut config = rabbit_config(&queue, &dir.path().join(name))
+            .destination(Dest::new("d", &rx.url("/d")));
+        if let Some(n) = threads {
+            config = config.worker_threads(n);
+        }
+        let child = spawn(&config, dir.path());
+        let line = wait_log_line(child.log(), &["courier started"]).await;
+        assert!(
+            line.contains(&format!("worker_threads={want}")),
+            "{name}: want {want} worker threads: {line}"
+        );
+        child.stop(Duration::from_secs(10)).await;
+    }
+}

@@ -99,6 +99,8 @@ struct Service {
     shutdown_timeout: Option<Duration>,
     #[serde(skip_serializing_if = "Option::is_none")]
     max_payload_bytes: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    worker_threads: Option<usize>,
 }
 
 impl Service {
@@ -106,6 +108,7 @@ impl Service {
         self.max_in_flight.is_none()
             && self.shutdown_timeout.is_none()
             && self.max_payload_bytes.is_none()
+            && self.worker_threads.is_none()
     }
 }
 
@@ -156,6 +159,12 @@ impl ConfigBuilder {
 
     pub fn max_in_flight(mut self, n: usize) -> Self {
         self.service.max_in_flight = Some(n);
+        self
+    }
+
+    /// `service.worker_threads`: threads of the async runtime.
+    pub fn worker_threads(mut self, n: usize) -> Self {
+        self.service.worker_threads = Some(n);
         self
     }
 
