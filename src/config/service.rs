@@ -18,8 +18,8 @@ pub struct ServiceConfig {
     /// Bodies larger than this are dead-lettered unparsed, so one huge message cannot exhaust memory.
     pub max_payload_bytes: usize,
     /// Threads of the async runtime of `courier run`; unset, one per core (or tokio's
-    /// `TOKIO_WORKER_THREADS`). One suits a sidecar: its threads stop waking each other, which
-    /// costs more CPU at moderate rates than a second core gains.
+    /// `TOKIO_WORKER_THREADS`). One suits a sidecar: a lone worker thread wakes no other, which
+    /// saves more CPU at moderate rates than a second thread gains.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub worker_threads: Option<usize>,
 }
