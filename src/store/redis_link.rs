@@ -46,7 +46,10 @@ pub(super) struct RedisLink {
     endpoint: RedisEndpoint,
     /// The TLS connector and the name the server's certificate must carry, for `rediss://`.
     tls: Option<(TlsConnector, ServerName<'static>)>,
-    current: Mutex<Current>,
+    /// Looked at by every request, briefly: never held across an await.
+    current: std::sync::Mutex<Current>,
+    /// Held by the one caller that connects while the others wait for its connection.
+    connecting: Mutex<()>,
     /// Whether a connection was ever made.
     reached: AtomicBool,
 }
@@ -83,7 +86,8 @@ impl RedisLink {
         Ok(RedisLink {
             endpoint,
             tls,
-            current: Mutex::new(Current::default()),
+            current: std::sync::Mutex::new(Current::default()),
+            connecting: Mutex::new(()),
             reached: AtomicBool::new(false),
         })
     }
@@ -118,7 +122,7 @@ impl RedisLink {
                     || error.is_connection_dropped()
                     || error.code() == Some("READONLY"));
             if stalled || broken {
-                let mut current = self.current.lock().await;
+                let mut current = self.lock_current();
                 if current.made == number {
                     current.connection = None;
                 }
@@ -133,13 +137,30 @@ impl RedisLink {
         }
     }
 
+    /// The connection in use, with its number.
+    fn in_use(&self) -> Option<(u64, MultiplexedConnection)> {
+        let current = self.lock_current();
+        current
+            .connection
+            .as_ref()
+            .map(|connection| (current.made, connection.clone()))
+    }
+
+    fn lock_current(&self) -> std::sync::MutexGuard<'_, Current> {
+        self.current.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     /// The connection in use, or a new one.
     pub(super) async fn connection(&self) -> Result<(u64, MultiplexedConnection), StoreError> {
-        let mut current = self.current.lock().await;
-        if let Some(connection) = &current.connection {
-            return Ok((current.made, connection.clone()));
+        if let Some(in_use) = self.in_use() {
+            return Ok(in_use);
         }
-        if let Some((at, error)) = &current.failed {
+        let _turn = self.connecting.lock().await;
+        // Made by the caller that held the turn before.
+        if let Some(in_use) = self.in_use() {
+            return Ok(in_use);
+        }
+        if let Some((at, error)) = &self.lock_current().failed {
             if at.elapsed() < CONNECT_AGAIN_AFTER {
                 return Err(StoreError::Redis(error.clone()));
             }
@@ -152,6 +173,7 @@ impl RedisLink {
                     self.endpoint.shown
                 ))
             });
+        let mut current = self.lock_current();
         match made {
             Ok(connection) => {
                 current.made += 1;
