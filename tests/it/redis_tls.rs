@@ -4,7 +4,6 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use crate::support::tls_redis::TlsRedis;
 use crate::support::*;
 
 const WAIT: Duration = Duration::from_secs(30);
@@ -30,9 +29,21 @@ async fn deliver(publisher: &Publisher, queue: &str, rx: &Receiver, id: &str) {
     wait_drained(queue, "queue drained", WAIT).await;
 }
 
+/// A connection to `redis`'s plain port.
+async fn plain(redis: &TlsRedis) -> redis::aio::MultiplexedConnection {
+    redis::Client::open(format!(
+        "redis://:{}@127.0.0.1:{}/0",
+        redis.password, redis.plain_port
+    ))
+    .expect("redis URL")
+    .get_multiplexed_async_connection()
+    .await
+    .expect("connect to the test's Redis on its plain port")
+}
+
 /// The seconds to live of the record of `id` for destination `d` in `redis` (-2: no record).
 async fn record_ttl(redis: &TlsRedis, prefix: &str, id: &str) -> i64 {
-    let mut plain = redis.plain().await;
+    let mut plain = plain(redis).await;
     redis::cmd("TTL")
         .arg(key(prefix, "d", id))
         .query_async(&mut plain)
@@ -102,7 +113,7 @@ async fn dedup_in_redis_over_mutual_tls_records_recognises_and_reconnects() {
 
     // The server closes courier's connection (as an idle timeout or a failover does): the next
     // dedup check notices, and is sent again on a new connection instead of failing.
-    let mut plain = redis.plain().await;
+    let mut plain = plain(&redis).await;
     let killed: u64 = redis::cmd("CLIENT")
         .arg("KILL")
         .arg("TYPE")

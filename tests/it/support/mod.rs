@@ -3,11 +3,9 @@
 //! store opened for assertions, and an OAuth2 token endpoint.
 
 mod brokers;
-pub mod child;
 pub mod mosquitto;
 pub mod otlp;
 pub mod proxy;
-pub mod tls_redis;
 mod token_endpoint;
 pub mod webhooks;
 

@@ -7,7 +7,7 @@ use std::process::Child;
 
 use courier_testkit::{free_port, Issued, TestCa};
 
-use super::child::{start, stop, wait_port};
+use courier_testkit::servers::{start, stop, wait_port};
 
 /// The broker; stopped when dropped.
 pub struct TlsMosquitto {

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use courier_testkit::{
     ConfigBuilder, CourierProcess, Dest, Launch, MqttPublisher, MqttPublisherOptions, Publisher,
-    Rabbit, Receiver, Recording, Tracing, REDIS_URL,
+    Rabbit, Receiver, Recording, TestCa, Tls, TlsRedis, Tracing, REDIS_URL,
 };
 
 use crate::{Args, DedupMode, TraceMode};
@@ -27,6 +27,42 @@ pub struct Bench {
     pub raw_limits: Vec<String>,
     /// Lost or duplicated events, for the exit code.
     pub failures: Vec<String>,
+    /// With `--dedup rediss`: the Redis over TLS and what courier presents to it.
+    pub tls_redis: Option<BenchRedis>,
+}
+
+/// The benchmark's own Redis over TLS, in a directory of its own that goes with it.
+pub struct BenchRedis {
+    redis: TlsRedis,
+    tls: Tls,
+    dir: PathBuf,
+}
+
+impl BenchRedis {
+    /// Started in `dir`, with a CA of its own, requiring a client certificate and a password, as
+    /// managed Redis services over TLS do.
+    fn start(dir: PathBuf) -> BenchRedis {
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("bench redis dir");
+        let server_ca = TestCa::new("bench redis CA");
+        let client_ca = TestCa::new("bench redis client CA");
+        let redis = TlsRedis::start(
+            &dir,
+            &server_ca.server(&["127.0.0.1"]),
+            &client_ca,
+            "bench-redis",
+        );
+        let ca_file = server_ca.write(&dir, "redis-ca.pem");
+        let (cert, key) = client_ca.client("courier").write(&dir, "courier");
+        let tls = Tls::default().ca_only(ca_file).client(cert, key);
+        BenchRedis { redis, tls, dir }
+    }
+}
+
+impl Drop for BenchRedis {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
 }
 
 impl Bench {
@@ -47,10 +83,15 @@ impl Bench {
                 return None;
             }
         };
+        let pid = std::process::id();
+        let tls_redis = (args.dedup == DedupMode::Rediss).then(|| {
+            BenchRedis::start(std::env::temp_dir().join(format!("courier-bench-{pid}-redis")))
+        });
         let b = Bench {
+            tls_redis,
             n: args.events,
             size: 512,
-            pid: std::process::id(),
+            pid,
             rx: Receiver::start_with(Recording::Counts).await,
             exe,
             args,
@@ -123,10 +164,16 @@ impl Bench {
         };
         let base = match self.args.dedup {
             DedupMode::Local => base,
-            DedupMode::Redis => {
+            DedupMode::Redis | DedupMode::Rediss => {
                 let case = dir.file_name().map(|n| n.to_string_lossy().into_owned());
-                base.redis_dedup(REDIS_URL, &format!("{}:", case.unwrap_or_default()))
-                    .dedup_ttl(Duration::from_secs(600))
+                let prefix = format!("{}:", case.unwrap_or_default());
+                let base = match &self.tls_redis {
+                    Some(r) => base
+                        .redis_dedup(&r.redis.url(), &prefix)
+                        .redis_tls(r.tls.clone()),
+                    None => base.redis_dedup(REDIS_URL, &prefix),
+                };
+                base.dedup_ttl(Duration::from_secs(600))
             }
         };
         let config = configure(base);

@@ -4,7 +4,7 @@
 //!     scripts/bench.sh [--events N] [--latency-seconds S] [--rate R,...] [--prefetch P]
 //!                      [--max-concurrency C] [--mqtt-runs N] [--slow-seconds S] [--kills K]
 //!                      [--only mqtt,fanout,...] [--courier PATH]
-//!                      [--tracing off|start|export] [--dedup local|redis] [--id-len N]
+//!                      [--tracing off|start|export] [--dedup local|redis|rediss] [--id-len N]
 //!                      [--post-limit driven|pooled]
 //!     (= cargo build --release -p courier -p courier-bench && target/release/courier-bench ...;
 //!     --help lists the cases)
@@ -145,6 +145,9 @@ enum DedupMode {
     /// The Redis on 127.0.0.1:6379, under a prefix of the case's own, with a `dedup_ttl` of
     /// 10 minutes so the keys of a run do not stay in Redis for a week.
     Redis,
+    /// As `redis`, but a Redis of the benchmark's own reached over TLS (`rediss://`), which
+    /// requires a client certificate and a password, as managed Redis services do.
+    Rediss,
 }
 
 /// How much of `[tracing]` courier runs with in every case.

@@ -6,7 +6,8 @@
 //! - [`pki`]: a CA, server and client certificates for TLS tests;
 //! - [`process`]: the `courier` binary as a child process (kill -9, RSS and CPU from `/proc`);
 //! - [`amqp`], [`mqtt`], [`brokers`]: publishers for the machine's RabbitMQ and Mosquitto, and
-//!   the commands that inspect or restart them.
+//!   the commands that inspect or restart them;
+//! - [`servers`]: servers of a test's own beside those, such as a Redis over TLS.
 
 pub mod amqp;
 pub mod brokers;
@@ -15,6 +16,7 @@ pub mod mqtt;
 pub mod pki;
 pub mod process;
 pub mod receiver;
+pub mod servers;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -29,6 +31,7 @@ pub use mqtt::{Mqtt5Publisher, MqttPublisher, MqttPublisherOptions};
 pub use pki::{Issued, TestCa};
 pub use process::{CourierProcess, Launch};
 pub use receiver::{BlackHole, Receiver, Recorded, Recording};
+pub use servers::TlsRedis;
 
 /// Makes ring the process-wide rustls provider, as courier does, for the clients and the TLS
 /// receiver; calling it again is harmless.

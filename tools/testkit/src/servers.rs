@@ -1,15 +1,66 @@
-//! A Redis of the test's own, beside the machine's one on 6379: a TLS port that requires a client
-//! certificate (`tls-auth-clients yes`) and a password, and a plain port (same password) for the
-//! test to look at what courier wrote. Nothing is kept on disk.
+//! Servers of a test's own, run as child processes beside the machine's shared ones on free
+//! ports of 127.0.0.1: the helpers that start and stop them, and [`TlsRedis`], a Redis with a
+//! TLS port that requires a client certificate, for the tests and the benchmark's `--dedup
+//! rediss`.
 
 use std::path::{Path, PathBuf};
-use std::process::Child;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
 
-use courier_testkit::{free_port, Issued, TestCa};
+use crate::{free_port, Issued, TestCa};
 
-use super::child::{start, stop, wait_port};
+/// Runs the command with none of this process's file descriptors but stdin, stdout and stderr
+/// (see [`crate::brokers`]), in the foreground so that the test owns the process.
+const START: &str = r#"
+for fd in /proc/$$/fd/*; do
+    fd=${fd##*/}
+    if [ "$fd" -gt 2 ]; then eval "exec $fd>&-"; fi
+done 2>/dev/null
+exec "$@"
+"#;
 
-/// The server; stopped when dropped.
+/// Starts `program` with `args`, its output in `log`; `package` names the Debian package that
+/// scripts/test.sh installs it from, for the panic when it is missing.
+pub fn start(program: &str, args: &[&str], log: &Path, package: &str) -> Child {
+    let log = std::fs::File::create(log).expect("log file");
+    let path = format!(
+        "{}:/usr/sbin:/sbin",
+        std::env::var("PATH").unwrap_or_default()
+    );
+    Command::new("bash")
+        .args(["-c", START, "start", program])
+        .args(args)
+        .env("PATH", path)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().expect("log file"))
+        .stderr(log)
+        .spawn()
+        .unwrap_or_else(|e| panic!("start {program} (scripts/test.sh installs {package}): {e}"))
+}
+
+/// Kills the process and waits for it.
+pub fn stop(child: &mut Child) {
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+/// Waits until a TCP connect to 127.0.0.1:`port` succeeds (`open`) or fails; `what` names the
+/// server in the panic.
+pub fn wait_port(what: &str, port: u16, open: bool) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    while std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() != open {
+        assert!(
+            Instant::now() < deadline,
+            "{what} never became open={open} on port {port}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A Redis with a TLS port that requires a client certificate (`tls-auth-clients yes`) and a
+/// password, and a plain port (same password) to look at what courier wrote. Nothing is kept on
+/// disk. Stopped when dropped.
 pub struct TlsRedis {
     /// The TLS port (client certificate required).
     pub tls_port: u16,
@@ -43,18 +94,6 @@ impl TlsRedis {
     /// `rediss://:<password>@127.0.0.1:<tls port>/0`.
     pub fn url(&self) -> String {
         format!("rediss://:{}@127.0.0.1:{}/0", self.password, self.tls_port)
-    }
-
-    /// A connection to the plain port.
-    pub async fn plain(&self) -> redis::aio::MultiplexedConnection {
-        redis::Client::open(format!(
-            "redis://:{}@127.0.0.1:{}/0",
-            self.password, self.plain_port
-        ))
-        .expect("redis URL")
-        .get_multiplexed_async_connection()
-        .await
-        .expect("connect to the test's Redis on its plain port")
     }
 
     /// Stops it and starts it again on the same ports, empty (a failover, or a restart of a
