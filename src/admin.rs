@@ -119,7 +119,15 @@ impl Access {
     /// Why a request with these headers is refused, as the answer to send; `None` lets it in.
     fn refusal(&self, headers: &HeaderMap) -> Option<Response> {
         match self {
-            Access::Loopback => None,
+            Access::Loopback => from_a_browser(headers).then(|| {
+                (
+                    StatusCode::FORBIDDEN,
+                    "the dead-letter endpoints on a loopback admin port without a token do not \
+                     answer browsers (an Origin header, or a Host that is not a loopback address): \
+                     use courier dead-letters or curl, or set [admin] token\n",
+                )
+                    .into_response()
+            }),
             Access::Refused => Some(
                 (
                     StatusCode::FORBIDDEN,
@@ -152,6 +160,33 @@ impl Access {
             }
         }
     }
+}
+
+/// Whether a request may come from a web page rather than from a command on this machine. On a
+/// loopback port without a token, anything that runs on the machine may use the dead-letter
+/// endpoints, and a browser runs the pages of any site: a page may POST to 127.0.0.1 (browsers
+/// then send `Origin`), or have its own name resolve to 127.0.0.1 (DNS rebinding, which leaves
+/// that name in `Host`). `courier dead-letters` and curl send neither.
+fn from_a_browser(headers: &HeaderMap) -> bool {
+    if headers.contains_key(header::ORIGIN) {
+        return true;
+    }
+    let Some(host) = headers.get(header::HOST) else {
+        return false;
+    };
+    let Ok(host) = host.to_str() else {
+        return true;
+    };
+    let name = match host.strip_prefix('[') {
+        // [::1]:9464
+        Some(rest) => rest.split(']').next().unwrap_or(""),
+        None => host.rsplit_once(':').map_or(host, |(name, _)| name),
+    };
+    let loopback = name.eq_ignore_ascii_case("localhost")
+        || name
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback());
+    !loopback
 }
 
 async fn authorize(State(access): State<AdminAccess>, request: Request, next: Next) -> Response {

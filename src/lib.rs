@@ -130,6 +130,13 @@ pub async fn run_reloading(
         path: path.display().to_string(),
         message: e.to_string(),
     })?;
+    // SIGHUP's default action ends the process. The reload task listens for it only once the
+    // start is done, which can take as long as the store or Redis is unavailable; listening now
+    // keeps a SIGHUP sent meanwhile from stopping courier (tokio keeps its handler installed).
+    #[cfg(unix)]
+    if let Err(error) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+        tracing::warn!(%error, "cannot listen for SIGHUP; a SIGHUP stops courier");
+    }
     run_from(config, Some((path.to_path_buf(), text)), shutdown, stats).await
 }
 

@@ -38,7 +38,8 @@ const DEBOUNCE: Duration = Duration::from_millis(300);
 /// What made courier look at the file again.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Trigger {
-    /// SIGHUP: the file is loaded again even if it did not change (the environment may have).
+    /// SIGHUP: the file is loaded again even if it did not change, as an operator who sends it
+    /// expects.
     Signal,
     /// Something changed in the file's directory: loaded only if the file's text changed.
     FileChanged,
@@ -68,7 +69,13 @@ pub(crate) async fn run(path: PathBuf, text: String, config: Config, running: Ru
         }
     };
     #[cfg(unix)]
-    let signals = tokio::spawn(forward_sighup(triggers_tx, running.shutdown.clone()));
+    let signals = tokio::spawn(forward_sighup(
+        triggers_tx.clone(),
+        running.shutdown.clone(),
+    ));
+    // The file may have changed while courier was starting (waiting for its store or Redis),
+    // before anything watched it: compared once now, and loaded if it did.
+    let _ = triggers_tx.send(Trigger::FileChanged);
     let mut current = config;
     let mut last_text = text;
     loop {

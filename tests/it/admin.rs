@@ -95,6 +95,53 @@ async fn without_a_token_they_answer_on_loopback_only() {
     wait_up(&base).await;
     let (status, _, body) = get(&format!("{base}/dead-letters"), None).await;
     assert_eq!(status, 200, "loopback without a token: {body}");
+    // Not to a web page, though: one that POSTs to 127.0.0.1 (its browser sends Origin), or
+    // whose own name resolves to 127.0.0.1 (DNS rebinding: the name stays in Host).
+    let client = reqwest::Client::new();
+    let send = |method: reqwest::Method, path: &str, header: (&'static str, String)| {
+        client
+            .request(method, format!("{base}{path}"))
+            .header(header.0, header.1)
+            .send()
+    };
+    for (method, path, header, want) in [
+        (
+            reqwest::Method::POST,
+            "/dead-letters/purge",
+            ("Origin", "https://evil.example".to_string()),
+            403,
+        ),
+        (
+            reqwest::Method::GET,
+            "/dead-letters",
+            ("Host", format!("rebound.evil.example:{port}")),
+            403,
+        ),
+        (
+            reqwest::Method::GET,
+            "/dead-letters",
+            ("Host", format!("localhost:{port}")),
+            200,
+        ),
+        (
+            reqwest::Method::GET,
+            "/dead-letters",
+            ("Host", format!("[::1]:{port}")),
+            200,
+        ),
+    ] {
+        let answer = send(method.clone(), path, header.clone())
+            .await
+            .expect("request");
+        let status = answer.status().as_u16();
+        let body = answer.text().await.unwrap_or_default();
+        assert_eq!(status, want, "{method} {path} with {header:?}: {body}");
+        if want == 403 {
+            assert!(body.contains("do not answer browsers"), "{body}");
+        }
+    }
+    let (status, _, _) = get(&format!("{base}/healthz"), None).await;
+    assert_eq!(status, 200, "health is for anyone");
     courier.stop().await;
 
     let store = tempfile::tempdir().unwrap();

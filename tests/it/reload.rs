@@ -463,3 +463,64 @@ async fn mqtt_moves_to_mqtt5_on_a_reload_and_keeps_its_session() {
         "connected once per protocol: {log}"
     );
 }
+
+/// While courier waits at start for the Redis of its dedup record, a SIGHUP does not stop it, and
+/// a file changed meanwhile is in force once the start is done.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_and_a_sighup_while_courier_waits_to_start_are_taken_once_it_has() {
+    let _brokers = brokers().await;
+    let rx = Receiver::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (queue, _store, publisher) = setup("reload-start").await;
+    let redis_port = free_port();
+    let port = free_port();
+    let prefix = format!("{}:", unique("reload-start"));
+    let config = |path: &str| {
+        rabbit_config(&queue, &dir.path().join("store"))
+            .admin(port)
+            .redis_dedup(&format!("redis://127.0.0.1:{redis_port}"), &prefix)
+            .destination(Dest::new("d", &rx.url(path)))
+    };
+    let (mut courier, file) = start(&config("/before"), dir.path());
+    wait_not_ready(port, "store: cannot reach Redis: ").await;
+    rewrite(&file, &config("/after").toml());
+    assert!(courier.sighup());
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        courier.wait_exit(Duration::from_millis(10)).await.is_none(),
+        "a SIGHUP during the start stopped courier"
+    );
+    let redis_dir = tempfile::tempdir().unwrap();
+    let redis_port_text = redis_port.to_string();
+    let mut redis = courier_testkit::servers::start(
+        "redis-server",
+        &[
+            "--bind",
+            "127.0.0.1",
+            "--port",
+            &redis_port_text,
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            &redis_dir.path().to_string_lossy(),
+        ],
+        &redis_dir.path().join("redis.log"),
+        "redis-server",
+    );
+    wait_ready(port).await;
+    wait_reloads(port, "applied", 1).await;
+    publisher
+        .to_queue(&queue, event("S1", "t").as_bytes())
+        .await;
+    rx.wait_for_id("S1", WAIT).await;
+    let paths: Vec<String> = rx.requests().iter().map(|r| r.path.clone()).collect();
+    assert_eq!(
+        paths,
+        ["/after"],
+        "the file changed during the start is in force"
+    );
+    courier.stop(Duration::from_secs(10)).await;
+    courier_testkit::servers::stop(&mut redis);
+}

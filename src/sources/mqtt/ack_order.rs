@@ -4,6 +4,8 @@
 //! sends PUBACKs for the longest done prefix ([`AckOrder`]).
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 use tokio::sync::{mpsc, oneshot};
 
@@ -26,7 +28,16 @@ pub(super) enum SeqCmd {
 
 /// Sends PUBACKs in arrival order. Runs apart from the driver, so a full request channel only
 /// delays acks; it never stops the event loop from being polled.
-pub(super) async fn sequence<C: Client>(client: C, mut commands: mpsc::UnboundedReceiver<SeqCmd>) {
+///
+/// Connections are numbered by `link`, which the driver moves on at every connect and every
+/// loss. A PUBACK goes out only while `link` still names the connection its message came on: once
+/// that connection is lost, the broker redelivers the message, and the PUBACK belongs to that
+/// delivery.
+pub(super) async fn sequence<C: Client>(
+    client: C,
+    mut commands: mpsc::UnboundedReceiver<SeqCmd>,
+    link: Arc<AtomicU64>,
+) {
     let mut order = AckOrder::default();
     let mut ready = Vec::new();
     while let Some(command) = commands.recv().await {
@@ -39,6 +50,13 @@ pub(super) async fn sequence<C: Client>(client: C, mut commands: mpsc::Unbounded
             } => {
                 order.done(generation, seq, pkid, &mut ready);
                 for pkid in ready.drain(..) {
+                    if link.load(Ordering::Acquire) != generation {
+                        tracing::debug!(
+                            pkid,
+                            "connection lost; PUBACK dropped, the broker will redeliver"
+                        );
+                        continue;
+                    }
                     if let Err(error) = client.ack(pkid).await {
                         tracing::debug!(%error, pkid, "PUBACK not queued; the broker will redeliver");
                     }
@@ -144,6 +162,58 @@ mod tests {
         ready.clear();
         order.done(1, 3, 103, &mut ready);
         assert_eq!(ready, vec![103]);
+    }
+
+    /// Records the PUBACKs it is asked to queue.
+    #[derive(Clone, Default)]
+    struct Recording(Arc<std::sync::Mutex<Vec<u16>>>);
+
+    impl Client for Recording {
+        async fn subscribe(&self, _: Vec<String>, _: u8) -> Result<(), String> {
+            Ok(())
+        }
+        async fn ack(&self, pkid: u16) -> Result<(), String> {
+            self.0.lock().expect("acks").push(pkid);
+            Ok(())
+        }
+        fn try_disconnect(&self) -> Result<(), String> {
+            Ok(())
+        }
+    }
+
+    /// A PUBACK whose connection was lost before it could be queued is not queued at all, even
+    /// before the next connection's CONNACK: it would go out on that connection.
+    #[tokio::test]
+    async fn no_puback_is_queued_once_its_connection_is_lost() {
+        let client = Recording::default();
+        let link = Arc::new(AtomicU64::new(1));
+        let (tx, rx) = mpsc::unbounded_channel();
+        let sequencer = tokio::spawn(sequence(client.clone(), rx, link.clone()));
+        let done = |seq, pkid| SeqCmd::Done {
+            generation: 1,
+            seq,
+            pkid,
+        };
+        tx.send(SeqCmd::NewSession(1)).unwrap();
+        tx.send(done(0, 10)).unwrap();
+        let (flushed, wait) = oneshot::channel();
+        tx.send(SeqCmd::Flush(flushed)).unwrap();
+        wait.await.unwrap();
+        // The driver saw the connection fail; the session task has not heard of it yet.
+        link.fetch_add(1, Ordering::AcqRel);
+        tx.send(done(1, 11)).unwrap();
+        // The next connection.
+        let next = link.fetch_add(1, Ordering::AcqRel) + 1;
+        tx.send(SeqCmd::NewSession(next)).unwrap();
+        tx.send(SeqCmd::Done {
+            generation: next,
+            seq: 0,
+            pkid: 11,
+        })
+        .unwrap();
+        drop(tx);
+        sequencer.await.unwrap();
+        assert_eq!(*client.0.lock().unwrap(), vec![10, 11]);
     }
 
     #[test]

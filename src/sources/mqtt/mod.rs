@@ -26,7 +26,7 @@ mod v5;
 pub use ack_order::AckOrder;
 
 use std::future::Future;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -211,16 +211,18 @@ impl MqttSource {
         let (events_tx, mut events) = mpsc::unbounded_channel();
         let backlog = Arc::new(AtomicUsize::new(0));
         let finish = CancellationToken::new();
+        let link = Arc::new(AtomicU64::new(0));
         let driver = tokio::spawn(drive(
             connection,
             events_tx,
             backlog.clone(),
+            link.clone(),
             finish.clone(),
             self.urls.clone(),
             self.stats.clone(),
         ));
         let (seq_tx, seq_rx) = mpsc::unbounded_channel();
-        let sequencer = tokio::spawn(sequence(client.clone(), seq_rx));
+        let sequencer = tokio::spawn(sequence(client.clone(), seq_rx, link));
         let subscriptions = config.subscriptions();
         let mut generation = 0u64;
         let mut next_seq = 0u64;
@@ -235,9 +237,10 @@ impl MqttSource {
                 DriverEvent::Connected {
                     session_present,
                     url,
+                    link,
                 } => {
                     self.stats.set_connected("mqtt", true);
-                    generation += 1;
+                    generation = link;
                     next_seq = 0;
                     let _ = seq_tx.send(SeqCmd::NewSession(generation));
                     tracing::info!(
@@ -333,7 +336,12 @@ impl MqttSource {
 }
 
 enum DriverEvent {
-    Connected { session_present: bool, url: String },
+    /// `link` numbers the connection ([`drive`]).
+    Connected {
+        session_present: bool,
+        url: String,
+        link: u64,
+    },
     SubAck(Vec<Result<u8, String>>),
     Publish(Received),
 }
@@ -341,10 +349,16 @@ enum DriverEvent {
 /// Polls the event loop forever (reconnecting on errors, each time to the next broker URL:
 /// [`Failover`]) and forwards what matters. Stops after our DISCONNECT went out, or when `finish`
 /// is cancelled.
+///
+/// `link` moves on at every connect and at every loss, here, as the event loop reports them: the
+/// sequencer sends a connection's PUBACKs only while `link` still names it, so that none queued
+/// after its loss goes out on the next connection, where it would ack the redelivered copy
+/// before its POST, or another message that got the same packet id.
 async fn drive(
     mut connection: impl Connection,
     events: mpsc::UnboundedSender<DriverEvent>,
     backlog: Arc<AtomicUsize>,
+    link: Arc<AtomicU64>,
     finish: CancellationToken,
     urls: Vec<String>,
     stats: Arc<Stats>,
@@ -363,6 +377,7 @@ async fn drive(
                 events.send(DriverEvent::Connected {
                     session_present,
                     url: urls[failover.current()].clone(),
+                    link: link.fetch_add(1, Ordering::AcqRel) + 1,
                 })
             }
             Ok(Polled::SubAck(codes)) => events.send(DriverEvent::SubAck(codes)),
@@ -383,6 +398,7 @@ async fn drive(
             }
             Ok(Polled::Other) => Ok(()),
             Err(error) => {
+                link.fetch_add(1, Ordering::AcqRel);
                 let url = &urls[failover.current()];
                 let delay = failover.failed();
                 connection.use_broker(failover.current());
