@@ -78,6 +78,9 @@ pub(super) fn keyed(key: &str, problem: impl std::fmt::Display) -> String {
 /// after an index; turn that into the `destinations[0].timeout: ...` form every other error has.
 pub(super) fn shape_message(e: config::ConfigError) -> String {
     let text = e.to_string();
+    if text.starts_with("TOML parse error") {
+        return without_excerpt(&text);
+    }
     if let Some(at) = text.rfind(" for key `") {
         let key = dotted(text[at + " for key `".len()..].trim_end_matches('`'));
         let problem = &text[..at];
@@ -93,6 +96,19 @@ pub(super) fn shape_message(e: config::ConfigError) -> String {
         );
     }
     text
+}
+
+/// The TOML parser's message without the lines of the file it quotes: a line that does not
+/// parse may hold a secret written into it (a password whose closing quote is missing), and the
+/// message goes to the log when a reload is refused. Line and column still say where.
+fn without_excerpt(text: &str) -> String {
+    let mut lines = text.lines().filter(|l| !l.trim_start().contains('|'));
+    let head = lines.next().unwrap_or_default();
+    let rest: Vec<&str> = lines.filter(|l| !l.trim().is_empty()).collect();
+    match rest.is_empty() {
+        true => head.to_string(),
+        false => format!("{head}: {}", rest.join(" ")),
+    }
 }
 
 /// `a[0]b` → `a[0].b`.
@@ -124,6 +140,15 @@ mod tests {
             .unwrap_err()
             .contains("COURIER_TEST_NOPE is not set"));
         assert!(expand_str("${oops").is_err());
+    }
+
+    #[test]
+    fn toml_errors_do_not_quote_the_file() {
+        let text = "TOML parse error at line 2, column 46\n  |\n2 | url = \"amqp://guest:supersecret@h/%2f\n  |                                              ^\ninvalid basic string, expected `\"`\n";
+        assert_eq!(
+            without_excerpt(text),
+            "TOML parse error at line 2, column 46: invalid basic string, expected `\"`"
+        );
     }
 
     #[test]

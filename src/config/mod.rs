@@ -177,7 +177,9 @@ impl Config {
                     .source(Some(overrides)),
             )
             .build()
-            .map_err(|e| ConfigError::Shape(e.to_string().replace(&format!("{origin}: "), "")))?;
+            .map_err(|e| {
+                ConfigError::Shape(expand::shape_message(e).replace(&format!("{origin}: "), ""))
+            })?;
         let mut root: config::Value = built
             .try_deserialize()
             .map_err(|e| ConfigError::Shape(e.to_string()))?;
