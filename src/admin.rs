@@ -8,6 +8,7 @@
 //! token, a loopback listen address (where only this machine reaches them).
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::extract::{Query, Request, State};
 use axum::http::{header, HeaderMap, StatusCode};
@@ -47,13 +48,14 @@ impl AdminAccess {
 }
 
 /// Binds `[admin] listen` now (so a taken port fails start-up) and serves until the stop is
-/// requested.
+/// requested, and the requests under way then for at most `shutdown_timeout`.
 pub async fn start(
     config: &AdminConfig,
     listen: &str,
     deliverer: Arc<Deliverer>,
     destinations: Arc<Destinations>,
     shutdown: Shutdown,
+    shutdown_timeout: Duration,
 ) -> std::io::Result<(tokio::task::JoinHandle<()>, AdminAccess)> {
     let listener = tokio::net::TcpListener::bind(listen).await?;
     tracing::info!(address = %listener.local_addr()?, "admin port listening");
@@ -77,12 +79,23 @@ pub async fn start(
             deliverer,
             destinations,
         });
+    let grace = shutdown.clone();
     let served = tokio::spawn(async move {
         let served = axum::serve(listener, app)
-            .with_graceful_shutdown(async move { shutdown.requested().await })
-            .await;
-        if let Err(error) = served {
-            tracing::error!(%error, "admin port stopped");
+            .with_graceful_shutdown(async move { shutdown.requested().await });
+        let served = std::future::IntoFuture::into_future(served);
+        // A graceful stop waits for the requests under way, and a replay through this port can
+        // take long (it waits for each destination's rate limit and slots): it gets the
+        // shutdown timeout, as deliveries do. Dropping its attempt keeps the letter.
+        let deadline = async {
+            grace.requested().await;
+            tokio::time::sleep(shutdown_timeout).await;
+        };
+        tokio::select! {
+            served = served => if let Err(error) = served {
+                tracing::error!(%error, "admin port stopped");
+            },
+            () = deadline => tracing::warn!("a request to the admin port was still under way at the shutdown timeout; stopped it"),
         }
     });
     Ok((served, access))
@@ -139,9 +152,12 @@ impl Access {
             ),
             Access::Token(want) => {
                 use subtle::ConstantTimeEq as _;
+                // The scheme's name is case-insensitive (RFC 9110 section 11.1).
                 let given = headers
                     .get(header::AUTHORIZATION)
-                    .and_then(|v| v.as_bytes().strip_prefix(b"Bearer "))
+                    .map(|v| v.as_bytes())
+                    .filter(|v| v.len() > 7 && v[..7].eq_ignore_ascii_case(b"bearer "))
+                    .map(|v| &v[7..])
                     .unwrap_or_default();
                 // Compared in constant time, so the answer's timing does not reveal how much of
                 // a guess was right.

@@ -185,6 +185,7 @@ async fn run_on(
                 deliverer.clone(),
                 destinations.clone(),
                 shutdown.clone(),
+                config.service.shutdown_timeout,
             )
             .await
             .map_err(|source| Error::Admin {

@@ -79,8 +79,20 @@ async fn with_a_token_the_dead_letter_endpoints_need_it_and_the_probes_do_not() 
         assert_eq!(status, 401, "{path} with a wrong token");
         let (status, _, _) = call(method.clone(), &url, Some(&TOKEN[..TOKEN.len() - 1])).await;
         assert_eq!(status, 401, "{path} with a prefix of the token");
-        let (status, _, body) = call(method, &url, Some(TOKEN)).await;
+        let (status, _, body) = call(method.clone(), &url, Some(TOKEN)).await;
         assert_eq!(status, 200, "{path} with the token: {body}");
+        // The scheme's name in any case (RFC 9110).
+        let answer = reqwest::Client::new()
+            .request(method, &url)
+            .header("Authorization", format!("bearer {TOKEN}"))
+            .send()
+            .await
+            .expect("request");
+        assert_eq!(
+            answer.status().as_u16(),
+            200,
+            "{path} with bearer in lower case"
+        );
     }
     courier.stop().await;
 }
@@ -220,4 +232,63 @@ async fn the_cli_sends_the_token_from_the_config_or_the_environment() {
     );
     assert!(!err.contains(TOKEN), "{err}");
     courier.stop().await;
+}
+
+/// A replay through the admin port whose POST hangs does not hold a stop past the shutdown
+/// timeout: the port stops then, and the letter stays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hanging_replay_does_not_hold_the_stop_past_the_shutdown_timeout() {
+    let _brokers = brokers().await;
+    let rx = Receiver::start().await;
+    let (queue, store, publisher) = setup("admin-replay-stop").await;
+    let port = free_port();
+    let base = format!("http://127.0.0.1:{port}");
+    let config = rabbit_config(&queue, store.path())
+        .admin(port)
+        .shutdown_timeout(Duration::from_secs(2))
+        .destination(Dest::new("d", &rx.url("/d")));
+    let mut courier = spawn(&config, store.path());
+    wait_up(&base).await;
+    // A 400 is final: the event becomes a dead letter.
+    rx.set_status(400);
+    publisher
+        .to_queue(&queue, event("H1", "t").as_bytes())
+        .await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !get(&format!("{base}/dead-letters"), None)
+        .await
+        .2
+        .contains("H1")
+    {
+        assert!(Instant::now() < deadline, "no dead letter");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The replay's POST is held at the receiver, well past the shutdown timeout.
+    rx.set_status(200);
+    rx.hold();
+    let url = format!("{base}/dead-letters/replay");
+    let replay = tokio::spawn(async move { call(reqwest::Method::POST, &url, None).await });
+    eventually(
+        "the replay's POST at the receiver",
+        Duration::from_secs(20),
+        || rx.held() == 1,
+    )
+    .await;
+    let asked = Instant::now();
+    assert!(courier.sigterm());
+    let status = courier.wait_exit(Duration::from_secs(20)).await;
+    let took = asked.elapsed();
+    rx.release();
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "courier did not stop within 20 s of SIGTERM with a replay under way: {status:?}"
+    );
+    assert!(
+        took < Duration::from_secs(10),
+        "stopped {took:?} after SIGTERM"
+    );
+    let _ = replay.await;
+    // The letter stays for the next replay.
+    let letters = open_store(store.path()).dead_letters().unwrap();
+    assert_eq!(letters.len(), 1, "{letters:?}");
 }
