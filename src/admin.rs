@@ -16,6 +16,7 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Json;
+use tokio_util::sync::CancellationToken;
 
 use crate::config::AdminConfig;
 use crate::deadletters::{self, Filter, ReplayOptions};
@@ -27,6 +28,9 @@ use crate::shutdown::Shutdown;
 struct AdminState {
     deliverer: Arc<Deliverer>,
     destinations: Arc<Destinations>,
+    /// Cancelled when the shutdown timeout ends: a replay still under way stops then. Each
+    /// connection is a task of its own, which stopping the server's accept loop leaves running.
+    cut: CancellationToken,
 }
 
 /// Who may use the dead-letter endpoints of a running admin port; a configuration reload
@@ -65,6 +69,7 @@ pub async fn start(
         .read()
         .unwrap_or_else(|p| p.into_inner())
         .warn_if_refused(listen);
+    let cut = CancellationToken::new();
     let dead_letters = axum::Router::new()
         .route("/dead-letters", get(list))
         .route("/dead-letters/replay", post(replay))
@@ -78,6 +83,7 @@ pub async fn start(
         .with_state(AdminState {
             deliverer,
             destinations,
+            cut: cut.clone(),
         });
     let grace = shutdown.clone();
     let served = tokio::spawn(async move {
@@ -95,7 +101,10 @@ pub async fn start(
             served = served => if let Err(error) = served {
                 tracing::error!(%error, "admin port stopped");
             },
-            () = deadline => tracing::warn!("a request to the admin port was still under way at the shutdown timeout; stopped it"),
+            () = deadline => {
+                tracing::warn!("a request to the admin port was still under way at the shutdown timeout; stopped it");
+                cut.cancel();
+            }
         }
     });
     Ok((served, access))
@@ -334,7 +343,20 @@ async fn replay(
     Query(filter): Query<Filter>,
     Query(options): Query<ReplayOptions>,
 ) -> Response {
-    match deadletters::replay(&s.deliverer, &s.destinations.current(), &filter, options).await {
+    let destinations = s.destinations.current();
+    let replayed = deadletters::replay(&s.deliverer, &destinations, &filter, options);
+    // Dropping the replay at a stop keeps the letters it has not replayed yet.
+    let replayed = tokio::select! {
+        replayed = replayed => replayed,
+        () = s.cut.cancelled() => {
+            return (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "courier is stopping: the replay stopped; the letters not replayed yet stay\n",
+            )
+                .into_response()
+        }
+    };
+    match replayed {
         Ok(results) => Json(results).into_response(),
         Err(e) => store_error(e),
     }

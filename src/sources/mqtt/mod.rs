@@ -76,6 +76,10 @@ trait Connection: Send + 'static {
     /// Makes the next connect go to broker `index` of the configured URLs; the session and its
     /// pending packets stay with the event loop.
     fn use_broker(&mut self, index: usize);
+    /// After a loss, before the next connect: drops what the lost connection left behind, the
+    /// PUBLISHes it read that were not handed out yet (the broker sends them again) and the
+    /// PUBACKs queued since the loss, which would go out on the next connection.
+    fn forget_lost(&mut self);
 }
 
 /// What a poll yields that courier cares about.
@@ -409,6 +413,7 @@ async fn drive(
                     _ = tokio::time::sleep(delay) => {}
                     _ = finish.cancelled() => return,
                 }
+                connection.forget_lost();
                 Ok(())
             }
         };

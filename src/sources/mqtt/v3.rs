@@ -109,6 +109,13 @@ impl Connection for V3Connection {
         // rumqttc reads the options at every connect.
         self.eventloop.mqtt_options = self.brokers[index].clone();
     }
+
+    fn forget_lost(&mut self) {
+        // clean() takes the PUBACKs out of the request channel, as rumqttc does at the loss;
+        // a PUBACK that was waiting for room in the channel then may have landed since.
+        self.eventloop.clean();
+        self.eventloop.state.events.clear();
+    }
 }
 
 fn qos_of(qos: u8) -> QoS {

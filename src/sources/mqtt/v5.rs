@@ -128,6 +128,12 @@ impl Connection for V5Connection {
         // rumqttc reads the options at every connect.
         self.eventloop.options = self.brokers[index].clone();
     }
+
+    fn forget_lost(&mut self) {
+        // As in v3.rs.
+        self.eventloop.clean();
+        self.eventloop.state.events.clear();
+    }
 }
 
 /// A PUBLISH as the session hands it on: user properties become headers (in order, so a name
