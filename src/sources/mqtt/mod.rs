@@ -76,10 +76,11 @@ trait Connection: Send + 'static {
     /// Makes the next connect go to broker `index` of the configured URLs; the session and its
     /// pending packets stay with the event loop.
     fn use_broker(&mut self, index: usize);
-    /// After a loss, before the next connect: drops what the lost connection left behind, the
-    /// PUBLISHes it read that were not handed out yet (the broker sends them again) and the
-    /// PUBACKs queued since the loss, which would go out on the next connection.
-    fn forget_lost(&mut self);
+    /// After a loss, before the next connect: takes the PUBACKs queued since the loss out of
+    /// the request channel (they would go out on the next connection), and returns the
+    /// PUBLISHes the lost connection read but did not hand out yet, which only the next CONNACK
+    /// says whether the broker sends again.
+    fn forget_lost(&mut self) -> Vec<Received>;
 }
 
 /// What a poll yields that courier cares about.
@@ -369,6 +370,8 @@ async fn drive(
 ) {
     let mut failover = Failover::new(urls.len());
     let mut dropped_qos0 = 0u64;
+    // What lost connections read and did not hand out, until the next CONNACK.
+    let mut left_behind: Vec<Received> = Vec::new();
     loop {
         // Cancelling poll() is only done when leaving for good, where losing its state is fine.
         let polled = tokio::select! {
@@ -378,11 +381,23 @@ async fn drive(
         let forwarded = match polled {
             Ok(Polled::Connected { session_present }) => {
                 failover.connected();
-                events.send(DriverEvent::Connected {
+                let sent = events.send(DriverEvent::Connected {
                     session_present,
                     url: urls[failover.current()].clone(),
                     link: link.fetch_add(1, Ordering::AcqRel) + 1,
-                })
+                });
+                // A resumed session sends its QoS 1 messages again; QoS 0 ones, and all of them
+                // when the session is new, come only from here. Their packet ids belong to the
+                // lost connection, so they are handed out with nothing to acknowledge.
+                for mut publish in left_behind.drain(..) {
+                    if session_present && !publish.at_most_once {
+                        continue;
+                    }
+                    publish.at_most_once = true;
+                    backlog.fetch_add(1, Ordering::Relaxed);
+                    let _ = events.send(DriverEvent::Publish(publish));
+                }
+                sent
             }
             Ok(Polled::SubAck(codes)) => events.send(DriverEvent::SubAck(codes)),
             Ok(Polled::Publish(publish)) => {
@@ -413,7 +428,7 @@ async fn drive(
                     _ = tokio::time::sleep(delay) => {}
                     _ = finish.cancelled() => return,
                 }
-                connection.forget_lost();
+                left_behind.extend(connection.forget_lost());
                 Ok(())
             }
         };

@@ -91,15 +91,7 @@ impl Connection for V3Connection {
                     })
                     .collect(),
             ),
-            Event::Incoming(Packet::Publish(publish)) => Polled::Publish(Received {
-                topic: publish.topic,
-                pkid: publish.pkid,
-                at_most_once: publish.qos == QoS::AtMostOnce,
-                payload: publish.payload,
-                headers: Vec::new(),
-                properties: None,
-                expiry: None,
-            }),
+            Event::Incoming(Packet::Publish(publish)) => Polled::Publish(received(publish)),
             Event::Outgoing(Outgoing::Disconnect) => Polled::DisconnectSent,
             _ => Polled::Other,
         })
@@ -110,11 +102,32 @@ impl Connection for V3Connection {
         self.eventloop.mqtt_options = self.brokers[index].clone();
     }
 
-    fn forget_lost(&mut self) {
+    fn forget_lost(&mut self) -> Vec<Received> {
         // clean() takes the PUBACKs out of the request channel, as rumqttc does at the loss;
         // a PUBACK that was waiting for room in the channel then may have landed since.
         self.eventloop.clean();
-        self.eventloop.state.events.clear();
+        let mut left = Vec::new();
+        self.eventloop.state.events.retain(|event| match event {
+            Event::Incoming(Packet::Publish(publish)) => {
+                left.push(received(publish.clone()));
+                false
+            }
+            _ => true,
+        });
+        left
+    }
+}
+
+/// A PUBLISH as the session hands it on.
+fn received(publish: Publish) -> Received {
+    Received {
+        topic: publish.topic,
+        pkid: publish.pkid,
+        at_most_once: publish.qos == QoS::AtMostOnce,
+        payload: publish.payload,
+        headers: Vec::new(),
+        properties: None,
+        expiry: None,
     }
 }
 

@@ -129,10 +129,19 @@ impl Connection for V5Connection {
         self.eventloop.options = self.brokers[index].clone();
     }
 
-    fn forget_lost(&mut self) {
+    fn forget_lost(&mut self) -> Vec<Received> {
         // As in v3.rs.
         self.eventloop.clean();
-        self.eventloop.state.events.clear();
+        let mut left = Vec::new();
+        let expired = self.expired;
+        self.eventloop.state.events.retain(|event| match event {
+            Event::Incoming(Packet::Publish(publish)) => {
+                left.push(received(publish.clone(), expired));
+                false
+            }
+            _ => true,
+        });
+        left
     }
 }
 
