@@ -20,9 +20,6 @@ pub(super) struct RedisDedup {
     link: RedisLink,
     prefix: String,
     ttl_secs: u64,
-    /// The last error of [`RedisDedup::connect`], which holds the worker back until Redis has
-    /// been reached (for `/readyz`).
-    unreachable: std::sync::Mutex<Option<String>>,
 }
 
 impl RedisDedup {
@@ -32,7 +29,6 @@ impl RedisDedup {
             link: RedisLink::new(config)?,
             prefix: config.redis_prefix.clone(),
             ttl_secs: config.dedup_ttl.as_secs().max(1),
-            unreachable: std::sync::Mutex::new(Some("not connected yet".to_string())),
         })
     }
 
@@ -47,7 +43,6 @@ impl RedisDedup {
                     return Ok(());
                 }
                 Err(error) => {
-                    *self.lock_unreachable() = Some(error.to_string());
                     let delay = backoff.next_delay();
                     tracing::warn!(%error, retry_in = ?delay, "cannot reach Redis for dedup; retrying");
                     tokio::select! {
@@ -59,16 +54,10 @@ impl RedisDedup {
         }
     }
 
-    /// Why Redis has not been reached since start, while it has not.
+    /// Why Redis has not been reached since start, while it has not (for `/readyz`, while
+    /// [`RedisDedup::connect`] holds the worker back).
     pub(super) fn unreachable(&self) -> Option<String> {
-        match self.link.reached() {
-            true => None,
-            false => self.lock_unreachable().clone(),
-        }
-    }
-
-    fn lock_unreachable(&self) -> std::sync::MutexGuard<'_, Option<String>> {
-        self.unreachable.lock().unwrap_or_else(|p| p.into_inner())
+        self.link.unreachable()
     }
 
     fn key(&self, destination: &str, event_id: &str) -> Vec<u8> {

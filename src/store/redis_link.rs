@@ -14,7 +14,6 @@
 //! `EXISTS` and `SET NX` are safe to repeat. A connection that stops answering is dropped too, and
 //! the next request connects again.
 
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -50,8 +49,6 @@ pub(super) struct RedisLink {
     current: std::sync::Mutex<Current>,
     /// Held by the one caller that connects while the others wait for its connection.
     connecting: Mutex<()>,
-    /// Whether a connection was ever made.
-    reached: AtomicBool,
 }
 
 /// The connection in use, if any (none until the first request, and after one broke), how many
@@ -88,13 +85,18 @@ impl RedisLink {
             tls,
             current: std::sync::Mutex::new(Current::default()),
             connecting: Mutex::new(()),
-            reached: AtomicBool::new(false),
         })
     }
 
-    /// Whether Redis has been reached since start, by any request.
-    pub(super) fn reached(&self) -> bool {
-        self.reached.load(Ordering::Relaxed)
+    /// Why Redis has not been reached since start, by any request, while it has not: the last
+    /// connect's error, if one was tried.
+    pub(super) fn unreachable(&self) -> Option<String> {
+        let current = self.lock_current();
+        if current.made > 0 {
+            return None;
+        }
+        let why = current.failed.as_ref().map(|(_, error)| error.as_str());
+        Some(why.unwrap_or("not connected yet").to_string())
     }
 
     /// The URL without its password, for logs.
@@ -179,7 +181,6 @@ impl RedisLink {
                 current.made += 1;
                 current.connection = Some(connection.clone());
                 current.failed = None;
-                self.reached.store(true, Ordering::Relaxed);
                 Ok((current.made, connection))
             }
             Err(error) => {
