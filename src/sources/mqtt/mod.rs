@@ -80,7 +80,7 @@ trait Connection: Send + 'static {
     /// the request channel (they would go out on the next connection), and returns the
     /// PUBLISHes the lost connection read but did not hand out yet, which only the next CONNACK
     /// says whether the broker sends again.
-    fn forget_lost(&mut self) -> Vec<Received>;
+    fn after_loss(&mut self) -> Vec<Received>;
 }
 
 /// What a poll yields that courier cares about.
@@ -428,7 +428,7 @@ async fn drive(
                     _ = tokio::time::sleep(delay) => {}
                     _ = finish.cancelled() => return,
                 }
-                left_behind.extend(connection.forget_lost());
+                left_behind.extend(connection.after_loss());
                 Ok(())
             }
         };

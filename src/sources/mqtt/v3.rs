@@ -102,7 +102,7 @@ impl Connection for V3Connection {
         self.eventloop.mqtt_options = self.brokers[index].clone();
     }
 
-    fn forget_lost(&mut self) -> Vec<Received> {
+    fn after_loss(&mut self) -> Vec<Received> {
         // clean() takes the PUBACKs out of the request channel, as rumqttc does at the loss;
         // a PUBACK that was waiting for room in the channel then may have landed since.
         self.eventloop.clean();

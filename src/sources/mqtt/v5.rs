@@ -129,7 +129,7 @@ impl Connection for V5Connection {
         self.eventloop.options = self.brokers[index].clone();
     }
 
-    fn forget_lost(&mut self) -> Vec<Received> {
+    fn after_loss(&mut self) -> Vec<Received> {
         // As in v3.rs.
         self.eventloop.clean();
         let mut left = Vec::new();
