@@ -19,7 +19,7 @@ use axum::Json;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::AdminConfig;
-use crate::deadletters::{self, Filter, ReplayOptions};
+use crate::deadletters::{self, Filter, ReplayQuery};
 use crate::delivery::Deliverer;
 use crate::destination::Destinations;
 use crate::shutdown::Shutdown;
@@ -331,18 +331,49 @@ fn store_error(e: crate::store::StoreError) -> Response {
     (status, e.to_string()).into_response()
 }
 
-async fn list(State(s): State<AdminState>, Query(filter): Query<Filter>) -> Response {
-    match deadletters::list(&s.deliverer, &filter) {
-        Ok(letters) => Json(letters).into_response(),
-        Err(e) => store_error(e),
+/// How many letters `GET /dead-letters` answers when the request gives no `limit`.
+pub const LIST_PAGE: usize = 1_000;
+
+/// The largest `limit` `GET /dead-letters` takes: a page is built in memory, and a dead-letter
+/// tree can hold far more letters than the worker should hold at once.
+pub const LIST_PAGE_MAX: usize = 10_000;
+
+/// One page of the matching letters; when it is full, `Link: <...>; rel="next"` gives the
+/// request for the next one.
+async fn list(State(s): State<AdminState>, Query(mut filter): Query<Filter>) -> Response {
+    let limit = filter.limit.unwrap_or(LIST_PAGE);
+    if limit > LIST_PAGE_MAX {
+        return (
+            StatusCode::BAD_REQUEST,
+            format!(
+                "limit: at most {LIST_PAGE_MAX} letters a page; ask for the next page with \
+                 after=<the last key of this one>\n"
+            ),
+        )
+            .into_response();
     }
+    filter.limit = Some(limit);
+    let letters = match deadletters::list(&s.deliverer, &filter) {
+        Ok(letters) => letters,
+        Err(e) => return store_error(e),
+    };
+    let mut response = Json(&letters).into_response();
+    if let Some(last) = letters.last().filter(|_| letters.len() == limit) {
+        filter.after = last.key.parse().ok();
+        let link = serde_urlencoded::to_string(&filter).ok().and_then(|query| {
+            format!("</dead-letters?{query}>; rel=\"next\"")
+                .parse()
+                .ok()
+        });
+        if let Some(link) = link {
+            response.headers_mut().insert(header::LINK, link);
+        }
+    }
+    response
 }
 
-async fn replay(
-    State(s): State<AdminState>,
-    Query(filter): Query<Filter>,
-    Query(options): Query<ReplayOptions>,
-) -> Response {
+async fn replay(State(s): State<AdminState>, Query(query): Query<ReplayQuery>) -> Response {
+    let (filter, options) = query.split();
     let destinations = s.destinations.current();
     let replayed = deadletters::replay(&s.deliverer, &destinations, &filter, options);
     // Dropping the replay at a stop keeps the letters it has not replayed yet.

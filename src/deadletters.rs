@@ -7,11 +7,15 @@ use serde::Serialize;
 
 use crate::delivery::{Deliverer, Origin, Settled};
 use crate::destination::DestinationSet;
-use crate::store::{DeadLetter, DeadLetterKind, StoreError};
+use crate::store::{DeadLetter, DeadLetterKind, LetterKey, StoreError};
 
-/// Which dead letters a command applies to; empty matches all.
+/// Which dead letters a command applies to: those after `after` (all when `None`) that match
+/// `destination` and `id`, oldest first, at most `limit` of them (no limit when `None`).
+///
+/// Unknown fields are refused: through the admin port, a misspelt `destination` in a purge
+/// would otherwise purge every letter.
 #[derive(Debug, Clone, Default, serde::Deserialize, Serialize)]
-#[serde(default)]
+#[serde(default, deny_unknown_fields)]
 pub struct Filter {
     /// Only letters of this destination.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -19,6 +23,12 @@ pub struct Filter {
     /// Only the letter with this key (as listed) or these letters of this event id.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub id: Option<String>,
+    /// Only letters after this key (as listed): where the next page of a listing starts.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub after: Option<LetterKey>,
+    /// At most this many letters, the oldest that match.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub limit: Option<usize>,
 }
 
 impl Filter {
@@ -49,22 +59,83 @@ pub struct ReplayResult {
     pub detail: String,
 }
 
-/// The letters that match, oldest first.
+/// How many letters a purge or a replay reads from the store at a time.
+const PAGE: usize = 256;
+
+/// The letters that match, oldest first. With no `limit`, every match is held in memory: a
+/// caller facing a large tree pages with `limit` and `after`.
 pub fn list(deliverer: &Deliverer, filter: &Filter) -> Result<Vec<DeadLetter>, StoreError> {
-    Ok(deliverer
-        .store()
-        .dead_letters()?
-        .into_iter()
-        .filter(|l| filter.matches(l))
-        .collect())
+    deliverer.store().scan_dead_letters(
+        filter.after.as_ref(),
+        None,
+        filter.limit.unwrap_or(usize::MAX),
+        |l| filter.matches(l),
+    )
+}
+
+/// The matching letters, one page at a time, oldest first, up to the letter that was newest
+/// when the pages began: letters dead-lettered meanwhile are not taken in, so a replay or a
+/// purge ends even while new letters keep coming.
+struct Pages<'a> {
+    deliverer: &'a Deliverer,
+    filter: &'a Filter,
+    after: Option<LetterKey>,
+    until: Option<LetterKey>,
+    left: usize,
+}
+
+impl<'a> Pages<'a> {
+    fn new(deliverer: &'a Deliverer, filter: &'a Filter) -> Result<Pages<'a>, StoreError> {
+        let until = deliverer.store().newest_dead_letter()?;
+        Ok(Pages {
+            deliverer,
+            filter,
+            after: filter.after,
+            left: if until.is_some() {
+                filter.limit.unwrap_or(usize::MAX)
+            } else {
+                0
+            },
+            until,
+        })
+    }
+
+    /// The next page; `None` once every matching letter was handed out.
+    fn next(&mut self) -> Result<Option<Vec<DeadLetter>>, StoreError> {
+        if self.left == 0 {
+            return Ok(None);
+        }
+        let store = self.deliverer.store();
+        let want = self.left.min(PAGE);
+        let page =
+            store.scan_dead_letters(self.after.as_ref(), self.until.as_ref(), want, |l| {
+                self.filter.matches(l)
+            })?;
+        // A short page is the last one.
+        self.left = if page.len() < want {
+            0
+        } else {
+            self.left - page.len()
+        };
+        if let Some(last) = page.last() {
+            self.after = Some(last.key.parse().map_err(|why| StoreError::Corrupt {
+                path: store.path().to_string(),
+                message: why,
+            })?);
+        }
+        Ok((!page.is_empty()).then_some(page))
+    }
 }
 
 /// Removes the letters that match; returns how many.
 pub async fn purge(deliverer: &Deliverer, filter: &Filter) -> Result<usize, StoreError> {
     let mut removed = 0;
-    for letter in list(deliverer, filter)? {
-        if deliverer.store().remove_dead_letter(&letter.key)? {
-            removed += 1;
+    let mut pages = Pages::new(deliverer, filter)?;
+    while let Some(page) = pages.next()? {
+        for letter in page {
+            if deliverer.store().remove_dead_letter(&letter.key)? {
+                removed += 1;
+            }
         }
     }
     deliverer.store().try_commit().await?;
@@ -77,6 +148,40 @@ pub async fn purge(deliverer: &Deliverer, filter: &Filter) -> Result<usize, Stor
 pub struct ReplayOptions {
     /// Go through an open circuit and past the rate limit (`--force`, `?force=true`).
     pub force: bool,
+}
+
+/// The query of `POST /dead-letters/replay`: a [`Filter`] and the [`ReplayOptions`], unknown
+/// fields refused (serde cannot refuse them across two flattened structs).
+#[derive(Debug, Clone, Default, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ReplayQuery {
+    pub destination: Option<String>,
+    pub id: Option<String>,
+    pub after: Option<LetterKey>,
+    pub limit: Option<usize>,
+    pub force: bool,
+}
+
+impl ReplayQuery {
+    /// Which letters, and how.
+    pub fn split(self) -> (Filter, ReplayOptions) {
+        let ReplayQuery {
+            destination,
+            id,
+            after,
+            limit,
+            force,
+        } = self;
+        (
+            Filter {
+                destination,
+                id,
+                after,
+                limit,
+            },
+            ReplayOptions { force },
+        )
+    }
 }
 
 /// How long a replay waits for a failing store before it answers with the store's error.
@@ -95,94 +200,113 @@ pub async fn replay(
     options: ReplayOptions,
 ) -> Result<Vec<ReplayResult>, StoreError> {
     let mut results = Vec::new();
-    for letter in list(deliverer, filter)? {
-        let mut result = ReplayResult {
-            key: letter.key.clone(),
-            event_id: letter.event_id.clone(),
-            destination: letter.destination.clone(),
-            outcome: "skipped".into(),
-            detail: String::new(),
-        };
-        let Some(stored) = letter.event.clone() else {
-            result.detail = format!(
-                "cannot replay: the message could not be parsed ({}); its raw bytes are kept \
-                 (list --json shows them): fix the producer and publish it again",
-                letter.reason
-            );
-            results.push(result);
-            continue;
-        };
-        let event = stored.to_event();
-        let dest = match letter.kind {
-            DeadLetterKind::Unroutable => match destinations.route(&event) {
-                Ok(targets) if targets.len() == 1 => Some(targets[0]),
-                Ok(_) => None,
-                Err(why) => {
-                    result.detail = format!("cannot replay: {why}");
-                    results.push(result);
-                    continue;
-                }
-            },
-            _ => letter
-                .destination
-                .as_deref()
-                .and_then(|d| destinations.get(d)),
-        };
-        let Some(dest) = dest else {
-            result.detail = format!(
-                "cannot replay: destination {:?} is not configured",
-                letter
-                    .destination
-                    .as_deref()
-                    .or(event.destination_id.as_deref())
-                    .unwrap_or("")
-            );
-            results.push(result);
-            continue;
-        };
-        result.destination = Some(dest.id().to_string());
-        let origin = Origin::Replay {
-            letter: &letter,
-            force: options.force,
-        };
-        // The attempt waits for a failing store as a queue message's would; the operator gets
-        // an error instead once it has failed for a while. Dropping the attempt then is safe:
-        // its letter stays until a later replay, which dedup keeps from POSTing twice once the
-        // delivery was recorded.
-        let store = deliverer.store();
-        let settled = tokio::select! {
-            settled = deliverer.attempt(dest, &event, origin) => settled,
-            error = store.failing_for(REPLAY_STORE_PATIENCE) => {
-                // The attempt's wait was what reopened the store once the disk is fixed. Without
-                // someone else doing that, a worker with no message under way would keep its
-                // store closed, and stay not ready, until the next message.
-                let store = store.clone();
-                tokio::spawn(async move { store.commit().await });
-                return Err(error);
-            }
-        };
-        let (outcome, detail) = match settled {
-            Settled::Delivered { status } => ("delivered", format!("HTTP {status}")),
-            Settled::Duplicate => (
-                "delivered",
-                "already delivered earlier; letter removed".into(),
-            ),
-            Settled::StillDead { reason, .. } => ("failed", reason),
-            Settled::Blocked { reason } => (
-                "blocked",
-                format!(
-                    "not attempted: {reason}; the letter stays (replay it again then, or force it \
-                     with --force, ?force=true on the admin port)"
-                ),
-            ),
-            // A replay waits for its token and its slot, and its failures keep the letter: it
-            // ends in one of the four above.
-            other => ("failed", format!("{other:?}")),
-        };
-        result.outcome = outcome.into();
-        result.detail = detail;
-        results.push(result);
+    let mut pages = Pages::new(deliverer, filter)?;
+    while let Some(page) = pages.next()? {
+        for letter in &page {
+            results.push(replay_one(deliverer, destinations, letter, options).await?);
+        }
     }
     deliverer.store().try_commit().await?;
     Ok(results)
+}
+
+/// Replays one letter (see [`replay`]).
+async fn replay_one(
+    deliverer: &Deliverer,
+    destinations: &DestinationSet,
+    letter: &DeadLetter,
+    options: ReplayOptions,
+) -> Result<ReplayResult, StoreError> {
+    let mut result = ReplayResult {
+        key: letter.key.clone(),
+        event_id: letter.event_id.clone(),
+        destination: letter.destination.clone(),
+        outcome: "skipped".into(),
+        detail: String::new(),
+    };
+    let Some(stored) = letter.event.clone() else {
+        result.detail = format!(
+            "cannot replay: the message could not be parsed ({}); its raw bytes are kept \
+             (list --json shows them): fix the producer and publish it again",
+            letter.reason
+        );
+        return Ok(result);
+    };
+    let event = stored.to_event();
+    let dest = match letter.kind {
+        // Routed again, with the configuration of now.
+        DeadLetterKind::Unroutable | DeadLetterKind::Crashed => match destinations.route(&event) {
+            Ok(targets) if targets.len() == 1 => Some(targets[0]),
+            Ok(targets) if targets.len() > 1 => {
+                result.detail = format!(
+                    "cannot replay: the event routes to {} destinations and a replay goes to \
+                     one; publish it again",
+                    targets.len()
+                );
+                return Ok(result);
+            }
+            Ok(_) => None,
+            Err(why) => {
+                result.detail = format!("cannot replay: {why}");
+                return Ok(result);
+            }
+        },
+        _ => letter
+            .destination
+            .as_deref()
+            .and_then(|d| destinations.get(d)),
+    };
+    let Some(dest) = dest else {
+        result.detail = format!(
+            "cannot replay: destination {:?} is not configured",
+            letter
+                .destination
+                .as_deref()
+                .or(event.destination_id.as_deref())
+                .unwrap_or("")
+        );
+        return Ok(result);
+    };
+    result.destination = Some(dest.id().to_string());
+    let origin = Origin::Replay {
+        letter,
+        force: options.force,
+    };
+    // The attempt waits for a failing store as a queue message's would; the operator gets
+    // an error instead once it has failed for a while. Dropping the attempt then is safe:
+    // its letter stays until a later replay, which dedup keeps from POSTing twice once the
+    // delivery was recorded.
+    let store = deliverer.store();
+    let settled = tokio::select! {
+        settled = deliverer.attempt(dest, &event, origin) => settled,
+        error = store.failing_for(REPLAY_STORE_PATIENCE) => {
+            // The attempt's wait was what reopened the store once the disk is fixed. Without
+            // someone else doing that, a worker with no message under way would keep its
+            // store closed, and stay not ready, until the next message.
+            let store = store.clone();
+            tokio::spawn(async move { store.commit().await });
+            return Err(error);
+        }
+    };
+    let (outcome, detail) = match settled {
+        Settled::Delivered { status } => ("delivered", format!("HTTP {status}")),
+        Settled::Duplicate => (
+            "delivered",
+            "already delivered earlier; letter removed".into(),
+        ),
+        Settled::StillDead { reason, .. } => ("failed", reason),
+        Settled::Blocked { reason } => (
+            "blocked",
+            format!(
+                "not attempted: {reason}; the letter stays (replay it again then, or force it \
+                 with --force, ?force=true on the admin port)"
+            ),
+        ),
+        // A replay waits for its token and its slot, and its failures keep the letter: it
+        // ends in one of the four above.
+        other => ("failed", format!("{other:?}")),
+    };
+    result.outcome = outcome.into();
+    result.detail = detail;
+    Ok(result)
 }

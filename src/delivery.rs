@@ -376,9 +376,12 @@ impl Deliverer {
             letter.last_status = status;
             letter.reason = format!("replay failed: {reason}");
             letter.at_ms = millis(SystemTime::now());
-            store
+            let kept = store
                 .until_stored(|| store.update_dead_letter(&letter))
                 .await;
+            if !kept {
+                tracing::info!(destination = %name, "the dead letter was purged during its replay; it stays purged");
+            }
             return Settled::StillDead { status, reason };
         }
         let retry = &dest.config().retry;

@@ -65,9 +65,8 @@ enum Command {
 enum DeadLetterAction {
     /// List dead letters, oldest first.
     List {
-        /// Only this destination's letters.
-        #[arg(long)]
-        destination: Option<String>,
+        #[command(flatten)]
+        select: Select,
         /// One JSON array instead of text lines (includes the events and raw bodies).
         #[arg(long)]
         json: bool,
@@ -75,25 +74,45 @@ enum DeadLetterAction {
     /// Attempt matching letters again now, through each destination's circuit and rate limit;
     /// delivered ones leave the list. Exit 1 if any was not delivered.
     Replay {
-        /// Only this destination's letters.
-        #[arg(long)]
-        destination: Option<String>,
-        /// Only the letter with this key (as listed) or event id.
-        #[arg(long)]
-        id: Option<String>,
+        #[command(flatten)]
+        select: Select,
         /// Go through an open circuit and past the rate limit.
         #[arg(long)]
         force: bool,
     },
     /// Delete matching letters (all by default).
     Purge {
-        /// Only this destination's letters.
-        #[arg(long)]
-        destination: Option<String>,
-        /// Only the letter with this key (as listed) or event id.
-        #[arg(long)]
-        id: Option<String>,
+        #[command(flatten)]
+        select: Select,
     },
+}
+
+/// Which letters a dead-letter command applies to (all by default).
+#[derive(clap::Args)]
+struct Select {
+    /// Only this destination's letters.
+    #[arg(long)]
+    destination: Option<String>,
+    /// Only the letter with this key (as listed) or the letters of this event id.
+    #[arg(long)]
+    id: Option<String>,
+    /// Only letters after this key (as listed), to go on where an earlier command stopped.
+    #[arg(long, value_name = "KEY")]
+    after: Option<courier::store::LetterKey>,
+    /// At most this many letters, the oldest that match.
+    #[arg(long, value_name = "N")]
+    limit: Option<usize>,
+}
+
+impl Select {
+    fn filter(self) -> courier::deadletters::Filter {
+        courier::deadletters::Filter {
+            destination: self.destination,
+            id: self.id,
+            after: self.after,
+            limit: self.limit,
+        }
+    }
 }
 
 /// jemalloc instead of glibc's malloc: each HTTP request makes three allocations larger than the
@@ -205,7 +224,7 @@ async fn run(config: Config, path: &std::path::Path) -> Result<(), Error> {
 
 /// Runs a dead-letter command on the store, or through the running worker's admin port.
 async fn dead_letters(config: Config, action: DeadLetterAction) -> Result<ExitCode, String> {
-    use courier::deadletters::{self, Filter, ReplayOptions, ReplayResult};
+    use courier::deadletters::{self, ReplayOptions, ReplayResult};
     use courier::store::{DeadLetter, StoreError};
 
     let local = match courier::open_for_commands(&config).await {
@@ -246,62 +265,83 @@ async fn dead_letters(config: Config, action: DeadLetterAction) -> Result<ExitCo
         Some(token) => request.bearer_auth(token),
         None => request,
     };
+    if local.is_none() {
+        worker_takes_pages(authorized(client.get(admin("/dead-letters")?))).await?;
+    }
     match action {
-        DeadLetterAction::List { destination, json } => {
-            let filter = Filter {
-                destination: destination.clone(),
-                id: None,
+        DeadLetterAction::List { select, json } => {
+            use serde::ser::{SerializeSeq, Serializer};
+            use std::io::Write;
+
+            // Page by page, each printed before the next is read: a tree of millions of
+            // letters never sits in this process's memory, nor in the worker's.
+            let filter = select.filter();
+            let mut left = filter.limit.unwrap_or(usize::MAX);
+            let mut page_filter = filter.clone();
+            let mut text_out = (!json).then(|| std::io::BufWriter::new(std::io::stdout()));
+            let mut json_out = json.then(|| {
+                serde_json::Serializer::pretty(std::io::BufWriter::new(std::io::stdout()))
+            });
+            let mut array = match &mut json_out {
+                Some(json_out) => Some(json_out.serialize_seq(None).map_err(|e| e.to_string())?),
+                None => None,
             };
-            let letters: Vec<DeadLetter> = match &local {
-                Some((deliverer, _)) => {
-                    deadletters::list(deliverer, &filter).map_err(|e| e.to_string())?
-                }
-                None => {
-                    ask_worker(authorized(
-                        client.get(admin("/dead-letters")?).query(&filter),
-                    ))
-                    .await?
-                }
-            };
-            if json {
-                println!(
-                    "{}",
-                    serde_json::to_string_pretty(&letters).map_err(|e| e.to_string())?
-                );
-            } else {
+            let mut count = 0usize;
+            while left > 0 {
+                let want = left.min(courier::admin::LIST_PAGE);
+                page_filter.limit = Some(want);
+                let letters: Vec<DeadLetter> = match &local {
+                    Some((deliverer, _)) => {
+                        deadletters::list(deliverer, &page_filter).map_err(|e| e.to_string())?
+                    }
+                    None => {
+                        ask_worker(authorized(
+                            client.get(admin("/dead-letters")?).query(&page_filter),
+                        ))
+                        .await?
+                    }
+                };
                 for l in &letters {
-                    println!(
-                        "{}  {}  {:?}  destination={}  event={}  attempts={}  status={}  {}",
-                        l.key,
-                        courier::sender::format_time(
-                            std::time::UNIX_EPOCH + std::time::Duration::from_millis(l.at_ms)
-                        ),
-                        l.kind,
-                        l.destination.as_deref().unwrap_or("-"),
-                        l.event_id.as_deref().unwrap_or("-"),
-                        l.attempts,
-                        l.last_status
-                            .map(|s| s.to_string())
-                            .unwrap_or_else(|| "-".into()),
-                        l.reason
-                    );
-                    if let Some(properties) = &l.properties {
-                        println!("    mqtt5: {properties}");
+                    if let Some(array) = &mut array {
+                        array.serialize_element(l).map_err(|e| e.to_string())?;
+                    }
+                    if let Some(out) = &mut text_out {
+                        print_letter(out, l).map_err(|e| format!("writing the list: {e}"))?;
                     }
                 }
-                println!("{} dead letter(s)", letters.len());
+                count += letters.len();
+                left = left.saturating_sub(letters.len());
+                match letters.last() {
+                    Some(last) if letters.len() == want => {
+                        let last = last.key.parse()?;
+                        if page_filter.after.is_some_and(|after| last <= after) {
+                            return Err(format!(
+                                "the letters after {last} came back again; the list is cut short"
+                            ));
+                        }
+                        page_filter.after = Some(last);
+                    }
+                    _ => break,
+                }
             }
+            if let Some(array) = array {
+                array.end().map_err(|e| e.to_string())?;
+            }
+            let written = match (json_out, text_out) {
+                (Some(json_out), _) => {
+                    let mut out = json_out.into_inner();
+                    writeln!(out).and_then(|()| out.flush())
+                }
+                (None, Some(mut out)) => {
+                    writeln!(out, "{count} dead letter(s)").and_then(|()| out.flush())
+                }
+                (None, None) => Ok(()),
+            };
+            written.map_err(|e| format!("writing the list: {e}"))?;
             Ok(ExitCode::SUCCESS)
         }
-        DeadLetterAction::Replay {
-            destination,
-            id,
-            force,
-        } => {
-            let filter = Filter {
-                destination: destination.clone(),
-                id: id.clone(),
-            };
+        DeadLetterAction::Replay { select, force } => {
+            let filter = select.filter();
             let options = ReplayOptions { force };
             let results: Vec<ReplayResult> = match &local {
                 Some((deliverer, destinations)) => {
@@ -323,8 +363,9 @@ async fn dead_letters(config: Config, action: DeadLetterAction) -> Result<ExitCo
             };
             for r in &results {
                 println!(
-                    "{:9} event={} destination={}  {}",
+                    "{:9} key={} event={} destination={}  {}",
                     r.outcome,
+                    r.key,
                     r.event_id.as_deref().unwrap_or("-"),
                     r.destination.as_deref().unwrap_or("-"),
                     r.detail
@@ -341,11 +382,8 @@ async fn dead_letters(config: Config, action: DeadLetterAction) -> Result<ExitCo
                 ExitCode::FAILURE
             })
         }
-        DeadLetterAction::Purge { destination, id } => {
-            let filter = Filter {
-                destination: destination.clone(),
-                id: id.clone(),
-            };
+        DeadLetterAction::Purge { select } => {
+            let filter = select.filter();
             let purged = match &local {
                 Some((deliverer, _)) => deadletters::purge(deliverer, &filter)
                     .await
@@ -362,6 +400,62 @@ async fn dead_letters(config: Config, action: DeadLetterAction) -> Result<ExitCo
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// One line of `dead-letters list`, and a second with the MQTT 5 properties a letter kept.
+fn print_letter(
+    out: &mut impl std::io::Write,
+    l: &courier::store::DeadLetter,
+) -> std::io::Result<()> {
+    writeln!(
+        out,
+        "{}  {}  {:?}  destination={}  event={}  attempts={}  status={}  {}",
+        l.key,
+        courier::sender::format_time(
+            std::time::UNIX_EPOCH + std::time::Duration::from_millis(l.at_ms)
+        ),
+        l.kind,
+        l.destination.as_deref().unwrap_or("-"),
+        l.event_id.as_deref().unwrap_or("-"),
+        l.attempts,
+        l.last_status
+            .map(|s| s.to_string())
+            .unwrap_or_else(|| "-".into()),
+        l.reason
+    )?;
+    if let Some(properties) = &l.properties {
+        writeln!(out, "    mqtt5: {properties}")?;
+    }
+    Ok(())
+}
+
+/// Checks that the running worker takes `after` and `limit`. A worker older than them ignores
+/// them: it would purge or replay every matching letter where `--limit` asked for a few, and
+/// answer every page of a listing with the whole list. One that takes them refuses the `after`
+/// of this probe (`400`); an older one answers it (`200`, no letter has that id).
+async fn worker_takes_pages(request: reqwest::RequestBuilder) -> Result<(), String> {
+    let response = request
+        .query(&[("id", "\u{0}probe"), ("after", "-"), ("limit", "0")])
+        .send()
+        .await
+        .map_err(|e| format!("asking the running worker: {e}"))?;
+    let status = response.status();
+    if status == reqwest::StatusCode::BAD_REQUEST {
+        return Ok(());
+    }
+    if status.is_success() {
+        return Err(
+            "the running worker is older than this command and would ignore its \
+                    selection by --after and --limit; restart the worker with this version \
+                    first"
+                .into(),
+        );
+    }
+    let why = response.text().await.unwrap_or_default();
+    Err(format!(
+        "the running worker answered {status}: {}",
+        why.trim()
+    ))
 }
 
 /// Sends a dead-letter request to the running worker's admin port and decodes its JSON answer;

@@ -20,7 +20,7 @@ use tracing::Instrument as _;
 use crate::config::ExpiredAction;
 use crate::delivery::{Deliverer, Origin, Recorded};
 use crate::destination::Destinations;
-use crate::event::{self, SourceKind};
+use crate::event::{self, Inbound, SourceKind};
 use crate::properties::Expiry;
 use crate::shutdown::Shutdown;
 use crate::sources::{Acker, Delivery};
@@ -98,7 +98,7 @@ impl Pipeline {
             );
             tasks.spawn(
                 async move {
-                    this.handle(delivery).await;
+                    this.handle_guarded(delivery).await;
                     this.stats.in_flight.dec();
                     drop(permit);
                 }
@@ -130,23 +130,70 @@ impl Pipeline {
         }
     }
 
-    /// One message, start to ack.
-    async fn handle(&self, delivery: Delivery) {
+    /// One message, start to ack, with a panic of its handling caught. A message whose
+    /// handling panicked would otherwise stay unacked for good: RabbitMQ keeps it (and its
+    /// prefetch slot) until the channel closes, and MQTT's in-order PUBACKs hold back every
+    /// later message of the connection. Redelivering it would panic again, so it becomes a
+    /// dead letter instead (`crashed`), and is acked.
+    async fn handle_guarded(&self, delivery: Delivery) {
+        use futures_util::FutureExt as _;
         let Delivery { inbound, acker } = delivery;
+        let mut acker = Some(acker);
+        let handled = std::panic::AssertUnwindSafe(self.handle(&inbound, &mut acker))
+            .catch_unwind()
+            .await;
+        if let Err(panic) = handled {
+            let what = panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "no message".into());
+            drop(panic);
+            self.after_panic(&inbound, &mut acker, &what).await;
+        }
+    }
+
+    /// Keeps a message whose handling panicked as a `crashed` dead letter and acks it. The
+    /// letter holds the event when it parses again (so a replay can route it), and the raw
+    /// bytes in any case. Writes made before the panic (a dedup record, a retry entry) stay:
+    /// a replay skips what they say was delivered.
+    async fn after_panic(&self, inbound: &Inbound, acker: &mut Option<Acker>, what: &str) {
+        if acker.is_none() {
+            tracing::error!(panic = what, "handling a message panicked after its ack");
+            return;
+        }
+        tracing::error!(panic = what, "handling a message panicked: dead-lettered (crashed) and acked, so it is not redelivered to panic again; please report it");
+        let reason = format!(
+            "courier failed while handling this message (it panicked: {what}); kept here \
+             instead of being redelivered: please report it"
+        );
+        let max = self.max_payload_bytes;
+        let parsed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            event::parse(inbound, max).ok()
+        }));
+        let letter = DeadLetter::crashed(inbound, parsed.ok().flatten().as_ref(), reason, max);
+        self.dead_letter_and_ack(vec![letter], acker).await;
+    }
+
+    /// One message, start to ack; `acker` is taken when the message is acked.
+    async fn handle(&self, inbound: &Inbound, acker: &mut Option<Acker>) {
         Stats::inc(&self.stats.received);
         self.received_by_source[inbound.source as usize].inc();
-        let mut event = match event::parse(&inbound, self.max_payload_bytes) {
+        let mut event = match event::parse(inbound, self.max_payload_bytes) {
             Ok(event) => event,
             Err(bad) => {
                 tracing::warn!(reason = %bad, transport_topic = %inbound.topic, "bad input: dead-lettered and acked");
                 let letter =
-                    DeadLetter::bad_input(&inbound, bad.to_string(), self.max_payload_bytes);
+                    DeadLetter::bad_input(inbound, bad.to_string(), self.max_payload_bytes);
                 self.dead_letter_and_ack(vec![letter], acker).await;
                 return;
             }
         };
+        #[cfg(test)]
+        if event.topic == tests::PANIC_TOPIC {
+            panic!("asked to by a test");
+        }
         let expiry = inbound.expiry;
-        drop(inbound);
         let span = tracing::Span::current();
         span.record("event_id", event.id.as_str());
         span.record("topic", event.topic.as_str());
@@ -244,7 +291,7 @@ impl Pipeline {
         self.ack(acker).await;
     }
 
-    async fn dead_letter_and_ack(&self, letters: Vec<DeadLetter>, acker: Acker) {
+    async fn dead_letter_and_ack(&self, letters: Vec<DeadLetter>, acker: &mut Option<Acker>) {
         for _ in &letters {
             Stats::inc(&self.stats.dead_lettered);
         }
@@ -273,7 +320,11 @@ impl Pipeline {
         reopened
     }
 
-    async fn ack(&self, acker: Acker) {
+    /// Acks the message, once: `acker` is empty afterwards.
+    async fn ack(&self, acker: &mut Option<Acker>) {
+        let Some(acker) = acker.take() else {
+            return;
+        };
         match acker.ack().await {
             Ok(()) => Stats::inc(&self.stats.acked),
             Err(error) => {
@@ -287,7 +338,118 @@ impl Pipeline {
 fn report_panic(result: Result<(), tokio::task::JoinError>) {
     if let Err(e) = result {
         if e.is_panic() {
-            tracing::error!(error = %e, "a delivery task panicked; its message stays unacked and will be redelivered");
+            tracing::error!(error = %e, "a delivery task panicked while keeping a crashed message; that message stays unacked until its channel or connection closes");
         }
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use std::time::{Duration, SystemTime};
+
+    use tokio::sync::mpsc;
+
+    use super::*;
+    use crate::config::{Config, Format};
+    use crate::sources::{AckFuture, AckHandle};
+    use crate::store::Store;
+
+    /// The topic whose events make [`Pipeline::handle`] panic in this crate's tests.
+    pub(crate) const PANIC_TOPIC: &str = "courier.test.panic";
+
+    /// Says which message was acked.
+    struct Named(mpsc::UnboundedSender<&'static str>, &'static str);
+
+    impl AckHandle for Named {
+        fn ack(self: Box<Self>) -> AckFuture {
+            let _ = self.0.send(self.1);
+            Box::pin(async { Ok(()) })
+        }
+    }
+
+    fn delivery(
+        acks: &mpsc::UnboundedSender<&'static str>,
+        id: &'static str,
+        topic: &str,
+    ) -> Delivery {
+        Delivery {
+            inbound: Inbound {
+                source: SourceKind::Mqtt,
+                format: Format::Auto,
+                body: bytes::Bytes::from(format!(
+                    r#"{{"id":"{id}","topic":"{topic}","data":{{"n":1}}}}"#
+                )),
+                topic: topic.to_string(),
+                message_id: None,
+                headers: Vec::new(),
+                received_at: SystemTime::now(),
+                properties: None,
+                expiry: None,
+            },
+            acker: Acker::new(Named(acks.clone(), id)),
+        }
+    }
+
+    /// A message whose handling panics is kept as a `crashed` dead letter and acked, and the
+    /// messages after it go on: before, it stayed unacked for good, which under MQTT's in-order
+    /// PUBACKs held back every later message of the connection.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_message_whose_handling_panics_is_dead_lettered_and_acked() {
+        crate::install_crypto_provider();
+        let dir = tempfile::tempdir().expect("tempdir");
+        // Nothing listens on port 9: the other messages fail, get a retry entry, and are acked.
+        let config = Config::from_toml(&format!(
+            "[rabbitmq]\nurl = \"amqp://127.0.0.1\"\nqueue = \"q\"\n[store]\npath = {:?}\n\
+             [[destinations]]\nname = \"d\"\nurl = \"http://127.0.0.1:9/\"\n",
+            dir.path().join("store")
+        ))
+        .expect("config");
+        let store = Store::start(&config.store).expect("store");
+        let stats = Arc::new(Stats::default());
+        let deliverer = Arc::new(Deliverer::new(store.clone(), stats.clone()));
+        let pipeline = Arc::new(Pipeline::new(
+            Arc::new(Destinations::from_config(&config, &stats).expect("destinations")),
+            deliverer,
+            config.service.max_payload_bytes,
+            stats.clone(),
+        ));
+        let (tx, rx) = mpsc::channel(8);
+        let (acks_tx, mut acks) = mpsc::unbounded_channel();
+        for (id, topic) in [
+            ("P1", PANIC_TOPIC),
+            ("N1", "t"),
+            ("P2", PANIC_TOPIC),
+            ("N2", "t"),
+        ] {
+            tx.send(delivery(&acks_tx, id, topic)).await.expect("send");
+        }
+        drop(tx);
+        // One at a time: a message the panic left unsettled would hold the only slot.
+        let run = pipeline.run(rx, Shutdown::new(), 1, Duration::from_secs(5));
+        tokio::time::timeout(Duration::from_secs(30), run)
+            .await
+            .expect("the pipeline went on past the panics");
+        let mut acked = Vec::new();
+        while let Ok(id) = acks.try_recv() {
+            acked.push(id);
+        }
+        assert_eq!(acked, ["P1", "N1", "P2", "N2"]);
+        assert_eq!(stats.in_flight.get(), 0);
+        let letters = store.dead_letters().expect("letters");
+        assert_eq!(letters.len(), 2, "{letters:?}");
+        for (letter, id) in letters.iter().zip(["P1", "P2"]) {
+            assert_eq!(letter.kind, DeadLetterKind::Crashed);
+            assert_eq!(letter.event_id.as_deref(), Some(id));
+            assert!(letter.event.is_some(), "the event is kept for a replay");
+            assert!(
+                letter.reason.contains("panicked: asked to by a test"),
+                "{}",
+                letter.reason
+            );
+            let raw = letter.raw().expect("raw bytes");
+            assert!(String::from_utf8_lossy(&raw).contains(id));
+        }
+        assert_eq!(store.pending_retries(), 2, "N1 and N2 wait for a retry");
+        store.close().await.expect("close");
     }
 }

@@ -32,7 +32,7 @@ use std::time::Duration;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-pub use records::{millis, DeadLetter, DeadLetterKind, RetryRecord, StoredEvent};
+pub use records::{millis, DeadLetter, DeadLetterKind, LetterKey, RetryRecord, StoredEvent};
 
 use crate::backoff::ReconnectBackoff;
 use crate::config::{DedupBackend, StoreConfig};

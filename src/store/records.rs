@@ -25,6 +25,9 @@ pub enum DeadLetterKind {
     Exhausted,
     /// Its MQTT 5 `message-expiry-interval` passed before the POST (`mqtt.expired`).
     Expired,
+    /// Handling it panicked: a bug in courier. Kept rather than redelivered, which would panic
+    /// again.
+    Crashed,
 }
 
 /// An attempt still to make: kept in the retry tree, ordered by `next_at_ms`.
@@ -118,6 +121,48 @@ impl StoredEvent {
     }
 }
 
+/// A dead letter's key, as listed (32 hex digits: the time it was dead-lettered and a sequence
+/// number), parsed: where a paged listing goes on (`after`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct LetterKey(pub(crate) [u8; 16]);
+
+impl std::str::FromStr for LetterKey {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<LetterKey, String> {
+        let bad = || format!("{text:?} is not a dead-letter key (32 hex digits, as listed)");
+        if text.len() != 32 || !text.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(bad());
+        }
+        let mut key = [0u8; 16];
+        for (i, byte) in key.iter_mut().enumerate() {
+            *byte = u8::from_str_radix(&text[2 * i..2 * i + 2], 16).map_err(|_| bad())?;
+        }
+        Ok(LetterKey(key))
+    }
+}
+
+impl TryFrom<String> for LetterKey {
+    type Error = String;
+
+    fn try_from(text: String) -> Result<LetterKey, String> {
+        text.parse()
+    }
+}
+
+impl From<LetterKey> for String {
+    fn from(key: LetterKey) -> String {
+        key.to_string()
+    }
+}
+
+impl std::fmt::Display for LetterKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.iter().try_for_each(|b| write!(f, "{b:02x}"))
+    }
+}
+
 /// One dead letter: what failed, why, and what is needed to deliver it again.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct DeadLetter {
@@ -179,6 +224,24 @@ impl DeadLetter {
             raw_truncated: kept.len() < body.len(),
             properties: inbound.properties.clone(),
         }
+    }
+
+    /// A message whose handling panicked: its raw bytes (the first `keep` of them, as for bad
+    /// input), and its event when it parsed, so that a replay can route it again.
+    pub fn crashed(
+        inbound: &crate::event::Inbound,
+        event: Option<&Event>,
+        reason: String,
+        keep: usize,
+    ) -> DeadLetter {
+        let mut letter = DeadLetter::bad_input(inbound, reason, keep);
+        letter.kind = DeadLetterKind::Crashed;
+        if let Some(event) = event {
+            letter.event_id = Some(event.id.clone());
+            letter.topic = Some(event.topic.clone());
+            letter.event = Some(StoredEvent::from_event(event));
+        }
+        letter
     }
 
     /// A parsed event that cannot go (further) to `destination`.

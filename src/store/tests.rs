@@ -283,10 +283,102 @@ async fn dead_letters_round_trip() {
     assert_eq!(all[0].key.len(), 32);
     let mut changed = all[0].clone();
     changed.attempts = 3;
-    store.update_dead_letter(&changed).unwrap();
+    assert!(store.update_dead_letter(&changed).unwrap());
     assert_eq!(store.dead_letters().unwrap()[0].attempts, 3);
     assert!(store.remove_dead_letter(&changed.key).unwrap());
     assert!(store.dead_letters().unwrap().is_empty());
+}
+
+fn event_letter(id: &str, destination: &str) -> DeadLetter {
+    let inbound = crate::event::Inbound {
+        source: SourceKind::Rabbitmq,
+        format: crate::config::Format::Auto,
+        body: bytes::Bytes::from(format!(r#"{{"id":"{id}","topic":"t","data":{{}}}}"#)),
+        topic: "t".into(),
+        message_id: None,
+        headers: Vec::new(),
+        received_at: std::time::SystemTime::now(),
+        properties: None,
+        expiry: None,
+    };
+    let event = crate::event::parse(&inbound, 1 << 20).expect("parse");
+    DeadLetter::for_event(
+        &event,
+        DeadLetterKind::Failed,
+        Some(destination),
+        "HTTP 400".into(),
+        1,
+        Some(400),
+    )
+}
+
+#[tokio::test]
+async fn dead_letters_are_read_a_page_at_a_time() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = Store::open(&config(dir.path(), Duration::from_secs(60))).expect("open");
+    assert_eq!(store.newest_dead_letter().expect("newest"), None);
+    for i in 0..10 {
+        let destination = if i % 2 == 0 { "even" } else { "odd" };
+        store
+            .dead_letter(&event_letter(&format!("e{i}"), destination))
+            .expect("dead letter");
+    }
+    let all = store.dead_letters().expect("all");
+    let ids: Vec<_> = all.iter().map(|l| l.event_id.clone().unwrap()).collect();
+    assert_eq!(ids, (0..10).map(|i| format!("e{i}")).collect::<Vec<_>>());
+    let key = |i: usize| {
+        all[i]
+            .key
+            .parse::<LetterKey>()
+            .expect("a listed key parses")
+    };
+    assert_eq!(key(3).to_string(), all[3].key);
+    assert_eq!(store.newest_dead_letter().expect("newest"), Some(key(9)));
+
+    // After e2, the odd ones, three of them.
+    let page = store
+        .scan_dead_letters(Some(&key(2)), None, 3, |l| {
+            l.destination.as_deref() == Some("odd")
+        })
+        .expect("page");
+    let ids: Vec<_> = page.iter().map(|l| l.event_id.clone().unwrap()).collect();
+    assert_eq!(ids, ["e3", "e5", "e7"]);
+    // Up to and including e6.
+    let page = store
+        .scan_dead_letters(Some(&key(4)), Some(&key(6)), 100, |_| true)
+        .expect("page");
+    let ids: Vec<_> = page.iter().map(|l| l.event_id.clone().unwrap()).collect();
+    assert_eq!(ids, ["e5", "e6"]);
+    assert!(store
+        .scan_dead_letters(None, None, 0, |_| true)
+        .expect("empty page")
+        .is_empty());
+
+    // A replay's update of a letter a purge removed meanwhile does not bring it back.
+    let mut replayed = all[0].clone();
+    replayed.attempts = 2;
+    assert!(store.remove_dead_letter(&replayed.key).expect("purge"));
+    assert!(!store.update_dead_letter(&replayed).expect("update"));
+    assert_eq!(store.dead_letters().expect("all").len(), 9);
+    assert!(store
+        .update_dead_letter(&{
+            let mut l = all[1].clone();
+            l.attempts = 5;
+            l
+        })
+        .expect("update"));
+    assert_eq!(store.dead_letters().expect("all")[0].attempts, 5);
+
+    for bad in [
+        "",
+        "zz",
+        &"0".repeat(31),
+        &"g".repeat(32),
+        &"é".repeat(16),
+        &"+0".repeat(16),
+    ] {
+        assert!(bad.parse::<LetterKey>().is_err(), "{bad:?}");
+    }
 }
 
 /// A worker's store (with its background flush) whose flush waits `interval`.

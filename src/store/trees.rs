@@ -6,7 +6,7 @@ use std::time::SystemTime;
 
 use super::db::Handles;
 use super::dedup_table::{key_hash, DedupTable};
-use super::records::{millis, DeadLetter, RetryRecord};
+use super::records::{millis, DeadLetter, LetterKey, RetryRecord};
 use super::{Store, StoreError};
 
 impl RetryRecord {
@@ -263,15 +263,22 @@ impl Store {
         Ok(out)
     }
 
-    /// Replaces the dead letter stored under `key` (its hex form, as listed).
-    pub fn update_dead_letter(&self, letter: &DeadLetter) -> Result<(), StoreError> {
+    /// Replaces the dead letter stored under `key` (its hex form, as listed), if it is still
+    /// there; returns whether it was. A replay that failed must not bring back a letter a purge
+    /// removed while the attempt ran.
+    pub fn update_dead_letter(&self, letter: &DeadLetter) -> Result<bool, StoreError> {
         let h = self.handles()?;
         let key = unhex(&letter.key)
             .ok_or_else(|| self.corrupt(format!("bad dead-letter key {:?}", letter.key)))?;
         let value = serde_json::to_vec(letter).map_err(|e| self.corrupt(e.to_string()))?;
-        h.dead.insert(key, value).map_err(|e| self.err(e))?;
-        self.wrote(&h);
-        Ok(())
+        let was = h
+            .dead
+            .fetch_and_update(key, |old| old.map(|_| value.clone()))
+            .map_err(|e| self.err(e))?;
+        if was.is_some() {
+            self.wrote(&h);
+        }
+        Ok(was.is_some())
     }
 
     /// Removes the dead letter stored under `key` (its hex form, as listed).
@@ -285,11 +292,30 @@ impl Store {
         Ok(removed)
     }
 
-    /// Every dead letter, oldest first.
+    /// Every dead letter, oldest first (for tests and small stores: it holds them all in memory).
     pub fn dead_letters(&self) -> Result<Vec<DeadLetter>, StoreError> {
+        self.scan_dead_letters(None, None, usize::MAX, |_| true)
+    }
+
+    /// Up to `limit` dead letters that `keep` accepts, oldest first, from just after `after`
+    /// (from the oldest when `None`) up to and including `until`. Reads the tree one letter at
+    /// a time, so a command on a large tree holds one page in memory, not the tree.
+    pub fn scan_dead_letters(
+        &self,
+        after: Option<&LetterKey>,
+        until: Option<&LetterKey>,
+        limit: usize,
+        mut keep: impl FnMut(&DeadLetter) -> bool,
+    ) -> Result<Vec<DeadLetter>, StoreError> {
+        use std::ops::Bound;
         let h = self.handles()?;
         let mut out = Vec::new();
-        for item in h.dead.iter() {
+        if limit == 0 {
+            return Ok(out);
+        }
+        let lower = after.map_or(Bound::Unbounded, |k| Bound::Excluded(k.0));
+        let upper = until.map_or(Bound::Unbounded, |k| Bound::Included(k.0));
+        for item in h.dead.range::<[u8; 16], _>((lower, upper)) {
             let (key, value) = item.map_err(|e| self.err(e))?;
             let mut letter: DeadLetter =
                 serde_json::from_slice(&value).map_err(|e| StoreError::Corrupt {
@@ -297,9 +323,22 @@ impl Store {
                     message: format!("dead letter {}: {e}", hex(&key)),
                 })?;
             letter.key = hex(&key);
-            out.push(letter);
+            if keep(&letter) {
+                out.push(letter);
+                if out.len() >= limit {
+                    break;
+                }
+            }
         }
         Ok(out)
+    }
+
+    /// The key of the newest dead letter: where a replay or a purge stops, so that letters
+    /// dead-lettered while it runs are not taken into it.
+    pub fn newest_dead_letter(&self) -> Result<Option<LetterKey>, StoreError> {
+        let h = self.handles()?;
+        let last = h.dead.last().map_err(|e| self.err(e))?;
+        Ok(last.and_then(|(key, _)| <[u8; 16]>::try_from(key.as_ref()).ok().map(LetterKey)))
     }
 
     /// Drops expired dedup records when they hold most of the dedup table's slots in use (a

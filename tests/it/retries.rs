@@ -447,6 +447,236 @@ async fn dead_letter_cli_lists_replays_and_purges_offline_and_through_a_running_
     assert_eq!((counts["D1"], counts["D2"], counts["D3"]), (1, 1, 1));
 }
 
+/// A worker of a version before `after` and `limit` would ignore them and purge every letter:
+/// the CLI finds out first and refuses.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_refuses_to_page_through_a_worker_that_ignores_pages() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let dir = tempfile::tempdir().unwrap();
+    // An "old worker": holds the store, and answers every admin request 200 with no letters.
+    let _held = open_store(&dir.path().join("store"));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let admin_port = listener.local_addr().unwrap().port();
+    let requests = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let seen = requests.clone();
+    tokio::spawn(async move {
+        while let Ok((mut socket, _)) = listener.accept().await {
+            let mut head = vec![0u8; 4096];
+            let n = socket.read(&mut head).await.unwrap_or(0);
+            let line = String::from_utf8_lossy(&head[..n]);
+            let line = line.lines().next().unwrap_or_default().to_string();
+            seen.lock().unwrap().push(line);
+            let _ = socket
+                .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\n[]")
+                .await;
+        }
+    });
+    let config = ConfigBuilder::new(dir.path().join("store"))
+        .admin(admin_port)
+        .rabbitmq(Rabbit::queue("unused"))
+        .destination(Dest::new("d", "http://127.0.0.1:9/"));
+    let cfg_path = dir.path().join("courier.toml");
+    std::fs::write(&cfg_path, config.toml()).unwrap();
+    let (code, out, err) = tokio::task::spawn_blocking(move || {
+        run_cli(&["dead-letters", "purge", "--limit", "1"], &cfg_path)
+    })
+    .await
+    .unwrap();
+    assert_eq!(code, 1, "{out}");
+    assert!(err.contains("older than this command"), "{err}");
+    let requests = requests.lock().unwrap().clone();
+    assert_eq!(requests.len(), 1, "only the probe: {requests:?}");
+    assert!(
+        requests[0].starts_with("GET /dead-letters?"),
+        "{requests:?}"
+    );
+}
+
+/// The event ids of `dead-letters list` text lines, in order.
+fn listed_ids(out: &str) -> Vec<String> {
+    out.lines()
+        .filter_map(|line| line.split("  event=").nth(1))
+        .filter_map(|rest| rest.split_whitespace().next())
+        .map(str::to_string)
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_dead_letter_tree_is_listed_replayed_and_purged_in_pages() {
+    const LETTERS: usize = 2_500;
+    let _brokers = brokers().await;
+    let rx = Receiver::start().await;
+    let (queue, dir, pub_) = setup("pages").await;
+    let admin_port = free_port();
+    let config = ConfigBuilder::new(dir.path().join("store"))
+        .admin(admin_port)
+        .rabbitmq(Rabbit::queue(&queue))
+        .destination(Dest::new("pg", &rx.url("/pg")));
+    let cfg_path = dir.path().join("courier.toml");
+    std::fs::write(&cfg_path, config.toml()).unwrap();
+
+    // More letters than one page of the admin port (1,000) or of a replay (256).
+    {
+        let store = open_store(&dir.path().join("store"));
+        for i in 0..LETTERS {
+            let inbound = courier::event::Inbound {
+                source: courier::event::SourceKind::Rabbitmq,
+                format: courier::config::Format::Auto,
+                body: bytes::Bytes::from(event(&format!("P{i:04}"), "t")),
+                topic: "t".into(),
+                message_id: None,
+                headers: Vec::new(),
+                received_at: std::time::SystemTime::now(),
+                properties: None,
+                expiry: None,
+            };
+            let event = courier::event::parse(&inbound, 1 << 20).unwrap();
+            let letter = courier::store::DeadLetter::for_event(
+                &event,
+                DeadLetterKind::Failed,
+                Some("pg"),
+                "HTTP 400".into(),
+                1,
+                Some(400),
+            );
+            store.dead_letter(&letter).unwrap();
+        }
+        store.try_commit().await.unwrap();
+        store.close().await.unwrap();
+    }
+    let id = |i: usize| format!("P{i:04}");
+
+    // Through a running worker's admin port: pages of 1,000, each leading to the next.
+    let worker = spawn(&config, dir.path());
+    pub_.wait_consumers(&queue, 1).await;
+    install_crypto_provider();
+    let client = reqwest::Client::new();
+    let base = format!("http://127.0.0.1:{admin_port}");
+    let mut url = format!("{base}/dead-letters");
+    let mut seen = Vec::new();
+    let mut pages = 0;
+    loop {
+        let response = client.get(&url).send().await.unwrap();
+        assert_eq!(response.status(), 200);
+        let link = response
+            .headers()
+            .get("link")
+            .map(|v| v.to_str().unwrap().to_string());
+        let letters: Vec<serde_json::Value> = response.json().await.unwrap();
+        pages += 1;
+        seen.extend(
+            letters
+                .iter()
+                .map(|l| l["event_id"].as_str().unwrap().to_string()),
+        );
+        let Some(link) = link else { break };
+        assert_eq!(letters.len(), 1_000, "a page with a next one is full");
+        let path = link
+            .strip_prefix('<')
+            .and_then(|l| l.strip_suffix(">; rel=\"next\""))
+            .unwrap_or_else(|| panic!("a next link: {link}"));
+        url = format!("{base}{path}");
+    }
+    assert_eq!(pages, 3);
+    assert_eq!(seen, (0..LETTERS).map(id).collect::<Vec<_>>());
+    let response = client
+        .get(format!("{base}/dead-letters?limit=10001"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 400);
+    assert!(response.text().await.unwrap().contains("at most 10000"));
+    let response = client
+        .get(format!("{base}/dead-letters?after=zz"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 400);
+    assert!(response
+        .text()
+        .await
+        .unwrap()
+        .contains("not a dead-letter key"));
+    // A misspelt parameter is refused, not taken for "every letter".
+    let response = client
+        .post(format!("{base}/dead-letters/purge?destinaton=pg"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 400);
+    assert!(response.text().await.unwrap().contains("destinaton"));
+    // The CLI pages through the worker too, and prints one JSON array.
+    let (code, out, err) = tokio::task::spawn_blocking({
+        let p = cfg_path.clone();
+        move || run_cli(&["dead-letters", "list", "--json"], &p)
+    })
+    .await
+    .unwrap();
+    assert_eq!(code, 0, "{err}");
+    let letters: Vec<serde_json::Value> = serde_json::from_str(&out).unwrap();
+    assert_eq!(letters.len(), LETTERS);
+    let keys: Vec<String> = letters
+        .iter()
+        .map(|l| l["key"].as_str().unwrap().to_string())
+        .collect();
+    drop(worker);
+
+    // Offline: a window of the list, a replay of the oldest five, purges in two steps.
+    let (code, out, err) = run_cli(
+        &[
+            "dead-letters",
+            "list",
+            "--after",
+            &keys[1_499],
+            "--limit",
+            "3",
+        ],
+        &cfg_path,
+    );
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(listed_ids(&out), [id(1_500), id(1_501), id(1_502)], "{out}");
+    assert!(out.contains("3 dead letter(s)"), "{out}");
+    let (code, out, err) = run_cli(&["dead-letters", "list", "--after", "123"], &cfg_path);
+    assert_eq!(code, 2, "{out}");
+    assert!(err.contains("not a dead-letter key"), "{err}");
+    let (code, out, _) = run_cli(&["dead-letters", "replay", "--limit", "5"], &cfg_path);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("5 of 5 replayed letter(s) delivered"), "{out}");
+    assert!(
+        out.contains(&format!("key={} event={}", keys[4], id(4))),
+        "each line names its letter, for --after: {out}"
+    );
+    let mut delivered: Vec<String> = rx.delivered_counts().into_keys().collect();
+    delivered.sort();
+    assert_eq!(delivered, (0..5).map(id).collect::<Vec<_>>());
+    let (code, out, _) = run_cli(
+        &[
+            "dead-letters",
+            "purge",
+            "--destination",
+            "pg",
+            "--limit",
+            "1000",
+        ],
+        &cfg_path,
+    );
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("1000 dead letter(s) purged"), "{out}");
+    let (code, out, _) = run_cli(&["dead-letters", "list", "--limit", "1"], &cfg_path);
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(
+        listed_ids(&out),
+        [id(1_005)],
+        "the oldest 1,000 left went: {out}"
+    );
+    let (code, out, _) = run_cli(&["dead-letters", "purge"], &cfg_path);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("1495 dead letter(s) purged"), "{out}");
+    let (code, out, _) = run_cli(&["dead-letters", "list"], &cfg_path);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("0 dead letter(s)"), "{out}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cli_says_what_to_do_when_the_store_is_busy_and_no_admin_port_is_set() {
     let _brokers = brokers().await;
