@@ -254,7 +254,7 @@ async fn metrics(State(s): State<AdminState>) -> Response {
     use crate::stats::DestinationLabel;
     let mut registry = s.deliverer.stats().registry();
     let store = s.deliverer.store();
-    // Counted at scrape time; sled counts by walking the tree, which is fine at scrape rates.
+    // The store keeps these counts as it writes (src/store/counts.rs): no tree is walked here.
     let pending: Gauge = Gauge::default();
     pending.set(store.pending_retries() as i64);
     registry.register(

@@ -10,6 +10,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, SystemTime};
 
+use super::counts::Counts;
 use super::dedup_table::{joined_key_hash, DedupTable};
 use super::records::millis;
 use super::StoreError;
@@ -37,6 +38,8 @@ pub(super) struct Handles {
     pub(super) retries: sled::Tree,
     /// `destination ++ 0 ++ event id` → its key in `retries`: one pending retry per pair.
     pub(super) retry_index: sled::Tree,
+    /// How many entries `dead` and `retry_index` hold, kept as they are written.
+    pub(super) counts: Counts,
 }
 
 /// The database slot: open, or closed and waiting to be opened.
@@ -249,13 +252,16 @@ fn open_handles(config: &StoreConfig, path: &str) -> Result<Handles, StoreError>
         // Redis holds the record; a `delivered` tree of an earlier version stays as it was.
         DedupBackend::Redis => None,
     };
+    let dead = db.open_tree("dead").map_err(sled_err)?;
+    let retry_index = db.open_tree("retry_index").map_err(sled_err)?;
     Ok(Handles {
         log: Arc::new(log),
         dedup,
         sled_dirty: std::sync::atomic::AtomicBool::new(false),
-        dead: db.open_tree("dead").map_err(sled_err)?,
+        counts: Counts::read(&dead, &retry_index).map_err(sled_err)?,
+        dead,
         retries: db.open_tree("retries").map_err(sled_err)?,
-        retry_index: db.open_tree("retry_index").map_err(sled_err)?,
+        retry_index,
         db,
     })
 }

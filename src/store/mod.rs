@@ -17,6 +17,7 @@
 //! module is what lets it be swapped.
 
 mod commit;
+mod counts;
 mod db;
 mod dedup;
 mod dedup_table;

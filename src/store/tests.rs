@@ -199,6 +199,73 @@ async fn retries_are_ordered_unique_per_pair_and_survive_reopen() {
     assert_eq!(all, vec!["a", "c"]);
 }
 
+/// The counts `/metrics` reads follow every write, and agree with a walk of the trees after a
+/// reopen.
+#[tokio::test]
+async fn retry_and_dead_letter_counts_follow_the_writes() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cfg = config(dir.path(), Duration::from_secs(60));
+    let rec = |destination: &str, id: &str, at: u64| RetryRecord {
+        destination: destination.into(),
+        event: stored(id),
+        attempts: 1,
+        next_at_ms: at,
+        last_status: Some(503),
+        last_error: "HTTP 503".into(),
+    };
+    let walked = |store: &Store| {
+        let h = store.handles().expect("open");
+        (h.retry_index.len(), h.dead.len())
+    };
+    {
+        let store = Store::open(&cfg).expect("open");
+        for (i, id) in ["a", "b", "c"].iter().enumerate() {
+            store.schedule_retry(&rec("d", id, i as u64)).unwrap();
+        }
+        store.schedule_retry(&rec("e", "z", 5)).unwrap();
+        store.schedule_retry(&rec("e", "y", 6)).unwrap();
+        // A reschedule replaces; it adds nothing.
+        let moved = rec("d", "a", 100);
+        store.schedule_retry(&moved).unwrap();
+        store.remove_retry("e", "z").unwrap();
+        store.remove_retry("e", "nothing").unwrap();
+        store.remove_retry_record(&moved).unwrap();
+        // Its entry is gone already: removing it again changes nothing.
+        store.remove_retry_record(&moved).unwrap();
+        store.remove_retry_record(&rec("d", "b", 999)).unwrap();
+        for i in 0..4 {
+            store
+                .dead_letter(&event_letter(&format!("x{i}"), "d"))
+                .unwrap();
+        }
+        let first = store.dead_letters().unwrap()[0].key.clone();
+        assert!(store.remove_dead_letter(&first).unwrap());
+        assert!(!store.remove_dead_letter(&first).unwrap());
+        // The index entry of b pointed at its own key (at 1), not at 999: b stays.
+        assert_eq!(
+            store.pending_retries_by_destination().unwrap(),
+            vec![("d".to_string(), 2), ("e".to_string(), 1)]
+        );
+        assert_eq!(store.pending_retries(), 3);
+        assert_eq!(store.dead_letter_count(), 3);
+        assert_eq!(walked(&store), (3, 3));
+        store.remove_retry("e", "y").unwrap();
+        assert_eq!(
+            store.pending_retries_by_destination().unwrap(),
+            vec![("d".to_string(), 2)],
+            "a destination with none left is not listed"
+        );
+        store.try_commit().await.unwrap();
+    }
+    let store = open_again(&cfg);
+    assert_eq!(
+        store.pending_retries_by_destination().unwrap(),
+        vec![("d".to_string(), 2)]
+    );
+    assert_eq!(store.dead_letter_count(), 3);
+    assert_eq!(walked(&store), (2, 3));
+}
+
 #[tokio::test]
 async fn a_store_that_cannot_open_waits_and_recovers() {
     let dir = tempfile::tempdir().expect("tempdir");

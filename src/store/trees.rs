@@ -117,7 +117,13 @@ impl Store {
             path: self.inner.db.path().to_string(),
             message: e.to_string(),
         })?;
-        h.dead.insert(key, value).map_err(|e| self.err(e))?;
+        if h.dead
+            .insert(key, value)
+            .map_err(|e| self.err(e))?
+            .is_none()
+        {
+            h.counts.dead_added();
+        }
         self.wrote(&h);
         Ok(())
     }
@@ -134,14 +140,17 @@ impl Store {
         h.retries
             .insert(key.as_slice(), value)
             .map_err(|e| self.err(e))?;
-        if let Some(old) = h
+        match h
             .retry_index
             .insert(pair.as_slice(), key.as_slice())
             .map_err(|e| self.err(e))?
         {
-            if old.as_ref() != key.as_slice() {
-                h.retries.remove(old).map_err(|e| self.err(e))?;
+            Some(old) => {
+                if old.as_ref() != key.as_slice() {
+                    h.retries.remove(old).map_err(|e| self.err(e))?;
+                }
             }
+            None => h.counts.retry_added(&record.destination),
         }
         self.wrote(&h);
         Ok(())
@@ -152,6 +161,7 @@ impl Store {
         let h = self.handles()?;
         let pair = dedup_key(destination, event_id);
         if let Some(key) = h.retry_index.remove(pair).map_err(|e| self.err(e))? {
+            h.counts.retry_removed(destination);
             h.retries.remove(key).map_err(|e| self.err(e))?;
         }
         self.wrote(&h);
@@ -165,10 +175,13 @@ impl Store {
         let key = record.key();
         h.retries.remove(key.as_slice()).map_err(|e| self.err(e))?;
         let pair = dedup_key(&record.destination, &record.event.id);
-        let _ = h
+        let swapped = h
             .retry_index
             .compare_and_swap(pair, Some(key.as_slice()), None::<&[u8]>)
             .map_err(|e| self.err(e))?;
+        if swapped.is_ok() {
+            h.counts.retry_removed(&record.destination);
+        }
         self.wrote(&h);
         Ok(())
     }
@@ -215,7 +228,7 @@ impl Store {
         }
     }
 
-    /// Destinations that have pending retries (one pass over the index).
+    /// Destinations that have pending retries.
     pub fn retry_destinations(&self) -> Result<Vec<String>, StoreError> {
         Ok(self
             .pending_retries_by_destination()?
@@ -224,30 +237,22 @@ impl Store {
             .collect())
     }
 
-    /// Pending retries per destination, by name (one pass over the index); a destination that a
-    /// reload removed is listed too, its retries kept until it comes back.
+    /// Pending retries per destination, by name; a destination that a reload removed is listed
+    /// too, its retries kept until it comes back.
     pub fn pending_retries_by_destination(&self) -> Result<Vec<(String, usize)>, StoreError> {
-        let h = self.handles()?;
-        let mut out: Vec<(String, usize)> = Vec::new();
-        for item in h.retry_index.iter() {
-            let (pair, _) = item.map_err(|e| self.err(e))?;
-            let name = pair.split(|b| *b == 0).next().unwrap_or(&[]);
-            match out.last_mut() {
-                Some((last, n)) if last.as_bytes() == name => *n += 1,
-                _ => out.push((String::from_utf8_lossy(name).into_owned(), 1)),
-            }
-        }
-        Ok(out)
+        Ok(self.handles()?.counts.retries())
     }
 
     /// Dead letters kept.
     pub fn dead_letter_count(&self) -> usize {
-        self.handles().map(|h| h.dead.len()).unwrap_or(0)
+        self.handles().map(|h| h.counts.dead()).unwrap_or(0)
     }
 
     /// Pending retries.
     pub fn pending_retries(&self) -> usize {
-        self.handles().map(|h| h.retry_index.len()).unwrap_or(0)
+        self.handles()
+            .map(|h| h.counts.retries_total())
+            .unwrap_or(0)
     }
 
     /// Every pending retry, by destination and then time.
@@ -287,6 +292,7 @@ impl Store {
         let raw = unhex(key).ok_or_else(|| self.corrupt(format!("bad dead-letter key {key:?}")))?;
         let removed = h.dead.remove(raw).map_err(|e| self.err(e))?.is_some();
         if removed {
+            h.counts.dead_removed();
             self.wrote(&h);
         }
         Ok(removed)
