@@ -374,8 +374,7 @@ async fn list(State(s): State<AdminState>, Query(mut filter): Query<Filter>) -> 
 
 async fn replay(State(s): State<AdminState>, Query(query): Query<ReplayQuery>) -> Response {
     let (filter, options) = query.split();
-    let destinations = s.destinations.current();
-    let replayed = deadletters::replay(&s.deliverer, &destinations, &filter, options);
+    let replayed = deadletters::replay(&s.deliverer, &s.destinations, &filter, options);
     // Dropping the replay at a stop keeps the letters it has not replayed yet.
     let replayed = tokio::select! {
         replayed = replayed => replayed,

@@ -6,7 +6,7 @@ use std::time::Duration;
 use serde::Serialize;
 
 use crate::delivery::{Deliverer, Origin, Settled};
-use crate::destination::DestinationSet;
+use crate::destination::{DestinationSet, Destinations};
 use crate::store::{DeadLetter, DeadLetterKind, LetterKey, StoreError};
 
 /// Which dead letters a command applies to: those after `after` (all when `None`) that match
@@ -192,10 +192,11 @@ pub const REPLAY_STORE_PATIENCE: Duration = Duration::from_secs(10);
 /// dedup record); a failed one stays, with its attempts, status and reason updated; one its
 /// destination's open circuit blocked stays as it was. A store that keeps failing for
 /// [`REPLAY_STORE_PATIENCE`] ends the replay with [`StoreError::Failing`]; the letters it had
-/// not reached stay as they were.
+/// not reached stay as they were. Each letter goes by the destinations in force when its turn
+/// comes: a replay of many letters may outlast a reload.
 pub async fn replay(
     deliverer: &Deliverer,
-    destinations: &DestinationSet,
+    destinations: &Destinations,
     filter: &Filter,
     options: ReplayOptions,
 ) -> Result<Vec<ReplayResult>, StoreError> {
@@ -203,7 +204,8 @@ pub async fn replay(
     let mut pages = Pages::new(deliverer, filter)?;
     while let Some(page) = pages.next()? {
         for letter in &page {
-            results.push(replay_one(deliverer, destinations, letter, options).await?);
+            let set = destinations.current();
+            results.push(replay_one(deliverer, &set, letter, options).await?);
         }
     }
     deliverer.store().try_commit().await?;

@@ -346,8 +346,7 @@ async fn dead_letters(config: Config, action: DeadLetterAction) -> Result<ExitCo
             let results: Vec<ReplayResult> = match &local {
                 Some((deliverer, destinations)) => {
                     let replayed =
-                        deadletters::replay(deliverer, &destinations.current(), &filter, options)
-                            .await;
+                        deadletters::replay(deliverer, destinations, &filter, options).await;
                     deliverer.telemetry().shutdown().await;
                     replayed.map_err(|e| e.to_string())?
                 }

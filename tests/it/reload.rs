@@ -524,3 +524,67 @@ async fn a_change_and_a_sighup_while_courier_waits_to_start_are_taken_once_it_ha
     courier.stop(Duration::from_secs(10)).await;
     courier_testkit::servers::stop(&mut redis);
 }
+
+/// A replay of many letters can outlast a reload; each letter goes where the configuration in
+/// force at its turn says.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replay_that_outlasts_a_reload_sends_each_letter_by_the_config_of_its_turn() {
+    let _brokers = brokers().await;
+    let old = Receiver::start().await;
+    let new = Receiver::start().await;
+    old.set_status(400);
+    let dir = tempfile::tempdir().unwrap();
+    let queue = unique("reload-replay");
+    let port = free_port();
+    let with = |rx: &Receiver| {
+        rabbit_config(&queue, &dir.path().join("store"))
+            .admin(port)
+            .destination(Dest::new("r", &rx.url("/r")))
+    };
+    let publisher = Publisher::connect().await;
+    publisher.declare_queue(&queue).await;
+    let (_courier, path) = start(&with(&old), dir.path());
+    wait_ready(port).await;
+    publish_events(&publisher, &queue, "RR", 0..4).await;
+    eventually("four dead letters", WAIT, || old.arrivals().len() == 4).await;
+
+    // The replay's first POST waits at the old URL while the file changes the destination's URL.
+    old.set_status(200);
+    old.hold();
+    let replay = tokio::spawn(async move {
+        let response = reqwest::Client::new()
+            .post(format!("http://127.0.0.1:{port}/dead-letters/replay"))
+            .send()
+            .await
+            .unwrap();
+        (response.status().as_u16(), response.text().await.unwrap())
+    });
+    eventually(
+        "the first replayed letter reached the old URL",
+        WAIT,
+        || old.arrivals().len() == 5,
+    )
+    .await;
+    rewrite(&path, &with(&new).toml());
+    wait_reloads(port, "applied", 1).await;
+    old.release();
+    let (status, body) = replay.await.unwrap();
+    assert_eq!(status, 200, "{body}");
+    let results: Vec<serde_json::Value> = serde_json::from_str(&body).unwrap();
+    assert!(
+        results.iter().all(|r| r["outcome"] == "delivered"),
+        "{body}"
+    );
+    let delivered_old: Vec<String> = old
+        .requests()
+        .into_iter()
+        .filter(|r| r.status == 200)
+        .map(|r| r.id())
+        .collect();
+    assert_eq!(delivered_old.len(), 1, "only the first, before the reload");
+    let mut all = new.arrivals();
+    assert_eq!(all.len(), 3, "the rest, after it: {all:?}");
+    all.extend(delivered_old);
+    all.sort();
+    assert_eq!(all, ["RR0", "RR1", "RR2", "RR3"]);
+}
