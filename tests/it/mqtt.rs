@@ -38,6 +38,7 @@ both_protocols!(
     poison_mqtt_messages_are_dead_lettered,
     graceful_stop_finishes_in_flight_sends_their_pubacks_and_loses_nothing,
     a_fast_stream_arrives_complete,
+    a_stop_while_the_broker_is_unreachable_does_not_wait_for_it,
 );
 
 /// An envelope with no topic (the MQTT topic name routes it) and this data.
@@ -433,5 +434,33 @@ async fn a_fast_stream_arrives_complete(protocol: MqttProtocol) {
         stats.delivered.load(Ordering::SeqCst),
         stats.unrouted.load(Ordering::SeqCst),
         stats.dead_lettered.load(Ordering::SeqCst)
+    );
+}
+
+/// With no connection up there is no session to end: a stop does not wait for a DISCONNECT
+/// that needs a connect first.
+async fn a_stop_while_the_broker_is_unreachable_does_not_wait_for_it(protocol: MqttProtocol) {
+    let _brokers = brokers().await;
+    let store = tempfile::tempdir().unwrap();
+    // Nothing listens there.
+    let url = format!("mqtt://127.0.0.1:{}", free_port());
+    let config = test_defaults(store.path())
+        .mqtt(mqtt_source_as(&unique("down"), "down/#", protocol).url(&url))
+        .destination(Dest::new("d", "http://127.0.0.1:9/"));
+    let courier = Courier::start(&config);
+    let stats = courier.stats.clone();
+    eventually("a refused connect", WAIT, || {
+        stats
+            .not_ready_reasons()
+            .iter()
+            .any(|r| r.starts_with("mqtt: not connected: "))
+    })
+    .await;
+    let stopping = std::time::Instant::now();
+    courier.stop().await;
+    assert!(
+        stopping.elapsed() < Duration::from_secs(3),
+        "the stop took {:?}",
+        stopping.elapsed()
     );
 }

@@ -227,7 +227,7 @@ impl MqttSource {
             self.stats.clone(),
         ));
         let (seq_tx, seq_rx) = mpsc::unbounded_channel();
-        let sequencer = tokio::spawn(sequence(client.clone(), seq_rx, link));
+        let sequencer = tokio::spawn(sequence(client.clone(), seq_rx, link.clone()));
         let subscriptions = config.subscriptions();
         let mut generation = 0u64;
         let mut next_seq = 0u64;
@@ -322,15 +322,23 @@ impl MqttSource {
         let (flushed_tx, flushed) = oneshot::channel();
         let _ = seq_tx.send(SeqCmd::Flush(flushed_tx));
         let _ = tokio::time::timeout(Duration::from_secs(5), flushed).await;
-        if let Err(error) = client.try_disconnect() {
-            tracing::debug!(%error, "could not queue the MQTT disconnect");
-        }
         let mut driver = driver;
+        // While no connection is up (the broker unreachable, the driver waiting to reconnect),
+        // there is no session to end and no PUBACK to send: a DISCONNECT would wait for a
+        // connect that may never come.
+        let connected = generation != 0 && link.load(Ordering::Acquire) == generation;
+        if !connected {
+            finish.cancel();
+        } else if let Err(error) = client.try_disconnect() {
+            tracing::debug!(%error, "could not queue the MQTT disconnect");
+            finish.cancel();
+        }
         if tokio::time::timeout(Duration::from_secs(5), &mut driver)
             .await
             .is_err()
         {
-            // The DISCONNECT never went out (broker unreachable?): stop the driver anyway.
+            // The DISCONNECT never went out (the connection broke meanwhile?): stop the driver
+            // anyway.
             finish.cancel();
             let _ = driver.await;
         }
