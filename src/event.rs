@@ -388,12 +388,17 @@ fn parse_envelope(inbound: &Inbound, env: &Fields) -> Result<Event, BadInput> {
     if let Some(m) = env.metadata {
         merge_metadata(&mut metadata, m)?;
     }
+    if metadata.len() > MAX_METADATA_KEYS {
+        return Err(too_many_metadata(metadata.len()));
+    }
     let trace = trace::extract(&inbound.headers, &mut metadata);
+    // An empty name is no name: producers that fill every field send "" for "none".
+    let non_empty = |v: Option<String>| v.filter(|v| !v.is_empty());
     Ok(Event {
         id,
         topic,
-        tenant_id: opt_string(env.tenant_id, "tenant_id")?,
-        destination_id: opt_string(env.destination_id, "destination_id")?,
+        tenant_id: non_empty(opt_string(env.tenant_id, "tenant_id")?),
+        destination_id: non_empty(opt_string(env.destination_id, "destination_id")?),
         eligible_for_retry,
         time,
         metadata,
@@ -447,7 +452,11 @@ fn fallback_id(
     data: &str,
     time: Option<&str>,
 ) -> Result<String, BadInput> {
-    match inbound.message_id.as_deref() {
+    match inbound
+        .message_id
+        .as_deref()
+        .map(|mid| mid.trim_matches(' '))
+    {
         Some(mid) if !mid.is_empty() => {
             check_id(mid, "message_id")?;
             Ok(mid.to_string())
@@ -474,9 +483,25 @@ pub fn derive_id(topic: &str, data: &str, time: Option<&str>) -> String {
     id
 }
 
+/// The transport's headers, with the spaces around each value dropped as for metadata.
 fn transport_metadata(inbound: &Inbound) -> BTreeMap<String, String> {
-    inbound.headers.iter().cloned().collect()
+    inbound
+        .headers
+        .iter()
+        .map(|(k, v)| {
+            let trimmed = v.trim_matches(HEADER_SPACE);
+            let v = if trimmed.len() == v.len() {
+                v.clone()
+            } else {
+                trimmed.to_string()
+            };
+            (k.clone(), v)
+        })
+        .collect()
 }
+
+/// What HTTP drops around a header value (RFC 9110 section 5.5), and HTTP/2 refuses there.
+const HEADER_SPACE: &[char] = &[' ', '\t'];
 
 fn merge_metadata(into: &mut BTreeMap<String, String>, raw: &RawValue) -> Result<(), BadInput> {
     if raw.get() == "null" {
@@ -504,7 +529,15 @@ fn merge_metadata(into: &mut BTreeMap<String, String>, raw: &RawValue) -> Result
             BadInput::field(&format!("metadata.{}", k.escape_debug()), e.to_string())
         };
         let value = match json_kind(text) {
-            "string" => serde_json::from_str::<String>(text).map_err(unreadable)?,
+            // The spaces around a value go: a receiver drops them from the header anyway, and
+            // HTTP/2 refuses a value that has them.
+            "string" => {
+                let value = serde_json::from_str::<String>(text).map_err(unreadable)?;
+                match value.trim_matches(HEADER_SPACE) {
+                    trimmed if trimmed.len() == value.len() => value,
+                    trimmed => trimmed.to_string(),
+                }
+            }
             "number" => serde_json::from_str::<serde_json::Number>(text)
                 .map_err(unreadable)?
                 .to_string(),
@@ -530,6 +563,11 @@ fn merge_metadata(into: &mut BTreeMap<String, String>, raw: &RawValue) -> Result
                 &format!("metadata.{}", k.escape_debug()),
                 "is not a valid HTTP header value (control characters such as CR or LF are not allowed)",
             ));
+        }
+        // The envelope wins over a transport header of the same name in any case: header
+        // names are case-insensitive, and both would be sent.
+        if !into.is_empty() {
+            into.retain(|key, _| !key.eq_ignore_ascii_case(&k));
         }
         into.insert(k, value);
     }
@@ -578,9 +616,13 @@ fn opt_id(raw: Option<&RawValue>, field: &str) -> Result<Option<String>, BadInpu
             ))
         }
     };
-    if id.is_empty() {
-        return Ok(None);
-    }
+    // Spaces around an id go: a receiver drops them from `X-Request-Id`, so the partner would
+    // see another id than the one deduplicated and signed. Only spaces counts as no id.
+    let id = match id.trim_matches(' ') {
+        "" => return Ok(None),
+        trimmed if trimmed.len() == id.len() => id,
+        trimmed => trimmed.to_string(),
+    };
     check_id(&id, field)?;
     Ok(Some(id))
 }
@@ -899,6 +941,51 @@ mod tests {
         assert_eq!(e.metadata["f"], "1.50");
         assert_eq!(e.metadata["b"], "false");
         assert!(!e.metadata.contains_key("z"));
+    }
+
+    /// What a partner's HTTP stack would make of the id and the headers is what courier
+    /// deduplicates, signs and sends: spaces around values go, empty names are none, and the
+    /// envelope wins over a header whatever the case of its name.
+    #[test]
+    fn ids_names_and_metadata_are_taken_as_http_will_see_them() {
+        let e = parse(
+            &inbound(r#"{"id":"  e1 ","tenant_id":"","destination_id":"","data":{}}"#),
+            1 << 20,
+        )
+        .expect("valid");
+        assert_eq!(e.id, "e1");
+        assert_eq!((e.tenant_id, e.destination_id), (None, None));
+        let e = parse(&inbound(r#"{"id":"   ","topic":"t","data":{}}"#), 1 << 20).expect("valid");
+        assert!(e.id.starts_with("evt_"), "only spaces is no id: {}", e.id);
+        let e = parse(
+            &inbound(r#"{"x":1,"event_id":" ","EventID":" E-1"}"#),
+            1 << 20,
+        )
+        .expect("valid");
+        assert_eq!(e.id, "E-1");
+        let mut with_message_id = inbound(r#"{"topic":"t","data":{}}"#);
+        with_message_id.message_id = Some(" m-1 ".into());
+        assert_eq!(parse(&with_message_id, 1 << 20).expect("valid").id, "m-1");
+
+        let mut i = inbound(
+            r#"{"id":"a","data":{},"metadata":{"X-From-Header":"env","b":" \tspaced\t "}}"#,
+        );
+        i.headers.push(("x-tabbed".into(), "\tv ".into()));
+        let e = parse(&i, 1 << 20).expect("valid");
+        let keys: Vec<&str> = e.metadata.keys().map(String::as_str).collect();
+        assert_eq!(keys, ["X-From-Header", "b", "x-tabbed"]);
+        assert_eq!(e.metadata["X-From-Header"], "env");
+        assert_eq!(e.metadata["b"], "spaced");
+        assert_eq!(e.metadata["x-tabbed"], "v");
+    }
+
+    /// Headers count toward the limit with or without envelope metadata.
+    #[test]
+    fn too_many_transport_headers() {
+        let mut i = inbound(r#"{"id":"a","data":{}}"#);
+        i.headers = (0..200).map(|n| (format!("h{n}"), "v".into())).collect();
+        let err = parse(&i, 1 << 20).unwrap_err().to_string();
+        assert!(err.contains("200 keys"), "{err}");
     }
 
     #[test]

@@ -18,14 +18,24 @@ use crate::signature::SigningKey;
 use crate::status::{StatusMatch, StatusRules};
 use crate::topic::TopicPattern;
 
-/// Headers that belong to the contract and can be set by neither static headers nor metadata.
-/// `traceparent` and `tracestate` are among them: each attempt sends its own span id
-/// ([`crate::trace`]), and a fixed value would tie every request to one span.
+/// Headers that belong to the contract or to the connection and can be set by neither static
+/// headers nor metadata. `traceparent` and `tracestate` are among them: each attempt sends its
+/// own span id ([`crate::trace`]), and a fixed value would tie every request to one span. The
+/// framing and hop-by-hop ones would make the partner misread the body (`content-encoding`),
+/// refuse it (`expect`), or reach a proxy (`proxy-authorization`).
 pub const RESERVED_HEADERS: &[&str] = &[
     "content-type",
     "content-length",
+    "content-encoding",
     "transfer-encoding",
+    "te",
+    "trailer",
+    "upgrade",
+    "expect",
     "connection",
+    "keep-alive",
+    "proxy-connection",
+    "proxy-authorization",
     "host",
     "x-request-id",
     "x-correlation-id",
