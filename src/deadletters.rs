@@ -236,23 +236,28 @@ async fn replay_one(
     };
     let event = stored.to_event();
     let dest = match letter.kind {
-        // Routed again, with the configuration of now.
-        DeadLetterKind::Unroutable | DeadLetterKind::Crashed => match destinations.route(&event) {
-            Ok(targets) if targets.len() == 1 => Some(targets[0]),
-            Ok(targets) if targets.len() > 1 => {
-                result.detail = format!(
-                    "cannot replay: the event routes to {} destinations and a replay goes to \
-                     one; publish it again",
-                    targets.len()
-                );
-                return Ok(result);
+        // Routed again, with the configuration of now; a crashed attempt at one destination
+        // goes back to that destination, as a failed one does.
+        DeadLetterKind::Unroutable | DeadLetterKind::Crashed
+            if letter.kind == DeadLetterKind::Unroutable || letter.destination.is_none() =>
+        {
+            match destinations.route(&event) {
+                Ok(targets) if targets.len() == 1 => Some(targets[0]),
+                Ok(targets) if targets.len() > 1 => {
+                    result.detail = format!(
+                        "cannot replay: the event routes to {} destinations and a replay goes \
+                         to one; publish it again",
+                        targets.len()
+                    );
+                    return Ok(result);
+                }
+                Ok(_) => None,
+                Err(why) => {
+                    result.detail = format!("cannot replay: {why}");
+                    return Ok(result);
+                }
             }
-            Ok(_) => None,
-            Err(why) => {
-                result.detail = format!("cannot replay: {why}");
-                return Ok(result);
-            }
-        },
+        }
         _ => letter
             .destination
             .as_deref()

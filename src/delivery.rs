@@ -163,6 +163,10 @@ impl Deliverer {
     /// (not yet committed) and counted.
     pub async fn attempt(&self, dest: &Destination, event: &Event, origin: Origin<'_>) -> Settled {
         let _claim = self.claims.claim(dest.id(), &event.id).await;
+        #[cfg(test)]
+        if dest.id().as_str() == tests::PANIC_DESTINATION {
+            panic!("asked to by a test");
+        }
         let store = &self.store;
         if store
             .until_ok(|| store.is_delivered(dest.id().as_str(), &event.id))
@@ -180,6 +184,12 @@ impl Deliverer {
             Gate::Closed
         } else {
             dest.circuit().gate()
+        };
+        // A half-open circuit's probe goes back if this attempt ends without an outcome for the
+        // circuit: an early return, or the attempt dropped (a replay given up, a stop) or
+        // unwound by a panic. Kept out, it would block the destination until a restart.
+        let mut probe = ProbeGuard {
+            circuit: (gate == Gate::Probe).then(|| dest.circuit()),
         };
         if let Gate::Open { retry_at } = gate {
             match origin {
@@ -202,9 +212,7 @@ impl Deliverer {
         }
         if let Some(limiter) = dest.rate_limit().filter(|_| !forced) {
             if let Err(due) = self.token(dest, limiter, origin).await {
-                if gate == Gate::Probe {
-                    dest.circuit().release_probe();
-                }
+                probe.give_back();
                 match origin {
                     Origin::Retry(_) => return Settled::Busy,
                     Origin::Message => {
@@ -224,9 +232,7 @@ impl Deliverer {
             }
         }
         let Some(_permit) = self.slot(dest, origin).await else {
-            if gate == Gate::Probe {
-                dest.circuit().release_probe();
-            }
+            probe.give_back();
             if let Origin::Retry(_) = origin {
                 return Settled::Busy;
             }
@@ -261,6 +267,8 @@ impl Deliverer {
                 throttle(dest, limiter, started, *retry_after);
             }
         }
+        // `settle` gives the circuit its outcome before its first await.
+        probe.circuit = None;
         let settled = self
             .settle(dest, event, origin, outcome, gate == Gate::Probe)
             .await;
@@ -422,8 +430,18 @@ impl Deliverer {
         tracing::warn!(destination = %name, status, %reason, attempts, "delivery failed: dead-lettered");
         let letter =
             DeadLetter::for_event(event, kind, Some(name), reason.clone(), attempts, status);
-        store.until_stored(|| store.dead_letter(&letter)).await;
-        self.remove_origin(origin).await;
+        match origin {
+            // In one store operation, as for a reschedule.
+            Origin::Retry(old) => {
+                store
+                    .until_stored(|| store.dead_letter_in_place_of(&letter, old))
+                    .await;
+            }
+            _ => {
+                store.until_stored(|| store.dead_letter(&letter)).await;
+                self.remove_origin(origin).await;
+            }
+        }
         Settled::DeadLettered { status, reason }
     }
 
@@ -446,15 +464,11 @@ impl Deliverer {
         }
     }
 
-    /// Replaces retry entry `old` by `new`: `new` is scheduled first, so a crash or a store reopen
-    /// in between leaves two entries (one extra attempt, which dedup makes harmless) and never
-    /// none; then `old` is removed by its own key (it may be an entry the index lost track of).
+    /// Replaces retry entry `old` by `new`, in one store operation: a store reopened between two
+    /// would keep only the second write, the removal, and lose the event.
     async fn reschedule(&self, old: &RetryRecord, new: &RetryRecord) {
         let store = &self.store;
-        store.until_stored(|| store.schedule_retry(new)).await;
-        if old.next_at_ms != new.next_at_ms {
-            store.until_stored(|| store.remove_retry_record(old)).await;
-        }
+        store.until_stored(|| store.replace_retry(old, new)).await;
     }
 
     /// Writes `event` to the retry store without an attempt: the destination cannot take it
@@ -578,5 +592,75 @@ impl Drop for Claim<'_> {
             .unwrap_or_else(|p| p.into_inner())
             .remove(&self.key);
         self.claims.released.notify_waiters();
+    }
+}
+/// Gives a half-open circuit's probe back when dropped still holding it.
+struct ProbeGuard<'c> {
+    circuit: Option<&'c crate::circuit::Circuit>,
+}
+
+impl ProbeGuard<'_> {
+    /// Gives the probe back now (before parking an event, which reads the circuit).
+    fn give_back(&mut self) {
+        if let Some(circuit) = self.circuit.take() {
+            circuit.release_probe();
+        }
+    }
+}
+
+impl Drop for ProbeGuard<'_> {
+    fn drop(&mut self) {
+        self.give_back();
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    /// The destination whose attempts panic in this crate's tests.
+    pub(crate) const PANIC_DESTINATION: &str = "courier-test-panic";
+
+    /// A probe attempt that never gets its answer and is given up (a replay dropped, a stop)
+    /// gives the probe back: kept out, the circuit would block its destination until a restart.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_probe_given_up_goes_back_to_the_circuit() {
+        // Takes connections and never answers.
+        let silent = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let port = silent.local_addr().expect("addr").port();
+        tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((socket, _)) = silent.accept().await {
+                held.push(socket);
+            }
+        });
+        let dir = tempfile::tempdir().expect("tempdir");
+        let parts = crate::testing::parts(
+            dir.path(),
+            &format!(
+                "[[destinations]]\nname = \"d\"\nurl = \"http://127.0.0.1:{port}/\"\n\
+                 [destinations.circuit]\nopen_for = \"50ms\"\n"
+            ),
+        );
+        let (store, deliverer) = (parts.store, parts.deliverer);
+        let set = parts.destinations.current();
+        let dest = set.get("d").expect("d");
+        let event = crate::testing::event("p1");
+
+        dest.circuit().open_now("a test");
+        tokio::time::sleep(Duration::from_millis(80)).await;
+        assert!(dest.circuit().probe_ready());
+        let attempt = deliverer.attempt(dest, &event, Origin::Message);
+        let given_up = tokio::time::timeout(Duration::from_millis(300), attempt).await;
+        assert!(given_up.is_err(), "the silent partner answered");
+        assert!(
+            dest.circuit().probe_ready(),
+            "the probe of the dropped attempt is free again"
+        );
+        store.close().await.expect("close");
     }
 }

@@ -34,6 +34,8 @@ pub mod stats;
 pub mod status;
 pub mod store;
 pub mod telemetry;
+#[cfg(test)]
+mod testing;
 pub mod tls;
 pub mod topic;
 pub mod trace;

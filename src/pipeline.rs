@@ -19,13 +19,13 @@ use tracing::Instrument as _;
 
 use crate::config::ExpiredAction;
 use crate::delivery::{Deliverer, Origin, Recorded};
-use crate::destination::Destinations;
-use crate::event::{self, Inbound, SourceKind};
+use crate::destination::{Destination, Destinations};
+use crate::event::{self, Event, Inbound, SourceKind};
 use crate::properties::Expiry;
 use crate::shutdown::Shutdown;
 use crate::sources::{Acker, Delivery};
 use crate::stats::Stats;
-use crate::store::{DeadLetter, DeadLetterKind};
+use crate::store::{crash_reason, panic_message, DeadLetter, DeadLetterKind};
 
 /// Everything a message needs on its way from source to ack.
 pub struct Pipeline {
@@ -143,11 +143,7 @@ impl Pipeline {
             .catch_unwind()
             .await;
         if let Err(panic) = handled {
-            let what = panic
-                .downcast_ref::<&str>()
-                .map(|s| s.to_string())
-                .or_else(|| panic.downcast_ref::<String>().cloned())
-                .unwrap_or_else(|| "no message".into());
+            let what = panic_message(&*panic);
             drop(panic);
             self.after_panic(&inbound, &mut acker, &what).await;
         }
@@ -163,10 +159,7 @@ impl Pipeline {
             return;
         }
         tracing::error!(panic = what, "handling a message panicked: dead-lettered (crashed) and acked, so it is not redelivered to panic again; please report it");
-        let reason = format!(
-            "courier failed while handling this message (it panicked: {what}); kept here \
-             instead of being redelivered: please report it"
-        );
+        let reason = crash_reason(what);
         let max = self.max_payload_bytes;
         let parsed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             event::parse(inbound, max).ok()
@@ -256,18 +249,18 @@ impl Pipeline {
         loop {
             let epoch = store.epoch();
             let recorded = if let [only] = targets[..] {
-                d.attempt(only, &event, Origin::Message).await.recorded()
+                self.attempt(only, &event).await
             } else {
                 // Polled as each one wakes, not all together: `join_all` polls every attempt of
                 // the event whenever one of them wakes, and most of a fanout's attempts wait
                 // for a slot of their destination.
                 let mut attempts: futures_util::stream::FuturesUnordered<_> = targets
                     .iter()
-                    .map(|dest| d.attempt(dest, &event, Origin::Message))
+                    .map(|dest| self.attempt(dest, &event))
                     .collect();
                 let mut recorded = Recorded::Nothing;
                 while let Some(settled) = attempts.next().await {
-                    recorded = recorded.max(settled.recorded());
+                    recorded = recorded.max(settled);
                 }
                 recorded
             };
@@ -289,6 +282,26 @@ impl Pipeline {
             }
         }
         self.ack(acker).await;
+    }
+
+    /// The first attempt of `event` at `dest`. One that panics leaves a `crashed` dead letter
+    /// for that destination and does not touch the event's attempts at the others.
+    async fn attempt(&self, dest: &Destination, event: &Event) -> Recorded {
+        use futures_util::FutureExt as _;
+        let attempt = self.deliverer.attempt(dest, event, Origin::Message);
+        match std::panic::AssertUnwindSafe(attempt).catch_unwind().await {
+            Ok(settled) => settled.recorded(),
+            Err(panic) => {
+                let what = panic_message(&*panic);
+                drop(panic);
+                tracing::error!(destination = %dest.id(), panic = %what, "an attempt panicked: dead-lettered (crashed) for this destination; please report it");
+                Stats::inc(&self.stats.dead_lettered);
+                let letter = DeadLetter::crashed_attempt(event, dest.id().as_str(), &what);
+                let store = self.deliverer.store();
+                store.until_stored(|| store.dead_letter(&letter)).await;
+                Recorded::Owned
+            }
+        }
     }
 
     async fn dead_letter_and_ack(&self, letters: Vec<DeadLetter>, acker: &mut Option<Acker>) {
@@ -345,17 +358,18 @@ fn report_panic(result: Result<(), tokio::task::JoinError>) {
 
 #[cfg(test)]
 pub(crate) mod tests {
-    use std::time::{Duration, SystemTime};
+    use std::time::Duration;
 
     use tokio::sync::mpsc;
 
     use super::*;
-    use crate::config::{Config, Format};
     use crate::sources::{AckFuture, AckHandle};
     use crate::store::Store;
 
     /// The topic whose events make [`Pipeline::handle`] panic in this crate's tests.
     pub(crate) const PANIC_TOPIC: &str = "courier.test.panic";
+
+    use crate::delivery::tests::PANIC_DESTINATION;
 
     /// Says which message was acked.
     struct Named(mpsc::UnboundedSender<&'static str>, &'static str);
@@ -372,22 +386,23 @@ pub(crate) mod tests {
         id: &'static str,
         topic: &str,
     ) -> Delivery {
+        let body = format!(r#"{{"id":"{id}","topic":"{topic}","data":{{"n":1}}}}"#);
         Delivery {
-            inbound: Inbound {
-                source: SourceKind::Mqtt,
-                format: Format::Auto,
-                body: bytes::Bytes::from(format!(
-                    r#"{{"id":"{id}","topic":"{topic}","data":{{"n":1}}}}"#
-                )),
-                topic: topic.to_string(),
-                message_id: None,
-                headers: Vec::new(),
-                received_at: SystemTime::now(),
-                properties: None,
-                expiry: None,
-            },
+            inbound: crate::testing::inbound(&body, topic),
             acker: Acker::new(Named(acks.clone(), id)),
         }
+    }
+
+    /// A pipeline with these destinations over a store in `dir`, its store and its stats.
+    fn pipeline(dir: &std::path::Path, destinations: &str) -> (Arc<Pipeline>, Store, Arc<Stats>) {
+        let parts = crate::testing::parts(dir, destinations);
+        let pipeline = Arc::new(Pipeline::new(
+            parts.destinations,
+            parts.deliverer,
+            parts.config.service.max_payload_bytes,
+            parts.stats.clone(),
+        ));
+        (pipeline, parts.store, parts.stats)
     }
 
     /// A message whose handling panics is kept as a `crashed` dead letter and acked, and the
@@ -395,24 +410,12 @@ pub(crate) mod tests {
     /// PUBACKs held back every later message of the connection.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_message_whose_handling_panics_is_dead_lettered_and_acked() {
-        crate::install_crypto_provider();
         let dir = tempfile::tempdir().expect("tempdir");
         // Nothing listens on port 9: the other messages fail, get a retry entry, and are acked.
-        let config = Config::from_toml(&format!(
-            "[rabbitmq]\nurl = \"amqp://127.0.0.1\"\nqueue = \"q\"\n[store]\npath = {:?}\n\
-             [[destinations]]\nname = \"d\"\nurl = \"http://127.0.0.1:9/\"\n",
-            dir.path().join("store")
-        ))
-        .expect("config");
-        let store = Store::start(&config.store).expect("store");
-        let stats = Arc::new(Stats::default());
-        let deliverer = Arc::new(Deliverer::new(store.clone(), stats.clone()));
-        let pipeline = Arc::new(Pipeline::new(
-            Arc::new(Destinations::from_config(&config, &stats).expect("destinations")),
-            deliverer,
-            config.service.max_payload_bytes,
-            stats.clone(),
-        ));
+        let (pipeline, store, stats) = pipeline(
+            dir.path(),
+            "[[destinations]]\nname = \"d\"\nurl = \"http://127.0.0.1:9/\"\n",
+        );
         let (tx, rx) = mpsc::channel(8);
         let (acks_tx, mut acks) = mpsc::unbounded_channel();
         for (id, topic) in [
@@ -450,6 +453,40 @@ pub(crate) mod tests {
             assert!(String::from_utf8_lossy(&raw).contains(id));
         }
         assert_eq!(store.pending_retries(), 2, "N1 and N2 wait for a retry");
+        store.close().await.expect("close");
+    }
+
+    /// An attempt that panics leaves a `crashed` letter for its destination; the event's
+    /// attempts at the other destinations go on as usual, and the message is acked.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_attempt_that_panics_is_dead_lettered_for_its_destination_alone() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (pipeline, store, _) = pipeline(
+            dir.path(),
+            &format!(
+                "[[destinations]]\nname = \"d\"\nurl = \"http://127.0.0.1:9/\"\n\
+                 [[destinations]]\nname = \"{PANIC_DESTINATION}\"\nurl = \"http://127.0.0.1:9/\"\n"
+            ),
+        );
+        let (tx, rx) = mpsc::channel(8);
+        let (acks_tx, mut acks) = mpsc::unbounded_channel();
+        tx.send(delivery(&acks_tx, "F1", "t")).await.expect("send");
+        drop(tx);
+        let run = pipeline.run(rx, Shutdown::new(), 1, Duration::from_secs(5));
+        tokio::time::timeout(Duration::from_secs(30), run)
+            .await
+            .expect("the pipeline ended");
+        assert_eq!(acks.try_recv().ok(), Some("F1"));
+        let letters = store.dead_letters().expect("letters");
+        assert_eq!(letters.len(), 1, "{letters:?}");
+        assert_eq!(letters[0].kind, DeadLetterKind::Crashed);
+        assert_eq!(letters[0].destination.as_deref(), Some(PANIC_DESTINATION));
+        assert_eq!(letters[0].event_id.as_deref(), Some("F1"));
+        assert_eq!(
+            store.pending_retries_by_destination().expect("retries"),
+            [("d".to_string(), 1)],
+            "the other destination's attempt went on"
+        );
         store.close().await.expect("close");
     }
 }

@@ -10,6 +10,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
+use futures_util::FutureExt as _;
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 
@@ -17,7 +18,7 @@ use crate::delivery::{retry_token_wait, Deliverer, Origin};
 use crate::destination::{DestinationId, Destinations};
 use crate::shutdown::Shutdown;
 use crate::stats::Stats;
-use crate::store::{millis, DeadLetter, DeadLetterKind, RetryRecord};
+use crate::store::{millis, panic_message, DeadLetter, DeadLetterKind, RetryRecord};
 
 /// How often the store is looked at when nothing is due sooner.
 const POLL: Duration = Duration::from_millis(250);
@@ -44,7 +45,13 @@ pub async fn run(
     // When each rate-limited destination that was given entries may be looked at again.
     let mut next_look: HashMap<DestinationId, Instant> = HashMap::new();
     'outer: while !shutdown.is_requested() {
-        while tasks.try_join_next().is_some() {}
+        while let Some(joined) = tasks.try_join_next() {
+            if let Err(error) = joined {
+                if error.is_panic() {
+                    tracing::error!(%error, "a retry task panicked outside its attempt");
+                }
+            }
+        }
         let now = millis(SystemTime::now());
         let mut started = 0usize;
         let mut wait = POLL;
@@ -119,12 +126,27 @@ pub async fn run(
                 let span = tracing::info_span!("retry", event_id = %record.event.id, destination = %record.destination, attempts = record.attempts);
                 tasks.spawn(tracing::Instrument::instrument(
                     async move {
+                        // The pair is free again however the task ends.
+                        let _untake = Untake { taken, key };
                         let event = record.event.to_event();
-                        deliverer
-                            .attempt(&dest, &event, Origin::Retry(&record))
-                            .await;
+                        let attempt = deliverer.attempt(&dest, &event, Origin::Retry(&record));
+                        if let Err(panic) =
+                            std::panic::AssertUnwindSafe(attempt).catch_unwind().await
+                        {
+                            // Attempted again, it would panic again, at once and for good: its
+                            // entry becomes a `crashed` dead letter for this destination.
+                            let what = panic_message(&*panic);
+                            drop(panic);
+                            tracing::error!(panic = %what, "a retry attempt panicked: dead-lettered (crashed); please report it");
+                            Stats::inc(&deliverer.stats().dead_lettered);
+                            let letter =
+                                DeadLetter::crashed_attempt(&event, dest.id().as_str(), &what);
+                            let store = deliverer.store();
+                            store
+                                .until_stored(|| store.dead_letter_in_place_of(&letter, &record))
+                                .await;
+                        }
                         deliverer.store().commit().await;
-                        taken.lock().unwrap_or_else(|p| p.into_inner()).remove(&key);
                         drop(permit);
                     },
                     span,
@@ -147,6 +169,21 @@ pub async fn run(
     }
 }
 
+/// Takes a (destination, event id) pair out of [`Taken`] when dropped.
+struct Untake {
+    taken: Taken,
+    key: (DestinationId, String),
+}
+
+impl Drop for Untake {
+    fn drop(&mut self) {
+        self.taken
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&self.key);
+    }
+}
+
 /// Retries of destinations that left the configuration become dead letters (replayable once the
 /// destination is back). Runs once at start.
 async fn dead_letter_orphans(deliverer: &Deliverer, destinations: &Destinations) {
@@ -163,29 +200,99 @@ async fn dead_letter_orphans(deliverer: &Deliverer, destinations: &Destinations)
         }
     };
     for name in orphans {
-        let records: Vec<RetryRecord> = store
-            .until_stored(|| store.due_retries(&name, u64::MAX - 1, usize::MAX, |_| false))
-            .await;
-        tracing::warn!(destination = %name, pending = records.len(), "retries of a destination that is no longer configured: dead-lettered");
-        for record in records {
-            let event = record.event.to_event();
-            let letter = DeadLetter::for_event(
-                &event,
-                DeadLetterKind::Unroutable,
-                Some(&name),
-                format!(
-                    "destination {name:?} is no longer configured; {} attempt(s) made, last: {}",
-                    record.attempts, record.last_error
-                ),
-                record.attempts,
-                record.last_status,
-            );
-            Stats::inc(&deliverer.stats().dead_lettered);
-            store.until_stored(|| store.dead_letter(&letter)).await;
-            store
-                .until_stored(|| store.remove_retry_record(&record))
+        // A page at a time, each committed: the entries a long outage left need not fit in
+        // memory at once.
+        let mut moved = 0usize;
+        loop {
+            let records: Vec<RetryRecord> = store
+                .until_stored(|| store.due_retries(&name, u64::MAX - 1, BATCH, |_| false))
                 .await;
+            if records.is_empty() {
+                break;
+            }
+            moved += records.len();
+            dead_letter_orphan_page(deliverer, &name, records).await;
+            store.commit().await;
         }
+        tracing::warn!(destination = %name, pending = moved, "retries of a destination that is no longer configured: dead-lettered");
     }
-    store.commit().await;
+}
+
+/// Dead-letters retry entries of `name`, a destination that left the configuration.
+async fn dead_letter_orphan_page(deliverer: &Deliverer, name: &str, records: Vec<RetryRecord>) {
+    let store = deliverer.store();
+    for record in records {
+        let event = record.event.to_event();
+        let letter = DeadLetter::for_event(
+            &event,
+            DeadLetterKind::Unroutable,
+            Some(name),
+            format!(
+                "destination {name:?} is no longer configured; {} attempt(s) made, last: {}",
+                record.attempts, record.last_error
+            ),
+            record.attempts,
+            record.last_status,
+        );
+        Stats::inc(&deliverer.stats().dead_lettered);
+        store
+            .until_stored(|| store.dead_letter_in_place_of(&letter, &record))
+            .await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::delivery::tests::PANIC_DESTINATION;
+    use crate::store::StoredEvent;
+
+    /// A retry whose attempt panics becomes a `crashed` dead letter for its destination, in
+    /// place of its entry: left in the tree, it would be due again at once, and panic again.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_retry_that_panics_is_dead_lettered_in_place_of_its_entry() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let parts = crate::testing::parts(
+            dir.path(),
+            &format!(
+                "[[destinations]]\nname = \"{PANIC_DESTINATION}\"\nurl = \"http://127.0.0.1:9/\"\n"
+            ),
+        );
+        let (store, deliverer, destinations) = (parts.store, parts.deliverer, parts.destinations);
+        let event = crate::testing::event("R1");
+        store
+            .schedule_retry(&RetryRecord {
+                destination: PANIC_DESTINATION.into(),
+                event: StoredEvent::from_event(&event),
+                attempts: 1,
+                next_at_ms: 0,
+                last_status: Some(503),
+                last_error: "HTTP 503".into(),
+            })
+            .expect("schedule");
+        let shutdown = Shutdown::new();
+        let scheduler = tokio::spawn(run(
+            deliverer,
+            destinations,
+            4,
+            shutdown.clone(),
+            Duration::from_secs(5),
+        ));
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while store.dead_letter_count() == 0 {
+            assert!(Instant::now() < deadline, "no dead letter");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        // Long enough for a looping entry to be taken again.
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        shutdown.request();
+        scheduler.await.expect("scheduler");
+        assert_eq!(store.pending_retries(), 0);
+        let letters = store.dead_letters().expect("letters");
+        assert_eq!(letters.len(), 1, "{letters:?}");
+        assert_eq!(letters[0].kind, DeadLetterKind::Crashed);
+        assert_eq!(letters[0].destination.as_deref(), Some(PANIC_DESTINATION));
+        assert_eq!(letters[0].event_id.as_deref(), Some("R1"));
+        store.close().await.expect("close");
+    }
 }

@@ -33,7 +33,10 @@ use std::time::Duration;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-pub use records::{millis, DeadLetter, DeadLetterKind, LetterKey, RetryRecord, StoredEvent};
+pub use records::{
+    crash_reason, millis, panic_message, DeadLetter, DeadLetterKind, LetterKey, RetryRecord,
+    StoredEvent,
+};
 
 use crate::backoff::ReconnectBackoff;
 use crate::config::{DedupBackend, StoreConfig};

@@ -121,6 +121,23 @@ impl StoredEvent {
     }
 }
 
+/// The reason of a `crashed` dead letter.
+pub fn crash_reason(panic: &str) -> String {
+    format!(
+        "courier failed while handling this message (it panicked: {panic}); kept here instead of \
+         being attempted again: please report it"
+    )
+}
+
+/// What a panic said, from its payload.
+pub fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "no message".into())
+}
+
 /// A dead letter's key, as listed (32 hex digits: the time it was dead-lettered and a sequence
 /// number), parsed: where a paged listing goes on (`after`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
@@ -242,6 +259,19 @@ impl DeadLetter {
             letter.event = Some(StoredEvent::from_event(event));
         }
         letter
+    }
+
+    /// An attempt of `event` at `destination` that panicked: kept for that destination, where
+    /// a replay sends it, rather than attempted again to panic again.
+    pub fn crashed_attempt(event: &Event, destination: &str, panic: &str) -> DeadLetter {
+        DeadLetter::for_event(
+            event,
+            DeadLetterKind::Crashed,
+            Some(destination),
+            crash_reason(panic),
+            0,
+            None,
+        )
     }
 
     /// A parsed event that cannot go (further) to `destination`.

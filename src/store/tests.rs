@@ -357,18 +357,7 @@ async fn dead_letters_round_trip() {
 }
 
 fn event_letter(id: &str, destination: &str) -> DeadLetter {
-    let inbound = crate::event::Inbound {
-        source: SourceKind::Rabbitmq,
-        format: crate::config::Format::Auto,
-        body: bytes::Bytes::from(format!(r#"{{"id":"{id}","topic":"t","data":{{}}}}"#)),
-        topic: "t".into(),
-        message_id: None,
-        headers: Vec::new(),
-        received_at: std::time::SystemTime::now(),
-        properties: None,
-        expiry: None,
-    };
-    let event = crate::event::parse(&inbound, 1 << 20).expect("parse");
+    let event = crate::testing::event(id);
     DeadLetter::for_event(
         &event,
         DeadLetterKind::Failed,

@@ -109,6 +109,27 @@ impl Store {
     /// Adds a dead letter. Durable after the next commit.
     pub fn dead_letter(&self, letter: &DeadLetter) -> Result<(), StoreError> {
         let h = self.handles()?;
+        self.dead_letter_in(&h, letter)?;
+        self.wrote(&h);
+        Ok(())
+    }
+
+    /// Adds a dead letter in place of retry entry `old`, both in the same open store: a reopen
+    /// (after a disk failure) between two separate writes would keep the second and lose the
+    /// first, and the event with it. Durable after the next commit.
+    pub fn dead_letter_in_place_of(
+        &self,
+        letter: &DeadLetter,
+        old: &RetryRecord,
+    ) -> Result<(), StoreError> {
+        let h = self.handles()?;
+        self.dead_letter_in(&h, letter)?;
+        self.remove_retry_record_in(&h, old)?;
+        self.wrote(&h);
+        Ok(())
+    }
+
+    fn dead_letter_in(&self, h: &Handles, letter: &DeadLetter) -> Result<(), StoreError> {
         let seq = h.db.generate_id().map_err(|e| self.err(e))?;
         let mut key = [0u8; 16];
         key[..8].copy_from_slice(&letter.at_ms.to_be_bytes());
@@ -124,7 +145,6 @@ impl Store {
         {
             h.counts.dead_added();
         }
-        self.wrote(&h);
         Ok(())
     }
 
@@ -132,6 +152,25 @@ impl Store {
     /// retry of the same pair is replaced. Durable after the next commit.
     pub fn schedule_retry(&self, record: &RetryRecord) -> Result<(), StoreError> {
         let h = self.handles()?;
+        self.schedule_retry_in(&h, record)?;
+        self.wrote(&h);
+        Ok(())
+    }
+
+    /// Schedules `new` in place of retry entry `old` (removed by its own key: it may be an
+    /// entry the index lost track of), both in the same open store, as
+    /// [`Store::dead_letter_in_place_of`]. Durable after the next commit.
+    pub fn replace_retry(&self, old: &RetryRecord, new: &RetryRecord) -> Result<(), StoreError> {
+        let h = self.handles()?;
+        self.schedule_retry_in(&h, new)?;
+        if old.key() != new.key() {
+            self.remove_retry_record_in(&h, old)?;
+        }
+        self.wrote(&h);
+        Ok(())
+    }
+
+    fn schedule_retry_in(&self, h: &Handles, record: &RetryRecord) -> Result<(), StoreError> {
         let key = record.key();
         let pair = dedup_key(&record.destination, &record.event.id);
         let value = serde_json::to_vec(record).map_err(|e| self.corrupt(e.to_string()))?;
@@ -152,7 +191,6 @@ impl Store {
             }
             None => h.counts.retry_added(&record.destination),
         }
-        self.wrote(&h);
         Ok(())
     }
 
@@ -172,6 +210,12 @@ impl Store {
     /// the index entry if it points here.
     pub fn remove_retry_record(&self, record: &RetryRecord) -> Result<(), StoreError> {
         let h = self.handles()?;
+        self.remove_retry_record_in(&h, record)?;
+        self.wrote(&h);
+        Ok(())
+    }
+
+    fn remove_retry_record_in(&self, h: &Handles, record: &RetryRecord) -> Result<(), StoreError> {
         let key = record.key();
         h.retries.remove(key.as_slice()).map_err(|e| self.err(e))?;
         let pair = dedup_key(&record.destination, &record.event.id);
@@ -182,7 +226,6 @@ impl Store {
         if swapped.is_ok() {
             h.counts.retry_removed(&record.destination);
         }
-        self.wrote(&h);
         Ok(())
     }
 
