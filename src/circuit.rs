@@ -43,6 +43,9 @@ pub struct Circuit {
     state: Mutex<State>,
 }
 
+/// An answer this recent shows a destination whose slots are all busy to be up.
+pub const ANSWERED_LATELY: Duration = Duration::from_secs(1);
+
 impl Circuit {
     /// A closed circuit for destination `name`.
     pub fn new(name: &str, config: CircuitConfig) -> Circuit {
@@ -154,12 +157,13 @@ impl Circuit {
     }
 
     /// An event waited `max_wait` for a concurrency slot: the destination is not keeping up.
-    /// Opens unless it answered during that wait (it is slow, not hanging).
+    /// Opens unless it answered during that wait, or within the last [`ANSWERED_LATELY`] (it
+    /// is slow or busy, not hanging): with a short `max_wait` (`"0s"` for rate-limited
+    /// destinations fed by MQTT), every moment all slots are busy would open it otherwise.
     pub fn record_saturated(&self) {
         let mut s = self.lock();
-        let answering = s
-            .last_answer
-            .is_some_and(|at| at.elapsed() < self.config.max_wait);
+        let within = self.config.max_wait.max(ANSWERED_LATELY);
+        let answering = s.last_answer.is_some_and(|at| at.elapsed() < within);
         if s.open_until.is_none() && !answering {
             s.open_until = Some(Instant::now() + self.config.open_for);
             tracing::warn!(
@@ -267,9 +271,28 @@ mod tests {
             !c.is_open(),
             "it answered within max_wait: slow, not hanging"
         );
-        // No answer for longer than max_wait (10 ms): hanging.
-        std::thread::sleep(Duration::from_millis(20));
+        // No answer for longer than max_wait (10 ms) and ANSWERED_LATELY: hanging.
+        std::thread::sleep(ANSWERED_LATELY + Duration::from_millis(20));
         c.record_saturated();
         assert!(c.is_open());
+    }
+
+    /// With `max_wait = "0s"` every moment all slots are busy is a saturation; a destination
+    /// that answered a moment ago is busy, not hanging.
+    #[test]
+    fn saturation_with_no_max_wait_needs_a_silent_destination() {
+        let c = Circuit::new(
+            "d",
+            CircuitConfig {
+                failures: 5,
+                open_for: Duration::from_secs(30),
+                max_wait: Duration::ZERO,
+            },
+        );
+        c.record_saturated();
+        assert!(c.is_open(), "never answered");
+        c.record_success();
+        c.record_saturated();
+        assert!(!c.is_open(), "answered just now");
     }
 }

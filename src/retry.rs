@@ -24,6 +24,8 @@ use crate::store::{millis, panic_message, DeadLetter, DeadLetterKind, RetryRecor
 const POLL: Duration = Duration::from_millis(250);
 /// Due entries read per destination per look.
 const BATCH: usize = 256;
+/// How soon a destination whose slots were all busy is looked at again.
+const SLOTS_BUSY: Duration = Duration::from_millis(20);
 
 /// The (destination, event id) pairs with an attempt under way, so a pass does not take them again.
 type Taken = Arc<Mutex<HashSet<(DestinationId, String)>>>;
@@ -60,10 +62,18 @@ pub async fn run(
             if dest.circuit().blocked() {
                 continue;
             }
+            // No more than the destination has free slots: a retry that finds none returns at
+            // once (max_wait "0s") or waits for one holding a place of the pool that other
+            // destinations' retries could use.
+            let free = dest.limit().available_permits();
+            if free == 0 {
+                wait = wait.min(SLOTS_BUSY);
+                continue;
+            }
             let mut batch = if dest.circuit().probe_ready() {
                 1
             } else {
-                BATCH
+                BATCH.min(free)
             };
             if let Some(limiter) = dest.rate_limit() {
                 // As many as the bucket serves within the time a retry may wait for a token, so
