@@ -12,6 +12,7 @@ use lapin::options::{
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{Connection, ConnectionProperties, ExchangeKind};
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::sync::mpsc;
 
@@ -45,7 +46,15 @@ enum SessionError {
     Lapin(#[from] lapin::Error),
     #[error("the broker cancelled the consumer (was the queue deleted?)")]
     Cancelled,
+    #[error("no consumer within {0:?} of connecting (a node that takes connections but does not answer?; the URL's connection_timeout sets this, in milliseconds)")]
+    SetupTimeout(Duration),
 }
+
+/// How long connecting and setting up the consumer may take, unless the URL's
+/// `connection_timeout` (milliseconds) says otherwise: a node that accepts TCP connections but
+/// never answers (a hung or stopped broker process) would hold courier there for good, and the
+/// other nodes of `urls` would never be tried.
+const SETUP_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Consumes one RabbitMQ queue.
 pub struct AmqpSource {
@@ -82,7 +91,6 @@ impl AmqpSource {
                 "rabbitmq.prefetch capped at service.max_in_flight"
             );
         }
-        stats.set_connected("rabbitmq", false);
         // The URLs of one cluster share the TLS settings; each has its own server name.
         let mut tls_config = None;
         let mut endpoints = Vec::new();
@@ -171,6 +179,9 @@ impl AmqpSource {
     /// connection open until the pipeline has drained, so the pipeline can still ack what it
     /// holds; then it closes the connection.
     pub async fn run(self, tx: mpsc::Sender<Delivery>, shutdown: Shutdown) {
+        // Not when built: a reload builds a source and may then keep the running one, whose
+        // connection is up.
+        self.stats.set_connected("rabbitmq", false);
         let mut failover = Failover::new(self.endpoints.len());
         loop {
             let endpoint = &self.endpoints[failover.current()];
@@ -195,20 +206,14 @@ impl AmqpSource {
         }
     }
 
-    async fn session(
+    /// Connects, opens the channel, declares what `declare` asks for, and starts the consumer.
+    async fn set_up(
         &self,
         endpoint: &Endpoint,
-        tx: &mpsc::Sender<Delivery>,
-        shutdown: &Shutdown,
-        failover: &mut Failover,
-    ) -> Result<(), SessionError> {
+        properties: ConnectionProperties,
+    ) -> Result<(Connection, lapin::Channel, lapin::Consumer), SessionError> {
         let cfg = &self.config;
-        let properties = ConnectionProperties::default()
-            .with_connection_name(cfg.connection_name.clone().into());
-        let conn = tokio::select! {
-            conn = Self::connect(endpoint, properties) => conn?,
-            _ = shutdown.requested() => return Ok(()),
-        };
+        let conn = Self::connect(endpoint, properties).await?;
         let channel = conn.create_channel().await?;
         if cfg.declare {
             let durable = QueueDeclareOptions {
@@ -245,7 +250,7 @@ impl AmqpSource {
         channel
             .basic_qos(self.prefetch, BasicQosOptions::default())
             .await?;
-        let mut consumer = channel
+        let consumer = channel
             .basic_consume(
                 cfg.queue.as_str().into(),
                 "".into(),
@@ -253,6 +258,30 @@ impl AmqpSource {
                 FieldTable::default(),
             )
             .await?;
+        Ok((conn, channel, consumer))
+    }
+
+    async fn session(
+        &self,
+        endpoint: &Endpoint,
+        tx: &mpsc::Sender<Delivery>,
+        shutdown: &Shutdown,
+        failover: &mut Failover,
+    ) -> Result<(), SessionError> {
+        let cfg = &self.config;
+        let properties = ConnectionProperties::default()
+            .with_connection_name(cfg.connection_name.clone().into());
+        let limit = endpoint
+            .url
+            .uri()
+            .query
+            .connection_timeout
+            .map_or(SETUP_TIMEOUT, Duration::from_millis);
+        let setup = tokio::time::timeout(limit, self.set_up(endpoint, properties));
+        let (conn, channel, mut consumer) = tokio::select! {
+            set_up = setup => set_up.map_err(|_| SessionError::SetupTimeout(limit))??,
+            _ = shutdown.requested() => return Ok(()),
+        };
         tracing::info!(url = %endpoint.url.redacted(), queue = %cfg.queue, prefetch = self.prefetch, "consuming from RabbitMQ");
         self.stats.set_connected("rabbitmq", true);
         failover.connected();

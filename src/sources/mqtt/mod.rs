@@ -169,7 +169,6 @@ impl MqttSource {
             false => None,
         };
         let urls = config.endpoints().map(|u| u.to_string()).collect();
-        stats.set_connected("mqtt", false);
         Ok(MqttSource {
             connect: Connect {
                 receive_maximum: config.receive_maximum(max_in_flight),
@@ -192,6 +191,9 @@ impl MqttSource {
     /// until the pipeline has drained, sends the last PUBACKs and disconnects cleanly.
     /// Reconnects with capped backoff meanwhile.
     pub async fn run(self, tx: mpsc::Sender<Delivery>, shutdown: Shutdown) {
+        // Not when built: a reload builds a source and may then keep the running one, whose
+        // connection is up.
+        self.stats.set_connected("mqtt", false);
         match self.connect.config.protocol {
             MqttProtocol::V3 => {
                 let (client, connection) = v3::open(&self.connect);
