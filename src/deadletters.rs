@@ -59,8 +59,10 @@ pub struct ReplayResult {
     pub detail: String,
 }
 
-/// How many letters a purge or a replay reads from the store at a time.
+/// How many letters a purge or a replay takes from the store at a time.
 const PAGE: usize = 256;
+/// How many letters a purge or a replay reads before it lets other tasks run.
+const VISITS: usize = 4_096;
 
 /// The letters that match, oldest first. With no `limit`, every match is held in memory: a
 /// caller facing a large tree pages with `limit` and `after`.
@@ -100,30 +102,26 @@ impl<'a> Pages<'a> {
         })
     }
 
-    /// The next page; `None` once every matching letter was handed out.
+    /// The next page, which may be empty when few letters matched among those read; `None`
+    /// once every matching letter was handed out.
     fn next(&mut self) -> Result<Option<Vec<DeadLetter>>, StoreError> {
         if self.left == 0 {
             return Ok(None);
         }
         let store = self.deliverer.store();
-        let want = self.left.min(PAGE);
-        let page =
-            store.scan_dead_letters(self.after.as_ref(), self.until.as_ref(), want, |l| {
-                self.filter.matches(l)
-            })?;
-        // A short page is the last one.
-        self.left = if page.len() < want {
-            0
-        } else {
-            self.left - page.len()
-        };
-        if let Some(last) = page.last() {
-            self.after = Some(last.key.parse().map_err(|why| StoreError::Corrupt {
-                path: store.path().to_string(),
-                message: why,
-            })?);
+        let (page, resume) = store.scan_dead_letters_for(
+            self.after.as_ref(),
+            self.until.as_ref(),
+            self.left.min(PAGE),
+            VISITS,
+            |l| self.filter.matches(l),
+        )?;
+        self.left -= page.len();
+        match resume {
+            Some(key) => self.after = Some(key),
+            None => self.left = 0,
         }
-        Ok((!page.is_empty()).then_some(page))
+        Ok(Some(page))
     }
 }
 
@@ -137,6 +135,7 @@ pub async fn purge(deliverer: &Deliverer, filter: &Filter) -> Result<usize, Stor
                 removed += 1;
             }
         }
+        tokio::task::yield_now().await;
     }
     deliverer.store().try_commit().await?;
     Ok(removed)
@@ -207,6 +206,7 @@ pub async fn replay(
             let set = destinations.current();
             results.push(replay_one(deliverer, &set, letter, options).await?);
         }
+        tokio::task::yield_now().await;
     }
     deliverer.store().try_commit().await?;
     Ok(results)

@@ -252,7 +252,12 @@ async fn dead_letters(config: Config, action: DeadLetterAction) -> Result<ExitCo
         };
         Ok(format!("http://{host}{path}"))
     };
-    let client = reqwest::Client::new();
+    // Never through a proxy of the environment (HTTP_PROXY, set for partner traffic): the admin
+    // port is local, and the request carries the admin token.
+    let client = reqwest::Client::builder()
+        .no_proxy()
+        .build()
+        .map_err(|e| format!("making the HTTP client for the admin port: {e}"))?;
     // The worker's dead-letter endpoints need the admin token when one is set.
     let token = config
         .admin

@@ -114,6 +114,14 @@ impl TokenRequest {
         if encoded != secret {
             text = text.replace(&encoded, "***");
         }
+        // As a JSON string and as Rust's escape_debug show it.
+        let quoted = serde_json::to_string(secret).unwrap_or_default();
+        let json = quoted.trim_matches('"');
+        for shown in [json, &secret.escape_debug().to_string()] {
+            if !shown.is_empty() && shown != secret {
+                text = text.replace(shown, "***");
+            }
+        }
         text
     }
 }
@@ -515,7 +523,12 @@ impl TokenSource {
                 ))
             });
         }
-        let detail = self.request.mask(&error_detail(status.as_u16(), &body));
+        // Masked before it is cut and escaped, which could split or change a secret the
+        // endpoint echoed, and after, for what escaping made of it.
+        let body = self.request.mask(&String::from_utf8_lossy(&body));
+        let detail = self
+            .request
+            .mask(&error_detail(status.as_u16(), body.as_bytes()));
         if status.as_u16() == 400 || status.as_u16() == 401 {
             Err(TokenError::refused(format!(
                 "oauth2 token endpoint refused the client: {detail}"
@@ -1049,6 +1062,18 @@ mod tests {
                 "{status} {body}"
             );
         }
+        // An echoed secret where the detail is cut (200 bytes) is hidden whole, not cut first.
+        let long = format!(
+            r#"{{"error":"invalid_client","error_description":"{} s3cret/+ x"}}"#,
+            "y".repeat(DETAIL_LIMIT - 5)
+        );
+        endpoint.answer_with(401, &long);
+        let error = source.authorization().await.expect_err("no token");
+        assert!(
+            !error.reason().contains("s3c") && error.reason().contains("y ***"),
+            "{}",
+            error.reason()
+        );
         assert!(
             source.refused().is_some(),
             "a refusal stays until a success"

@@ -38,6 +38,13 @@ fn expand_str(s: &str) -> Result<String, String> {
     let mut out = String::with_capacity(s.len());
     let mut rest = s;
     while let Some(start) = rest.find("${") {
+        // `$${` is a literal `${` (a secret may hold one).
+        if start > 0 && rest.as_bytes()[start - 1] == b'$' {
+            out.push_str(&rest[..start - 1]);
+            out.push_str("${");
+            rest = &rest[start + 2..];
+            continue;
+        }
         out.push_str(&rest[..start]);
         let after = &rest[start + 2..];
         let end = after
@@ -49,7 +56,13 @@ fn expand_str(s: &str) -> Result<String, String> {
             None => (inner, None),
         };
         if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
-            return Err(format!("${{{inner}}} is not a valid variable reference"));
+            // The text is not quoted: a secret that happens to hold `${` would be shown.
+            return Err(
+                "a ${...} reference does not name a variable (letters, digits and _ \
+                        only); write $${ for a literal ${ (its text is not shown: it may be a \
+                        secret)"
+                    .to_string(),
+            );
         }
         // As in the shell, `:-` also replaces a variable that is set but empty.
         match (std::env::var(name), default) {
@@ -140,6 +153,10 @@ mod tests {
             .unwrap_err()
             .contains("COURIER_TEST_NOPE is not set"));
         assert!(expand_str("${oops").is_err());
+        // `$${` is a literal `${`; a bad reference's text is not shown (it may be a secret).
+        assert_eq!(expand_str("q$${Z!x}9").unwrap(), "q${Z!x}9");
+        let err = expand_str("q${Z!x}9").unwrap_err();
+        assert!(!err.contains("Z!x") && err.contains("$${"), "{err}");
     }
 
     #[test]

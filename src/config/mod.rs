@@ -235,19 +235,26 @@ impl Config {
 ///
 /// A password written without percent-encoding may hold `/`, `?`, `#` or `@` (an Azure access
 /// key holds `/`), which makes the URL unparseable, and the error that says so must not show
-/// it. So when the authority (up to the first `/`, `?` or `#`) holds an `@`, or a `:` followed by
-/// something that is not a port with an `@` further on, the user information ends at the last
-/// `@`: that can hide more than the password, never less.
+/// it. So the user information ends at the last `@` when the URL is a broker's or Redis's
+/// (whose URLs carry no `@` after the host), or when the authority (up to the first `/`, `?` or
+/// `#`) holds an `@`, or a `:` followed by something that is not a port (empty, or not digits)
+/// with an `@` further on: that can hide more than the password, never less.
 pub fn redact_url(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else {
         return url.to_string();
     };
     let authority = &rest[..rest.find(['/', '?', '#']).unwrap_or(rest.len())];
     let cut_password = !authority.starts_with('[')
-        && authority
-            .split_once(':')
-            .is_some_and(|(_, after)| !after.bytes().all(|b| b.is_ascii_digit()));
-    let has_userinfo = authority.contains('@') || (cut_password && rest.contains('@'));
+        && authority.split_once(':').is_some_and(|(_, after)| {
+            after.is_empty() || !after.bytes().all(|b| b.is_ascii_digit())
+        });
+    let credentials_scheme = [
+        "amqp", "amqps", "redis", "rediss", "mqtt", "mqtts", "tcp", "ssl", "ws", "wss",
+    ]
+    .iter()
+    .any(|s| scheme.eq_ignore_ascii_case(s));
+    let has_userinfo =
+        authority.contains('@') || ((cut_password || credentials_scheme) && rest.contains('@'));
     if !has_userinfo {
         return url.to_string();
     }
@@ -504,6 +511,24 @@ mod tests {
         assert_eq!(
             redact_url("amqp://u:p@ss/w#rd@host/%2f"),
             "amqp://u:***@host/%2f"
+        );
+        // A password that starts with `/`, or with digits and then `/`, looks like an empty or
+        // a numeric port.
+        assert_eq!(
+            redact_url("amqp://courier:/s3cret@rabbit/%2f"),
+            "amqp://courier:***@rabbit/%2f"
+        );
+        assert_eq!(
+            redact_url("rediss://:/Xy+z=@cache.example.com:6380"),
+            "rediss://:***@cache.example.com:6380"
+        );
+        assert_eq!(
+            redact_url("mqtts://u:123/abc@broker:8883"),
+            "mqtts://u:***@broker:8883"
+        );
+        assert_eq!(
+            redact_url("https://u:/x@proxy.example.com:3128"),
+            "https://u:***@proxy.example.com:3128"
         );
         // An @ after the host, with no user information, is left as it is.
         for plain in [

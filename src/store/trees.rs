@@ -354,32 +354,51 @@ impl Store {
         after: Option<&LetterKey>,
         until: Option<&LetterKey>,
         limit: usize,
-        mut keep: impl FnMut(&DeadLetter) -> bool,
+        keep: impl FnMut(&DeadLetter) -> bool,
     ) -> Result<Vec<DeadLetter>, StoreError> {
+        self.scan_dead_letters_for(after, until, limit, usize::MAX, keep)
+            .map(|(letters, _)| letters)
+    }
+
+    /// As [`Store::scan_dead_letters`], reading at most `visits` letters; also returns the key
+    /// of the last letter read when the scan stopped before the end (at `limit` or `visits`),
+    /// where the next scan goes on. A caller on the async runtime yields between such scans, so
+    /// a filter that matches few of many letters never holds a runtime thread for long.
+    pub fn scan_dead_letters_for(
+        &self,
+        after: Option<&LetterKey>,
+        until: Option<&LetterKey>,
+        limit: usize,
+        visits: usize,
+        mut keep: impl FnMut(&DeadLetter) -> bool,
+    ) -> Result<(Vec<DeadLetter>, Option<LetterKey>), StoreError> {
         use std::ops::Bound;
         let h = self.handles()?;
         let mut out = Vec::new();
         if limit == 0 {
-            return Ok(out);
+            return Ok((out, after.copied()));
         }
         let lower = after.map_or(Bound::Unbounded, |k| Bound::Excluded(k.0));
         let upper = until.map_or(Bound::Unbounded, |k| Bound::Included(k.0));
+        let mut visited = 0usize;
         for item in h.dead.range::<[u8; 16], _>((lower, upper)) {
             let (key, value) = item.map_err(|e| self.err(e))?;
+            visited += 1;
             let mut letter: DeadLetter =
                 serde_json::from_slice(&value).map_err(|e| StoreError::Corrupt {
                     path: self.inner.db.path().to_string(),
                     message: format!("dead letter {}: {e}", hex(&key)),
                 })?;
             letter.key = hex(&key);
+            let last = <[u8; 16]>::try_from(key.as_ref()).ok().map(LetterKey);
             if keep(&letter) {
                 out.push(letter);
-                if out.len() >= limit {
-                    break;
-                }
+            }
+            if out.len() >= limit || visited >= visits {
+                return Ok((out, last));
             }
         }
-        Ok(out)
+        Ok((out, None))
     }
 
     /// The key of the newest dead letter: where a replay or a purge stops, so that letters
