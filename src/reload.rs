@@ -35,6 +35,26 @@ use crate::store::Store;
 /// Changes of the file closer together than this are taken as one.
 const DEBOUNCE: Duration = Duration::from_millis(300);
 
+/// How often the file is read again without a change event: an event can be missed (a watched
+/// directory that a ConfigMap swap replaced, a file that is a symlink elsewhere).
+const RECHECK: Duration = Duration::from_secs(10);
+
+/// How soon a reload that did not load or could not be set up is tried again, doubling up to
+/// [`RETRY_MAX`]: what it needs may come later without the file changing (a Secret volume
+/// with a new TLS file, updated apart from the ConfigMap).
+const RETRY_FIRST: Duration = Duration::from_secs(2);
+const RETRY_MAX: Duration = Duration::from_secs(300);
+
+/// How a reload ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Outcome {
+    Applied,
+    /// A key that needs a restart changed: trying again cannot help.
+    Refused,
+    /// The file did not load, or what it names could not be set up.
+    Failed,
+}
+
 /// What made courier look at the file again.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Trigger {
@@ -43,6 +63,8 @@ enum Trigger {
     Signal,
     /// Something changed in the file's directory: loaded only if the file's text changed.
     FileChanged,
+    /// The periodic look ([`RECHECK`]), or the time to try a failed reload again.
+    Timer,
 }
 
 /// What a reload acts on.
@@ -78,9 +100,16 @@ pub(crate) async fn run(path: PathBuf, text: String, config: Config, running: Ru
     let _ = triggers_tx.send(Trigger::FileChanged);
     let mut current = config;
     let mut last_text = text;
+    // When the last reload that failed is tried again, and the wait after that.
+    let mut retry: Option<(tokio::time::Instant, Duration)> = None;
     loop {
+        let tick = retry.map_or(RECHECK, |(at, _)| {
+            at.saturating_duration_since(tokio::time::Instant::now())
+                .min(RECHECK)
+        });
         let trigger = tokio::select! {
             t = triggers.recv() => t,
+            () = tokio::time::sleep(tick) => Some(Trigger::Timer),
             _ = running.shutdown.requested() => None,
         };
         let Some(mut trigger) = trigger else { break };
@@ -106,35 +135,51 @@ pub(crate) async fn run(path: PathBuf, text: String, config: Config, running: Ru
                 continue;
             }
         };
-        if trigger == Trigger::FileChanged && text == last_text {
+        let retry_due = retry.is_some_and(|(at, _)| tokio::time::Instant::now() >= at);
+        if text == last_text && trigger != Trigger::Signal && !retry_due {
             continue;
         }
+        let changed = text != last_text;
         last_text = text;
-        match Config::load(&path) {
+        let outcome = match Config::load(&path) {
             Err(error) => {
                 running.stats.reloaded("invalid");
                 tracing::error!(path = %path.display(), %error, "configuration reload refused: the file is not valid; keeping the running configuration");
+                Outcome::Failed
             }
             Ok(new) => {
-                if apply(&current, &new, &running).await {
+                let outcome = apply(&current, &new, &running).await;
+                if outcome == Outcome::Applied {
                     current = new;
                 }
+                outcome
             }
-        }
+        };
+        retry = match outcome {
+            Outcome::Failed => {
+                let wait = match retry {
+                    Some((_, wait)) if !changed => (wait * 2).min(RETRY_MAX),
+                    _ => RETRY_FIRST,
+                };
+                tracing::info!(retry_in = ?wait, "the configuration file is loaded again then, changed or not");
+                Some((tokio::time::Instant::now() + wait, wait))
+            }
+            Outcome::Applied | Outcome::Refused => None,
+        };
     }
     #[cfg(unix)]
     signals.abort();
 }
 
-/// Puts `new` in force over `current`; returns whether it did.
-async fn apply(current: &Config, new: &Config, running: &Running) -> bool {
+/// Puts `new` in force over `current`.
+async fn apply(current: &Config, new: &Config, running: &Running) -> Outcome {
     if let Some(key) = fixed_key_changed(current, new) {
         running.stats.reloaded("refused");
         tracing::error!(
             key,
             "configuration reload refused: {key} cannot change without a restart; keeping the running configuration"
         );
-        return false;
+        return Outcome::Refused;
     }
     // Everything that can fail is built first, so a failure changes nothing.
     let mut sources = running.sources.lock().await;
@@ -143,7 +188,7 @@ async fn apply(current: &Config, new: &Config, running: &Running) -> bool {
         Err(error) => {
             running.stats.reloaded("failed");
             tracing::error!(%error, "configuration reload failed; keeping the running configuration");
-            return false;
+            return Outcome::Failed;
         }
     };
     let old_set = running.destinations.current();
@@ -152,7 +197,7 @@ async fn apply(current: &Config, new: &Config, running: &Running) -> bool {
         Err(error) => {
             running.stats.reloaded("failed");
             tracing::error!(%error, "configuration reload failed; keeping the running configuration");
-            return false;
+            return Outcome::Failed;
         }
     };
     running.destinations.replace(set);
@@ -190,7 +235,7 @@ async fn apply(current: &Config, new: &Config, running: &Running) -> bool {
             current.service.shutdown_timeout,
         )
         .await;
-    true
+    Outcome::Applied
 }
 
 /// The first key that only a restart can change, if `new` changes one.

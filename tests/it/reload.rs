@@ -588,3 +588,39 @@ async fn a_replay_that_outlasts_a_reload_sends_each_letter_by_the_config_of_its_
     all.sort();
     assert_eq!(all, ["RR0", "RR1", "RR2", "RR3"]);
 }
+
+/// A reload that cannot load yet (it names a CA file another volume brings later) is tried
+/// again without the file changing, and applies once the CA file is there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_that_failed_is_tried_again_until_it_applies() {
+    let _brokers = brokers().await;
+    let first = Receiver::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let queue = unique("reload-retry");
+    let port = free_port();
+    let base = || {
+        rabbit_config(&queue, &dir.path().join("store"))
+            .admin(port)
+            .destination(Dest::new("first", &first.url("/f")))
+    };
+    let publisher = Publisher::connect().await;
+    publisher.declare_queue(&queue).await;
+    let (_courier, path) = start(&base(), dir.path());
+    wait_ready(port).await;
+
+    let ca = courier_testkit::pki::TestCa::new("later-ca");
+    let ca_path = dir.path().join("later-ca.pem");
+    let with_tls = base().destination(
+        Dest::new("second", "https://127.0.0.1:9/s").tls(Tls::default().ca_file(&ca_path)),
+    );
+    rewrite(&path, &with_tls.toml());
+    wait_reloads(port, "invalid", 1).await;
+    // The CA file arrives; the configuration file does not change again.
+    ca.write(dir.path(), "later-ca.pem");
+    wait_reloads(port, "applied", 1).await;
+    let (_, metrics) = http_get(&format!("http://127.0.0.1:{port}/metrics")).await;
+    assert!(
+        metrics.contains("destination=\"second\""),
+        "the new destination is in force: {metrics}"
+    );
+}
