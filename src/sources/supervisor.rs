@@ -125,7 +125,7 @@ impl Sources {
     ) {
         if let Some(amqp) = replacement.amqp {
             tracing::info!("the [rabbitmq] section changed: reconnecting RabbitMQ");
-            self.amqp.stop("rabbitmq", settle_within).await;
+            self.amqp.stop("rabbitmq", settle_within, shutdown).await;
             if amqp.is_none() {
                 self.stats.forget_source("rabbitmq");
             }
@@ -135,7 +135,7 @@ impl Sources {
         }
         if let Some(mqtt) = replacement.mqtt {
             tracing::info!("the [mqtt] section changed: reconnecting to the MQTT broker");
-            self.mqtt.stop("mqtt", settle_within).await;
+            self.mqtt.stop("mqtt", settle_within, shutdown).await;
             if mqtt.is_none() {
                 self.stats.forget_source("mqtt");
             }
@@ -213,31 +213,36 @@ impl<C, S> Slot<C, S> {
         }
     }
 
-    /// Stops the running source: no new message, its messages settled (up to `settle_within`),
-    /// its connection closed.
-    async fn stop(&mut self, name: &str, settle_within: Duration) {
-        let State::Running(running) = std::mem::replace(&mut self.state, State::None) else {
+    /// Stops the running source: no new message, its messages settled (up to `settle_within`,
+    /// or until courier's own stop is requested), its connection closed (up to
+    /// [`CLOSE_WITHIN`], then its task is aborted: a replacement must never run next to it,
+    /// where two MQTT connections with one client id would take the session from each other).
+    async fn stop(&mut self, name: &str, settle_within: Duration, courier: &Shutdown) {
+        let State::Running(mut running) = std::mem::replace(&mut self.state, State::None) else {
             return;
         };
         running.shutdown.request();
-        if tokio::time::timeout(settle_within, running.in_flight.settled())
-            .await
-            .is_err()
-        {
+        let settled = tokio::select! {
+            settled = tokio::time::timeout(settle_within, running.in_flight.settled()) => settled.is_ok(),
+            _ = courier.requested() => false,
+        };
+        if !settled {
             tracing::warn!(
                 source = name,
-                "messages of the replaced source still unsettled after {settle_within:?}: they stay unacked and the broker redelivers them"
+                "messages of the replaced source still unsettled after {settle_within:?} or at the stop: they stay unacked and the broker redelivers them"
             );
         }
         running.shutdown.mark_drained();
-        if tokio::time::timeout(CLOSE_WITHIN, running.task)
+        if tokio::time::timeout(CLOSE_WITHIN, &mut running.task)
             .await
             .is_err()
         {
             tracing::warn!(
                 source = name,
-                "the replaced source did not close within {CLOSE_WITHIN:?}"
+                "the replaced source did not close within {CLOSE_WITHIN:?}: stopped"
             );
+            running.task.abort();
+            let _ = (&mut running.task).await;
         }
     }
 }
