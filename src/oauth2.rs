@@ -34,6 +34,9 @@ const REFRESH_AHEAD_PAUSE: Duration = Duration::from_secs(1);
 const MAX_ANSWER: usize = 64 * 1024;
 /// How much of an error answer's text (`error_description`, or the body) goes into a reason.
 const DETAIL_LIMIT: usize = 200;
+/// A token that replaced a refused one, refused too when younger than this, is not replaced
+/// ([`TokenSource::refresh_after_401`]).
+pub const REJECTED_WHEN_NEW: Duration = Duration::from_secs(10);
 
 /// How long before the end of its `expires_in` a token is replaced: [`REFRESH_MARGIN`], or half
 /// the lifetime when that is shorter.
@@ -222,6 +225,10 @@ impl std::fmt::Display for TokenError {
 pub struct Authorization {
     value: HeaderValue,
     generation: u64,
+    /// When the token endpoint gave it.
+    fetched: Instant,
+    /// Whether it was asked for because the partner refused the one before.
+    after_401: bool,
 }
 
 impl Authorization {
@@ -243,6 +250,10 @@ impl std::fmt::Debug for Authorization {
 struct Cached {
     value: HeaderValue,
     generation: u64,
+    /// When the token endpoint gave it.
+    fetched: Instant,
+    /// Whether it was asked for because the partner refused the one before.
+    after_401: bool,
     /// From here on it is replaced ahead of its expiry; `None` without `expires_in`.
     refresh_at: Option<Instant>,
     /// From here on it is not sent; `None` without `expires_in`.
@@ -262,6 +273,8 @@ impl Cached {
         Authorization {
             value: self.value.clone(),
             generation: self.generation,
+            fetched: self.fetched,
+            after_401: self.after_401,
         }
     }
 }
@@ -352,25 +365,44 @@ impl TokenSource {
             if let Some(done) = self.completed_since(seen) {
                 return Ok(done.unwrap_or(current));
             }
-            return Ok(match self.fetch_and_store().await {
-                Ok(fresh) => fresh,
-                Err(_) => {
-                    self.lock().pause_ahead_until = Some(Instant::now() + REFRESH_AHEAD_PAUSE);
-                    current
+            return match self.fetch_and_store(false).await {
+                Ok(fresh) => Ok(fresh),
+                Err(error) => {
+                    // The current token, if it is still good after the wait (a token endpoint
+                    // that hangs takes the destination's timeout, longer than the margin).
+                    let mut s = self.lock();
+                    s.pause_ahead_until = Some(Instant::now() + REFRESH_AHEAD_PAUSE);
+                    match &s.token {
+                        Some(t) if t.usable(Instant::now()) => Ok(current),
+                        _ => Err(error),
+                    }
                 }
-            });
+            };
         }
         let _fetching = self.refresh.lock().await;
         if let Some(done) = self.completed_since(seen) {
             return done;
         }
-        self.fetch_and_store().await
+        self.fetch_and_store(false).await
     }
 
     /// A new token after the destination answered 401 to `rejected`: the token is dropped, and
     /// one fetch replaces it, however many requests it was rejected for. A caller whose token
-    /// was already replaced gets the new one without a fetch.
+    /// was already replaced gets the new one without a fetch. `Ok(None)` when `rejected` itself
+    /// replaced a refused token less than [`REJECTED_WHEN_NEW`] ago: a partner that refuses
+    /// two tokens in a row that new refuses the client's tokens (a wrong `audience` or
+    /// `scope`), and asking for another per event would only spend the token endpoint's quota.
     pub async fn refresh_after_401(
+        &self,
+        rejected: &Authorization,
+    ) -> Result<Option<Authorization>, TokenError> {
+        if rejected.after_401 && rejected.fetched.elapsed() < REJECTED_WHEN_NEW {
+            return Ok(None);
+        }
+        self.replace_rejected(rejected).await.map(Some)
+    }
+
+    async fn replace_rejected(
         &self,
         rejected: &Authorization,
     ) -> Result<Authorization, TokenError> {
@@ -390,7 +422,7 @@ impl TokenSource {
         if let Some(done) = self.completed_since(seen) {
             return done;
         }
-        self.fetch_and_store().await
+        self.fetch_and_store(true).await
     }
 
     /// Why the token endpoint refuses this client, from its last refusal until a token request
@@ -415,7 +447,7 @@ impl TokenSource {
     }
 
     /// One token request, its outcome stored; the caller holds the refresh lock.
-    async fn fetch_and_store(&self) -> Result<Authorization, TokenError> {
+    async fn fetch_and_store(&self, after_401: bool) -> Result<Authorization, TokenError> {
         let result = self.fetch().await;
         let mut s = self.lock();
         s.fetches += 1;
@@ -432,6 +464,8 @@ impl TokenSource {
                 let cached = Cached {
                     value: fresh.value,
                     generation: s.generation,
+                    fetched: fresh.sent,
+                    after_401,
                     refresh_at,
                     expires_at,
                 };
@@ -896,21 +930,31 @@ mod tests {
             })
             .collect();
         for caller in callers {
-            let token = caller.await.expect("task").expect("token");
+            let token = caller
+                .await
+                .expect("task")
+                .expect("token")
+                .expect("replaced");
             assert_eq!(bearer(&token), "Bearer tok-2");
         }
         assert_eq!(endpoint.requests(), 2);
         // A rejection of the old token that comes in late gets the new one without a fetch.
-        let late = source.refresh_after_401(&old).await.expect("token");
+        let late = source
+            .refresh_after_401(&old)
+            .await
+            .expect("token")
+            .expect("replaced");
         assert_eq!(bearer(&late), "Bearer tok-2");
         assert_eq!(
             bearer(&source.authorization().await.expect("t")),
             "Bearer tok-2"
         );
         assert_eq!(endpoint.requests(), 2);
-        // A 401 to the new one fetches again.
-        let newest = source.refresh_after_401(&late).await.expect("token");
-        assert_eq!(bearer(&newest), "Bearer tok-3");
+        // A 401 to the new one too, which replaced a refused one moments ago: the partner
+        // refuses this client's tokens, and no other is asked for.
+        let newest = source.refresh_after_401(&late).await.expect("no error");
+        assert!(newest.is_none());
+        assert_eq!(endpoint.requests(), 2);
     }
 
     #[tokio::test]

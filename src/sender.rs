@@ -131,7 +131,19 @@ pub async fn deliver(dest: &Destination, event: &Event, trace: Option<&TraceHead
     // The token was rejected (revoked, or expired early): one new token, one more try in
     // this attempt. A second 401 is the attempt's outcome.
     let fresh = match source.refresh_after_401(&token).await {
-        Ok(fresh) => fresh,
+        Ok(Some(fresh)) => fresh,
+        Ok(None) => {
+            return Outcome::failed(
+                Some(401),
+                format!(
+                    "HTTP 401 to an oauth2 token that replaced a refused one less than {}s \
+                     before; no other one asked for (does the partner take the configured \
+                     audience and scope?)",
+                    crate::oauth2::REJECTED_WHEN_NEW.as_secs()
+                ),
+                false,
+            )
+        }
         Err(error) => return Outcome::no_token(error),
     };
     tracing::debug!(destination = %dest.id(), "401 to the oauth2 token: sending again with a new one");
