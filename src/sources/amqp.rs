@@ -56,6 +56,10 @@ enum SessionError {
 /// other nodes of `urls` would never be tried.
 const SETUP_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// How long a session whose consumer the broker cancelled waits for its messages under way to
+/// be acked before it reconnects.
+const CANCELLED_SETTLE: Duration = Duration::from_secs(30);
+
 /// Consumes one RabbitMQ queue.
 pub struct AmqpSource {
     config: RabbitMqConfig,
@@ -295,7 +299,17 @@ impl AmqpSource {
             let delivery = match next {
                 Some(Ok(d)) => d,
                 Some(Err(e)) => return Err(e.into()),
-                None => return Err(SessionError::Cancelled),
+                None => {
+                    // The broker cancelled the consumer (the queue deleted, its quorum queue's
+                    // leader moved) but the channel is open: the messages under way are still
+                    // acked on it, rather than redelivered, before the reconnect.
+                    let settled = tokio::time::timeout(CANCELLED_SETTLE, self.in_flight.settled());
+                    tokio::select! {
+                        _ = settled => {}
+                        _ = shutdown.requested() => {}
+                    }
+                    return Err(SessionError::Cancelled);
+                }
             };
             let acker = self.in_flight.acker(acks.register(delivery.delivery_tag));
             let delivery = to_delivery(delivery, cfg.format, acker);
@@ -313,6 +327,9 @@ impl AmqpSource {
             tracing::debug!(%error, "basic.cancel at shutdown failed");
         }
         shutdown.drained().await;
+        // Acks still waiting for their hold (of messages the shutdown timeout cut short after
+        // their POST) go out before the connection closes.
+        acks.close(Duration::from_secs(1)).await;
         if let Err(error) = conn.close(200, "courier shutting down".into()).await {
             tracing::debug!(%error, "closing the RabbitMQ connection at shutdown failed");
         }

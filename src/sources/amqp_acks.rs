@@ -36,8 +36,9 @@ enum Command {
     Register(u64),
     /// Its message is done: ack it and answer.
     Ack(u64, Reply),
-    /// The session is over: no ack goes out on the channel from now on.
-    Close,
+    /// The session is over: what is done is acked now, and no ack goes out on the channel
+    /// after that; answers once that is done, when asked to.
+    Close(Option<oneshot::Sender<()>>),
 }
 
 /// The delivery tags of one channel that may not be covered by a multiple ack.
@@ -137,9 +138,21 @@ impl AckTask {
     }
 }
 
+impl AckTask {
+    /// Ends the session's acks: those done go out now (not after their hold), then none does.
+    /// Returns once they went out, or after `within`: the connection may close then without
+    /// dropping an ack that was only waiting for its hold.
+    pub(super) async fn close(self, within: Duration) {
+        let (done, flushed) = oneshot::channel();
+        if self.tx.send(Command::Close(Some(done))).is_ok() {
+            let _ = tokio::time::timeout(within, flushed).await;
+        }
+    }
+}
+
 impl Drop for AckTask {
     fn drop(&mut self) {
-        let _ = self.tx.send(Command::Close);
+        let _ = self.tx.send(Command::Close(None));
     }
 }
 
@@ -186,6 +199,7 @@ async fn run(
         };
         // Everything ready now goes in one batch.
         let mut close = false;
+        let mut closed_tell = Vec::new();
         let mut next = first;
         while let Some(command) = next {
             match command {
@@ -193,12 +207,18 @@ async fn run(
                 Command::Ack(tag, reply) => {
                     held.insert(tag, (reply, Instant::now()));
                 }
-                Command::Close => close = true,
+                Command::Close(tell) => {
+                    close = true;
+                    closed_tell.extend(tell);
+                }
             }
             next = rx.try_recv().ok();
         }
         let Some(open) = &channel else {
             answer_closed(&mut held);
+            for tell in closed_tell {
+                let _ = tell.send(());
+            }
             continue;
         };
         // At the close, nothing waits any more: what is done is acked while the channel is open.
@@ -214,6 +234,9 @@ async fn run(
         if close {
             channel = None;
             answer_closed(&mut held);
+            for tell in closed_tell {
+                let _ = tell.send(());
+            }
         }
     }
 }

@@ -855,3 +855,38 @@ async fn acks_done_behind_a_slower_message_share_its_multiple_ack() {
         FAST + 1
     );
 }
+
+/// Acks held behind a slow message when the shutdown timeout cuts that message short go out
+/// before the connection closes: the messages whose POST was answered are not redelivered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn held_acks_go_out_before_the_connection_closes_at_a_stop() {
+    let _brokers = brokers().await;
+    let rx = Receiver::start().await;
+    let queue = unique("ack-hold-stop");
+    let store = tempfile::tempdir().unwrap();
+    let pub_ = Publisher::connect().await;
+    pub_.declare_queue(&queue).await;
+    pub_.to_queue(&queue, br#"{"id":"slow","data":{"delay_ms":5000}}"#)
+        .await;
+    const FAST: usize = 10;
+    publish_events(&pub_, &queue, "held", 0..FAST).await;
+    let courier = Courier::start(
+        &test_defaults(store.path())
+            .shutdown_timeout(Duration::from_millis(300))
+            .rabbitmq(
+                Rabbit::queue(&queue)
+                    .connection_name(&queue)
+                    .ack_hold(Duration::from_secs(1)),
+            )
+            .destination(Dest::new("h", &rx.url("/h"))),
+    );
+    eventually("the fast ones answered", WAIT, || {
+        rx.delivered_with_prefix("held") == FAST
+    })
+    .await;
+    courier.stop().await;
+    eventually("only the slow message is back in the queue", WAIT, || {
+        Publisher::counts(&queue) == (1, 0)
+    })
+    .await;
+}
