@@ -183,28 +183,29 @@ impl Post<'_> {
         stop_at_401: bool,
     ) -> Result<Outcome, Rejected> {
         let config = self.dest.config();
-        let answer = async {
-            let response = match self.send(authorization).await {
-                Ok(response) => response,
-                Err(outcome) => return Ok(outcome),
-            };
-            if stop_at_401 && response.status() == StatusCode::UNAUTHORIZED {
-                drain(response).await;
-                return Err(Rejected);
+        // One deadline for the whole exchange. The answer's head decides the outcome: a body
+        // that does not arrive in time ends the connection, not the outcome (a 2xx whose body
+        // stalls was delivered, and POSTing it again would deliver it twice).
+        let deadline = tokio::time::Instant::now() + config.timeout;
+        let response = match tokio::time::timeout_at(deadline, self.send(authorization)).await {
+            Ok(Ok(response)) => response,
+            Ok(Err(outcome)) => return Ok(outcome),
+            Err(_) => {
+                return Ok(Outcome::failed(
+                    None,
+                    format!(
+                        "no answer within the timeout of {}",
+                        humantime::format_duration(config.timeout)
+                    ),
+                    true,
+                ))
             }
-            Ok(classify(response, config).await)
         };
-        match tokio::time::timeout(config.timeout, answer).await {
-            Ok(outcome) => outcome,
-            Err(_) => Ok(Outcome::failed(
-                None,
-                format!(
-                    "no answer within the timeout of {}",
-                    humantime::format_duration(config.timeout)
-                ),
-                true,
-            )),
+        if stop_at_401 && response.status() == StatusCode::UNAUTHORIZED {
+            let _ = tokio::time::timeout_at(deadline, drain(response)).await;
+            return Err(Rejected);
         }
+        Ok(classify(response, config, deadline).await)
     }
 
     /// Sends the POST and follows 307 and 308 redirects to the same origin: they keep the
@@ -344,12 +345,18 @@ fn headers(
 
 /// The outcome of an answer, by the destination's status-code rules over the default table
 /// (crate::status): 2xx delivered; 408, 429 and 5xx retryable; everything else final.
-async fn classify(response: Response<Answer>, config: &DestinationConfig) -> Outcome {
+async fn classify(
+    response: Response<Answer>,
+    config: &DestinationConfig,
+    deadline: tokio::time::Instant,
+) -> Outcome {
     let status = response.status();
     let code = status.as_u16();
     let verdict = config.status_rules().verdict(code);
     if verdict == Verdict::Success {
-        drain(response).await;
+        // Read to its end so the connection can serve again; if it does not end by the
+        // deadline, the connection is dropped, and the event was delivered all the same.
+        let _ = tokio::time::timeout_at(deadline, drain(response)).await;
         return Outcome::Delivered { status: code };
     }
     let retryable = verdict == Verdict::Retryable;
@@ -374,9 +381,18 @@ async fn classify(response: Response<Answer>, config: &DestinationConfig) -> Out
             ": redirect to {location} not followed (only 307/308 to the same origin keep the POST and its credentials safe, and at most {MAX_REDIRECTS} of them)"
         );
     } else {
-        let snippet = snippet(response).await;
-        if !snippet.is_empty() {
-            let _ = write!(reason, ": {snippet}");
+        match tokio::time::timeout_at(deadline, snippet(response)).await {
+            Ok(snippet) if !snippet.is_empty() => {
+                let _ = write!(reason, ": {snippet}");
+            }
+            Ok(_) => {}
+            Err(_) => {
+                let _ = write!(
+                    reason,
+                    " (its body did not arrive within the timeout of {})",
+                    humantime::format_duration(config.timeout)
+                );
+            }
         }
     }
     Outcome::Failed {
@@ -738,9 +754,29 @@ mod tests {
         else {
             panic!("a stalled answer was delivered");
         };
-        assert_eq!((status, retryable), (None, true), "{reason}");
+        // The head decides the outcome; the body that stalled is named in the reason.
+        assert_eq!((status, retryable), (Some(500), true), "{reason}");
         assert!(reason.contains("timeout of 300ms"), "{reason}");
         assert!(started.elapsed() < Duration::from_secs(5));
+    }
+
+    /// A 2xx whose body stalls was delivered: POSTing it again would deliver it twice.
+    #[tokio::test]
+    async fn a_2xx_whose_body_stalls_is_delivered() {
+        let server = RawServer::start(|n| {
+            (n == 0).then(|| "HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\npartial".into())
+        })
+        .await;
+        let set = destination(
+            &format!("http://{}/in", server.addr),
+            r#"timeout = "300ms""#,
+        );
+        let dest = set.get("a").expect("destination a");
+        let outcome = deliver(dest, &event("{}"), None).await;
+        assert!(
+            matches!(outcome, Outcome::Delivered { status: 200 }),
+            "{outcome:?}"
+        );
     }
 
     /// A proxy that refuses the tunnel of an `https` destination: the attempt fails with the
