@@ -624,9 +624,9 @@ impl DedupTable {
         if self.maintaining.swap(true, Ordering::SeqCst) {
             return Ok(0);
         }
-        let result = self.sweep_claimed(now_ms);
-        self.maintaining.store(false, Ordering::SeqCst);
-        result
+        // Released however the sweep ends: left set by a panic, no checkpoint would run again.
+        let _release = Release(&self.maintaining);
+        self.sweep_claimed(now_ms)
     }
 
     fn sweep_claimed(&self, now_ms: u64) -> io::Result<usize> {
